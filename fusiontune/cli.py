@@ -1,0 +1,137 @@
+"""The ``fusiontune`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Benchmark and tune vLLM-style torch.compile fusion passes on your model, GPUs and batch sizes.")
+console = Console()
+
+
+@app.command()
+def run(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML (see sweeps/smoke-cpu.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: results/<sweep name>]."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://host:10001'); "
+                                          "overrides the sweep's cluster.address. Default: a local Ray."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan (and what was dropped) and exit."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.md and speedup.png at the end."),
+    config_timeout: float = typer.Option(3600, help="Seconds one config (all its num_tokens) may take."),
+):
+    """Expand a sweep, run every config on Ray (one actor per TP rank), write results as they are measured."""
+    from fusiontune.harness.sweep import SweepError, expand, load_sweep
+
+    try:
+        spec, text = load_sweep(sweep_file)
+        plan = expand(spec)
+    except SweepError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    _print_plan(plan)
+    if dry_run:
+        return
+    from fusiontune.harness.launcher import run_plan
+    from fusiontune.harness.results import RunFolder
+
+    folder = RunFolder(out or Path("results") / spec.name)
+    if folder.rows_path.exists():
+        folder.rows_path.rename(folder.rows_path.with_suffix(f".jsonl.{int(folder.rows_path.stat().st_mtime)}"))
+    folder.write_manifest(text, str(sweep_file), {"cluster_address": address or spec.cluster.address,
+                                                  "planned": len(plan.configs), "skipped": len(plan.skipped),
+                                                  "dropped": [list(d) for d in plan.dropped]})
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("configs", total=len(plan.configs))
+
+        def done(config, rows):
+            statuses = sorted({r["status"] for r in rows})
+            progress.console.print(f"TP={config.tp} {config.label}: {', '.join(statuses)}")
+            progress.advance(task)
+
+        run_plan(plan, folder, address=address, config_timeout_s=config_timeout, on_config=done)
+    folder.update_manifest(finished=True)
+    console.print(f"results: {folder.parquet_path}")
+    if report:
+        from fusiontune.harness.report import write_report
+
+        md, png = write_report(folder.path)
+        console.print(f"report: {md} and {png}")
+
+
+def _print_plan(plan) -> None:
+    table = Table(title=f"sweep {plan.spec.name}: {plan.model.name}, quant={plan.model.quant}, "
+                        f"num_tokens={plan.spec.num_tokens}, O{plan.spec.optimization_level}")
+    for column in ("TP", "config", "id", "plan"):
+        table.add_column(column)
+    for c in plan.configs:
+        table.add_row(str(c.tp), c.label, c.config_id, "run (baseline)" if c.is_baseline else "run")
+    for s in plan.skipped:
+        table.add_row(str(s.tp), s.label, "", f"[yellow]skipped[/yellow]: {s.reason}")
+    for label, tp, why in plan.dropped:
+        table.add_row(str(tp), label, "", f"[dim]dropped: {why}[/dim]")
+    console.print(table)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder written by 'fusiontune run'.")):
+    """Write report.md (speedup over all-off, with match counts) and speedup.png into RUN_DIR."""
+    from fusiontune.harness.report import write_report
+
+    if not (run_dir / "rows.jsonl").exists() and not (run_dir / "results.parquet").exists():
+        console.print(f"[red]{run_dir} is not a run folder (no rows.jsonl or results.parquet)[/red]")
+        raise typer.Exit(2)
+    md, png = write_report(run_dir)
+    console.print(f"report: {md} and {png}")
+
+
+@app.command("resolve")
+def resolve_cmd(
+    level: int = typer.Option(2, "-O", "--level", help="Optimization level 0-3."),
+    vendor: str = typer.Option("detect", help="cuda, rocm, cpu, or detect (this machine)."),
+    capability: Optional[int] = typer.Option(None, help="Compute capability as 90 (sm90), 100 (sm100)."),
+    tp: int = typer.Option(1, help="Tensor-parallel size."),
+    hidden_size: int = typer.Option(4096, help="Model hidden size."),
+    quant: str = typer.Option("none", help="Model quant scheme."),
+    flashinfer: Optional[bool] = typer.Option(None, help="Whether FlashInfer is installed [default: detect]."),
+    set_: list[str] = typer.Option([], "--set", help="A user field, FIELD=VALUE (repeatable)."),
+):
+    """Show the PassConfig an optimization level resolves to on a platform, and why each field has its value."""
+    import yaml
+
+    from fusiontune.passes.config import PassConfigError, resolve
+    from fusiontune.passes.platform import Platform
+
+    platform = Platform.detect(tp, hidden_size, quant=quant)
+    if vendor != "detect":
+        platform = platform.with_(vendor=vendor, capability=capability)
+    if flashinfer is not None:
+        platform = platform.with_(flashinfer=flashinfer)
+    user = {}
+    for item in set_:
+        if "=" not in item:
+            console.print(f"[red]--set takes FIELD=VALUE, got {item!r}[/red]")
+            raise typer.Exit(2)
+        key, value = item.split("=", 1)
+        user[key] = yaml.safe_load(value)
+    try:
+        resolved = resolve(user, level, platform)
+    except (PassConfigError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    table = Table(title=f"PassConfig at O{level} on {platform.describe()}")
+    for column in ("field", "value", "from", "why"):
+        table.add_column(column)
+    for name, value, source, why in resolved.explain():
+        table.add_row(name, str(value), source, why)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

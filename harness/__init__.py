@@ -1,0 +1,1 @@
+"""Harness: model, TP workers, Ray launcher, sweeps, results and reports."""

@@ -1,0 +1,261 @@
+"""A Llama-style decoder stack built from fusiontune's ops, tensor-parallel over a process group.
+
+Per layer, as vLLM runs it: (add +) RMSNorm -> QKV projection -> [per-head Q/K RMSNorm] -> RoPE -> causal
+attention -> o_proj -> all-reduce -> add + RMSNorm -> gate_up -> SiLU*Mul -> down -> all-reduce. With FP8 quant,
+each linear quantises its input (static per-tensor, dynamic per-token or per-group) and runs a scaled matmul, so
+the graph holds exactly the op pairs the fusion passes look for.
+
+Shapes are real (presets of public model configs); weights are random and reproducible from a seed. There is no
+embedding or LM head: the input is the hidden states, and every fusion lives in the decoder stack. gpt-oss-20b is
+a mixture of experts; here its MLP is one dense expert of the real size (hidden 2880, intermediate 2880).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import distributed_c10d
+
+import fusiontune.kernels  # noqa: F401  (registers torch.ops.fusiontune)
+from fusiontune.kernels import QUANT_SCHEMES
+from fusiontune.kernels.numerics import FP8_DTYPE, FP8_MAX
+
+ops = torch.ops.fusiontune
+QUANT_CHOICES = ("none", *QUANT_SCHEMES)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: int | None = None  # hidden_size // num_heads unless the model says otherwise
+    qk_norm: bool = False  # Qwen3-style per-head RMSNorm on Q and K before RoPE
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    max_position: int = 32768
+    dtype: str = "bfloat16"
+    quant: str = "none"  # none | fp8-static | fp8-per-token | fp8-per-group
+    group_size: int = 128  # for fp8-per-group
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def with_overrides(self, **overrides) -> "ModelConfig":
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "head_dim": self.head_size}
+
+    def sharding_problems(self, tp: int) -> list[str]:
+        """Why this shape cannot run at this TP size with this quant scheme (empty: it can)."""
+        problems = []
+        if tp < 1:
+            return [f"TP size must be >= 1, got {tp}"]
+        for field in ("num_heads", "num_kv_heads", "intermediate_size"):
+            value = getattr(self, field)
+            if value % tp:
+                problems.append(f"TP={tp} cannot shard {field}={value} ({value} is not a multiple of {tp})")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}: give head_dim")
+        if self.quant == "fp8-per-group" and not problems:
+            inputs = {
+                "hidden_size (qkv/gate_up input)": self.hidden_size,
+                "attention output per rank (o_proj input)": self.num_heads // tp * self.head_size,
+                "intermediate_size per rank (down input)": self.intermediate_size // tp,
+            }
+            for what, k in inputs.items():
+                if k % self.group_size:
+                    problems.append(
+                        f"fp8-per-group with group_size={self.group_size} needs {what}={k} to be a multiple of "
+                        f"{self.group_size}"
+                    )
+        return problems
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig("tiny", 256, 2, 4, 2, 512, max_position=8192),
+    "llama-3.1-8b": ModelConfig("llama-3.1-8b", 4096, 32, 32, 8, 14336, rope_theta=500000.0, rms_eps=1e-5),
+    "llama-3.1-70b": ModelConfig("llama-3.1-70b", 8192, 80, 64, 8, 28672, rope_theta=500000.0, rms_eps=1e-5),
+    "qwen3-8b": ModelConfig("qwen3-8b", 4096, 36, 32, 8, 12288, head_dim=128, qk_norm=True, rope_theta=1e6),
+    "gpt-oss-20b": ModelConfig("gpt-oss-20b", 2880, 24, 64, 8, 2880, head_dim=64, rope_theta=150000.0, rms_eps=1e-5),
+}
+
+
+class Linear(nn.Module):
+    """A (sharded) linear layer: bf16/fp16 weights, or FP8 weights with per-output-channel scales whose input is
+    quantised by the model's scheme right here, so the quant op directly follows whatever produced ``x``."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: ModelConfig, generator: torch.Generator, device):
+        super().__init__()
+        weight = torch.randn(out_features, in_features, generator=generator, device=device) / math.sqrt(in_features)
+        self.quant = cfg.quant
+        self.group_size = cfg.group_size
+        self.out_dtype = cfg.torch_dtype
+        if cfg.quant == "none":
+            self.weight = nn.Parameter(weight.to(cfg.torch_dtype), requires_grad=False)
+            return
+        w_scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+        self.weight = nn.Parameter((weight / w_scale[:, None]).to(FP8_DTYPE), requires_grad=False)
+        self.register_buffer("weight_scale", w_scale.float())
+        # Static per-tensor input scale: set by calibrate_static_scales, as a checkpoint would ship it.
+        self.register_buffer("input_scale", torch.ones(1, device=device))
+        self.calibrating = False
+        self.observed_amax = torch.zeros((), device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant == "none":
+            return x @ self.weight.t()
+        if self.calibrating:
+            self.observed_amax = torch.maximum(self.observed_amax, x.abs().amax().float())
+        group = 0
+        if self.quant == "fp8-static":
+            q, scale = ops.quant_fp8_static(x, self.input_scale), self.input_scale
+        elif self.quant == "fp8-per-token":
+            q, scale = ops.quant_fp8_per_token(x)
+        else:
+            q, scale = ops.quant_fp8_per_group(x, self.group_size)
+            group = self.group_size
+        return ops.scaled_mm(q, scale, self.weight, self.weight_scale, group, self.out_dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, cfg: ModelConfig, generator: torch.Generator, device):
+        super().__init__()
+        weight = 1.0 + 0.1 * torch.randn(size, generator=generator, device=device)
+        self.weight = nn.Parameter(weight.to(cfg.torch_dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain norm, or (with ``residual``) residual <- x + residual in place and the norm of the sum."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def rotary_cache(cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    half = cfg.head_size // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(cfg.max_position, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotary embedding on [num_tokens, heads, head_dim], computed in fp32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int, group_name: str | None, generator: torch.Generator, device):
+        super().__init__()
+        self.num_heads = cfg.num_heads // tp
+        self.num_kv_heads = cfg.num_kv_heads // tp
+        self.head_dim = cfg.head_size
+        self.group_name = group_name
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_split = (q_size, kv_size, kv_size)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, generator, device)
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, cfg, generator, device)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_eps, cfg, generator, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_eps, cfg, generator, device) if cfg.qk_norm else None
+        self.o_proj = Linear(q_size, cfg.hidden_size, cfg, generator, device)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, generator, device)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * (cfg.intermediate_size // tp), cfg, generator, device)
+        self.down_proj = Linear(cfg.intermediate_size // tp, cfg.hidden_size, cfg, generator, device)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.group_name is None else ops.all_reduce(x, self.group_name)
+
+    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = h.shape[0]
+        q, k, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(0, 1).reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def forward(self, x, residual, cos, sin, first: bool):
+        # Layer 0 norms its input directly (residual already holds it); later layers add x to the residual first.
+        h = self.input_norm(x) if first else self.input_norm(x, residual)
+        x = self.all_reduce(self.o_proj(self.attention(h, cos, sin)))
+        h = self.post_attention_norm(x, residual)
+        x = self.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))))
+        return x
+
+
+class DecoderStack(nn.Module):
+    """``forward(hidden_states [num_tokens, hidden]) -> final-normed hidden states``; positions 0..num_tokens-1."""
+
+    def __init__(self, cfg: ModelConfig, tp: int = 1, rank: int = 0, group_name: str | None = None,
+                 seed: int = 0, device="cpu"):
+        super().__init__()
+        problems = cfg.sharding_problems(tp)
+        if problems:
+            raise ValueError("; ".join(problems))
+        generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+        self.cfg = cfg
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, tp, group_name if tp > 1 else None, generator, device) for _ in range(cfg.num_layers)
+        )
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, generator, device)
+        cos, sin = rotary_cache(cfg, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.group_name = group_name if tp > 1 else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden_states.shape[0]
+        cos, sin = self.rope_cos[:num_tokens], self.rope_sin[:num_tokens]
+        residual = hidden_states.clone()  # updated in place by every fused add + norm; the input stays intact
+        x = hidden_states
+        for i, layer in enumerate(self.layers):
+            x = layer(x, residual, cos, sin, first=i == 0)
+        return self.final_norm(x, residual)
+
+    @torch.no_grad()
+    def calibrate_static_scales(self, hidden_states: torch.Tensor) -> None:
+        """Set every static input scale to amax / 448 over one eager forward (max over TP ranks)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear) and m.quant == "fp8-static"]
+        if not linears:
+            return
+        for m in linears:
+            m.calibrating = True
+            m.observed_amax = torch.zeros((), device=hidden_states.device)
+            m.input_scale.fill_(1.0)
+        self(hidden_states)
+        amax = torch.stack([m.observed_amax for m in linears])
+        if self.group_name is not None:  # one scale per layer across ranks, as one checkpoint holds
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=distributed_c10d._resolve_process_group(self.group_name))
+        for m, a in zip(linears, amax):
+            m.input_scale.fill_(max(float(a) / FP8_MAX, 1e-12))
+            m.calibrating = False
+
+
+def build_model_config(preset: str, **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[preset].with_overrides(**overrides)

@@ -1,0 +1,134 @@
+"""The run folder: rows appended as they are measured, a Parquet table rebuilt from them, and a manifest.
+
+``rows.jsonl`` is the durable log (one JSON object a line, flushed per config), so a killed sweep loses at most
+the config in flight; ``results.parquet`` is rewritten from it after every config for analysis tools.
+``manifest.json`` records where and with what the run was made; credentials never enter it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as host_platform
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from fusiontune.passes.fusions import PASSES, THRESHOLDS
+
+STATUSES = ("ok", "failed", "incorrect", "skipped")
+PASS_COLUMNS = [spec.flag for spec in PASSES] + list(THRESHOLDS)
+MATCH_COLUMNS = [f"matches_{spec.flag}" for spec in PASSES]
+
+
+def redact(text: str | None) -> str | None:
+    """Drop the password (and any token in the query) from a URL-like string."""
+    if text is None:
+        return None
+    text = re.sub(r"(?<=://)([^:/@\s]+):[^@/\s]+@", r"\1:***@", text)
+    return re.sub(r"(?i)((?:token|password|secret|key)=)[^&\s]+", r"\1***", text)
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.rows_path = self.path / "rows.jsonl"
+        self.parquet_path = self.path / "results.parquet"
+        self.manifest_path = self.path / "manifest.json"
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        with self.rows_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.write_parquet()
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.rows_path.exists():
+            return []
+        rows = []
+        for line in self.rows_path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash mid-write
+        return rows
+
+    def table(self) -> pd.DataFrame:
+        if self.parquet_path.exists():
+            return pd.read_parquet(self.parquet_path)
+        return _to_frame(self.rows())
+
+    def write_parquet(self) -> None:
+        frame = _to_frame(self.rows())
+        tmp = self.parquet_path.with_suffix(".parquet.tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(self.parquet_path)
+
+    def write_manifest(self, sweep_text: str, sweep_path: str, extra: dict[str, Any]) -> None:
+        manifest = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sweep_file": sweep_path,
+            "sweep": redact(sweep_text),
+            "host": {"machine": host_platform.machine(), "system": host_platform.system(),
+                     "python": sys.version.split()[0]},
+            "software": software_versions(),
+            "git_revision": git_revision(),
+            **{k: redact(v) if isinstance(v, str) else v for k, v in extra.items()},
+        }
+        self.manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+
+    def update_manifest(self, **fields: Any) -> None:
+        manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+        manifest.update(fields)
+        self.manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+
+
+def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    for column in PASS_COLUMNS:
+        if column in frame and frame[column].dtype == object:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in THRESHOLDS else frame[column]
+    return frame
+
+
+def _json_default(value: Any):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def software_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("fusiontune", "torch", "triton", "ray", "optuna", "pydantic", "pandas", "flashinfer-python"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    import torch
+
+    found["cuda"] = str(torch.version.cuda)
+    return found
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,257 @@
+"""Sweep files: read safely, validated with errors that name the bad key, expanded into a plan.
+
+The plan is the cartesian product of TP sizes and the ``pass_config`` lists (a scalar is fixed, a list is swept).
+Combinations that cannot run are kept as ``Skipped`` with the reason (they become ``skipped`` rows), combinations
+that would measure nothing new are dropped with the reason: a fusion with nothing to match in this model, or an
+effective config equal to one already planned. The all-off baseline is always planned first for each TP size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fusiontune.passes.config import PassConfig, PassConfigError, resolve
+from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG
+from fusiontune.passes.platform import Platform
+
+from .model import DTYPES, PRESETS, QUANT_CHOICES, ModelConfig, build_model_config
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot be run as written; the message says where and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    preset: Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+    quant: Literal[QUANT_CHOICES] = "none"  # type: ignore[valid-type]
+    group_size: Literal[64, 128] = 128
+    hidden_size: Optional[int] = Field(None, gt=0)
+    num_layers: Optional[int] = Field(None, gt=0)
+    num_heads: Optional[int] = Field(None, gt=0)
+    num_kv_heads: Optional[int] = Field(None, gt=0)
+    head_dim: Optional[int] = Field(None, gt=0)
+    intermediate_size: Optional[int] = Field(None, gt=0)
+    qk_norm: Optional[bool] = None
+    dtype: Optional[Literal[tuple(DTYPES)]] = None  # type: ignore[valid-type]
+
+    def build(self) -> ModelConfig:
+        return build_model_config(**self.model_dump(exclude_none=True))
+
+
+class MeasureSpec(_Strict):
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class ClusterSpec(_Strict):
+    address: Optional[str] = None  # None: a local Ray on this machine; "auto" or ray://host:port: a cluster
+    dashboard: bool = False
+
+
+Scalar = Union[bool, int, float, None]
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSpec
+    tp: Union[int, list[int]] = 1
+    num_tokens: list[int] = Field(min_length=1)
+    optimization_level: Literal[0, 1, 2, 3] = 2
+    pass_config: dict[str, Union[Scalar, list[Scalar]]] = Field(default_factory=dict)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @field_validator("tp")
+    @classmethod
+    def _tp_list(cls, value):
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v < 1 for v in values):
+            raise ValueError("every TP size must be an integer >= 1")
+        return sorted(set(values))
+
+    @field_validator("num_tokens")
+    @classmethod
+    def _positive(cls, values):
+        if any(v < 1 for v in values):
+            raise ValueError("every num_tokens must be >= 1")
+        return sorted(set(values))
+
+    @field_validator("pass_config")
+    @classmethod
+    def _known_fields(cls, values):
+        known = PassConfig.model_fields
+        for name in values:
+            if name not in known:
+                close = [k for k in known if k.split("_")[-1] == name.split("_")[-1] or name[:6] == k[:6]]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ValueError(f"unknown PassConfig field {name!r}{hint}; allowed: {', '.join(known)}")
+        return values
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid sweep file"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(item["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else ""
+            message = f"unknown key; allowed keys here: {allowed}"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    model: type[BaseModel] = SweepSpec
+    for part in loc:
+        field_info = model.model_fields.get(str(part))
+        annotation = getattr(field_info, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def load_sweep(path: str | Path) -> tuple[SweepSpec, str]:
+    """Parse and validate a sweep file; returns the spec and the file's text (kept in the manifest)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SweepError(f"cannot read sweep file {path}: {exc.strerror}") from None
+    return parse_sweep(text, str(path)), text
+
+
+def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SweepError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{source}: a sweep file is a mapping (name:, model:, tp:, num_tokens:, ...)")
+    try:
+        return SweepSpec(**data)
+    except ValidationError as exc:
+        raise SweepError(_format_validation_error(exc, source)) from None
+
+
+@dataclass
+class PlannedConfig:
+    config_id: str
+    label: str  # the swept fields, readable: "fuse_norm_quant=on fuse_act_quant=off"
+    tp: int
+    pass_config: dict[str, Any]  # user-set fields
+    resolved: dict[str, Any]
+    is_baseline: bool = False
+
+
+@dataclass
+class Skipped:
+    label: str
+    tp: int
+    pass_config: dict[str, Any]
+    reason: str
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    model: ModelConfig
+    configs: list[PlannedConfig] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # become 'skipped' rows
+    dropped: list[tuple[str, int, str]] = field(default_factory=list)  # (label, tp, why): no row
+
+    def configs_for(self, tp: int) -> list[PlannedConfig]:
+        return [c for c in self.configs if c.tp == tp]
+
+
+def _label(fields: dict[str, Any], swept: list[str]) -> str:
+    if not swept:
+        return "as configured"
+    return " ".join(f"{k}={_show(fields.get(k))}" for k in swept)
+
+
+def _show(value: Any) -> str:
+    return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if isinstance(value, (bool, type(None))) else str(value)
+
+
+def config_id(tp: int, model: ModelConfig, level: int, resolved: dict[str, Any]) -> str:
+    payload = json.dumps({"tp": tp, "model": model.to_dict(), "level": level, **resolved}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
+    """The plan for this sweep. ``platform`` describes the workers (default: this machine)."""
+    try:
+        model = spec.model.build()
+    except (ValueError, TypeError) as exc:
+        raise SweepError(f"model: {exc}") from None
+    plan = Plan(spec, model)
+    swept = [k for k, v in spec.pass_config.items() if isinstance(v, list)]
+    grids = [v if isinstance(v, list) else [v] for v in spec.pass_config.values()]
+    combos = [dict(zip(spec.pass_config, values)) for values in itertools.product(*grids)]
+    baseline_fields = {**{k: v for k, v in spec.pass_config.items() if not isinstance(v, list)},
+                       **{flag: False for flag in FUSION_FLAGS}}
+
+    for tp in spec.tp:
+        target = (platform or Platform.detect()).with_(
+            tp_size=tp, hidden_size=model.hidden_size, dtype_bytes=model.torch_dtype.itemsize, quant=model.quant)
+        problems = model.sharding_problems(tp)
+        seen: dict[str, str] = {}
+        for index, fields in enumerate([baseline_fields, *combos]):
+            is_baseline = index == 0
+            label = "all fusions off (baseline)" if is_baseline else _label(fields, swept)
+            user = {k: v for k, v in fields.items() if v is not None}
+            if problems:
+                plan.skipped.append(Skipped(label, tp, user, "; ".join(problems)))
+                continue
+            try:
+                resolved = resolve(PassConfig(**user), spec.optimization_level, target)
+            except (PassConfigError, ValidationError) as exc:
+                plan.skipped.append(Skipped(label, tp, user, f"invalid PassConfig: {exc}"))
+                continue
+            reason = _why_not_runnable(resolved.values, model, tp)
+            if reason:
+                kind, why = reason
+                if kind == "skip":
+                    plan.skipped.append(Skipped(label, tp, user, why))
+                else:
+                    plan.dropped.append((label, tp, why))
+                continue
+            effective = json.dumps(resolved.values, sort_keys=True, default=str)
+            if effective in seen:
+                plan.dropped.append((label, tp, f"same effective config as '{seen[effective]}'"))
+                continue
+            seen[effective] = label
+            cid = config_id(tp, model, spec.optimization_level, resolved.values)
+            plan.configs.append(PlannedConfig(cid, label, tp, user, dict(resolved.values), is_baseline))
+    return plan
+
+
+def _why_not_runnable(values: dict[str, Any], model: ModelConfig, tp: int) -> tuple[str, str] | None:
+    for flag, on in values.items():
+        spec = PASSES_BY_FLAG.get(flag)
+        if spec is None or not on:
+            continue
+        applicable, why = spec.applicability(model.quant, tp)
+        if not applicable:
+            return "drop", f"no-op: {why}"
+        if spec.implementation is None:
+            return "skip", f"{flag} is not implemented in this version of fusiontune"
+    return None

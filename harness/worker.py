@@ -1,0 +1,169 @@
+"""One tensor-parallel rank: builds the model shard, compiles it under a PassConfig, measures each num_tokens.
+
+The launcher wraps ``TPWorker`` as a Ray actor (one per rank), but nothing here depends on Ray, so a worker can be
+driven in-process too (tests, debugging). Every rank of a group runs the same jobs in the same order.
+
+Inductor's FX-graph cache is off for these compiles: a graph served from it skips the post-grad passes, and the
+match counts would read zero for a fusion that did fire.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fusiontune.passes.config import resolve
+from fusiontune.passes.fusions import PASSES
+from fusiontune.passes.manager import PassManager
+from fusiontune.passes.platform import Platform
+
+from .correctness import max_abs_error, tolerance
+from .model import DecoderStack, ModelConfig
+from .timing import time_forward
+
+
+@dataclass
+class Job:
+    """One config of a sweep, at one TP size, over all of the sweep's num_tokens."""
+
+    config_id: str
+    pass_config: dict[str, Any]  # user-set fields only
+    optimization_level: int
+    model: dict[str, Any]  # ModelConfig fields
+    num_tokens: list[int]
+    warmup: int = 3
+    repeats: int = 20
+    seed: int = 0
+    is_baseline: bool = False
+
+
+@dataclass
+class RankResult:
+    """What one rank measured for one num_tokens (the launcher merges ranks into a row)."""
+
+    num_tokens: int
+    times_ms: list[float] = field(default_factory=list)
+    matches: dict[str, int] = field(default_factory=dict)
+    max_abs_err: float = float("nan")
+    tolerance: float = float("nan")
+    error: str = ""
+    resolved: dict[str, Any] = field(default_factory=dict)
+    compile_s: float = 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TPWorker:
+    def __init__(self, rank: int, world_size: int, num_threads: int | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.group_name: str | None = None
+        self.group = None
+        self.baseline: dict[tuple, torch.Tensor] = {}
+        self._model_key: tuple | None = None
+        self._model: DecoderStack | None = None
+        torch._functorch.config.enable_autograd_cache = False
+
+    # -- process group -------------------------------------------------------------------------------------
+    def rendezvous_address(self) -> str:
+        """Called on rank 0: an address the other ranks can reach (its node's IP and a free port)."""
+        import ray.util
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+
+    def init_process_group(self, init_method: str) -> str:
+        if self.world_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+            self.group = dist.group.WORLD
+            self.group_name = self.group.group_name
+        return self.device_name()
+
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- one job -------------------------------------------------------------------------------------------
+    def model_for(self, cfg: ModelConfig, seed: int) -> DecoderStack:
+        key = (tuple(sorted(cfg.to_dict().items())), seed)
+        if key != self._model_key:
+            self._model = None  # free the old shard before building the next
+            torch.manual_seed(seed)
+            model = DecoderStack(cfg, self.world_size, self.rank, self.group_name, seed, self.device)
+            calibration = self.inputs(cfg, min(64, cfg.max_position), seed=seed + 7919)
+            model.calibrate_static_scales(calibration)
+            self._model, self._model_key = model, key
+        return self._model
+
+    def inputs(self, cfg: ModelConfig, num_tokens: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(seed * 100003 + num_tokens)
+        return torch.randn(num_tokens, cfg.hidden_size, generator=generator, device=self.device).to(cfg.torch_dtype)
+
+    def run(self, job: Job) -> list[RankResult]:
+        try:
+            return self._run(job)
+        except Exception as exc:  # recorded as 'failed' for every num_tokens; the sweep goes on
+            message = f"{type(exc).__name__}: {exc}".strip()
+            detail = traceback.format_exc(limit=-3)
+            return [RankResult(n, error=f"{message[:2000]}\n{detail[-2000:]}") for n in job.num_tokens]
+        finally:
+            torch._dynamo.reset()
+
+    @torch.no_grad()
+    def _run(self, job: Job) -> list[RankResult]:
+        cfg = ModelConfig(**{k: v for k, v in job.model.items() if k != "head_dim"}, head_dim=job.model.get("head_dim"))
+        platform = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
+        resolved = resolve(job.pass_config, job.optimization_level, platform)
+        model = self.model_for(cfg, job.seed)
+        manager = PassManager(resolved)
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            model, fullgraph=True, options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False}
+        )
+        results, last_matches = [], {}
+        # Largest first: the first compile is the dynamic-shape graph every size >= 2 reuses.
+        for num_tokens in sorted(job.num_tokens, reverse=True):
+            x = self.inputs(cfg, num_tokens, job.seed)
+            if num_tokens > 1:
+                torch._dynamo.mark_dynamic(x, 0)
+            before = manager.snapshot()
+            t0 = time.perf_counter()
+            out = compiled(x)
+            compile_s = time.perf_counter() - t0
+            after = manager.snapshot()
+            if after["graphs"] > before["graphs"]:  # this size compiled a graph: its counts are this graph's
+                last_matches = {spec.flag: after[spec.flag] - before[spec.flag] for spec in PASSES}
+            result = RankResult(num_tokens, matches=dict(last_matches), resolved=dict(resolved.values),
+                                compile_s=compile_s)
+            key = (self._model_key, num_tokens)
+            if job.is_baseline:
+                self.baseline[key] = out.clone()
+                result.max_abs_err = 0.0
+            elif key in self.baseline:
+                reference = self.baseline[key]
+                result.max_abs_err = max_abs_error(out, reference)
+            else:
+                result.error = "no baseline output to compare with (the all-off config failed)"
+            reference = self.baseline.get(key, out)
+            result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()))
+            result.times_ms = time_forward(lambda: compiled(x), job.warmup, job.repeats, self.device, self.group)
+            results.append(result)
+        return sorted(results, key=lambda r: r.num_tokens)

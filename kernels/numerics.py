@@ -1,0 +1,82 @@
+"""The arithmetic every op shares, written once.
+
+A fused op is only a fair comparison if it computes exactly what its unfused chain computes: the same scale, the
+same rounding points, the same clamping. So every reference implementation (unfused and fused) is composed from
+the functions below, and a GPU kernel is correct when it reproduces them.
+
+Rounding points, chosen to match vLLM's kernels:
+- RMSNorm accumulates in fp32, rounds the normalised value to the input dtype, then multiplies by the weight in
+  the input dtype (``(x * rsqrt(mean(x^2) + eps)).to(dtype) * weight``).
+- Residual add rounds the sum to the input dtype before the norm reads it.
+- SiLU is computed in fp32 and rounded to the input dtype before the multiply.
+- FP8 quantisation divides (not multiplies by a reciprocal) in fp32, clamps to +-448 and rounds to nearest even
+  (``Tensor.to(float8_e4m3fn)``). Dynamic scales are ``max(amax / 448, 1 / (448 * 512))`` in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+# Smallest dynamic scale: keeps an all-zero row from dividing by zero (vLLM uses the same floor).
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    variance = xf.pow(2).mean(dim=-1, keepdim=True)
+    return (xf * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+def residual_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return (x.float() + residual.float()).to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    gate = x[..., :d].float()
+    return (gate * torch.sigmoid(gate)).to(x.dtype) * x[..., d:]
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Quantise with a scale that broadcasts against ``x`` (per tensor, per token or per group)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dynamic_scale(amax: torch.Tensor) -> torch.Tensor:
+    return (amax.float() / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+
+
+def quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return fp8_quantize(x, scale.float().reshape(()))
+
+
+def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = dynamic_scale(x.abs().amax(dim=-1, keepdim=True))
+    return fp8_quantize(x, scale), scale
+
+
+def quant_fp8_per_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales come back as [num_tokens, hidden // group_size], one per token and group."""
+    check_group_size(x.shape[-1], group_size)
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    scale = dynamic_scale(groups.abs().amax(dim=-1, keepdim=True))
+    q = fp8_quantize(groups, scale).reshape(x.shape)
+    return q, scale.squeeze(-1)
+
+
+def check_group_size(hidden: int, group_size: int) -> None:
+    if group_size <= 0 or hidden % group_size != 0:
+        raise ValueError(
+            f"per-group FP8 quantisation needs a hidden size divisible by the group size: "
+            f"{hidden} is not a multiple of {group_size}"
+        )
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """fp32 values of FP8 codes; ``scale`` is per tensor, per row [M, 1] or per group [M, K // group_size]."""
+    values = q.float()
+    if group_size is not None:
+        return (values.reshape(*q.shape[:-1], -1, group_size) * scale.float().unsqueeze(-1)).reshape(q.shape)
+    return values * scale.float()

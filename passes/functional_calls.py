@@ -1,0 +1,125 @@
+"""Read and write op calls in a post-grad graph, whatever form functionalization left them in.
+
+By the time Inductor runs its post-grad custom pass, an op that mutates an argument (``fused_add_rms_norm``
+updates ``residual``) no longer appears as a call: it is wrapped as
+``auto_functionalized(op, **kwargs)`` (v1) or ``auto_functionalized_v2(op, ..., _residual_base_index=i,
+_all_bases=[...])`` (v2, torch's default), whose outputs are ``(*op results, *new values of the mutated
+arguments)``. A pure op stays a plain call. ``OpCall`` gives the passes one view of all three, and
+``emit_replacement`` writes a different op in the same form, so the passes never special-case the form.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import fx
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
+Form = Literal["plain", "v1", "v2"]
+_WRAPPERS = {auto_functionalized: "v1", auto_functionalized_v2: "v2"}
+
+
+@dataclass
+class OpCall:
+    node: fx.Node
+    op: torch._ops.OpOverload
+    form: Form
+
+    @property
+    def num_results(self) -> int:
+        return len(self.op._schema.returns)
+
+    def argument(self, name: str) -> Any:
+        """The value of argument ``name`` (for a mutated argument in v2 form: its base tensor)."""
+        if self.form == "plain":
+            for i, arg in enumerate(self.op._schema.arguments):
+                if arg.name == name:
+                    return self.node.args[i] if i < len(self.node.args) else self.node.kwargs[name]
+            raise KeyError(name)
+        if self.form == "v2" and f"_{name}_base_index" in self.node.kwargs:
+            return self.node.kwargs["_all_bases"][self.node.kwargs[f"_{name}_base_index"]]
+        return self.node.kwargs[name]
+
+
+def as_op_call(node: Any) -> OpCall | None:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if isinstance(node.target, torch._ops.OpOverload):
+        return OpCall(node, node.target, "plain")
+    form = _WRAPPERS.get(node.target)
+    if form is not None and isinstance(node.args[0], torch._ops.OpOverload):
+        return OpCall(node, node.args[0], form)
+    return None
+
+
+def result_node(node: fx.Node, index: int) -> fx.Node | None:
+    """The ``getitem(node, index)`` user of a node, if there is one."""
+    for user in node.users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user
+    return None
+
+
+def producer_of(value: Any) -> tuple[OpCall, int] | None:
+    """If ``value`` is result ``i`` of an op call (directly, or through getitem), return (call, i)."""
+    if not isinstance(value, fx.Node):
+        return None
+    if value.target is operator.getitem:
+        call = as_op_call(value.args[0])
+        return (call, value.args[1]) if call else None
+    call = as_op_call(value)
+    return (call, 0) if call and call.form == "plain" else None
+
+
+def emit_replacement(
+    old: OpCall,
+    new_op: torch._ops.OpOverload,
+    arguments: dict[str, Any],
+    results_meta: tuple,
+) -> fx.Node:
+    """Insert a call of ``new_op`` in ``old``'s form just before ``old.node``; returns the new node.
+
+    ``arguments`` maps the new op's argument names to values; mutated arguments are taken over from ``old`` (same
+    names). ``results_meta`` are the fake values of the new op's own results; the new node's ``meta['val']`` is
+    built from them plus ``old``'s mutated-argument values, so later Inductor stages see correct shapes.
+    """
+    graph = old.node.graph
+    old_meta = old.node.meta.get("val")
+    with graph.inserting_before(old.node):
+        if old.form == "plain":
+            schema_args = [arguments[a.name] for a in new_op._schema.arguments]
+            new = graph.call_function(new_op, tuple(schema_args))
+            new.meta["val"] = results_meta[0] if len(results_meta) == 1 else tuple(results_meta)
+            return new
+        kwargs = {k: v for k, v in old.node.kwargs.items() if old.form == "v2" and k.startswith("_")}
+        for a in new_op._schema.arguments:
+            mutated = a.alias_info is not None and a.alias_info.is_write
+            if old.form == "v2" and mutated:
+                continue  # carried in the _<name>_base_index / _all_bases entries copied above
+            kwargs[a.name] = old.argument(a.name) if mutated else arguments[a.name]
+        target = auto_functionalized if old.form == "v1" else auto_functionalized_v2
+        new = graph.call_function(target, (new_op,), kwargs)
+        if old_meta is not None:
+            new.meta["val"] = (*results_meta, *old_meta[old.num_results :])
+        return new
+
+
+def getitem(node: fx.Node, index: int) -> fx.Node:
+    with node.graph.inserting_after(node):
+        item = node.graph.call_function(operator.getitem, (node, index))
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        item.meta["val"] = val[index]
+    return item
+
+
+def redirect_results(old: OpCall, new: fx.Node, new_num_results: int) -> None:
+    """Point users of ``old``'s mutated-argument outputs at ``new``'s (their index moves with the result count)."""
+    if old.form == "plain":
+        return
+    for user in list(old.node.users):
+        if user.target is operator.getitem and user.args[1] >= old.num_results:
+            user.replace_all_uses_with(getitem(new, user.args[1] - old.num_results + new_num_results))

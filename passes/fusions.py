@@ -1,0 +1,251 @@
+"""Every pass fusiontune knows, declared once: flag, what it fuses, num_tokens range, level default, thresholds.
+
+PassConfig's fields, the optimization-level defaults, the sweep's no-op checks, the result columns
+(``matches_<flag>``) and ``fusiontune passes`` are all read from ``PASSES``. Defaults follow vLLM's fusion page
+(shared/reference/vllm-fusion-passes.md): the "Default at" column and the Support Matrix.
+
+A default rule takes (level, platform) and returns (on?, why). A threshold's rule takes the platform and returns
+(value, why); ``None`` means "this platform has no value", which switches the threshold's passes off unless the
+user gives one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from .platform import Platform
+
+Rule = Callable[[int, Platform], "tuple[bool, str]"]
+ThresholdRule = Callable[[Platform], "tuple[float | int | None, str]"]
+TokenRange = Literal["always", "low", "high"]
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Threshold:
+    name: str
+    type: type
+    description: str
+    default: ThresholdRule
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    flag: str
+    title: str
+    fuses: str
+    token_range: TokenRange
+    default: Rule
+    fullgraph: bool = False
+    kind: Literal["fusion", "cleanup"] = "fusion"
+    thresholds: tuple[Threshold, ...] = ()
+    requires: tuple[str, ...] = ()  # flags this pass needs on (switched on with it unless the user said no)
+    implementation: str | None = None  # "module:Class" under fusiontune.passes; None: not implemented yet
+    # Model quant schemes the pass has patterns for (None: any). A pass for another scheme matches nothing.
+    quant_schemes: tuple[str, ...] | None = None
+    needs_tp: bool = False  # a collective fusion: nothing to match at TP=1
+
+    def applicability(self, quant: str, tp_size: int) -> tuple[bool, str]:
+        """Can this pass find anything in fusiontune's model with this quant scheme and TP size?"""
+        if self.quant_schemes is not None and quant not in self.quant_schemes:
+            return False, f"{self.flag} has no pattern for quant={quant} (it fuses {', '.join(self.quant_schemes)})"
+        if self.needs_tp and tp_size == 1:
+            return False, f"{self.flag} fuses a collective, and TP=1 has none"
+        return True, ""
+
+
+def off(_level: int, _platform: Platform) -> tuple[bool, str]:
+    return False, "off at every optimization level (set it explicitly)"
+
+
+def from_level(level_needed: int, condition: Callable[[Platform], tuple[bool, str]]) -> Rule:
+    def rule(level: int, platform: Platform) -> tuple[bool, str]:
+        if level < level_needed:
+            return False, f"O{level} < O{level_needed}"
+        ok, why = condition(platform)
+        return ok, f"O{level} >= O{level_needed} and {why}" if ok else f"O{level}, but {why}"
+
+    return rule
+
+
+def always(_platform: Platform) -> tuple[bool, str]:
+    return True, "no platform condition"
+
+
+def custom_kernel_in_use(*ops: str, nvfp4_too: bool = False) -> Callable[[Platform], tuple[bool, str]]:
+    def condition(platform: Platform) -> tuple[bool, str]:
+        used = [op for op in ops if op in platform.custom_ops]
+        if used:
+            return True, f"custom {'/'.join(used)} kernel in use"
+        if nvfp4_too and platform.quant == "nvfp4":
+            return True, "NVFP4 model (FP4 quant is always a custom op)"
+        return False, f"no custom {'/'.join(ops)} kernel (Inductor's generated code is faster)"
+
+    return condition
+
+
+def allreduce_rms_condition(platform: Platform) -> tuple[bool, str]:
+    if not platform.is_hopper_or_blackwell:
+        return False, "needs NVIDIA Hopper (sm90) or Blackwell (sm100)"
+    if platform.tp_size <= 1:
+        return False, "needs TP > 1"
+    if not platform.flashinfer:
+        return False, "needs FlashInfer installed"
+    return True, f"sm{platform.capability}, TP={platform.tp_size}, FlashInfer installed"
+
+
+def rocm_aiter(platform: Platform) -> tuple[bool, str]:
+    if platform.vendor == "rocm" and platform.aiter:
+        return True, "ROCm with AITER"
+    return False, "ROCm/AITER only"
+
+
+def act_padding_condition(platform: Platform) -> tuple[bool, str]:
+    ok, why = rocm_aiter(platform)
+    if not ok:
+        return ok, why
+    if platform.hidden_size != 2880:
+        return False, f"hidden size {platform.hidden_size} != 2880 (gpt-oss)"
+    if platform.aiter_triton_gemm:
+        return False, "AITER Triton GEMMs are enabled"
+    return True, "ROCm/AITER, hidden 2880, AITER Triton GEMMs off"
+
+
+# vLLM's tables (compute capability -> TP size -> MB) for the FlashInfer all-reduce fusion size limit.
+FI_ALLREDUCE_FUSION_MAX_SIZE_MB: dict[int, dict[int, float]] = {90: {2: 64, 4: 2, 8: 1}, 100: {2: 64, 4: 32, 8: 1}}
+# Sequence parallelism: smallest hidden size, and the per-GPU tensor size above which SP starts, per capability.
+SP_MIN_HIDDEN_SIZE: dict[int, int] = {90: 8192, 100: 8192}
+SP_MIN_PER_GPU_SIZE_MB: dict[int, float] = {90: 8, 100: 32}
+
+
+def fi_allreduce_max_size(platform: Platform) -> tuple[float | None, str]:
+    by_tp = FI_ALLREDUCE_FUSION_MAX_SIZE_MB.get(platform.capability or -1, {})
+    if platform.vendor != "cuda" or platform.tp_size not in by_tp:
+        return None, f"no default for {platform.describe()}"
+    return by_tp[platform.tp_size], f"vLLM's table for sm{platform.capability}, TP={platform.tp_size}"
+
+
+def sp_min_tokens(platform: Platform) -> tuple[int | None, str]:
+    cap = platform.capability or -1
+    if platform.vendor != "cuda" or cap not in SP_MIN_HIDDEN_SIZE:
+        return None, f"no default for {platform.describe()} (vLLM autoconfigures sm90/sm100 only)"
+    if platform.hidden_size < SP_MIN_HIDDEN_SIZE[cap]:
+        return None, f"hidden size {platform.hidden_size} < {SP_MIN_HIDDEN_SIZE[cap]}, too small for SP on sm{cap}"
+    total_bytes = SP_MIN_PER_GPU_SIZE_MB[cap] * MiB * platform.tp_size
+    tokens = int(total_bytes // (platform.hidden_size * platform.dtype_bytes))
+    return tokens, f"{SP_MIN_PER_GPU_SIZE_MB[cap]:g} MB per GPU x TP={platform.tp_size} on sm{cap}"
+
+
+SP_MIN_TOKEN_NUM = Threshold("sp_min_token_num", int, "num_tokens from which SP / AsyncTP apply", sp_min_tokens)
+FP8 = ("fp8-static", "fp8-per-token", "fp8-per-group")
+
+PASSES: tuple[PassSpec, ...] = (
+    PassSpec(
+        flag="eliminate_noops",
+        title="No-op elimination",
+        fuses="removes reshapes/views/slices that change nothing, so fusion patterns see adjacent ops",
+        token_range="always",
+        kind="cleanup",
+        default=from_level(1, always),
+        implementation="noop_elimination:NoOpEliminationPass",
+    ),
+    PassSpec(
+        flag="fuse_norm_quant",
+        title="RMSNorm + Quant",
+        fuses="RMSNorm (+residual add) -> FP8 quant",
+        token_range="always",
+        default=from_level(1, custom_kernel_in_use("rms_norm", "quant_fp8")),
+        implementation="norm_quant:NormQuantFusionPass",
+        quant_schemes=FP8,
+    ),
+    PassSpec(
+        flag="fuse_act_quant",
+        title="SiLU+Mul + Quant",
+        fuses="SiLU+Mul activation -> FP8 quant",
+        token_range="always",
+        default=from_level(1, custom_kernel_in_use("silu_and_mul", "quant_fp8", nvfp4_too=True)),
+        implementation="act_quant:ActQuantFusionPass",
+        quant_schemes=("fp8-static", "fp8-per-group"),
+    ),
+    PassSpec(
+        flag="fuse_allreduce_rms",
+        title="AllReduce + RMSNorm",
+        fuses="All-reduce -> RMSNorm (+residual add) (-> FP8 static quant)",
+        token_range="low",
+        default=from_level(2, allreduce_rms_condition),
+        thresholds=(
+            Threshold(
+                "fi_allreduce_fusion_max_size_mb",
+                float,
+                "largest all-reduced tensor (MB) that takes the fused kernel",
+                fi_allreduce_max_size,
+            ),
+        ),
+        needs_tp=True,
+    ),
+    PassSpec(
+        flag="fuse_attn_quant",
+        title="Attention + Quant",
+        fuses="Attention output -> FP8 static quant",
+        token_range="always",
+        fullgraph=True,
+        default=off,
+        quant_schemes=("fp8-static",),
+    ),
+    PassSpec(
+        flag="fuse_rope_kvcache",
+        title="RoPE + KV-Cache Update",
+        fuses="Rotary embedding -> KV cache write",
+        token_range="low",
+        default=from_level(2, rocm_aiter),
+        thresholds=(
+            Threshold(
+                "rope_kvcache_fusion_max_token_num",
+                int,
+                "largest num_tokens that takes the fused RoPE + KV-cache kernel",
+                lambda _p: (256, "vLLM's default"),
+            ),
+        ),
+    ),
+    PassSpec(
+        flag="enable_qk_norm_rope_fusion",
+        title="QK Norm + RoPE",
+        fuses="Q/K per-head RMSNorm -> rotary embedding",
+        token_range="low",
+        default=off,
+    ),
+    PassSpec(
+        flag="enable_sp",
+        title="Sequence Parallelism",
+        fuses="AllReduce -> ReduceScatter + local RMSNorm + AllGather",
+        token_range="high",
+        fullgraph=True,
+        default=off,
+        thresholds=(SP_MIN_TOKEN_NUM,),
+        needs_tp=True,
+    ),
+    PassSpec(
+        flag="fuse_gemm_comms",
+        title="AsyncTP GEMM + collective",
+        fuses="GEMM -> reduce-scatter / all-gather -> GEMM",
+        token_range="high",
+        fullgraph=True,
+        default=off,
+        thresholds=(SP_MIN_TOKEN_NUM,),
+        requires=("enable_sp",),
+        needs_tp=True,
+    ),
+    PassSpec(
+        flag="fuse_act_padding",
+        title="RMSNorm + Padding",
+        fuses="Residual add + RMSNorm -> padding of the hidden size",
+        token_range="always",
+        default=from_level(1, act_padding_condition),
+    ),
+)
+
+PASSES_BY_FLAG: dict[str, PassSpec] = {p.flag: p for p in PASSES}
+FUSION_FLAGS: tuple[str, ...] = tuple(p.flag for p in PASSES if p.kind == "fusion")
+THRESHOLDS: dict[str, Threshold] = {t.name: t for p in PASSES for t in p.thresholds}
+LEVELS = (0, 1, 2, 3)
