@@ -22,6 +22,8 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://host:10001'); "
                                           "overrides the sweep's cluster.address. Default: a local Ray."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan (and what was dropped) and exit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder: configs that "
+                                "finished are kept, failed and missing ones run (with their TP size's baseline)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.md and speedup.png at the end."),
     config_timeout: float = typer.Option(3600, help="Seconds one config (all its num_tokens) may take."),
 ):
@@ -34,18 +36,32 @@ def run(
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
+    from fusiontune.harness.results import RunFolder, completed_configs
+
+    run_dir = out or Path("results") / spec.name
+    if resume:
+        folder = RunFolder(run_dir)
+        done = completed_configs(folder.rows())
+        plan = plan.without(done)
+        console.print(f"resuming {run_dir}: {len(done)} configs already measured, {len(plan.configs)} to run")
     _print_plan(plan)
     if dry_run:
         return
     from fusiontune.harness.launcher import run_plan
-    from fusiontune.harness.results import RunFolder
 
-    folder = RunFolder(out or Path("results") / spec.name)
-    if folder.rows_path.exists():
-        folder.rows_path.rename(folder.rows_path.with_suffix(f".jsonl.{int(folder.rows_path.stat().st_mtime)}"))
-    folder.write_manifest(text, str(sweep_file), {"cluster_address": address or spec.cluster.address,
-                                                  "planned": len(plan.configs), "skipped": len(plan.skipped),
-                                                  "dropped": [list(d) for d in plan.dropped]})
+    folder = RunFolder(run_dir)
+    if folder.rows_path.exists() and not resume:  # never overwrite results: keep the old rows beside
+        kept = folder.rows_path.with_suffix(f".jsonl.{int(folder.rows_path.stat().st_mtime)}")
+        folder.rows_path.rename(kept)
+        console.print(f"an earlier run's rows were moved to {kept} (use --resume to continue a run instead)")
+    if not resume or not folder.manifest_path.exists():
+        folder.write_manifest(text, str(sweep_file), {"cluster_address": address or spec.cluster.address,
+                                                      "planned": len(plan.configs), "skipped": len(plan.skipped),
+                                                      "dropped": [list(d) for d in plan.dropped]})
+    else:
+        from datetime import datetime, timezone
+
+        folder.update_manifest(resumed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("configs", total=len(plan.configs))

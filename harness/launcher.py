@@ -50,22 +50,22 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
 class TPGroup:
     """The actors of one TP group, placed together (STRICT_PACK: one node) and joined in a process group."""
 
-    def __init__(self, tp: int):
+    def __init__(self, tp: int, use_gpu: bool):
         self.tp = tp
         resources = ray.cluster_resources()
-        self.use_gpu = resources.get("GPU", 0) >= tp
+        self.use_gpu = use_gpu
         bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
         ray.get(self.pg.ready(), timeout=300)
         cpus = int(resources.get("CPU", 1))
-        threads = max(1, cpus // tp) if not self.use_gpu else None
+        threads = max(1, cpus // tp) if not use_gpu else None
         actor_cls = ray.remote(TPWorker)
         self.actors = [
             actor_cls.options(
                 num_cpus=1,
                 num_gpus=1 if self.use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(rank, tp, threads)
+            ).remote(rank, tp, threads, "cuda" if use_gpu else "cpu")
             for rank in range(tp)
         ]
         init_method = ray.get(self.actors[0].rendezvous_address.remote())
@@ -146,6 +146,16 @@ def skipped_rows(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+def device_for(tp: int, wanted: str) -> tuple[bool, str]:
+    """(use GPUs?, why not runnable) for a TP group: never fall back to CPU for want of GPUs."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if wanted == "cpu" or (wanted == "auto" and gpus == 0):
+        return False, ""
+    if gpus < tp:
+        return True, f"TP={tp} needs {tp} GPUs; the Ray cluster has {gpus} (use cluster.device: cpu to run on CPUs)"
+    return True, ""
+
+
 def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
              config_timeout_s: float | None = 3600,
              on_config: Callable[[PlannedConfig, list[dict]], None] | None = None) -> None:
@@ -157,11 +167,18 @@ def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
     measure = plan.spec.measure
     for tp in sorted({c.tp for c in plan.configs}):
         group = None
+        use_gpu, unrunnable = device_for(tp, plan.spec.cluster.device)
         for config in sorted(plan.configs_for(tp), key=lambda c: not c.is_baseline):
+            if unrunnable:
+                rows = [{**row, "status": "skipped", "error": unrunnable} for row in rows_for(plan, config, None)]
+                folder.append(rows)
+                if on_config:
+                    on_config(config, rows)
+                continue
             job = Job(config.config_id, config.pass_config, plan.spec.optimization_level, plan.model.to_dict(),
                       list(plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed, config.is_baseline)
             try:
-                group = group or TPGroup(tp)
+                group = group or TPGroup(tp, use_gpu)
                 per_rank = group.run(job, config_timeout_s)
                 rows = rows_for(plan, config, per_rank, device=group.devices[0])
             except Exception as exc:  # a dead actor, a timeout, a group that would not form

@@ -92,8 +92,28 @@ class RunFolder:
         self.manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
 
 
+ROW_KEY = ["config_id", "label", "tp", "num_tokens"]
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (config, TP, num_tokens): a resumed run re-measures some, and the last measurement wins."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        latest[tuple(row.get(k) for k in ROW_KEY)] = row
+    return list(latest.values())
+
+
+def completed_configs(rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """(config_id, tp) pairs whose every row ended in a status a re-run would not change (not 'failed')."""
+    status: dict[tuple[str, int], set[str]] = {}
+    for row in latest_rows(rows):
+        if row.get("config_id"):
+            status.setdefault((row["config_id"], row["tp"]), set()).add(row["status"])
+    return {key for key, seen in status.items() if "failed" not in seen}
+
+
 def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(latest_rows(rows))
     for column in PASS_COLUMNS:
         if column in frame and frame[column].dtype == object:
             frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in THRESHOLDS else frame[column]

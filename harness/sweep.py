@@ -46,6 +46,7 @@ class ModelSpec(_Strict):
     intermediate_size: Optional[int] = Field(None, gt=0)
     qk_norm: Optional[bool] = None
     dtype: Optional[Literal[tuple(DTYPES)]] = None  # type: ignore[valid-type]
+    max_position: Optional[int] = Field(None, gt=0)
 
     def build(self) -> ModelConfig:
         return build_model_config(**self.model_dump(exclude_none=True))
@@ -59,6 +60,7 @@ class MeasureSpec(_Strict):
 
 class ClusterSpec(_Strict):
     address: Optional[str] = None  # None: a local Ray on this machine; "auto" or ray://host:port: a cluster
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs if the cluster has any, else CPU
     dashboard: bool = False
 
 
@@ -179,6 +181,17 @@ class Plan:
 
     def configs_for(self, tp: int) -> list[PlannedConfig]:
         return [c for c in self.configs if c.tp == tp]
+
+    def without(self, done: set[tuple[str, int]]) -> "Plan":
+        """The plan less the (config_id, tp) pairs in ``done``. A TP size with anything left keeps its baseline:
+        the correctness check compares against baseline outputs the workers hold in memory."""
+        remaining = []
+        for tp in self.spec.tp:
+            left = [c for c in self.configs_for(tp) if (c.config_id, c.tp) not in done]
+            if left and not any(c.is_baseline for c in left):
+                left = [c for c in self.configs_for(tp) if c.is_baseline] + left
+            remaining += left
+        return Plan(self.spec, self.model, remaining, self.skipped, self.dropped)
 
 
 def _label(fields: dict[str, Any], swept: list[str]) -> str:

@@ -65,9 +65,11 @@ def free_port() -> int:
 
 
 class TPWorker:
-    def __init__(self, rank: int, world_size: int, num_threads: int | None = None):
+    def __init__(self, rank: int, world_size: int, num_threads: int | None = None, device: str = "auto"):
         self.rank, self.world_size = rank, world_size
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        # Under Ray each GPU actor sees exactly its own GPU as device 0.
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         if num_threads:
             torch.set_num_threads(num_threads)
         self.group_name: str | None = None
@@ -118,19 +120,33 @@ class TPWorker:
         return torch.randn(num_tokens, cfg.hidden_size, generator=generator, device=self.device).to(cfg.torch_dtype)
 
     def run(self, job: Job) -> list[RankResult]:
+        """Measure every num_tokens of ``job``. A failure to build or compile fails them all; a failure at one
+        size (out of memory, a kernel error) fails that size only. Failures are returned, never raised."""
         try:
-            return self._run(job)
-        except Exception as exc:  # recorded as 'failed' for every num_tokens; the sweep goes on
-            message = f"{type(exc).__name__}: {exc}".strip()
-            detail = traceback.format_exc(limit=-3)
-            return [RankResult(n, error=f"{message[:2000]}\n{detail[-2000:]}") for n in job.num_tokens]
+            cfg, model, compiled, manager, resolved = self._prepare(job)
+        except Exception as exc:
+            return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
+        results, last_matches = [], {}
+        try:
+            # Largest first: the first compile is the dynamic-shape graph every size >= 2 reuses.
+            for num_tokens in sorted(job.num_tokens, reverse=True):
+                result = RankResult(num_tokens, resolved=dict(resolved.values))
+                try:
+                    last_matches = self._measure(job, cfg, compiled, manager, result, last_matches)
+                except Exception as exc:
+                    result.error = _describe(exc)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                results.append(result)
         finally:
             torch._dynamo.reset()
+        return sorted(results, key=lambda r: r.num_tokens)
 
-    @torch.no_grad()
-    def _run(self, job: Job) -> list[RankResult]:
+    def _prepare(self, job: Job):
         cfg = ModelConfig(**{k: v for k, v in job.model.items() if k != "head_dim"}, head_dim=job.model.get("head_dim"))
         platform = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
+        if self.device.type == "cpu":
+            platform = platform.with_(vendor="cpu", capability=None)
         resolved = resolve(job.pass_config, job.optimization_level, platform)
         model = self.model_for(cfg, job.seed)
         manager = PassManager(resolved)
@@ -138,32 +154,39 @@ class TPWorker:
         compiled = torch.compile(
             model, fullgraph=True, options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False}
         )
-        results, last_matches = [], {}
-        # Largest first: the first compile is the dynamic-shape graph every size >= 2 reuses.
-        for num_tokens in sorted(job.num_tokens, reverse=True):
-            x = self.inputs(cfg, num_tokens, job.seed)
-            if num_tokens > 1:
-                torch._dynamo.mark_dynamic(x, 0)
-            before = manager.snapshot()
-            t0 = time.perf_counter()
-            out = compiled(x)
-            compile_s = time.perf_counter() - t0
-            after = manager.snapshot()
-            if after["graphs"] > before["graphs"]:  # this size compiled a graph: its counts are this graph's
-                last_matches = {spec.flag: after[spec.flag] - before[spec.flag] for spec in PASSES}
-            result = RankResult(num_tokens, matches=dict(last_matches), resolved=dict(resolved.values),
-                                compile_s=compile_s)
-            key = (self._model_key, num_tokens)
-            if job.is_baseline:
-                self.baseline[key] = out.clone()
-                result.max_abs_err = 0.0
-            elif key in self.baseline:
-                reference = self.baseline[key]
-                result.max_abs_err = max_abs_error(out, reference)
-            else:
-                result.error = "no baseline output to compare with (the all-off config failed)"
-            reference = self.baseline.get(key, out)
+        return cfg, model, compiled, manager, resolved
+
+    @torch.no_grad()
+    def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,
+                 last_matches: dict[str, int]) -> dict[str, int]:
+        num_tokens = result.num_tokens
+        if num_tokens > cfg.max_position:
+            raise ValueError(f"num_tokens={num_tokens} exceeds the model's max_position={cfg.max_position} "
+                             "(raise model.max_position in the sweep file)")
+        x = self.inputs(cfg, num_tokens, job.seed)
+        if num_tokens > 1:
+            torch._dynamo.mark_dynamic(x, 0)
+        before = manager.snapshot()
+        t0 = time.perf_counter()
+        out = compiled(x)
+        result.compile_s = time.perf_counter() - t0
+        after = manager.snapshot()
+        if after["graphs"] > before["graphs"]:  # this size compiled a graph: its counts are this graph's
+            last_matches = {spec.flag: after[spec.flag] - before[spec.flag] for spec in PASSES}
+        result.matches = dict(last_matches)
+        key = (self._model_key, num_tokens)
+        if job.is_baseline:
+            self.baseline[key] = out.clone()
+        reference = self.baseline.get(key)
+        if reference is None:
+            result.error = "no baseline output to compare with (the all-off config failed at this size)"
+        else:
+            result.max_abs_err = max_abs_error(out, reference)
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()))
-            result.times_ms = time_forward(lambda: compiled(x), job.warmup, job.repeats, self.device, self.group)
-            results.append(result)
-        return sorted(results, key=lambda r: r.num_tokens)
+        result.times_ms = time_forward(lambda: compiled(x), job.warmup, job.repeats, self.device, self.group)
+        return last_matches
+
+
+def _describe(exc: BaseException) -> str:
+    message = f"{type(exc).__name__}: {exc}".strip()
+    return f"{message[:2000]}\n{traceback.format_exc(limit=-3)[-2000:]}"

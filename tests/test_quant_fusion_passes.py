@@ -48,6 +48,7 @@ class RecordingPassManager(PassManager):
     """Keeps the fusiontune ops of the last graph it rewrote (plain calls and auto-functionalized ones)."""
 
     def __call__(self, graph):
+        self.forms = {c.form for c in map(as_op_call, graph.nodes) if c is not None and c.form != "plain"}
         super().__call__(graph)
         self.op_names = []
         for node in graph.nodes:
@@ -56,12 +57,12 @@ class RecordingPassManager(PassManager):
                 self.op_names.append(call.op._opname)
 
 
-def compile_chain(flags: dict[str, bool]):
+def compile_chain(flags: dict[str, bool], **inductor_options):
     config = resolve(flags, level=2, platform=Platform(hidden_size=HIDDEN))
     manager = RecordingPassManager(config)
     torch._dynamo.reset()
     compiled = torch.compile(
-        chain, fullgraph=True, dynamic=True, options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False}
+        chain, fullgraph=True, dynamic=True, options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False, **inductor_options},
     )
     return compiled, manager
 
@@ -99,6 +100,7 @@ def test_fused_graph_matches_each_pattern_and_is_bit_exact(fused, num_tokens):
 
 def test_rewritten_graph_calls_fused_ops_and_keeps_the_negatives(fused):
     _, manager = fused
+    assert manager.forms == {"v2"}  # torch's default functionalization of the mutating norms
     ops_in_graph = manager.op_names
     for name in (
         "rms_norm_quant_fp8_static",
@@ -125,3 +127,14 @@ def test_disabled_passes_match_nothing_and_change_the_cache_key(fused):
     assert off.matches["fuse_norm_quant"] == 0 and off.matches["fuse_act_quant"] == 0
     assert off.graphs_seen >= 1
     assert off.uuid() != on.uuid()
+
+
+def test_v1_auto_functionalization_is_matched_too():
+    """With auto_functionalized (v1) instead of v2, the residual variants still fuse and stay bit exact."""
+    compiled, manager = compile_chain({"fuse_norm_quant": True, "fuse_act_quant": True},
+                                      enable_auto_functionalized_v2=False)
+    args = inputs(11, seed=5)
+    got, want = compiled(*args), chain(*args)
+    assert manager.forms == {"v1"}
+    assert manager.matches["fuse_norm_quant"] == EXPECTED["fuse_norm_quant"] * manager.graphs_seen
+    assert all(torch.equal(as_bits(g), as_bits(w)) for g, w in zip(got, want))

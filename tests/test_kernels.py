@@ -1,0 +1,199 @@
+"""Every fused op against its unfused chain (bit for bit), every op against an independent float64 computation,
+and every fake kernel against its real one (torch.library.opcheck). Fresh random inputs each run, odd sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusiontune.kernels import ACT_QUANT_SCHEMES, QUANT_SCHEMES, act_quant_name, rms_norm_quant_name
+from fusiontune.kernels.numerics import FP8_MAX, FP8_MIN_SCALE
+
+ops = torch.ops.fusiontune
+EPS = 1e-6
+SHAPES = [(1, 2880), (7, 2880), (4097, 256), (33, 4096)]
+
+
+def extras_for(scheme, hidden, device):
+    if scheme.name == "fp8-static":
+        return (torch.tensor([0.013], device=device),)
+    if scheme.name == "fp8-per-group":
+        return (64 if hidden % 128 else 128,)
+    return ()
+
+
+def rand(*shape, device, dtype=torch.bfloat16, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def same(a, b) -> bool:
+    if a.dtype == torch.float8_e4m3fn:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scheme", QUANT_SCHEMES.values(), ids=lambda s: s.name)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_fused_norm_quant_equals_unfused_chain(device, shape, scheme, with_residual):
+    x, w = rand(*shape, device=device), rand(shape[1], device=device, scale=0.2) + 1
+    extras = extras_for(scheme, shape[1], device)
+    fused = getattr(ops, rms_norm_quant_name(scheme, with_residual))
+    unfused_quant = getattr(ops, scheme.op_name)
+    if with_residual:
+        r_fused, r_unfused = rand(*shape, device=device), None
+        r_unfused = r_fused.clone()
+        got = as_tuple(fused(x, r_fused, w, EPS, *extras))
+        want = as_tuple(unfused_quant(ops.fused_add_rms_norm(x, r_unfused, w, EPS), *extras))
+        assert same(r_fused, r_unfused), "residual written differently"
+    else:
+        got = as_tuple(fused(x, w, EPS, *extras))
+        want = as_tuple(unfused_quant(ops.rms_norm(x, w, EPS), *extras))
+    assert len(got) == len(want)
+    for g, u in zip(got, want):
+        assert same(g, u)
+
+
+@pytest.mark.parametrize("shape", [(1, 2 * 2880), (7, 2 * 2880), (4097, 512)])
+@pytest.mark.parametrize("scheme", ACT_QUANT_SCHEMES, ids=lambda s: s.name)
+def test_fused_act_quant_equals_unfused_chain(device, shape, scheme):
+    x = rand(*shape, device=device)
+    extras = extras_for(scheme, shape[1] // 2, device)
+    got = as_tuple(getattr(ops, act_quant_name(scheme))(x, *extras))
+    want = as_tuple(getattr(ops, scheme.op_name)(ops.silu_and_mul(x), *extras))
+    for g, u in zip(got, want):
+        assert same(g, u)
+
+
+def e4m3_spacing(v: torch.Tensor) -> torch.Tensor:
+    """Distance between adjacent e4m3 values around |v| (3 mantissa bits; subnormals below 2^-6)."""
+    exponent = torch.floor(torch.log2(v.abs().clamp(min=2.0**-6)))
+    return torch.pow(2.0, exponent - 3)
+
+
+def check_fp8_rounding(codes, x64, scale64):
+    """Each code is the e4m3 value nearest to x/scale (float64), or the clamp bound beyond +-448."""
+    target = (x64 / scale64).clamp(-FP8_MAX, FP8_MAX)
+    got = codes.double()
+    err = (got - target).abs()
+    # Half a spacing, plus the fp32 rounding of x/scale that the op does before rounding to e4m3.
+    bound = 0.5 * e4m3_spacing(target).double() + target.abs() * 2.0**-23
+    assert torch.all(err <= bound), f"{int((err > bound).sum())} codes are not nearest"
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 4097])
+def test_quant_schemes_against_float64(device, num_tokens):
+    hidden = 2880
+    x = rand(num_tokens, hidden, device=device, scale=3.0)
+    x[0, :5] = torch.tensor([0.0, 1e-8, -1e3, 1e3, 448.0]).to(x.dtype)  # zero, tiny, beyond the clamp
+    x64 = x.double()
+    scale = torch.tensor([0.05], device=device)
+    check_fp8_rounding(ops.quant_fp8_static(x, scale), x64, 0.05)
+
+    codes, scales = ops.quant_fp8_per_token(x)
+    want = (x64.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    torch.testing.assert_close(scales.double(), want, rtol=2**-23, atol=0)
+    check_fp8_rounding(codes, x64, scales.double())
+
+    codes, scales = ops.quant_fp8_per_group(x, 64)
+    assert scales.shape == (num_tokens, hidden // 64)
+    grouped = x64.view(num_tokens, -1, 64)
+    want = (grouped.abs().amax(-1) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    torch.testing.assert_close(scales.double(), want, rtol=2**-23, atol=0)
+    check_fp8_rounding(codes.view(num_tokens, -1, 64), grouped, scales.double().unsqueeze(-1))
+
+
+def test_all_zero_rows_get_the_floor_scale(device):
+    codes, scales = ops.quant_fp8_per_token(torch.zeros(3, 64, device=device, dtype=torch.bfloat16))
+    assert torch.all(scales == FP8_MIN_SCALE) and torch.all(codes.float() == 0)
+
+
+def test_per_group_rejects_a_hidden_size_that_is_no_multiple():
+    with pytest.raises(ValueError, match="2880 is not a multiple of 128"):
+        ops.quant_fp8_per_group(torch.randn(2, 2880), 128)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 4097])
+def test_norms_and_activation_against_float64(device, num_tokens):
+    hidden = 2880
+    x, r = rand(num_tokens, hidden, device=device), rand(num_tokens, hidden, device=device)
+    w = rand(hidden, device=device, scale=0.2) + 1
+    ulp = torch.finfo(torch.bfloat16).eps
+
+    def rms64(v):
+        v = v.double()
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
+
+    # Two bf16 roundings (normalised value, then times weight): within 2 ulps of the exact value.
+    torch.testing.assert_close(ops.rms_norm(x, w, EPS).double(), rms64(x), rtol=2 * ulp, atol=1e-6)
+    residual = r.clone()
+    out = ops.fused_add_rms_norm(x, residual, w, EPS)
+    torch.testing.assert_close(residual.double(), x.double() + r.double(), rtol=ulp, atol=1e-6)
+    torch.testing.assert_close(out.double(), rms64(residual), rtol=2 * ulp, atol=1e-6)
+
+    gate_up = rand(num_tokens, 2 * hidden, device=device)
+    g, u = gate_up[:, :hidden].double(), gate_up[:, hidden:].double()
+    torch.testing.assert_close(ops.silu_and_mul(gate_up).double(), g * torch.sigmoid(g) * u, rtol=2 * ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_size", [0, 128])
+def test_scaled_mm_against_float64(device, group_size):
+    m, k, n = 37, 256, 96
+    a = rand(m, k, device=device, dtype=torch.float32, scale=2)
+    if group_size:
+        a_codes, a_scale = ops.quant_fp8_per_group(a, group_size)
+        a64 = (a_codes.double().view(m, -1, group_size) * a_scale.double().unsqueeze(-1)).view(m, k)
+    else:
+        a_codes, a_scale = ops.quant_fp8_per_token(a)
+        a64 = a_codes.double() * a_scale.double()
+    w = torch.randn(n, k, device=device)
+    w_scale = w.abs().amax(1) / FP8_MAX
+    w_codes = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
+    want = a64 @ (w_codes.double() * w_scale.double()[:, None]).t()
+    got = ops.scaled_mm(a_codes, a_scale, w_codes, w_scale, group_size, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # Exact products of FP8 values summed in fp32, then one bf16 rounding: within 1 bf16 ulp of the magnitude.
+    tol = torch.finfo(torch.bfloat16).eps * want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= tol
+
+
+def all_ops_with_args(device):
+    x, w, r = rand(5, 256, device=device), rand(256, device=device) + 1, rand(5, 256, device=device)
+    scale = torch.tensor([0.02], device=device)
+    cases = {
+        "rms_norm": (x, w, EPS),
+        "fused_add_rms_norm": (x, r, w, EPS),
+        "silu_and_mul": (x,),
+        "quant_fp8_static": (x, scale),
+        "quant_fp8_per_token": (x,),
+        "quant_fp8_per_group": (x, 64),
+        "scaled_mm": (x.to(torch.float8_e4m3fn), scale, r.to(torch.float8_e4m3fn), torch.ones(5, device=device),
+                      0, torch.bfloat16),
+    }
+    for scheme in QUANT_SCHEMES.values():
+        extras = extras_for(scheme, 256, device)
+        cases[rms_norm_quant_name(scheme, False)] = (x, w, EPS, *extras)
+        cases[rms_norm_quant_name(scheme, True)] = (x, r, w, EPS, *extras)
+    for scheme in ACT_QUANT_SCHEMES:
+        cases[act_quant_name(scheme)] = (x, *extras_for(scheme, 128, device))
+    return cases
+
+
+def test_every_fake_kernel_agrees_with_its_reference(device):
+    cases = all_ops_with_args(device)
+    for name, args in cases.items():
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        # test_schema compares inputs before and after with arithmetic CPU torch lacks for FP8 inputs.
+        utils = ("test_faketensor", "test_aot_dispatch_dynamic") if name == "scaled_mm" else None
+        kwargs = {"test_utils": utils} if utils else {}
+        torch.library.opcheck(getattr(ops, name).default, args, **kwargs)
+    packets = {n for n in dir(ops) if isinstance(getattr(ops, n), torch._ops.OpOverloadPacket)}
+    defined = packets - {"all_reduce"}  # needs a process group: covered by the TP=2 sweep test
+    assert defined <= set(cases), f"ops without an opcheck case: {defined - set(cases)}"

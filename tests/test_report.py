@@ -1,0 +1,59 @@
+"""The report's rules: speedup only where the config ran, agreed with the baseline, and its fusions fired."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fusiontune.harness.report import speedups, write_report
+from fusiontune.harness.results import RunFolder, redact
+
+
+def row(label, num_tokens, latency, status="ok", baseline=False, norm=False, matches=0):
+    return {"sweep": "t", "label": label, "is_baseline": baseline, "tp": 1, "num_tokens": num_tokens,
+            "latency_ms": latency, "latency_ms_p10": latency * 0.9, "latency_ms_p90": latency * 1.1,
+            "status": status, "error": "" if status == "ok" else "boom", "fuse_norm_quant": norm,
+            "fuse_act_quant": False, "matches_fuse_norm_quant": matches, "matches_fuse_act_quant": 0,
+            "max_abs_err": 0.0, "device": "cpu"}
+
+
+ROWS = [
+    row("base", 1, 2.0, baseline=True), row("base", 8, 4.0, baseline=True),
+    row("fused", 1, 1.6, norm=True, matches=4), row("fused", 8, 5.0, norm=True, matches=4),
+    row("unfired", 1, 1.0, norm=True, matches=0),
+    row("wrong", 1, 0.5, status="incorrect", norm=True, matches=4),
+    row("crashed", 8, float("nan"), status="failed"),
+]
+
+
+def test_speedup_is_baseline_over_config_and_withheld_otherwise():
+    table = speedups(pd.DataFrame(ROWS)).set_index(["label", "num_tokens"])
+    assert table.loc[("fused", 1), "speedup"] == 2.0 / 1.6
+    assert table.loc[("fused", 8), "speedup"] == 4.0 / 5.0
+    assert table.loc[("base", 1), "speedup"] == 1.0
+    for key, note in [(("unfired", 1), "did not fire: fuse_norm_quant"), (("wrong", 1), "incorrect"),
+                      (("crashed", 8), "failed")]:
+        assert pd.isna(table.loc[key, "speedup"]) and table.loc[key, "note"] == note
+
+
+def test_report_files(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append(ROWS)
+    md, png = write_report(tmp_path)
+    text = md.read_text()
+    assert "| fused | 1 | 1.600 (1.440-1.760) | 1.250x | fuse_norm_quant=4 |" in text
+    assert "did not fire: fuse_norm_quant" in text and "## Failed or incorrect" in text
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_survive_a_torn_last_line(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append(ROWS[:2])
+    with folder.rows_path.open("a") as f:
+        f.write('{"label": "half a ro')
+    assert len(folder.rows()) == 2
+
+
+def test_credentials_are_redacted():
+    assert redact("ray://alice:s3cret@head:10001") == "ray://alice:***@head:10001"
+    assert redact("postgresql://u:pw@db/optuna?token=abc") == "postgresql://u:***@db/optuna?token=***"
+    assert redact("auto") == "auto"

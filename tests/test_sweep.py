@@ -1,0 +1,110 @@
+"""Sweep files: validation messages, safe loading, expansion of the product, what is skipped and dropped."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusiontune.harness.sweep import SweepError, expand, load_sweep, parse_sweep
+from fusiontune.passes.platform import Platform
+
+CPU = Platform(vendor="cpu")
+
+
+def sweep(**overrides) -> str:
+    import yaml
+
+    data = {"name": "t", "model": {"preset": "tiny", "quant": "fp8-static"}, "tp": [1], "num_tokens": [1, 16],
+            "pass_config": {"fuse_norm_quant": [False, True], "fuse_act_quant": [False, True]}}
+    data.update(overrides)
+    return yaml.safe_dump(data)
+
+
+def test_the_smoke_sweep_expands_to_baseline_plus_three_per_tp(tmp_path):
+    spec, text = load_sweep("sweeps/smoke-cpu.yaml")
+    plan = expand(spec, CPU)
+    assert [c.tp for c in plan.configs] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert [c.is_baseline for c in plan.configs if c.tp == 1] == [True, False, False, False]
+    baseline = plan.configs[0].resolved
+    assert not any(baseline[f] for f in ("fuse_norm_quant", "fuse_act_quant"))
+    assert [why for _, _, why in plan.dropped] == ["same effective config as 'all fusions off (baseline)'"] * 2
+    assert len({c.config_id for c in plan.configs}) == 8
+    assert "smoke-cpu" in text
+
+
+def test_scalars_are_fixed_and_lists_swept():
+    plan = expand(parse_sweep(sweep(pass_config={"fuse_norm_quant": True, "fuse_act_quant": [False, True]})), CPU)
+    labels = [c.label for c in plan.configs]
+    assert labels == ["all fusions off (baseline)", "fuse_act_quant=off", "fuse_act_quant=on"]
+    assert all(c.resolved["fuse_norm_quant"] for c in plan.configs[1:])
+
+
+def test_a_fusion_with_nothing_to_match_is_dropped_with_the_reason():
+    plan = expand(parse_sweep(sweep(model={"preset": "tiny", "quant": "none"})), CPU)
+    assert len(plan.configs) == 1
+    reasons = " ".join(why for _, _, why in plan.dropped)
+    assert "no-op: fuse_norm_quant has no pattern for quant=none" in reasons
+
+
+def test_an_unshardable_tp_size_is_skipped_for_that_tp_only():
+    plan = expand(parse_sweep(sweep(tp=[1, 3])), CPU)
+    assert {c.tp for c in plan.configs} == {1}
+    assert plan.skipped and all(s.tp == 3 for s in plan.skipped)
+    assert "TP=3 cannot shard num_heads=4" in plan.skipped[0].reason
+
+
+def test_per_group_128_on_hidden_2880_is_skipped_but_64_runs():
+    model = {"preset": "gpt-oss-20b", "quant": "fp8-per-group", "num_layers": 1}
+    plan = expand(parse_sweep(sweep(model=model)), CPU)
+    assert not plan.configs and "needs hidden_size (qkv/gate_up input)=2880 to be a multiple of 128" in plan.skipped[0].reason
+    plan = expand(parse_sweep(sweep(model={**model, "group_size": 64})), CPU)
+    assert len(plan.configs) == 4 and not plan.skipped
+
+
+def test_an_unimplemented_fusion_is_skipped_not_run():
+    text = sweep(tp=[2], pass_config={"fuse_allreduce_rms": [False, True], "fi_allreduce_fusion_max_size_mb": 8})
+    plan = expand(parse_sweep(text), CPU)
+    # At O2 the quant fusions default on, so "allreduce off" is a config of its own beside the baseline.
+    assert [c.label for c in plan.configs] == ["all fusions off (baseline)", "fuse_allreduce_rms=off"]
+    assert not any(c.resolved["fuse_allreduce_rms"] for c in plan.configs)
+    assert [s.label for s in plan.skipped] == ["fuse_allreduce_rms=on"]
+    assert "fuse_allreduce_rms is not implemented" in plan.skipped[0].reason
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": {"preset": "tiny", "quantt": "fp8-static"}}, "model.quantt: unknown key; allowed keys here: preset, quant"),
+        ({"model": {"preset": "llama"}}, "model.preset: Input should be 'tiny', 'llama-3.1-8b'"),
+        ({"model": {"preset": "tiny", "quant": "int4"}}, "model.quant: Input should be 'none', 'fp8-static'"),
+        ({"pass_config": {"fuse_norm_quantt": True}}, "unknown PassConfig field 'fuse_norm_quantt' (did you mean fuse_norm_quant?)"),
+        ({"tp": [0, 2]}, "tp: Value error, every TP size must be an integer >= 1"),
+        ({"num_tokens": []}, "num_tokens: List should have at least 1 item"),
+        ({"optimization_level": 5}, "optimization_level: Input should be 0, 1, 2 or 3"),
+        ({"measure": {"repeats": 0}}, "measure.repeats: Input should be greater than or equal to 1"),
+        ({"name": "../escape"}, "name: String should match pattern"),
+        ({"colour": "red"}, "colour: unknown key; allowed keys here: name, model, tp"),
+    ],
+)
+def test_validation_errors_name_the_key_and_the_allowed_values(change, message):
+    with pytest.raises(SweepError) as info:
+        parse_sweep(sweep(**change))
+    assert message in str(info.value)
+
+
+def test_missing_keys_and_non_mappings():
+    with pytest.raises(SweepError, match="model: required key is missing"):
+        parse_sweep("name: x\nnum_tokens: [1]\n")
+    with pytest.raises(SweepError, match="a sweep file is a mapping"):
+        parse_sweep("- just\n- a list\n")
+    with pytest.raises(SweepError, match="not valid YAML"):
+        parse_sweep("name: [unclosed\n")
+
+
+def test_yaml_is_loaded_safely():
+    with pytest.raises(SweepError, match="not valid YAML"):
+        parse_sweep("name: !!python/object/apply:os.system ['echo pwned']\nmodel: {preset: tiny}\nnum_tokens: [1]\n")
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SweepError, match="cannot read sweep file"):
+        load_sweep(tmp_path / "missing.yaml")

@@ -1,0 +1,61 @@
+"""The TP worker in-process (no Ray): compiled model per quant scheme, match counts per layer, agreement with the
+all-off compile, and failures recorded per num_tokens instead of raised."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusiontune.harness.model import build_model_config
+from fusiontune.harness.worker import Job, TPWorker
+
+ON = {"fuse_norm_quant": True, "fuse_act_quant": True}
+OFF = {"fuse_norm_quant": False, "fuse_act_quant": False}
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return TPWorker(0, 1)
+
+
+def run_pair(worker, num_tokens, **model):
+    cfg = build_model_config("tiny", **model).to_dict()
+    base = worker.run(Job("base", OFF, 2, cfg, num_tokens, warmup=1, repeats=3, is_baseline=True))
+    fused = worker.run(Job("fused", ON, 2, cfg, num_tokens, warmup=1, repeats=3))
+    return cfg, base, fused
+
+
+@pytest.mark.parametrize(
+    "model, norm_per_layer, act_per_layer",
+    [
+        # Per-token: every norm -> quant fuses; silu -> per-token quant has no fused op.
+        ({"quant": "fp8-per-token"}, 2, 0),
+        # Per-group 64 with Qwen3-style Q/K norm: the per-head norms feed RoPE, not a quant, and stay unfused.
+        ({"quant": "fp8-per-group", "group_size": 64, "qk_norm": True, "num_layers": 3}, 2, 1),
+    ],
+    ids=["per-token", "per-group-qk-norm"],
+)
+def test_compiled_model_fuses_per_layer_and_agrees_with_all_off(worker, model, norm_per_layer, act_per_layer):
+    cfg, base, fused = run_pair(worker, [1, 7], **model)
+    layers = cfg["num_layers"]
+    for b, f in zip(base, fused):
+        assert not b.error and not f.error, (b.error, f.error)
+        assert b.matches["fuse_norm_quant"] == 0 and b.matches["fuse_act_quant"] == 0
+        assert f.matches["fuse_norm_quant"] == norm_per_layer * layers
+        assert f.matches["fuse_act_quant"] == act_per_layer * layers
+        assert f.max_abs_err <= f.tolerance
+        assert len(f.times_ms) == 3 and all(t > 0 for t in f.times_ms)
+
+
+def test_a_size_beyond_max_position_fails_alone(worker):
+    _, base, fused = run_pair(worker, [5, 300], quant="fp8-static", max_position=256, num_layers=1)
+    by_size = {r.num_tokens: r for r in fused}
+    assert not by_size[5].error and by_size[5].matches["fuse_norm_quant"] == 2
+    assert "num_tokens=300 exceeds the model's max_position=256" in by_size[300].error
+    assert not by_size[300].times_ms
+
+
+def test_a_config_that_cannot_resolve_fails_every_size(worker):
+    cfg = build_model_config("tiny", num_layers=1).to_dict()
+    results = worker.run(Job("bad", {"enable_sp": True}, 2, cfg, [1, 4]))
+    assert [r.num_tokens for r in results] == [1, 4]
+    assert all("PassConfigError" in r.error and "sp_min_token_num" in r.error for r in results)
