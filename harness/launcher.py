@@ -165,6 +165,9 @@ def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
         return
     init_ray(address or plan.spec.cluster.address, plan.spec.cluster.dashboard, min_cpus=max(plan.spec.tp))
     measure = plan.spec.measure
+    devices_seen: dict[int, list[str]] = {}
+    resources = ray.cluster_resources()
+    folder.update_manifest(cluster_resources={k: resources[k] for k in ("CPU", "GPU") if k in resources})
     for tp in sorted({c.tp for c in plan.configs}):
         group = None
         use_gpu, unrunnable = device_for(tp, plan.spec.cluster.device)
@@ -178,7 +181,9 @@ def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
             job = Job(config.config_id, config.pass_config, plan.spec.optimization_level, plan.model.to_dict(),
                       list(plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed, config.is_baseline)
             try:
-                group = group or TPGroup(tp, use_gpu)
+                if group is None:
+                    group = TPGroup(tp, use_gpu)
+                    devices_seen[tp] = group.devices
                 per_rank = group.run(job, config_timeout_s)
                 rows = rows_for(plan, config, per_rank, device=group.devices[0])
             except Exception as exc:  # a dead actor, a timeout, a group that would not form
@@ -191,3 +196,4 @@ def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
                 on_config(config, rows)
         if group is not None:
             group.shutdown()
+        folder.update_manifest(devices={str(k): v for k, v in devices_seen.items()})

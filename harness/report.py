@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fusiontune.passes.fusions import FUSION_FLAGS, PASSES  # noqa: E402
+from fusiontune.passes.fusions import FUSION_FLAGS  # noqa: E402
 
 from .results import RunFolder  # noqa: E402
 
@@ -40,6 +40,9 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
         notes.append(note)
         values.append(value)
     merged["speedup"], merged["note"] = values, notes
+    # The config's own spread, as speedups: baseline median over the config's p90 (low) and p10 (high).
+    merged["speedup_low"] = merged["speedup"] * merged["latency_ms"] / merged["latency_ms_p90"]
+    merged["speedup_high"] = merged["speedup"] * merged["latency_ms"] / merged["latency_ms_p10"]
     return merged
 
 
@@ -97,9 +100,12 @@ def _plot(data: pd.DataFrame, path: Path, title: str) -> None:
         by_tp = data[(data["tp"] == tp) & ~data["is_baseline"].astype(bool)]
         for label, rows in by_tp.groupby("label"):
             rows = rows.sort_values("num_tokens")
-            ax.plot(rows["num_tokens"], rows["speedup"], marker="o", label=label)
+            spread = [rows["speedup"] - rows["speedup_low"], rows["speedup_high"] - rows["speedup"]]
+            ax.errorbar(rows["num_tokens"], rows["speedup"], yerr=spread, marker="o", capsize=3, label=label)
         ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xscale("log", base=2)
+        sizes = sorted(data["num_tokens"].unique())
+        ax.set_xticks(sizes, [str(int(n)) for n in sizes])
         ax.set_xlabel("num_tokens")
         ax.set_title(f"TP={tp}")
         ax.grid(True, alpha=0.3)
@@ -107,10 +113,9 @@ def _plot(data: pd.DataFrame, path: Path, title: str) -> None:
     handles, labels = axes[0][-1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
-    fig.suptitle(f"{title}: speedup against num_tokens (missing points: failed, incorrect or did not fire)")
+    fig.suptitle(f"{title}: speedup against num_tokens, bars = the config's p10-p90\n"
+                 "(missing points: failed, incorrect or did not fire)", fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-__all__ = ["speedups", "write_report", "PASSES"]

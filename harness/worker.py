@@ -143,7 +143,7 @@ class TPWorker:
         return sorted(results, key=lambda r: r.num_tokens)
 
     def _prepare(self, job: Job):
-        cfg = ModelConfig(**{k: v for k, v in job.model.items() if k != "head_dim"}, head_dim=job.model.get("head_dim"))
+        cfg = ModelConfig(**job.model)  # head_dim comes resolved: explicit, same shapes
         platform = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
         if self.device.type == "cpu":
             platform = platform.with_(vendor="cpu", capability=None)

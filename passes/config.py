@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from pydantic import ConfigDict, Field, create_model
 
-from .fusions import LEVELS, PASSES, PASSES_BY_FLAG, THRESHOLDS
+from .fusions import LEVELS, PASSES, THRESHOLDS
 from .platform import Platform
 
 
@@ -70,10 +70,15 @@ class ResolvedPassConfig:
         return {k: v for k, v in self.values.items() if v is not None}
 
     def explain(self) -> list[tuple[str, Any, str, str]]:
-        """(field, value, "user" | "O<n> default", reason) for every field, in declaration order."""
+        """(field, value, "user" | "requirement" | "O<n> default", reason) for every field, in declaration order."""
         rows = []
         for name in self.values:
-            source = "user" if name in self.explicit else f"O{self.level} default"
+            if name in self.explicit:
+                source = "user"
+            elif self.reasons[name].startswith("switched on because"):
+                source = "requirement"
+            else:
+                source = f"O{self.level} default"
             rows.append((name, self.values[name], source, self.reasons[name]))
         return rows
 
@@ -123,15 +128,3 @@ def resolve(user: "PassConfig | dict | None", level: int, platform: Platform) ->
                 reasons[spec.flag] = f"off: {threshold.name} has no default here ({reasons[threshold.name]})"
 
     return ResolvedPassConfig(level, platform, values, reasons, frozenset(explicit))
-
-
-def all_off(level: int = 0) -> dict[str, bool]:
-    """User fields that switch every pass off except no-op elimination (which changes no numerics)."""
-    return {spec.flag: False for spec in PASSES if spec.kind == "fusion"}
-
-
-def pass_spec(flag: str):
-    try:
-        return PASSES_BY_FLAG[flag]
-    except KeyError:
-        raise PassConfigError(f"unknown pass flag {flag!r}; known: {', '.join(PASSES_BY_FLAG)}") from None

@@ -1,5 +1,5 @@
-"""eliminate_noops: drop views, reshapes and slices whose output is their input, so fusion patterns see adjacent
-ops (``rms_norm -> view(same shape) -> quant`` would otherwise not match)."""
+"""eliminate_noops: drop aliases, and views, reshapes and slices whose output is their input, so fusion patterns
+see adjacent ops (``rms_norm -> view(same shape) -> quant`` would otherwise not match)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ class NoOpEliminationPass:
         for node in list(graph.nodes):
             if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
-            if node.target in _RESHAPES and _same_shape(node.args[0], node):
+            if node.target is aten.alias.default:
+                pass
+            elif node.target in _RESHAPES and _same_shape(node.args[0], node):
                 pass
             elif node.target is aten.slice.Tensor and _is_full_slice(node):
                 pass

@@ -114,6 +114,8 @@ def test_every_field_says_why():
     for name, value, source, why in resolve({"fuse_act_quant": False}, 2, H100_TP2).explain():
         assert why, name
         assert source == ("user" if name == "fuse_act_quant" else "O2 default")
+    sources = {name: source for name, _, source, _ in resolve({"fuse_gemm_comms": True}, 2, H100_TP2).explain()}
+    assert sources["enable_sp"] == "requirement" and sources["fuse_gemm_comms"] == "user"
 
 
 def test_cache_uuid_changes_with_the_effective_config():

@@ -52,6 +52,8 @@ def test_rows_log_manifest_and_report(smoke_run):
     assert len(rows) == 24
     manifest = json.loads((out / "manifest.json").read_text())
     assert "name: smoke-cpu" in manifest["sweep"] and manifest["software"]["torch"] and manifest["finished"]
+    assert manifest["cluster_resources"]["CPU"] >= 2 and set(manifest["devices"]) == {"1", "2"}
+    assert all(d.startswith("cpu") for d in manifest["devices"]["2"])
     report = (out / "report.md").read_text()
     assert "## TP=1" in report and "## TP=2" in report and "fuse_norm_quant=4, fuse_act_quant=2" in report
     assert "did not fire" not in report

@@ -1,0 +1,56 @@
+"""How the launcher turns the ranks' results for one config into rows: statuses, the slowest rank's time,
+errors kept, and skipped rows for configs that cannot run."""
+
+from __future__ import annotations
+
+import math
+
+from fusiontune.harness.launcher import rows_for, skipped_rows
+from fusiontune.harness.sweep import expand, parse_sweep
+from fusiontune.harness.worker import RankResult
+from fusiontune.passes.platform import Platform
+
+PLAN = expand(parse_sweep("name: t\nmodel: {preset: tiny, quant: fp8-static}\ntp: [2, 3]\nnum_tokens: [1, 8]\n"
+                          "pass_config: {fuse_norm_quant: [false, true]}\n"), Platform())
+CONFIG = next(c for c in PLAN.configs if c.resolved["fuse_norm_quant"])
+
+
+def result(n, times, err=0.0, tol=0.1, error="", norm=4):
+    return RankResult(n, times_ms=times, max_abs_err=err, tolerance=tol, error=error,
+                      matches={"fuse_norm_quant": norm}, resolved=CONFIG.resolved)
+
+
+def test_ok_rows_take_the_slowest_rank_per_repeat():
+    per_rank = [[result(1, [1.0, 5.0, 1.0]), result(8, [2.0, 2.0, 2.0])],
+                [result(1, [3.0, 1.0, 3.0]), result(8, [2.0, 2.0, 2.0])]]
+    rows = rows_for(PLAN, CONFIG, per_rank, device="cpu")
+    assert [r["num_tokens"] for r in rows] == [1, 8]
+    assert rows[0]["latency_ms"] == 3.0 and rows[0]["repeats"] == 3  # max per repeat: 3, 5, 3
+    assert rows[0]["status"] == "ok" and rows[0]["matches_fuse_norm_quant"] == 4
+    assert rows[0]["fuse_norm_quant"] is True and rows[0]["tp"] == 2 and rows[0]["model_name"] == "tiny"
+
+
+def test_beyond_tolerance_on_any_rank_is_incorrect():
+    per_rank = [[result(1, [1.0]), result(8, [1.0])], [result(1, [1.0], err=0.5), result(8, [1.0])]]
+    rows = rows_for(PLAN, CONFIG, per_rank)
+    assert rows[0]["status"] == "incorrect" and rows[0]["max_abs_err"] == 0.5
+    assert rows[1]["status"] == "ok"
+
+
+def test_a_size_that_failed_is_failed_with_its_error():
+    per_rank = [[result(1, [], error="RuntimeError: out of memory"), result(8, [1.0])]] * 2
+    rows = rows_for(PLAN, CONFIG, per_rank)
+    assert rows[0]["status"] == "failed" and "out of memory" in rows[0]["error"]
+    assert math.isnan(rows[0]["latency_ms"]) and rows[1]["status"] == "ok"
+
+
+def test_a_config_whose_actors_died_fails_every_size():
+    rows = rows_for(PLAN, CONFIG, None, error="RayActorError: the actor died unexpectedly")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("actor died" in r["error"] for r in rows)
+
+
+def test_unshardable_tp_becomes_skipped_rows():
+    rows = skipped_rows(PLAN)
+    assert {r["tp"] for r in rows} == {3} and len(rows) == 3 * 2  # baseline and two configs, 2 sizes each
+    assert all(r["status"] == "skipped" and "TP=3 cannot shard num_heads=4" in r["error"] for r in rows)
