@@ -4,7 +4,12 @@ Importing this package registers every op. Each op has a reference implementatio
 numerics (see ``numerics``), and a fake kernel so graphs trace without real data.
 """
 
+import importlib.util
+
 from . import activation, act_quant, collectives, linear, norm, norm_quant, quant  # noqa: F401  (registers ops)
+
+if importlib.util.find_spec("triton") is not None:  # CUDA kernels for the row-wise ops
+    from . import triton_ops  # noqa: F401
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
 from .library import NAMESPACE, overload
 from .norm_quant import rms_norm_quant_name

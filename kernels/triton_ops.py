@@ -1,0 +1,43 @@
+"""CUDA implementations of the row-wise ops: every norm / activation / quant op, unfused and fused, dispatches to
+the one Triton row kernel on CUDA tensors (the reference stays the CPU implementation)."""
+
+from __future__ import annotations
+
+import torch
+
+from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
+from .library import NAMESPACE
+from .norm_quant import rms_norm_quant_name
+from .quant import QUANT_SCHEMES, QuantScheme
+from .triton_rows import INPUT_ADD_RESIDUAL, INPUT_PLAIN, INPUT_SILU_MUL, run_rows
+
+
+def _quant_kwargs(scheme: QuantScheme, extras) -> dict:
+    if scheme.name == "fp8-static":
+        return {"quant": scheme.name, "scale": extras[0]}
+    if scheme.name == "fp8-per-group":
+        return {"quant": scheme.name, "group_size": extras[0]}
+    return {"quant": scheme.name}
+
+
+def _register(name: str, kernel) -> None:
+    torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", kernel)
+
+
+def _register_all() -> None:
+    _register("rms_norm", lambda x, weight, eps: run_rows(x, weight=weight, eps=eps))
+    _register("fused_add_rms_norm", lambda x, residual, weight, eps: run_rows(
+        x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps))
+    _register("silu_and_mul", lambda x: run_rows(x, input_mode=INPUT_SILU_MUL))
+    for scheme in QUANT_SCHEMES.values():
+        _register(scheme.op_name, lambda x, *extras, s=scheme: run_rows(x, **_quant_kwargs(s, extras)))
+        _register(rms_norm_quant_name(scheme, False), lambda x, weight, eps, *extras, s=scheme: run_rows(
+            x, input_mode=INPUT_PLAIN, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
+        _register(rms_norm_quant_name(scheme, True), lambda x, residual, weight, eps, *extras, s=scheme: run_rows(
+            x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
+    for scheme in ACT_QUANT_SCHEMES:
+        _register(act_quant_name(scheme), lambda x, *extras, s=scheme: run_rows(
+            x, input_mode=INPUT_SILU_MUL, **_quant_kwargs(s, extras)))
+
+
+_register_all()

@@ -1,0 +1,127 @@
+"""One Triton kernel for every row-wise op: (residual add | SiLU*Mul) -> [RMSNorm] -> [FP8 quant, any scheme].
+
+Every op of kernels/ except the GEMM and the collective reads a token's row, transforms it, and writes it once,
+so one kernel specialised by constexpr flags serves all of them: the unfused building blocks and the fused forms
+are the same code with different stages switched on, which keeps their numerics identical to each other and to
+``numerics.py``. One program handles one row, whole in registers (hidden sizes up to 32768): one read of each
+input, one write of each output, nothing in between, which is what makes the fused forms worth having.
+
+Rounding points follow ``numerics.py``: residual sum and normalised value rounded to the input dtype, product with
+the weight rounded once, SiLU rounded before the multiply, quantisation by IEEE division (``div_rn``; Triton's
+default fp32 ``/`` is approximate) and round-to-nearest-even to e4m3. What can still differ from torch is the
+order of the fp32 sum of squares and the last bit of rsqrt/sigmoid, which can move a value across a rounding
+boundary: tests count those differences.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .numerics import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
+
+INPUT_PLAIN, INPUT_ADD_RESIDUAL, INPUT_SILU_MUL = 0, 1, 2
+QUANT_CODES = {None: 0, "fp8-static": 1, "fp8-per-token": 2, "fp8-per-group": 3}
+
+
+@triton.jit
+def _row_kernel(
+    x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr, scales_ptr, scales_stride,
+    H, eps,
+    INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x_row = x_ptr + row * x_stride
+    if INPUT == 2:  # SiLU(gate) * up, gate = x[:H], up = x[H:2H]
+        gate = tl.load(x_row + offs, mask=mask, other=0.0)
+        up = tl.load(x_row + H + offs, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g * tl.sigmoid(g)).to(gate.dtype)
+        v = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    else:
+        v = tl.load(x_row + offs, mask=mask, other=0.0)
+        if INPUT == 1:  # residual <- x + residual, then work on the sum
+            r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
+            v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+            tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
+    dtype = v.dtype
+    if NORM:
+        vf = v.to(tl.float32)
+        variance = tl.sum(vf * vf, axis=0) / H
+        normed = (vf * tl.rsqrt(variance + eps)).to(dtype)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
+    out_row = out_ptr + row * out_stride
+    if QUANT == 0:
+        tl.store(out_row + offs, v, mask=mask)
+    elif QUANT == 1 or QUANT == 2:
+        vf = v.to(tl.float32)
+        if QUANT == 1:
+            scale = tl.load(scale_ptr)
+        else:
+            amax = tl.max(tl.where(mask, tl.abs(vf), 0.0), axis=0)
+            scale = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
+            tl.store(scales_ptr + row * scales_stride, scale)
+        q = tl.clamp(tl.math.div_rn(vf, tl.zeros_like(vf) + scale), -FP8_MAX_C, FP8_MAX_C)
+        tl.store(out_row + offs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+    else:  # per token-group of GROUP: one scale per group
+        NUM_GROUPS: tl.constexpr = BLOCK // GROUP
+        vg = tl.reshape(v.to(tl.float32), (NUM_GROUPS, GROUP))
+        gmask = tl.reshape(mask, (NUM_GROUPS, GROUP))
+        amax = tl.max(tl.where(gmask, tl.abs(vg), 0.0), axis=1)
+        scales = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
+        groups = tl.arange(0, NUM_GROUPS)
+        tl.store(scales_ptr + row * scales_stride + groups, scales, mask=groups < H // GROUP)
+        q = tl.clamp(tl.math.div_rn(vg, tl.zeros_like(vg) + scales[:, None]), -FP8_MAX_C, FP8_MAX_C)
+        q = tl.reshape(q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), (BLOCK,))
+        tl.store(out_row + offs, q, mask=mask)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None, eps: float = 0.0, quant: str | None = None,
+             scale: torch.Tensor | None = None, group_size: int = 0,
+             out: torch.Tensor | None = None, scales_out: torch.Tensor | None = None):
+    """Launch the row kernel; returns what the matching op returns (a tensor, or (codes, scales)).
+    ``out`` / ``scales_out`` (contiguous, right shape) are written instead of new buffers: tests poison them."""
+    width = x.shape[-1] // 2 if input_mode == INPUT_SILU_MUL else x.shape[-1]
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    num_rows = rows.shape[0]
+    res_rows = None
+    if residual is not None:
+        res_rows = residual.view(-1, width) if residual.is_contiguous() else residual.reshape(-1, width).clone()
+    out_dtype = FP8_DTYPE if quant else x.dtype
+    if out is None:
+        out = torch.empty((num_rows, width), dtype=out_dtype, device=x.device)
+    out = out.view(num_rows, width)
+    per_row = {None: 0, "fp8-static": 0, "fp8-per-token": 1, "fp8-per-group": width // max(group_size, 1)}[quant]
+    if scales_out is None:
+        scales_out = torch.empty((num_rows, max(per_row, 1)), dtype=torch.float32, device=x.device)
+    scales = scales_out.view(num_rows, -1)
+    block = max(triton.next_power_of_2(width), group_size or 1, 16)
+    if num_rows:
+        _row_kernel[(num_rows,)](
+            rows, rows.stride(0), res_rows if res_rows is not None else rows,
+            res_rows.stride(0) if res_rows is not None else 0,
+            weight if weight is not None else rows, out, out.stride(0),
+            scale if scale is not None else scales, scales, scales.stride(0),
+            width, eps,
+            INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
+            BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
+        )
+    if residual is not None and not residual.is_contiguous():
+        residual.copy_(res_rows.view_as(residual))
+    out = out.view(*lead, width)
+    if quant in ("fp8-per-token", "fp8-per-group"):
+        return out, scales.view(*lead, per_row)
+    return out
