@@ -149,5 +149,30 @@ def resolve_cmd(
     console.print(table)
 
 
+@app.command("bench-kernels")
+def bench_kernels(
+    hidden: list[int] = typer.Option([], "--hidden", help="Hidden sizes (repeatable) [default: 2880 4096 8192 14336]."),
+    tokens: list[int] = typer.Option([], "--tokens", help="num_tokens values (repeatable) [default: 1 16 64 512 4096 16384]."),
+    op: list[str] = typer.Option([], "--op", help="Only these ops (repeatable), e.g. rms_norm->fp8-static."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 or float16."),
+    csv_path: Path = typer.Option(Path("bench-kernels.csv"), "--csv", help="Where the table goes as CSV."),
+):
+    """Time every row-wise kernel (fused and unfused) under CUDA graphs against its unfused chain, Inductor and
+    FlashInfer; print achieved GB/s as a fraction of the measured copy bandwidth. Needs a CUDA GPU."""
+    import torch
+
+    from fusiontune.harness import bench_kernels as bench
+
+    if not torch.cuda.is_available():
+        console.print("[red]bench-kernels needs a CUDA GPU (none is visible here)[/red]")
+        raise typer.Exit(2)
+    if dtype not in ("bfloat16", "float16"):
+        console.print(f"[red]--dtype must be bfloat16 or float16, got {dtype!r}[/red]")
+        raise typer.Exit(2)
+    bench.run(tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS, getattr(torch, dtype),
+              list(op) or None, csv_path, progress=console.print)
+    console.print(f"table: {csv_path}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,249 @@
+"""Kernel benchmark: each row-wise op of kernels/ (fused and unfused) against its peers, on one GPU.
+
+A case is an operator, a way to make its inputs, the bytes it must move (each input read once, each output written
+once) and its peers: the unfused chain of our kernels, Inductor's code for the same eager torch expression
+(``torch.compile(mode="max-autotune-no-cudagraphs")``, num_tokens dynamic), and FlashInfer's kernel where it has one
+and is installed. Every implementation is timed the same way: a CUDA graph that calls it once on each of R input
+sets (R chosen so the sets together are 4x the L2, so the cache does not flatter small sizes), replayed; time per
+call = replay time / R, median and p10/p90 over replays. The device-to-device copy bandwidth and an empty Triton
+kernel (the launch floor under CUDA graphs) are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import fusiontune.kernels  # noqa: F401
+from fusiontune.kernels import numerics
+
+ops = torch.ops.fusiontune
+EPS = 1e-6
+DEFAULT_HIDDEN = (2880, 4096, 8192, 14336)
+DEFAULT_TOKENS = (1, 16, 64, 512, 4096, 16384)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    fused: Callable  # our op on one input dict
+    expression: Callable  # the same computation as eager torch (numerics), for Inductor
+    unfused: Callable | None = None  # the chain of our unfused kernels
+    flashinfer: Callable | None = None
+    silu_input: bool = False  # input is [T, 2H]
+    residual: bool = False
+    quant: str | None = None
+    group_size: int = 0
+
+    def make_inputs(self, tokens: int, hidden: int, dtype: torch.dtype, seed: int) -> dict:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        width = 2 * hidden if self.silu_input else hidden
+        return {
+            "x": torch.randn(tokens, width, generator=g, device="cuda").to(dtype),
+            "residual": torch.randn(tokens, hidden, generator=g, device="cuda").to(dtype),
+            "weight": (1 + 0.1 * torch.randn(hidden, generator=g, device="cuda")).to(dtype),
+            "scale": torch.tensor([0.02], device="cuda"),
+        }
+
+    def bytes_moved(self, tokens: int, hidden: int, dtype: torch.dtype) -> int:
+        e = dtype.itemsize
+        read = tokens * hidden * e * (2 if self.silu_input or self.residual else 1)
+        read += 0 if self.silu_input else hidden * e  # the norm weight
+        written = tokens * hidden * (1 if self.quant else e)
+        written += tokens * hidden * e if self.residual else 0
+        if self.quant == "fp8-per-token":
+            written += tokens * 4
+        elif self.quant == "fp8-per-group":
+            written += tokens * (hidden // self.group_size) * 4
+        return read + written
+
+
+def _flashinfer():
+    if importlib.util.find_spec("flashinfer") is None:
+        return None
+    import flashinfer
+
+    return flashinfer
+
+
+def cases() -> list[Case]:
+    fi = _flashinfer()
+    n = numerics
+    return [
+        Case("rms_norm", lambda i: ops.rms_norm(i["x"], i["weight"], EPS),
+             lambda x, residual, weight, scale: n.rms_norm(x, weight, EPS),
+             flashinfer=(lambda i: fi.norm.rmsnorm(i["x"], i["weight"], EPS)) if fi else None),
+        Case("fused_add_rms_norm", lambda i: ops.fused_add_rms_norm(i["x"], i["residual"], i["weight"], EPS),
+             lambda x, residual, weight, scale: _add_norm(x, residual, weight), residual=True,
+             flashinfer=(lambda i: fi.norm.fused_add_rmsnorm(i["x"], i["residual"], i["weight"], EPS)) if fi else None),
+        Case("rms_norm->fp8-static", lambda i: ops.rms_norm_quant_fp8_static(i["x"], i["weight"], EPS, i["scale"]),
+             lambda x, residual, weight, scale: n.quant_fp8_static(n.rms_norm(x, weight, EPS), scale),
+             unfused=lambda i: ops.quant_fp8_static(ops.rms_norm(i["x"], i["weight"], EPS), i["scale"]),
+             quant="fp8-static"),
+        Case("add+rms_norm->fp8-static",
+             lambda i: ops.fused_add_rms_norm_quant_fp8_static(i["x"], i["residual"], i["weight"], EPS, i["scale"]),
+             lambda x, residual, weight, scale: _add_norm_quant(x, residual, weight, scale),
+             unfused=lambda i: ops.quant_fp8_static(
+                 ops.fused_add_rms_norm(i["x"], i["residual"], i["weight"], EPS), i["scale"]),
+             residual=True, quant="fp8-static"),
+        Case("rms_norm->fp8-per-token", lambda i: ops.rms_norm_quant_fp8_per_token(i["x"], i["weight"], EPS),
+             lambda x, residual, weight, scale: n.quant_fp8_per_token(n.rms_norm(x, weight, EPS)),
+             unfused=lambda i: ops.quant_fp8_per_token(ops.rms_norm(i["x"], i["weight"], EPS)),
+             quant="fp8-per-token"),
+        Case("rms_norm->fp8-per-group-128",
+             lambda i: ops.rms_norm_quant_fp8_per_group(i["x"], i["weight"], EPS, 128),
+             lambda x, residual, weight, scale: n.quant_fp8_per_group(n.rms_norm(x, weight, EPS), 128),
+             unfused=lambda i: ops.quant_fp8_per_group(ops.rms_norm(i["x"], i["weight"], EPS), 128),
+             quant="fp8-per-group", group_size=128),
+        Case("silu_and_mul", lambda i: ops.silu_and_mul(i["x"]),
+             lambda x, residual, weight, scale: n.silu_and_mul(x), silu_input=True),
+        Case("silu_and_mul->fp8-static", lambda i: ops.silu_and_mul_quant_fp8_static(i["x"], i["scale"]),
+             lambda x, residual, weight, scale: n.quant_fp8_static(n.silu_and_mul(x), scale),
+             unfused=lambda i: ops.quant_fp8_static(ops.silu_and_mul(i["x"]), i["scale"]),
+             silu_input=True, quant="fp8-static"),
+        Case("silu_and_mul->fp8-per-group-128", lambda i: ops.silu_and_mul_quant_fp8_per_group(i["x"], 128),
+             lambda x, residual, weight, scale: n.quant_fp8_per_group(n.silu_and_mul(x), 128),
+             unfused=lambda i: ops.quant_fp8_per_group(ops.silu_and_mul(i["x"]), 128),
+             silu_input=True, quant="fp8-per-group", group_size=128),
+    ]
+
+
+def _add_norm(x, residual, weight):
+    total = numerics.residual_add(x, residual)
+    return numerics.rms_norm(total, weight, EPS), total
+
+
+def _add_norm_quant(x, residual, weight, scale):
+    total = numerics.residual_add(x, residual)
+    return numerics.quant_fp8_static(numerics.rms_norm(total, weight, EPS), scale), total
+
+
+def time_per_call(fn: Callable[[dict], object], input_sets: list[dict], replays: int = 30) -> list[float]:
+    """Microseconds per call, one value per replay of a CUDA graph that calls ``fn`` once on every input set."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for inputs in input_sets[:3]:
+            fn(inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for inputs in input_sets:
+            fn(inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(input_sets))
+    del graph
+    return times
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy, bytes read + written, on 1 GiB buffers."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = statistics.median(time_per_call(lambda _: dst.copy_(src), [{}], replays=20))
+    del src, dst
+    return 2 * (1 << 30) / (us * 1e-6) / 1e9
+
+
+def empty_kernel_us() -> float:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(ptr):
+        pass
+
+    buf = torch.empty(1, device="cuda")
+    return statistics.median(time_per_call(lambda _: _empty[(1,)](buf), [{}] * 64, replays=20))
+
+
+def _stats(times: list[float]) -> tuple[float, float, float]:
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), deciles[0], deciles[-1]
+
+
+PEERS = ("ours", "unfused", "inductor", "flashinfer")
+FIELDS = ["device", "op", "hidden", "num_tokens", "dtype", "bytes", "input_sets", "copy_gbs", "empty_kernel_us",
+          "ours_gbs", "ours_pct_copy"] + [f"{p}_{k}" for p in PEERS for k in ("us", "p10_us", "p90_us", "error")]
+
+
+def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bfloat16, names: list[str] | None = None,
+        csv_path: Path | None = None, progress: Callable[[str], None] = print) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench-kernels needs a CUDA GPU")
+    copy_gbs, floor_us = copy_bandwidth_gbs(), empty_kernel_us()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    device = torch.cuda.get_device_name(0)
+    progress(f"{device}: copy {copy_gbs:.0f} GB/s, empty Triton kernel {floor_us:.2f} us under CUDA graphs")
+    rows = []
+    sink = open(csv_path, "w", newline="") if csv_path else None
+    writer = csv.DictWriter(sink, fieldnames=FIELDS) if sink else None
+    if writer:
+        writer.writeheader()
+    for case in cases():
+        if names and case.name not in names:
+            continue
+        for hidden in hidden_sizes:
+            if case.group_size and hidden % case.group_size:
+                continue
+            compiled = torch.compile(case.expression, mode="max-autotune-no-cudagraphs", dynamic=True)
+            for tokens in num_tokens:
+                moved = case.bytes_moved(tokens, hidden, dtype)
+                sets = max(2, min(64, math.ceil(4 * l2 / moved)))
+                inputs = [case.make_inputs(tokens, hidden, dtype, seed=s) for s in range(sets)]
+                row = {"device": device, "op": case.name, "hidden": hidden, "num_tokens": tokens,
+                       "dtype": str(dtype).removeprefix("torch."), "bytes": moved, "input_sets": sets,
+                       "copy_gbs": round(copy_gbs, 1), "empty_kernel_us": round(floor_us, 3)}
+                peers = {"ours": case.fused, "unfused": case.unfused,
+                         "inductor": lambda i, c=compiled: c(i["x"], i["residual"], i["weight"], i["scale"]),
+                         "flashinfer": case.flashinfer}
+                for peer, fn in peers.items():
+                    if fn is None:
+                        row[f"{peer}_us"] = None
+                        continue
+                    try:
+                        median, p10, p90 = _stats(time_per_call(fn, inputs))
+                    except Exception as exc:  # a peer that cannot run this shape: say so, keep going
+                        row[f"{peer}_us"], row[f"{peer}_error"] = None, f"{type(exc).__name__}: {exc}"[:200]
+                        continue
+                    row.update({f"{peer}_us": round(median, 3), f"{peer}_p10_us": round(p10, 3),
+                                f"{peer}_p90_us": round(p90, 3)})
+                ours = row["ours_us"]
+                row["ours_gbs"] = round(moved / (ours * 1e-6) / 1e9, 1) if ours else None
+                row["ours_pct_copy"] = round(100 * row["ours_gbs"] / copy_gbs, 1) if ours else None
+                rows.append(row)
+                if writer:  # written as measured: a run cut short keeps every finished row
+                    writer.writerow(row)
+                    sink.flush()
+                progress(_line(row))
+                del inputs
+            torch.cuda.empty_cache()
+    if sink:
+        sink.close()
+    return rows
+
+
+def _line(row: dict) -> str:
+    def us(key):
+        return f"{row[key]:.2f}" if row.get(key) else "-"
+
+    spread = f"({row['ours_p10_us']:.2f}-{row['ours_p90_us']:.2f})" if row.get("ours_us") else ""
+    return (f"{row['op']:<32} H={row['hidden']:<6} T={row['num_tokens']:<6} ours {us('ours_us')} us "
+            f"{spread} {row['ours_gbs']} GB/s = {row['ours_pct_copy']}% copy"
+            f" | unfused {us('unfused_us')} | inductor {us('inductor_us')} | flashinfer {us('flashinfer_us')}")
