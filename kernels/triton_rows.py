@@ -32,8 +32,10 @@ def _row_kernel(
     INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
+    # Program (row, tile): a tile is the whole row when a stage reduces over it (norm, per-token scale), else
+    # BLOCK columns (a multiple of GROUP), so elementwise forms spread one token over many programs.
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H
     x_row = x_ptr + row * x_stride
     if INPUT == 2:  # SiLU(gate) * up, gate = x[:H], up = x[H:2H]
@@ -74,11 +76,14 @@ def _row_kernel(
         gmask = tl.reshape(mask, (NUM_GROUPS, GROUP))
         amax = tl.max(tl.where(gmask, tl.abs(vg), 0.0), axis=1)
         scales = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
-        groups = tl.arange(0, NUM_GROUPS)
+        groups = tl.program_id(1) * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
         tl.store(scales_ptr + row * scales_stride + groups, scales, mask=groups < H // GROUP)
         q = tl.clamp(tl.math.div_rn(vg, tl.zeros_like(vg) + scales[:, None]), -FP8_MAX_C, FP8_MAX_C)
         q = tl.reshape(q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), (BLOCK,))
         tl.store(out_row + offs, q, mask=mask)
+
+
+ELEMENTWISE_TILE = 1024  # columns per program when no stage needs the whole row
 
 
 def _warps(block: int) -> int:
@@ -108,9 +113,11 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     if scales_out is None:
         scales_out = torch.empty((num_rows, max(per_row, 1)), dtype=torch.float32, device=x.device)
     scales = scales_out.view(num_rows, -1)
-    block = max(triton.next_power_of_2(width), group_size or 1, 16)
+    whole_row = weight is not None or quant == "fp8-per-token"
+    block = triton.next_power_of_2(width) if whole_row else min(ELEMENTWISE_TILE, triton.next_power_of_2(width))
+    block = max(block, group_size or 1, 16)
     if num_rows:
-        _row_kernel[(num_rows,)](
+        _row_kernel[(num_rows, triton.cdiv(width, block))](
             rows, rows.stride(0), res_rows if res_rows is not None else rows,
             res_rows.stride(0) if res_rows is not None else 0,
             weight if weight is not None else rows, out, out.stride(0),

@@ -10,5 +10,5 @@ bash .carry/carry-install.sh .carry && export PYTHONPATH=/tmp/site || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py 2>&1 | tail -6
+python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_triton_kernels.py tests/test_kernels.py 2>&1 | grep -E "^E |FAILED|passed|failed"
 fusiontune bench-kernels --csv "$OUT/bench-kernels.csv" "$@"

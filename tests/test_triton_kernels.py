@@ -3,7 +3,10 @@
 Outputs are poisoned (NaN, or the e4m3 NaN code) before each run so an unwritten element fails. FP8 codes must
 equal the reference's except for differences this file names and counts:
 - one code, from the order of the fp32 sum of squares and the last bit of rsqrt / sigmoid (a value near a rounding
-  boundary lands on the other side); bounded by ONE_CODE_FRACTION;
+  boundary lands on the other side); bounded by ONE_CODE_FRACTION. Measured on the H100 (scripts/diag_rounding.py,
+  4097 x 4096): the normalised value differs from torch's in 0.0002% (bf16) / 0.0027% (fp16) of elements, by
+  exactly one ulp, both equally far from the fp64 value; after the weight multiply (a second rounding) that is at
+  most 2 ulps of the output, and a group's scale (its amax / 448) moves by under 2 ulps of the input dtype;
 - on CPU only, Triton's interpreter defect: its fp32 -> e4m3 cast drops the carry when rounding reaches the next
   power of two (7.89 -> 4.0, not 8.0), and its fp32 -> bf16 cast truncates. So on CPU the kernels run on fp32
   inputs (no bf16 rounding points) and exactly that defect is allowed; on the GPU every cast is checked.
@@ -61,13 +64,30 @@ def assert_codes(got, want):
     return counts
 
 
+ROUNDING_FRACTION = 1e-3  # of elements (or scales) that may differ, each by at most MAX_ULPS
+
+
+def ulps_apart(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|got - want| relative to the larger magnitude, in units of ``dtype``'s eps. One ulp of a value is at most
+    eps times its magnitude, so k ulps of the dtype is at most k here, also where got and want straddle a power of
+    two, and for a scale derived from an amax of that dtype (amax / 448 shifts the binade, not the relative error)."""
+    magnitude = torch.maximum(got.float().abs(), want.float().abs()).clamp(min=torch.finfo(dtype).tiny)
+    return (got.float() - want.float()).abs() / (torch.finfo(dtype).eps * magnitude)
+
+
+def assert_close_in_ulps(got, want, dtype, max_ulps=2):
+    apart = ulps_apart(got, want, dtype)
+    differ = int((apart > 0).sum())
+    assert apart.max().item() <= max_ulps, f"max {apart.max().item():.2f} ulps"
+    assert differ <= max(1, ROUNDING_FRACTION * got.numel()), f"{differ} of {got.numel()} differ"
+
+
 def assert_values(got, want):
     assert torch.isfinite(got.float()).all(), "an output element was not written (poison left)"
     if got.dtype == torch.float32:  # fp32 sum order only
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    else:  # one ulp of the dtype at most, from the same causes as one FP8 code
-        ulp = torch.finfo(got.dtype).eps
-        assert ((got.float() - want.float()).abs() <= ulp * want.float().abs() + 1e-6).all()
+    else:
+        assert_close_in_ulps(got, want, got.dtype)
 
 
 def inputs(rows, hidden, dtype, seed):
@@ -138,7 +158,10 @@ def test_quantising_forms(rows, dtype, stage, quant, extra):
     assert_codes(out, want_codes)
     if want_scales is not None:
         assert result[1].shape == want_scales.shape
-        torch.testing.assert_close(scales_out, want_scales, rtol=2e-6 if ON_GPU else 1e-6, atol=0)
+        if ON_GPU:
+            assert_close_in_ulps(scales_out, want_scales, dtype)
+        else:
+            torch.testing.assert_close(scales_out, want_scales, rtol=1e-6, atol=0)
     if stage == "add_norm":
         assert torch.equal(residual, ref_residual)
 

@@ -1,0 +1,60 @@
+"""Where the Triton row kernel and torch differ on the GPU, and by how much (in units of the output's last place).
+
+Run on a GPU: python3 scripts/diag_rounding.py. Prints, per dtype: how many norm outputs differ, the largest
+difference in ulps, whether the normalised value (before the weight) already differs, and for per-group quant how
+many group scales differ and by how many ulps of the input dtype.
+"""
+
+import torch
+
+from fusiontune.kernels import numerics
+from fusiontune.kernels.triton_rows import run_rows
+
+
+def ulps(got, want):
+    spacing = torch.finfo(want.dtype).eps * torch.pow(2.0, torch.floor(torch.log2(want.float().abs().clamp(min=1e-30))))
+    return ((got.float() - want.float()).abs() / spacing).max().item()
+
+
+for dtype in (torch.bfloat16, torch.float16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4097, 4096, generator=g, device="cuda").to(dtype)
+    w = (1 + 0.1 * torch.randn(4096, generator=g, device="cuda")).to(dtype)
+    ones = torch.ones_like(w)
+    got, want = run_rows(x, weight=w, eps=1e-6), numerics.rms_norm(x, w, 1e-6)
+    got1, want1 = run_rows(x, weight=ones, eps=1e-6), numerics.rms_norm(x, ones, 1e-6)
+    xf = x.float()
+    var_torch = xf.pow(2).mean(-1)
+    var_fp64 = x.double().pow(2).mean(-1)
+    print(f"{dtype}: norm outputs differ {(got != want).float().mean().item():.4%}, max {ulps(got, want):.2f} ulp; "
+          f"normalised value (weight 1) differs {(got1 != want1).float().mean().item():.4%}, max {ulps(got1, want1):.2f} ulp; "
+          f"torch fp32 variance vs fp64: max rel {((var_torch - var_fp64) / var_fp64).abs().max().item():.2e}")
+    codes, scales = run_rows(x, weight=w, eps=1e-6, quant="fp8-per-group", group_size=128)
+    wcodes, wscales = numerics.quant_fp8_per_group(want, 128)
+    differ = scales != wscales
+    rel = ((scales - wscales).abs() / wscales).max().item()
+    print(f"  per-group-128 scales differ {differ.float().mean().item():.4%} (max rel {rel:.2e} = "
+          f"{rel / torch.finfo(dtype).eps:.2f} ulp of {dtype}); codes differ {(codes.view(torch.uint8) != wcodes.view(torch.uint8)).float().mean().item():.4%}")
+    # Against fp64 truth: which side is closer?
+    truth = (x.double() / torch.sqrt(var_fp64[:, None] + 1e-6))
+    print(f"  normalised value vs fp64: triton max err {(got1.double() - truth).abs().max().item():.3e}, "
+          f"torch {(want1.double() - truth).abs().max().item():.3e}")
+
+import triton, triton.language as tl
+from fusiontune.harness.bench_kernels import time_per_call
+import statistics
+
+
+@triton.jit
+def _copy(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+
+n = 1 << 29  # 1 GiB of bf16
+src = torch.randn(n, device="cuda", dtype=torch.bfloat16); dst = torch.empty_like(src)
+for name, fn in [("torch copy_", lambda _: dst.copy_(src)),
+                 ("triton copy 4096", lambda _: _copy[(triton.cdiv(n, 4096),)](src, dst, n, BLOCK=4096)),
+                 ("triton copy 8192", lambda _: _copy[(triton.cdiv(n, 8192),)](src, dst, n, BLOCK=8192, num_warps=8))]:
+    us = statistics.median(time_per_call(fn, [{}], replays=20))
+    print(f"{name}: {2 * n * 2 / (us * 1e-6) / 1e9:.0f} GB/s")
