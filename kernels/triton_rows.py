@@ -7,8 +7,9 @@ are the same code with different stages switched on, which keeps their numerics 
 input, one write of each output, nothing in between, which is what makes the fused forms worth having.
 
 Rounding points follow ``numerics.py``: residual sum and normalised value rounded to the input dtype, product with
-the weight rounded once, SiLU rounded before the multiply, quantisation by IEEE division (``div_rn``; Triton's
-default fp32 ``/`` is approximate) and round-to-nearest-even to e4m3. What can still differ from torch is the
+the weight rounded once, SiLU rounded before the multiply, quantisation by multiplying with the scale's reciprocal
+(one IEEE division per scale, ``div_rn``: Triton's default fp32 ``/`` is approximate) and round-to-nearest-even to
+e4m3. What can still differ from torch is the
 order of the fp32 sum of squares and the last bit of rsqrt/sigmoid, which can move a value across a rounding
 boundary: tests count those differences.
 """
@@ -23,6 +24,12 @@ from .numerics import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 
 INPUT_PLAIN, INPUT_ADD_RESIDUAL, INPUT_SILU_MUL = 0, 1, 2
 QUANT_CODES = {None: 0, "fp8-static": 1, "fp8-per-token": 2, "fp8-per-group": 3}
+
+
+@triton.jit
+def _reciprocal(scale):
+    """IEEE 1 / scale (Triton's fp32 ``/`` is approximate), once per scale: elements then only multiply."""
+    return tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
 
 
 @triton.jit
@@ -68,7 +75,7 @@ def _row_kernel(
             amax = tl.max(tl.where(mask, tl.abs(vf), 0.0), axis=0)
             scale = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
             tl.store(scales_ptr + row * scales_stride, scale)
-        q = tl.clamp(tl.math.div_rn(vf, tl.zeros_like(vf) + scale), -FP8_MAX_C, FP8_MAX_C)
+        q = tl.clamp(vf * _reciprocal(scale), -FP8_MAX_C, FP8_MAX_C)
         tl.store(out_row + offs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
     else:  # per token-group of GROUP: one scale per group
         NUM_GROUPS: tl.constexpr = BLOCK // GROUP
@@ -78,7 +85,7 @@ def _row_kernel(
         scales = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
         groups = tl.program_id(1) * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
         tl.store(scales_ptr + row * scales_stride + groups, scales, mask=groups < H // GROUP)
-        q = tl.clamp(tl.math.div_rn(vg, tl.zeros_like(vg) + scales[:, None]), -FP8_MAX_C, FP8_MAX_C)
+        q = tl.clamp(vg * _reciprocal(scales)[:, None], -FP8_MAX_C, FP8_MAX_C)
         q = tl.reshape(q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), (BLOCK,))
         tl.store(out_row + offs, q, mask=mask)
 

@@ -11,4 +11,6 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_triton_kernels.py tests/test_kernels.py 2>&1 | grep -E "^E |FAILED|passed|failed"
+[ "${1:-}" = "--tests-only" ] && exit 0
+[ "${1:-}" = "--probe" ] && { python3 scripts/probe_quant_variants.py; shift; }
 fusiontune bench-kernels --csv "$OUT/bench-kernels.csv" "$@"
