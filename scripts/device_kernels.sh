@@ -13,4 +13,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_triton_kernels.py tests/test_kernels.py 2>&1 | grep -E "^E |FAILED|passed|failed"
 [ "${1:-}" = "--tests-only" ] && exit 0
 [ "${1:-}" = "--probe" ] && { python3 scripts/probe_quant_variants.py; shift; }
+[ "${1:-}" = "--probe-warps" ] && { python3 scripts/probe_row_warps.py; exit 0; }
 fusiontune bench-kernels --csv "$OUT/bench-kernels.csv" "$@"
