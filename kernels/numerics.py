@@ -5,8 +5,11 @@ same rounding points, the same clamping. So every reference implementation (unfu
 the functions below, and a GPU kernel is correct when it reproduces them.
 
 Rounding points, chosen to match vLLM's kernels:
-- RMSNorm accumulates in fp32, rounds the normalised value to the input dtype, then multiplies by the weight in
-  the input dtype (``(x * rsqrt(mean(x^2) + eps)).to(dtype) * weight``).
+- RMSNorm takes the mean of squares in fp64, rounded to fp32 once, then works in fp32, rounds the normalised value
+  to the input dtype, and multiplies by the weight in the input dtype (``(x * rsqrt(mean(x^2) + eps)).to(dtype) *
+  weight``). An fp32 sum depends on its order, and a GPU kernel's order depends on how it was compiled: two
+  specialisations of one kernel (norm alone, norm + quant) differed in about one FP8 code per million on the H100
+  (scripts/diag_fused_vs_unfused.py). Summed in fp64, any order rounds to the same fp32 mean.
 - Residual add rounds the sum to the input dtype before the norm reads it.
 - SiLU is computed in fp32 and rounded to the input dtype before the multiply.
 - FP8 quantisation multiplies by the reciprocal of the scale, as vLLM's kernels do ("inverted scale"): the
@@ -28,7 +31,7 @@ FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
-    variance = xf.pow(2).mean(dim=-1, keepdim=True)
+    variance = x.double().pow(2).mean(dim=-1, keepdim=True).float()
     return (xf * torch.rsqrt(variance + eps)).to(x.dtype) * weight
 
 

@@ -6,11 +6,12 @@ are the same code with different stages switched on, which keeps their numerics 
 ``numerics.py``. One program handles one row, whole in registers (hidden sizes up to 32768): one read of each
 input, one write of each output, nothing in between, which is what makes the fused forms worth having.
 
-Rounding points follow ``numerics.py``: residual sum and normalised value rounded to the input dtype, product with
+Rounding points follow ``numerics.py``: mean of squares accumulated in fp64 and rounded to fp32 once (so it does not
+depend on the reduction order, which differs between specialisations), residual sum and normalised value rounded to
+the input dtype, product with
 the weight rounded once, SiLU rounded before the multiply, quantisation by multiplying with the scale's reciprocal
 (one IEEE division per scale, ``div_rn``: Triton's default fp32 ``/`` is approximate) and round-to-nearest-even to
-e4m3. What can still differ from torch is the
-order of the fp32 sum of squares and the last bit of rsqrt/sigmoid, which can move a value across a rounding
+e4m3. What can still differ from torch is the last bit of rsqrt / sigmoid, which can move a value across a rounding
 boundary: tests count those differences.
 """
 
@@ -60,7 +61,10 @@ def _row_kernel(
     dtype = v.dtype
     if NORM:
         vf = v.to(tl.float32)
-        variance = tl.sum(vf * vf, axis=0) / H
+        # Squares summed in fp64, the mean rounded to fp32 once: the result does not depend on the summation
+        # order, which Triton derives from each specialisation's layout (see numerics.rms_norm).
+        vd = v.to(tl.float64)
+        variance = (tl.sum(vd * vd, axis=0) / H).to(tl.float32)
         normed = (vf * tl.rsqrt(variance + eps)).to(dtype)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)

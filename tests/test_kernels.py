@@ -14,6 +14,9 @@ from fusiontune.kernels.numerics import FP8_MAX, FP8_MIN_SCALE
 ops = torch.ops.fusiontune
 EPS = 1e-6
 SHAPES = [(1, 2880), (7, 2880), (4097, 256), (33, 4096)]
+# On the GPU, fused and unfused are different kernels: a rounding difference between them shows up about once per
+# million elements, so the GPU also checks a shape with millions of them.
+GPU_SHAPES = [(8192, 4096)]
 
 
 def extras_for(scheme, hidden, device):
@@ -38,10 +41,12 @@ def as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + GPU_SHAPES)
 @pytest.mark.parametrize("scheme", QUANT_SCHEMES.values(), ids=lambda s: s.name)
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 def test_fused_norm_quant_equals_unfused_chain(device, shape, scheme, with_residual):
+    if shape in GPU_SHAPES and device.type != "cuda":
+        pytest.skip("the large shape checks the GPU kernels; on CPU fused and unfused share the reference")
     x, w = rand(*shape, device=device), rand(shape[1], device=device, scale=0.2) + 1
     extras = extras_for(scheme, shape[1], device)
     fused = getattr(ops, rms_norm_quant_name(scheme, with_residual))
@@ -60,9 +65,11 @@ def test_fused_norm_quant_equals_unfused_chain(device, shape, scheme, with_resid
         assert same(g, u)
 
 
-@pytest.mark.parametrize("shape", [(1, 2 * 2880), (7, 2 * 2880), (4097, 512)])
+@pytest.mark.parametrize("shape", [(1, 2 * 2880), (7, 2 * 2880), (4097, 512), (8192, 2 * 14336)])
 @pytest.mark.parametrize("scheme", ACT_QUANT_SCHEMES, ids=lambda s: s.name)
 def test_fused_act_quant_equals_unfused_chain(device, shape, scheme):
+    if shape[0] == 8192 and device.type != "cuda":
+        pytest.skip("the large shape checks the GPU kernels; on CPU fused and unfused share the reference")
     x = rand(*shape, device=device)
     extras = extras_for(scheme, shape[1] // 2, device)
     got = as_tuple(getattr(ops, act_quant_name(scheme))(x, *extras))
