@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (device tool): install the carried kit (.carry, see DEVELOPERS notes in README) and
+# One call on the GPU machine (device tool): install the carried kit and
 # fusiontune, run the kernel tests on CUDA, then the smoke sweep and the Llama-3.1-8B FP8 check sweep through Ray.
 # Usage there:  bash scripts/device_check.sh   (results under $OUT, a log in $OUT/device_check.log)
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/fusiontune-out}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/device_check.log") 2>&1
-bash .carry/carry-install.sh .carry && export PYTHONPATH=/tmp/site || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-date -u
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, ray; print('torch', torch.__version__, 'triton', triton.__version__, 'ray', ray.__version__)"
+source "$(dirname "$0")/device_setup.sh"
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 | tail -4
 runs=/tmp/fusiontune-runs
 for sweep in "$@"; do
