@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 import fusiontune.kernels  # noqa: F401
-from fusiontune.kernels import numerics
+from fusiontune.kernels import QUANT_SCHEMES, numerics
 
 ops = torch.ops.fusiontune
 EPS = 1e-6
@@ -58,10 +58,8 @@ class Case:
         read += 0 if self.silu_input else hidden * e  # the norm weight
         written = tokens * hidden * (1 if self.quant else e)
         written += tokens * hidden * e if self.residual else 0
-        if self.quant == "fp8-per-token":
-            written += tokens * 4
-        elif self.quant == "fp8-per-group":
-            written += tokens * (hidden // self.group_size) * 4
+        if self.quant:
+            written += tokens * QUANT_SCHEMES[self.quant].scales_per_row(hidden, self.group_size) * 4
         return read + written
 
 

@@ -39,12 +39,19 @@ class QuantScheme:
     def overload(self) -> torch._ops.OpOverload:
         return overload(self.op_name)
 
+    def scales_per_row(self, hidden: int, group_size: int = 0) -> int:
+        """How many fp32 scales quantising one row writes: none (static), one (per token), one per group."""
+        if not self.returns_scale:
+            return 0
+        return hidden // group_size if group_size else 1
+
     def fake(self, x: torch.Tensor, *extras):
         """Fake outputs of quantising ``x``: FP8 codes shaped like x, and for dynamic schemes the scales."""
         codes = torch.empty_like(x, dtype=numerics.FP8_DTYPE)
         if not self.returns_scale:
             return codes
-        per_row = 1 if self.suffix == "fp8_per_token" else x.shape[-1] // extras[0]
+        group_size = extras[0] if extras else 0  # a dynamic scheme's one extra argument is its group size
+        per_row = self.scales_per_row(x.shape[-1], group_size)
         return codes, x.new_empty((*x.shape[:-1], per_row), dtype=torch.float32)
 
 

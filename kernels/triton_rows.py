@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .numerics import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
+from .quant import QUANT_SCHEMES
 
 INPUT_PLAIN, INPUT_ADD_RESIDUAL, INPUT_SILU_MUL = 0, 1, 2
 QUANT_CODES = {None: 0, "fp8-static": 1, "fp8-per-token": 2, "fp8-per-group": 3}
@@ -120,7 +121,7 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     if out is None:
         out = torch.empty((num_rows, width), dtype=out_dtype, device=x.device)
     out = out.view(num_rows, width)
-    per_row = {None: 0, "fp8-static": 0, "fp8-per-token": 1, "fp8-per-group": width // max(group_size, 1)}[quant]
+    per_row = QUANT_SCHEMES[quant].scales_per_row(width, group_size) if quant else 0
     if scales_out is None:
         scales_out = torch.empty((num_rows, max(per_row, 1)), dtype=torch.float32, device=x.device)
     scales = scales_out.view(num_rows, -1)
