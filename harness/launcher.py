@@ -53,8 +53,7 @@ class TPGroup:
     def __init__(self, tp: int, use_gpu: bool):
         self.tp = tp
         resources = ray.cluster_resources()
-        self.use_gpu = use_gpu
-        bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
         ray.get(self.pg.ready(), timeout=300)
         cpus = int(resources.get("CPU", 1))
@@ -63,7 +62,7 @@ class TPGroup:
         self.actors = [
             actor_cls.options(
                 num_cpus=1,
-                num_gpus=1 if self.use_gpu else 0,
+                num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
             ).remote(rank, tp, threads, "cuda" if use_gpu else "cpu")
             for rank in range(tp)

@@ -123,7 +123,7 @@ class TPWorker:
         """Measure every num_tokens of ``job``. A failure to build or compile fails them all; a failure at one
         size (out of memory, a kernel error) fails that size only. Failures are returned, never raised."""
         try:
-            cfg, model, compiled, manager, resolved = self._prepare(job)
+            cfg, compiled, manager, resolved = self._prepare(job)
         except Exception as exc:
             return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
         results, last_matches = [], {}
@@ -154,7 +154,7 @@ class TPWorker:
         compiled = torch.compile(
             model, fullgraph=True, options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False}
         )
-        return cfg, model, compiled, manager, resolved
+        return cfg, compiled, manager, resolved
 
     @torch.no_grad()
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,

@@ -8,10 +8,9 @@ input, one write of each output, nothing in between, which is what makes the fus
 
 Rounding points follow ``numerics.py``: mean of squares accumulated in fp64 and rounded to fp32 once (so it does not
 depend on the reduction order, which differs between specialisations), residual sum and normalised value rounded to
-the input dtype, product with
-the weight rounded once, SiLU rounded before the multiply, quantisation by multiplying with the scale's reciprocal
-(one IEEE division per scale, ``div_rn``: Triton's default fp32 ``/`` is approximate) and round-to-nearest-even to
-e4m3. What can still differ from torch is the last bit of rsqrt / sigmoid, which can move a value across a rounding
+the input dtype, product with the weight rounded once, SiLU rounded before the multiply, quantisation by
+multiplying with the scale's reciprocal (one IEEE division per scale, ``div_rn``: Triton's default fp32 ``/`` is
+approximate) and round-to-nearest-even to e4m3. What can still differ from torch is the last bit of rsqrt / sigmoid, which can move a value across a rounding
 boundary: tests count those differences.
 """
 

@@ -49,6 +49,7 @@ class ResolvedPassConfig:
     values: dict[str, Any]  # every flag and threshold, concrete (a threshold may be None: "not available")
     reasons: dict[str, str]
     explicit: frozenset[str] = field(default_factory=frozenset)
+    required: frozenset[str] = field(default_factory=frozenset)  # switched on because another pass needs them
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("values", {})
@@ -75,7 +76,7 @@ class ResolvedPassConfig:
         for name in self.values:
             if name in self.explicit:
                 source = "user"
-            elif self.reasons[name].startswith("switched on because"):
+            elif name in self.required:
                 source = "requirement"
             else:
                 source = f"O{self.level} default"
@@ -93,6 +94,7 @@ def resolve(user: "PassConfig | dict | None", level: int, platform: Platform) ->
     explicit = {name for name in user.model_fields_set if getattr(user, name) is not None}
     values: dict[str, Any] = {}
     reasons: dict[str, str] = {}
+    required: set[str] = set()
 
     for spec in PASSES:
         if spec.flag in explicit:
@@ -109,6 +111,7 @@ def resolve(user: "PassConfig | dict | None", level: int, platform: Platform) ->
             if needed in explicit:
                 raise PassConfigError(f"{spec.flag}=true requires {needed}=true, but {needed} was set to false")
             values[needed], reasons[needed] = True, f"switched on because {spec.flag} requires it"
+            required.add(needed)
 
     for name, threshold in THRESHOLDS.items():
         if name in explicit:
@@ -127,4 +130,4 @@ def resolve(user: "PassConfig | dict | None", level: int, platform: Platform) ->
                 values[spec.flag] = False
                 reasons[spec.flag] = f"off: {threshold.name} has no default here ({reasons[threshold.name]})"
 
-    return ResolvedPassConfig(level, platform, values, reasons, frozenset(explicit))
+    return ResolvedPassConfig(level, platform, values, reasons, frozenset(explicit), frozenset(required))

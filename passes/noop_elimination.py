@@ -26,6 +26,16 @@ def _is_full_slice(node: fx.Node) -> bool:
     return step == 1 and start in (None, 0) and _same_shape(src, node) and isinstance(dim, int)
 
 
+def _is_noop(node: fx.Node) -> bool:
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is aten.alias.default:
+        return True
+    if node.target in _RESHAPES:
+        return _same_shape(node.args[0], node)
+    return node.target is aten.slice.Tensor and _is_full_slice(node)
+
+
 class NoOpEliminationPass:
     flag = "eliminate_noops"
 
@@ -35,17 +45,8 @@ class NoOpEliminationPass:
     def __call__(self, graph: fx.Graph) -> int:
         count = 0
         for node in list(graph.nodes):
-            if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
-                continue
-            if node.target is aten.alias.default:
-                pass
-            elif node.target in _RESHAPES and _same_shape(node.args[0], node):
-                pass
-            elif node.target is aten.slice.Tensor and _is_full_slice(node):
-                pass
-            else:
-                continue
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            count += 1
+            if _is_noop(node):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                count += 1
         return count

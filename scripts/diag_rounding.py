@@ -2,11 +2,12 @@
 
 Run on a GPU: python3 scripts/diag_rounding.py. Prints, per dtype: how many norm outputs differ, the largest
 difference in ulps, whether the normalised value (before the weight) already differs, and for per-group quant how
-many group scales differ and by how many ulps of the input dtype.
+many group scales differ and by how many ulps of the input dtype; then the copy bandwidth both ways.
 """
 
 import torch
 
+from fusiontune.harness.bench_kernels import copy_bandwidth_gbs
 from fusiontune.kernels import numerics
 from fusiontune.kernels.triton_rows import run_rows
 
@@ -40,21 +41,5 @@ for dtype in (torch.bfloat16, torch.float16):
     print(f"  normalised value vs fp64: triton max err {(got1.double() - truth).abs().max().item():.3e}, "
           f"torch {(want1.double() - truth).abs().max().item():.3e}")
 
-import triton, triton.language as tl
-from fusiontune.harness.bench_kernels import time_per_call
-import statistics
-
-
-@triton.jit
-def _copy(src, dst, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
-
-
-n = 1 << 29  # 1 GiB of bf16
-src = torch.randn(n, device="cuda", dtype=torch.bfloat16); dst = torch.empty_like(src)
-for name, fn in [("torch copy_", lambda _: dst.copy_(src)),
-                 ("triton copy 4096", lambda _: _copy[(triton.cdiv(n, 4096),)](src, dst, n, BLOCK=4096)),
-                 ("triton copy 8192", lambda _: _copy[(triton.cdiv(n, 8192),)](src, dst, n, BLOCK=8192, num_warps=8))]:
-    us = statistics.median(time_per_call(fn, [{}], replays=20))
-    print(f"{name}: {2 * n * 2 / (us * 1e-6) / 1e9:.0f} GB/s")
+best, torch_copy = copy_bandwidth_gbs()
+print(f"copy 1 GiB: torch copy_ {torch_copy:.0f} GB/s, best of copy_ and a Triton copy kernel {best:.0f} GB/s")
