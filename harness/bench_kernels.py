@@ -2,10 +2,11 @@
 
 A case is an operator, a way to make its inputs, the bytes it must move (each input read once, each output written
 once) and its peers: the unfused chain of our kernels, Inductor's code for the same eager torch expression
-(``torch.compile(mode="max-autotune-no-cudagraphs")``, num_tokens dynamic), and FlashInfer's kernel where it has one
-and is installed. Every implementation is timed the same way: a CUDA graph that calls it once on each of R input
-sets (R chosen so the sets together are 4x the L2, so the cache does not flatter small sizes), replayed; time per
-call = replay time / R, median and p10/p90 over replays. The device-to-device copy bandwidth and an empty Triton
+(``torch.compile(mode="max-autotune-no-cudagraphs")``, compiled for each shape as a serving engine compiles its
+CUDA-graph sizes; compiled once with num_tokens dynamic, its column moved by up to 7x between runs of a day), and
+FlashInfer's kernel where it has one and is installed. Every implementation is timed the same way: a CUDA graph
+that calls it once on each of R input sets (R chosen so the sets together are 4x the L2, so the cache does not
+flatter small sizes), replayed; time per call = replay time / R, median and p10/p90 over replays. The device-to-device copy bandwidth and an empty Triton
 kernel (the launch floor under CUDA graphs) are measured in the same run.
 """
 
@@ -63,11 +64,19 @@ class Case:
         return read + written
 
 
+FLASHINFER_STATUS: list[str] = []  # why FlashInfer is not a peer in this process, if it is not
+
+
 def _flashinfer():
     if importlib.util.find_spec("flashinfer") is None:
+        FLASHINFER_STATUS[:] = ["not installed"]
         return None
-    import flashinfer
-
+    try:
+        import flashinfer
+    except Exception as exc:  # noqa: BLE001 - an install that cannot import is reported, not fatal
+        FLASHINFER_STATUS[:] = [f"installed but failed to import: {type(exc).__name__}: {str(exc)[:160]}"]
+        return None
+    FLASHINFER_STATUS[:] = [f"flashinfer {getattr(flashinfer, '__version__', '?')}"]
     return flashinfer
 
 
@@ -182,7 +191,10 @@ def empty_kernel_us() -> float:
         pass
 
     buf = torch.empty(1, device="cuda")
-    return statistics.median(time_per_call(lambda _: _empty[(1,)](buf), [{}] * 64, replays=20))
+    # The lowest of three medians: one run of the day read 2.66 us where the others read 0.87, and a floor that
+    # is too high flatters every small-size row held against it.
+    return min(statistics.median(time_per_call(lambda _: _empty[(1,)](buf), [{}] * 64, replays=20))
+               for _ in range(3))
 
 
 def _stats(times: list[float]) -> tuple[float, float, float]:
@@ -209,14 +221,14 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
     writer = csv.DictWriter(sink, fieldnames=FIELDS) if sink else None
     if writer:
         writer.writeheader()
-    for case in cases():
-        if names and case.name not in names:
-            continue
+    selected = [case for case in cases() if not names or case.name in names]
+    progress(f"FlashInfer: {FLASHINFER_STATUS[0] if FLASHINFER_STATUS else 'not asked'}")
+    for case in selected:
         for hidden in hidden_sizes:
             if case.group_size and hidden % case.group_size:
                 continue
-            compiled = torch.compile(case.expression, mode="max-autotune-no-cudagraphs", dynamic=True)
             for tokens in num_tokens:
+                compiled = _inductor(case.expression)
                 moved = case.bytes_moved(tokens, hidden, dtype)
                 sets = max(2, min(64, math.ceil(4 * l2 / moved)))
                 inputs = [case.make_inputs(tokens, hidden, dtype, seed=s) for s in range(sets)]
@@ -250,6 +262,13 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
     if sink:
         sink.close()
     return rows
+
+
+def _inductor(expression: Callable) -> Callable:
+    """A fresh static-shape compile of ``expression`` for one shape: dynamo's cache is keyed on the function's code,
+    so without a reset every shape after the recompile limit would silently run eager."""
+    torch._dynamo.reset()
+    return torch.compile(expression, mode="max-autotune-no-cudagraphs", dynamic=False)
 
 
 def _line(row: dict) -> str:

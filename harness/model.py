@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed import distributed_c10d
 
 import fusiontune.kernels  # noqa: F401  (registers torch.ops.fusiontune)
-from fusiontune.kernels import QUANT_SCHEMES
+from fusiontune.kernels import QUANT_SCHEMES, numerics
 from fusiontune.kernels.numerics import FP8_DTYPE, FP8_MAX
 
 ops = torch.ops.fusiontune
@@ -108,8 +108,13 @@ class Linear(nn.Module):
         if cfg.quant == "none":
             self.weight = nn.Parameter(weight.to(cfg.torch_dtype), requires_grad=False)
             return
-        w_scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
-        self.weight = nn.Parameter((weight / w_scale[:, None]).to(FP8_DTYPE), requires_grad=False)
+        if cfg.quant == "fp8-per-group":  # block-quantised weights, as per-group (DeepSeek-style) checkpoints ship
+            w_scale = numerics.weight_block_scales(weight, cfg.group_size)
+            per_element = numerics.expand_block_scales(w_scale, tuple(weight.shape), cfg.group_size)
+        else:
+            w_scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+            per_element = w_scale[:, None]
+        self.weight = nn.Parameter((weight / per_element).to(FP8_DTYPE), requires_grad=False)
         self.register_buffer("weight_scale", w_scale.float())
         # Static per-tensor input scale: set by calibrate_static_scales, as a checkpoint would ship it.
         self.register_buffer("input_scale", torch.ones(1, device=device))

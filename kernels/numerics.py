@@ -65,12 +65,22 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quant_fp8_per_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales come back as [num_tokens, hidden // group_size], one per token and group."""
+    """Scales come back as [num_tokens, hidden // group_size], one per token and group, token-major in memory."""
     check_group_size(x.shape[-1], group_size)
     groups = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
     scale = dynamic_scale(groups.abs().amax(dim=-1, keepdim=True))
     q = fp8_quantize(groups, scale).reshape(x.shape)
-    return q, scale.squeeze(-1)
+    return q, token_major_scales(scale.squeeze(-1))
+
+
+def token_major_scales(scales: torch.Tensor) -> torch.Tensor:
+    """The same [..., groups] scales, stored group by group: consecutive tokens of one group are adjacent.
+
+    That is the layout the FP8 GEMM after a per-group quant reads (cuBLASLt's 1x128 block scaling through
+    ``torch._scaled_mm``, and DeepGEMM / CUTLASS block-scaled kernels: the "column-major scales" of vLLM's
+    ``per_token_group_quant_fp8``): a GEMM tile of M tokens fetches each group's M scales as one contiguous run.
+    Every implementation returns this layout, so the fake kernel, the reference and the GPU kernel agree."""
+    return scales.movedim(-1, 0).contiguous().movedim(0, -1)
 
 
 def check_group_size(hidden: int, group_size: int) -> None:
@@ -87,3 +97,25 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int | None = No
     if group_size is not None:
         return (values.reshape(*q.shape[:-1], -1, group_size) * scale.float().unsqueeze(-1)).reshape(q.shape)
     return values * scale.float()
+
+
+def weight_block_scales(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Scales of a [N, K] weight quantised in block x block tiles (the weights of a per-group FP8 model, as
+    DeepSeek-V3-style checkpoints ship them): [ceil(N / block), ceil(K / block)], each tile's amax / 448."""
+    n, k = w.shape
+    padded = torch.zeros(-(-n // block) * block, -(-k // block) * block, dtype=torch.float32, device=w.device)
+    padded[:n, :k] = w.float().abs()
+    tiles = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block)
+    return (tiles.amax(dim=(1, 3)) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+
+
+def expand_block_scales(scales: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
+    """Per-element scales of a [N, K] tensor from its block x block tile scales."""
+    return scales.repeat_interleave(block, 0).repeat_interleave(block, 1)[: shape[0], : shape[1]]
+
+
+def dequantize_weight(b: torch.Tensor, scale: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """fp32 values of [N, K] weight codes: per-output-channel scales [N], or tile scales (2-D, ``block`` > 0)."""
+    if scale.dim() == 2:
+        return b.float() * expand_block_scales(scale.float(), tuple(b.shape), block)
+    return b.float() * scale.float().reshape(-1, 1)

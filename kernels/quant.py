@@ -45,14 +45,19 @@ class QuantScheme:
             return 0
         return hidden // group_size if group_size else 1
 
+    def scales_like(self, x: torch.Tensor, group_size: int = 0, width: int | None = None) -> torch.Tensor:
+        """An empty scales tensor for quantising ``x`` (rows of ``width``, by default x's last dimension), in the
+        layout every implementation returns (``numerics.token_major_scales``)."""
+        per_row = self.scales_per_row(width or x.shape[-1], group_size)
+        return x.new_empty((per_row, *x.shape[:-1]), dtype=torch.float32).movedim(0, -1)
+
     def fake(self, x: torch.Tensor, *extras):
         """Fake outputs of quantising ``x``: FP8 codes shaped like x, and for dynamic schemes the scales."""
         codes = torch.empty_like(x, dtype=numerics.FP8_DTYPE)
         if not self.returns_scale:
             return codes
         group_size = extras[0] if extras else 0  # a dynamic scheme's one extra argument is its group size
-        per_row = self.scales_per_row(x.shape[-1], group_size)
-        return codes, x.new_empty((*x.shape[:-1], per_row), dtype=torch.float32)
+        return codes, self.scales_like(x, group_size)
 
 
 FP8_STATIC = QuantScheme("fp8-static", "fp8_static", ", Tensor scale", False, numerics.quant_fp8_static)

@@ -1,12 +1,21 @@
-# Sourced by the device scripts: log everything to $OUT/<script>.log, install the carried kit (.carry, built by
-# ../shared/device/carry-kit.sh) and fusiontune, and say what machine and software this run is on.
+# Sourced by the device scripts: log everything to $OUT/<script>.log, install what the call carried (.carry: the
+# ray / optuna / pydantic kit built by ../shared/device/carry-kit.sh; .whl: extra wheels such as flashinfer-python)
+# and fusiontune, and say what machine and software this run is on.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fusiontune-out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$(basename "$0" .sh).log") 2>&1
-bash .carry/carry-install.sh .carry && export PYTHONPATH=/tmp/site || exit 1
+export PYTHONPATH=/tmp/site
+if [ -d .carry ]; then bash .carry/carry-install.sh .carry || exit 1; fi
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-python3 -c "import torch, triton, ray; print('torch', torch.__version__, 'triton', triton.__version__, 'ray', ray.__version__)"
+python3 - <<'PY'
+import importlib.util, torch, triton
+have = [n for n in ("ray", "optuna", "flashinfer") if importlib.util.find_spec(n)]
+print("torch", torch.__version__, "triton", triton.__version__, "carried:", ", ".join(have) or "nothing")
+PY

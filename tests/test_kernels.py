@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fusiontune.kernels import ACT_QUANT_SCHEMES, QUANT_SCHEMES, act_quant_name, rms_norm_quant_name
+from fusiontune.kernels import numerics
 from fusiontune.kernels.numerics import FP8_MAX, FP8_MIN_SCALE
 
 ops = torch.ops.fusiontune
@@ -152,7 +153,7 @@ def test_norms_and_activation_against_float64(device, num_tokens):
 
 @pytest.mark.parametrize("group_size", [0, 128])
 def test_scaled_mm_against_float64(device, group_size):
-    m, k, n = 37, 256, 96
+    m, k, n = 37, 256, 208  # n: not a multiple of the 128-wide weight tile
     a = rand(m, k, device=device, dtype=torch.float32, scale=2)
     if group_size:
         a_codes, a_scale = ops.quant_fp8_per_group(a, group_size)
@@ -161,9 +162,14 @@ def test_scaled_mm_against_float64(device, group_size):
         a_codes, a_scale = ops.quant_fp8_per_token(a)
         a64 = a_codes.double() * a_scale.double()
     w = torch.randn(n, k, device=device)
-    w_scale = w.abs().amax(1) / FP8_MAX
-    w_codes = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
-    want = a64 @ (w_codes.double() * w_scale.double()[:, None]).t()
+    if group_size:  # per-group models carry block-quantised weights: group x group tiles, one scale each
+        w_scale = numerics.weight_block_scales(w, group_size)
+        per_element = numerics.expand_block_scales(w_scale, (n, k), group_size)
+    else:
+        w_scale = w.abs().amax(1) / FP8_MAX
+        per_element = w_scale[:, None]
+    w_codes = (w / per_element).to(torch.float8_e4m3fn)
+    want = a64 @ (w_codes.double() * per_element.double()).t()
     got = ops.scaled_mm(a_codes, a_scale, w_codes, w_scale, group_size, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     # Exact products of FP8 values summed in fp32, then one bf16 rounding: within 1 bf16 ulp of the magnitude.

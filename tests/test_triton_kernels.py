@@ -131,6 +131,18 @@ def reference_quant(values, quant, scale, group_size):
 @pytest.mark.parametrize("stage", ["quant", "norm", "add_norm", "silu"])
 @pytest.mark.parametrize("quant, extra", SCHEMES, ids=lambda v: str(v) if isinstance(v, str) else str(v or ""))
 def test_quantising_forms(rows, dtype, stage, quant, extra):
+    check_quantising_form(rows, dtype, stage, quant, extra)
+
+
+@pytest.mark.parametrize("stage", ["norm", "add_norm"])
+@pytest.mark.parametrize("quant, extra", SCHEMES, ids=lambda v: str(v) if isinstance(v, str) else str(v or ""))
+def test_quantising_forms_with_and_without_prefetch(stage, quant, extra):
+    """Both load orders (weight and static scale first, for few rows; after the reduction, for many) on one size."""
+    for prefetch in (True, False):
+        check_quantising_form(7, DTYPES[0], stage, quant, extra, prefetch=prefetch)
+
+
+def check_quantising_form(rows, dtype, stage, quant, extra, prefetch=None):
     hidden = 2880 if extra.get("group_size") != 128 else 4096
     if stage == "silu" and quant == "fp8-per-token":
         pytest.skip("silu_and_mul -> per-token quant has no fused op")
@@ -153,17 +165,48 @@ def test_quantising_forms(rows, dtype, stage, quant, extra):
         kwargs.update(input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=EPS)
     want_codes, want_scales = reference_quant(values, quant, scale, extra.get("group_size", 0))
     out = poisoned((rows, hidden), numerics.FP8_DTYPE)
-    scales_out = poisoned(want_scales.shape, torch.float32) if want_scales is not None else None
-    result = run_rows(x, out=out, scales_out=scales_out, **kwargs)
+    scales_out = None
+    if want_scales is not None:  # poisoned, in the layout the reference returns (token-major)
+        scales_out = numerics.token_major_scales(poisoned(want_scales.shape, torch.float32))
+    result = run_rows(x, out=out, scales_out=scales_out, prefetch=prefetch, **kwargs)
     assert_codes(out, want_codes)
     if want_scales is not None:
-        assert result[1].shape == want_scales.shape
+        assert result[1].shape == want_scales.shape and result[1].stride() == want_scales.stride()
         if ON_GPU:
             assert_close_in_ulps(scales_out, want_scales, dtype)
         else:
             torch.testing.assert_close(scales_out, want_scales, rtol=1e-6, atol=0)
     if stage == "add_norm":
         assert torch.equal(residual, ref_residual)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_norm_with_and_without_prefetch(prefetch):
+    x, residual, weight = inputs(7, 2880, DTYPES[0], seed=11)
+    out = poisoned((7, 2880), DTYPES[0])
+    mine = residual.clone()
+    run_rows(x, input_mode=INPUT_ADD_RESIDUAL, residual=mine, weight=weight, eps=EPS, out=out, prefetch=prefetch)
+    total = numerics.residual_add(x, residual)
+    assert torch.equal(mine, total)
+    assert_values(out, numerics.rms_norm(total, weight, EPS))
+
+
+@pytest.mark.parametrize("stage", ["add_norm", "silu"])
+def test_rows_beyond_one_grid_launch(monkeypatch, stage):
+    """More rows than one launch's grid holds (65535) go in several launches; 3 per launch here, 7 rows."""
+    from fusiontune.kernels import triton_rows
+
+    monkeypatch.setattr(triton_rows, "MAX_GRID_ROWS", 3)
+    check_quantising_form(7, DTYPES[0], stage, "fp8-per-group", {"group_size": 64})
+    check_quantising_form(7, DTYPES[0], stage, "fp8-static", {})
+
+
+def test_default_scales_are_token_major():
+    """The kernel's own scales buffer has the reference's layout: what the fake kernel promises the compiler."""
+    x = inputs(5, 256, DTYPES[0], seed=2)[0]
+    _, scales = run_rows(x, quant="fp8-per-group", group_size=64)
+    _, want = numerics.quant_fp8_per_group(x, 64)
+    assert scales.shape == (5, 4) and scales.stride() == want.stride() == (1, 5)
 
 
 def test_ops_dispatch_to_triton_on_cuda():

@@ -1,0 +1,21 @@
+"""Markdown tables of a bench-kernels CSV, one per op, as docs/benchmarks.md shows them:
+python3 scripts/kernel_table.py docs/data/<run>.csv"""
+
+import sys
+
+import pandas as pd
+
+
+def cell(value) -> str:
+    return "-" if pd.isna(value) else f"{value:.2f}"
+
+
+table = pd.read_csv(sys.argv[1])
+for op, rows in table.groupby("op", sort=False):
+    print(f"**{op}** (µs, median of 30 CUDA-graph replays; ours p10-p90 in brackets; % = ours as a share of copy)\n")
+    print("| H | T | ours | % copy | unfused chain | Inductor (static shape) | FlashInfer |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows.itertuples():
+        print(f"| {r.hidden} | {r.num_tokens} | {r.ours_us:.2f} ({r.ours_p10_us:.2f}-{r.ours_p90_us:.2f}) | "
+              f"{r.ours_pct_copy:.0f}% | {cell(r.unfused_us)} | {cell(r.inductor_us)} | {cell(r.flashinfer_us)} |")
+    print()
