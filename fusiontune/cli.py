@@ -107,21 +107,9 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by 'fu
     console.print(f"report: {md} and {png}")
 
 
-@app.command("resolve")
-def resolve_cmd(
-    level: int = typer.Option(2, "-O", "--level", help="Optimization level 0-3."),
-    vendor: str = typer.Option("detect", help="cuda, rocm, cpu, or detect (this machine)."),
-    capability: Optional[int] = typer.Option(None, help="Compute capability as 90 (sm90), 100 (sm100)."),
-    tp: int = typer.Option(1, help="Tensor-parallel size."),
-    hidden_size: int = typer.Option(4096, help="Model hidden size."),
-    quant: str = typer.Option("none", help="Model quant scheme."),
-    flashinfer: Optional[bool] = typer.Option(None, help="Whether FlashInfer is installed [default: detect]."),
-    set_: list[str] = typer.Option([], "--set", help="A user field, FIELD=VALUE (repeatable)."),
-):
-    """Show the PassConfig an optimization level resolves to on a platform, and why each field has its value."""
-    import yaml
-
-    from fusiontune.passes.config import PassConfigError, resolve
+def _platform(vendor: str, capability: Optional[int], tp: int, hidden_size: int, quant: str,
+              flashinfer: Optional[bool]):
+    """This machine (``vendor='detect'``) or the one the options describe."""
     from fusiontune.passes.platform import Platform
 
     platform = Platform.detect(tp, hidden_size, quant=quant)
@@ -129,6 +117,34 @@ def resolve_cmd(
         platform = platform.with_(vendor=vendor, capability=capability)
     if flashinfer is not None:
         platform = platform.with_(flashinfer=flashinfer)
+    return platform
+
+
+VENDOR_OPTION = typer.Option("detect", help="cuda, rocm, cpu, or detect (this machine).")
+CAPABILITY_OPTION = typer.Option(None, help="Compute capability as 90 (sm90), 100 (sm100).")
+TP_OPTION = typer.Option(1, help="Tensor-parallel size.")
+HIDDEN_OPTION = typer.Option(4096, help="Model hidden size.")
+QUANT_OPTION = typer.Option("none", help="Model quant scheme (none, fp8-static, fp8-per-token, fp8-per-group).")
+FLASHINFER_OPTION = typer.Option(None, help="Whether FlashInfer is installed [default: detect].")
+
+
+@app.command("resolve")
+def resolve_cmd(
+    level: int = typer.Option(2, "-O", "--level", help="Optimization level 0-3."),
+    vendor: str = VENDOR_OPTION,
+    capability: Optional[int] = CAPABILITY_OPTION,
+    tp: int = TP_OPTION,
+    hidden_size: int = HIDDEN_OPTION,
+    quant: str = QUANT_OPTION,
+    flashinfer: Optional[bool] = FLASHINFER_OPTION,
+    set_: list[str] = typer.Option([], "--set", help="A user field, FIELD=VALUE (repeatable)."),
+):
+    """Show the PassConfig an optimization level resolves to on a platform, and why each field has its value."""
+    import yaml
+
+    from fusiontune.passes.config import PassConfigError, resolve
+
+    platform = _platform(vendor, capability, tp, hidden_size, quant, flashinfer)
     user = {}
     for item in set_:
         if "=" not in item:
@@ -146,6 +162,41 @@ def resolve_cmd(
         table.add_column(column)
     for name, value, source, why in resolved.explain():
         table.add_row(name, str(value), source, why)
+    console.print(table)
+
+
+@app.command("passes")
+def passes_cmd(
+    vendor: str = VENDOR_OPTION,
+    capability: Optional[int] = CAPABILITY_OPTION,
+    tp: int = TP_OPTION,
+    hidden_size: int = HIDDEN_OPTION,
+    quant: str = QUANT_OPTION,
+    flashinfer: Optional[bool] = FLASHINFER_OPTION,
+):
+    """Every fusion: its flag, what it fuses, its num_tokens range, its default at O0-O3, and whether it can run
+    on this machine (or the one the options describe), and why not."""
+    from fusiontune.passes.config import resolve
+    from fusiontune.passes.fusions import LEVELS, PASSES
+
+    platform = _platform(vendor, capability, tp, hidden_size, quant, flashinfer)
+    resolved = {level: resolve({}, level, platform) for level in LEVELS}
+    table = Table(title=f"fusion passes on {platform.describe()}", show_lines=True)
+    table.add_column("flag", no_wrap=True)
+    for column in ("fuses", "range (O2 thresholds)", *(f"O{level}" for level in LEVELS), "runs here?"):
+        table.add_column(column)
+    for spec in PASSES:
+        defaults = ["on" if resolved[level].values[spec.flag] else "off" for level in LEVELS]
+        applicable, why = spec.applicability(platform.quant, platform.tp_size)
+        if spec.implementation is None:
+            here = "[yellow]no[/yellow]: not implemented in fusiontune yet"
+        elif not applicable:
+            here = f"[yellow]no[/yellow]: {why}"
+        else:
+            level_on = next((level for level in LEVELS if resolved[level].values[spec.flag]), None)
+            here = "yes" + (f" (on from O{level_on})" if level_on is not None else
+                            f" (off at every level here: {resolved[3].reasons[spec.flag]}; set it to run it)")
+        table.add_row(spec.flag, spec.fuses, spec.range_text(resolved[2].values, platform), *defaults, here)
     console.print(table)
 
 

@@ -46,6 +46,28 @@ class PassSpec:
     quant_schemes: tuple[str, ...] | None = None
     needs_tp: bool = False  # a collective fusion: nothing to match at TP=1
 
+    def token_bound(self, values: dict, platform: Platform) -> int | None:
+        """The num_tokens edge of this pass's range under resolved ``values``: the largest num_tokens a "low" pass
+        applies to, the smallest a "high" pass applies to; None where the range is unbounded (or, for a pass
+        with a threshold, where the platform has no value for it)."""
+        if self.token_range == "always" or not self.thresholds:
+            return None
+        threshold = self.thresholds[0]
+        value = values.get(threshold.name)
+        if value is None:
+            return None
+        if threshold.name.endswith("_size_mb"):  # a tensor size: as many tokens as fit in it
+            return int(value * MiB // (platform.hidden_size * platform.dtype_bytes))
+        return int(value)
+
+    def range_text(self, values: dict, platform: Platform) -> str:
+        bound = self.token_bound(values, platform)
+        if self.token_range == "always":
+            return "every num_tokens"
+        if self.token_range == "low":
+            return f"num_tokens <= {bound}" if bound is not None else "low range (below the first range split)"
+        return f"num_tokens >= {bound}" if bound is not None else "high range (no threshold on this platform)"
+
     def applicability(self, quant: str, tp_size: int) -> tuple[bool, str]:
         """Can this pass find anything in fusiontune's model with this quant scheme and TP size?"""
         if self.quant_schemes is not None and quant not in self.quant_schemes:

@@ -13,7 +13,7 @@ from fusiontune.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["report"], ["resolve"]])
+@pytest.mark.parametrize("command", [["passes"], ["bench-kernels"], [], ["run"], ["report"], ["resolve"]])
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -48,6 +48,23 @@ def test_resolve_explains_each_field():
     assert "switched on because fuse_gemm_comms requires it" in result.output
     bad = runner.invoke(app, ["resolve", "--set", "fuse_norm_quantt=true"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "fuse_norm_quantt" in bad.output
+
+
+def test_passes_lists_every_fusion_with_range_defaults_and_why_not():
+    from fusiontune.passes.fusions import PASSES
+
+    result = runner.invoke(app, ["passes", "--vendor", "cuda", "--capability", "90", "--tp", "4", "--hidden-size",
+                                 "8192", "--flashinfer", "--quant", "fp8-static"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 5}
+    assert {spec.flag for spec in PASSES} <= set(lines)
+    # vLLM's sm90 table: 2 MB at TP=4 is 128 tokens of hidden 8192 in bf16; SP: 8 MB per GPU x 4 = 2048 tokens.
+    assert "num_tokens <= 128" in lines["fuse_allreduce_rms"]
+    assert "num_tokens >= 2048" in lines["enable_sp"]
+    assert "│ off │ off │ on  │ on  │" in lines["fuse_allreduce_rms"]  # O2 and up on Hopper with FlashInfer
+    assert "yes (on from O1)" in lines["fuse_norm_quant"]
+    cpu = runner.invoke(app, ["passes", "--vendor", "cpu", "--quant", "none"], env={"COLUMNS": "250"})
+    assert "no pattern for quant=none" in cpu.output
 
 
 def test_installed_layout_has_no_bare_top_level_modules(tmp_path):
