@@ -24,37 +24,57 @@ import torch
 
 import fusiontune.kernels  # noqa: F401
 from fusiontune.kernels import QUANT_SCHEMES, numerics
+from fusiontune.kernels.rope import split_heads
 
 ops = torch.ops.fusiontune
 EPS = 1e-6
 DEFAULT_HIDDEN = (2880, 4096, 8192, 14336)
 DEFAULT_TOKENS = (1, 16, 64, 512, 4096, 16384)
+HEAD_DIM = 128  # per-head cases: Qwen3's head size
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
     fused: Callable  # our op on one input dict
-    expression: Callable  # the same computation as eager torch (numerics), for Inductor
+    expression: Callable  # the same computation as eager torch (numerics) on the input dict, for Inductor
     unfused: Callable | None = None  # the chain of our unfused kernels
     flashinfer: Callable | None = None
     silu_input: bool = False  # input is [T, 2H]
     residual: bool = False
     quant: str | None = None
     group_size: int = 0
+    heads: bool = False  # a per-head op on a qkv projection: H = Q heads x HEAD_DIM, KV heads = Q heads / 4
 
-    def make_inputs(self, tokens: int, hidden: int, dtype: torch.dtype, seed: int) -> dict:
-        g = torch.Generator(device="cuda").manual_seed(seed)
+    def applies_to(self, hidden: int) -> bool:
+        if self.heads:
+            return hidden % (4 * HEAD_DIM) == 0
+        return not self.group_size or hidden % self.group_size == 0
+
+    def make_inputs(self, tokens: int, hidden: int, dtype: torch.dtype, seed: int, device: str = "cuda") -> dict:
+        g = torch.Generator(device=device).manual_seed(seed)
+        if self.heads:
+            q_heads = hidden // HEAD_DIM
+            angles = torch.rand(tokens, HEAD_DIM // 2, generator=g, device=device) * 6.28
+            return {
+                "qkv": torch.randn(tokens, hidden + 2 * hidden // 4, generator=g, device=device).to(dtype),
+                "wq": (1 + 0.1 * torch.randn(HEAD_DIM, generator=g, device=device)).to(dtype),
+                "wk": (1 + 0.1 * torch.randn(HEAD_DIM, generator=g, device=device)).to(dtype),
+                "cos": angles.cos(), "sin": angles.sin(), "heads": (q_heads, q_heads // 4),
+            }
         width = 2 * hidden if self.silu_input else hidden
         return {
-            "x": torch.randn(tokens, width, generator=g, device="cuda").to(dtype),
-            "residual": torch.randn(tokens, hidden, generator=g, device="cuda").to(dtype),
-            "weight": (1 + 0.1 * torch.randn(hidden, generator=g, device="cuda")).to(dtype),
-            "scale": torch.tensor([0.02], device="cuda"),
+            "x": torch.randn(tokens, width, generator=g, device=device).to(dtype),
+            "residual": torch.randn(tokens, hidden, generator=g, device=device).to(dtype),
+            "weight": (1 + 0.1 * torch.randn(hidden, generator=g, device=device)).to(dtype),
+            "scale": torch.tensor([0.02], device=device),
         }
 
     def bytes_moved(self, tokens: int, hidden: int, dtype: torch.dtype) -> int:
         e = dtype.itemsize
+        if self.heads:  # Q and K read and written once (V untouched), cos and sin read
+            qk = tokens * (hidden + hidden // 4) * e
+            return 2 * qk + tokens * HEAD_DIM * 4 + 2 * HEAD_DIM * e
         read = tokens * hidden * e * (2 if self.silu_input or self.residual else 1)
         read += 0 if self.silu_input else hidden * e  # the norm weight
         written = tokens * hidden * (1 if self.quant else e)
@@ -85,41 +105,58 @@ def cases() -> list[Case]:
     n = numerics
     return [
         Case("rms_norm", lambda i: ops.rms_norm(i["x"], i["weight"], EPS),
-             lambda x, residual, weight, scale: n.rms_norm(x, weight, EPS),
+             lambda i: n.rms_norm(i["x"], i["weight"], EPS),
              flashinfer=(lambda i: fi.norm.rmsnorm(i["x"], i["weight"], EPS)) if fi else None),
         Case("fused_add_rms_norm", lambda i: ops.fused_add_rms_norm(i["x"], i["residual"], i["weight"], EPS),
-             lambda x, residual, weight, scale: _add_norm(x, residual, weight), residual=True,
+             lambda i: _add_norm(i["x"], i["residual"], i["weight"]), residual=True,
              flashinfer=(lambda i: fi.norm.fused_add_rmsnorm(i["x"], i["residual"], i["weight"], EPS)) if fi else None),
         Case("rms_norm->fp8-static", lambda i: ops.rms_norm_quant_fp8_static(i["x"], i["weight"], EPS, i["scale"]),
-             lambda x, residual, weight, scale: n.quant_fp8_static(n.rms_norm(x, weight, EPS), scale),
+             lambda i: n.quant_fp8_static(n.rms_norm(i["x"], i["weight"], EPS), i["scale"]),
              unfused=lambda i: ops.quant_fp8_static(ops.rms_norm(i["x"], i["weight"], EPS), i["scale"]),
              quant="fp8-static"),
         Case("add+rms_norm->fp8-static",
              lambda i: ops.fused_add_rms_norm_quant_fp8_static(i["x"], i["residual"], i["weight"], EPS, i["scale"]),
-             lambda x, residual, weight, scale: _add_norm_quant(x, residual, weight, scale),
+             lambda i: _add_norm_quant(i["x"], i["residual"], i["weight"], i["scale"]),
              unfused=lambda i: ops.quant_fp8_static(
                  ops.fused_add_rms_norm(i["x"], i["residual"], i["weight"], EPS), i["scale"]),
              residual=True, quant="fp8-static"),
         Case("rms_norm->fp8-per-token", lambda i: ops.rms_norm_quant_fp8_per_token(i["x"], i["weight"], EPS),
-             lambda x, residual, weight, scale: n.quant_fp8_per_token(n.rms_norm(x, weight, EPS)),
+             lambda i: n.quant_fp8_per_token(n.rms_norm(i["x"], i["weight"], EPS)),
              unfused=lambda i: ops.quant_fp8_per_token(ops.rms_norm(i["x"], i["weight"], EPS)),
              quant="fp8-per-token"),
         Case("rms_norm->fp8-per-group-128",
              lambda i: ops.rms_norm_quant_fp8_per_group(i["x"], i["weight"], EPS, 128),
-             lambda x, residual, weight, scale: n.quant_fp8_per_group(n.rms_norm(x, weight, EPS), 128),
+             lambda i: n.quant_fp8_per_group(n.rms_norm(i["x"], i["weight"], EPS), 128),
              unfused=lambda i: ops.quant_fp8_per_group(ops.rms_norm(i["x"], i["weight"], EPS), 128),
              quant="fp8-per-group", group_size=128),
         Case("silu_and_mul", lambda i: ops.silu_and_mul(i["x"]),
-             lambda x, residual, weight, scale: n.silu_and_mul(x), silu_input=True),
+             lambda i: n.silu_and_mul(i["x"]), silu_input=True),
         Case("silu_and_mul->fp8-static", lambda i: ops.silu_and_mul_quant_fp8_static(i["x"], i["scale"]),
-             lambda x, residual, weight, scale: n.quant_fp8_static(n.silu_and_mul(x), scale),
+             lambda i: n.quant_fp8_static(n.silu_and_mul(i["x"]), i["scale"]),
              unfused=lambda i: ops.quant_fp8_static(ops.silu_and_mul(i["x"]), i["scale"]),
              silu_input=True, quant="fp8-static"),
         Case("silu_and_mul->fp8-per-group-128", lambda i: ops.silu_and_mul_quant_fp8_per_group(i["x"], 128),
-             lambda x, residual, weight, scale: n.quant_fp8_per_group(n.silu_and_mul(x), 128),
+             lambda i: n.quant_fp8_per_group(n.silu_and_mul(i["x"]), 128),
              unfused=lambda i: ops.quant_fp8_per_group(ops.silu_and_mul(i["x"]), 128),
              silu_input=True, quant="fp8-per-group", group_size=128),
+        Case("rotary_embedding", lambda i: ops.rotary_embedding(*_qk(i), i["cos"], i["sin"], True),
+             lambda i: [n.rope(t, i["cos"], i["sin"], True) for t in _qk(i)], heads=True),
+        Case("qk_norm+rotary_embedding",
+             lambda i: ops.qk_norm_rope(i["qkv"], i["wq"], i["wk"], i["cos"], i["sin"], EPS, *i["heads"], HEAD_DIM,
+                                        True),
+             lambda i: [n.rope(n.rms_norm(t, w, EPS), i["cos"], i["sin"], True)
+                        for t, w in zip(_qk(i), (i["wq"], i["wk"]))],
+             unfused=lambda i: ops.rotary_embedding(*[ops.rms_norm(t.reshape(-1, HEAD_DIM), w, EPS).view(t.shape)
+                                                      for t, w in zip(_qk(i), (i["wq"], i["wk"]))],
+                                                    i["cos"], i["sin"], True),
+             heads=True),
     ]
+
+
+def _qk(i: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q and K of the qkv projection, [T, heads, HEAD_DIM] views, as the model's attention splits them."""
+    q_heads, kv_heads = i["heads"]
+    return split_heads(i["qkv"], q_heads, kv_heads, HEAD_DIM)
 
 
 def _add_norm(x, residual, weight):
@@ -225,7 +262,7 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
     progress(f"FlashInfer: {FLASHINFER_STATUS[0] if FLASHINFER_STATUS else 'not asked'}")
     for case in selected:
         for hidden in hidden_sizes:
-            if case.group_size and hidden % case.group_size:
+            if not case.applies_to(hidden):
                 continue
             for tokens in num_tokens:
                 compiled = _inductor(case.expression)
@@ -236,7 +273,7 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
                        "dtype": str(dtype).removeprefix("torch."), "bytes": moved, "input_sets": sets,
                        "copy_gbs": round(copy_gbs, 1), "empty_kernel_us": round(floor_us, 3)}
                 peers = {"ours": case.fused, "unfused": case.unfused,
-                         "inductor": lambda i, c=compiled: c(i["x"], i["residual"], i["weight"], i["scale"]),
+                         "inductor": compiled,
                          "flashinfer": case.flashinfer}
                 for peer, fn in peers.items():
                     if fn is None:

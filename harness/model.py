@@ -39,6 +39,7 @@ class ModelConfig:
     intermediate_size: int
     head_dim: int | None = None  # hidden_size // num_heads unless the model says otherwise
     qk_norm: bool = False  # Qwen3-style per-head RMSNorm on Q and K before RoPE
+    rope_style: str = "neox"  # neox (rotate halves; Llama, Qwen) or gptj (rotate adjacent pairs)
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
     max_position: int = 32768
@@ -158,21 +159,13 @@ def rotary_cache(cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style rotary embedding on [num_tokens, heads, head_dim], computed in fp32."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int, group_name: str | None, generator: torch.Generator, device):
         super().__init__()
         self.num_heads = cfg.num_heads // tp
         self.num_kv_heads = cfg.num_kv_heads // tp
         self.head_dim = cfg.head_size
+        self.rope_is_neox = cfg.rope_style == "neox"
         self.group_name = group_name
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_split = (q_size, kv_size, kv_size)
@@ -197,7 +190,7 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rotary_embedding(q, k, cos, sin, self.rope_is_neox)
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
         )

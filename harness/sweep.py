@@ -45,6 +45,7 @@ class ModelSpec(_Strict):
     head_dim: Optional[int] = Field(None, gt=0)
     intermediate_size: Optional[int] = Field(None, gt=0)
     qk_norm: Optional[bool] = None
+    rope_style: Optional[Literal["neox", "gptj"]] = None
     dtype: Optional[Literal[tuple(DTYPES)]] = None  # type: ignore[valid-type]
     max_position: Optional[int] = Field(None, gt=0)
 
@@ -262,7 +263,7 @@ def _why_not_runnable(values: dict[str, Any], model: ModelConfig, tp: int) -> tu
         spec = PASSES_BY_FLAG.get(flag)
         if spec is None or not on:
             continue
-        applicable, why = spec.applicability(model.quant, tp)
+        applicable, why = spec.applicability(model.quant, tp, model)
         if not applicable:
             return "drop", f"no-op: {why}"
         if spec.implementation is None:

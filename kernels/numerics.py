@@ -12,6 +12,8 @@ Rounding points, chosen to match vLLM's kernels:
   (scripts/diag_fused_vs_unfused.py). Summed in fp64, any order rounds to the same fp32 mean.
 - Residual add rounds the sum to the input dtype before the norm reads it.
 - SiLU is computed in fp32 and rounded to the input dtype before the multiply.
+- Rotary embedding is computed in fp32 (``x1 * cos - x2 * sin``: two rounded products, then the difference; a GPU
+  kernel must not contract it into an FMA) and rounded to the input dtype once.
 - FP8 quantisation multiplies by the reciprocal of the scale, as vLLM's kernels do ("inverted scale"): the
   reciprocal is one IEEE fp32 division per scale, each element one fp32 multiply, then clamp to +-448 and round to
   nearest even (``Tensor.to(float8_e4m3fn)``). A per-element IEEE division costs a GPU kernel twice the time at
@@ -119,3 +121,19 @@ def dequantize_weight(b: torch.Tensor, scale: torch.Tensor, block: int = 0) -> t
     if scale.dim() == 2:
         return b.float() * expand_block_scales(scale.float(), tuple(b.shape), block)
     return b.float() * scale.float().reshape(-1, 1)
+
+
+def rope_pairs(x: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves a rotary embedding rotates against each other: the first and second half of each head
+    (neox style) or its even and odd elements (gptj style)."""
+    half = x.shape[-1] // 2
+    return (x[..., :half], x[..., half:]) if is_neox else (x[..., 0::2], x[..., 1::2])
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """Rotary embedding of [num_tokens, heads, head_dim] with cos / sin [num_tokens, head_dim // 2] (fp32)."""
+    x1, x2 = rope_pairs(x.float(), is_neox)
+    c, s = cos.float()[:, None, :], sin.float()[:, None, :]
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    out = torch.cat([o1, o2], dim=-1) if is_neox else torch.stack([o1, o2], dim=-1).flatten(-2)
+    return out.to(x.dtype)

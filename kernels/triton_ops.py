@@ -1,5 +1,6 @@
-"""CUDA implementations of the row-wise ops: every norm / activation / quant op, unfused and fused, dispatches to
-the one Triton row kernel on CUDA tensors (the reference stays the CPU implementation)."""
+"""CUDA implementations: every norm / activation / quant op, unfused and fused, dispatches to the one Triton row
+kernel on CUDA tensors, and the rotary embedding ops to the per-head kernel (the reference stays the CPU
+implementation)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
 from .library import NAMESPACE
 from .norm_quant import rms_norm_quant_name
+from . import triton_heads
 from .quant import QUANT_SCHEMES, QuantScheme
 from .triton_rows import INPUT_ADD_RESIDUAL, INPUT_PLAIN, INPUT_SILU_MUL, run_rows
 
@@ -35,6 +37,8 @@ def _register_all() -> None:
             x, input_mode=INPUT_PLAIN, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
         _register(rms_norm_quant_name(scheme, True), lambda x, residual, weight, eps, *extras, s=scheme: run_rows(
             x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
+    _register("rotary_embedding", triton_heads.rotary_embedding)
+    _register("qk_norm_rope", triton_heads.qk_norm_rope)
     for scheme in ACT_QUANT_SCHEMES:
         _register(act_quant_name(scheme), lambda x, *extras, s=scheme: run_rows(
             x, input_mode=INPUT_SILU_MUL, **_quant_kwargs(s, extras)))

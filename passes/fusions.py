@@ -45,6 +45,7 @@ class PassSpec:
     # Model quant schemes the pass has patterns for (None: any). A pass for another scheme matches nothing.
     quant_schemes: tuple[str, ...] | None = None
     needs_tp: bool = False  # a collective fusion: nothing to match at TP=1
+    needs_model: str | None = None  # a ModelConfig flag the model must have for the pattern to exist (qk_norm)
 
     def token_bound(self, values: dict, platform: Platform) -> int | None:
         """The num_tokens edge of this pass's range under resolved ``values``: the largest num_tokens a "low" pass
@@ -68,12 +69,15 @@ class PassSpec:
             return f"num_tokens <= {bound}" if bound is not None else "low range (below the first range split)"
         return f"num_tokens >= {bound}" if bound is not None else "high range (no threshold on this platform)"
 
-    def applicability(self, quant: str, tp_size: int) -> tuple[bool, str]:
-        """Can this pass find anything in fusiontune's model with this quant scheme and TP size?"""
+    def applicability(self, quant: str, tp_size: int, model=None) -> tuple[bool, str]:
+        """Can this pass find anything in fusiontune's model with this quant scheme and TP size (and, given the
+        model's config, this model)?"""
         if self.quant_schemes is not None and quant not in self.quant_schemes:
             return False, f"{self.flag} has no pattern for quant={quant} (it fuses {', '.join(self.quant_schemes)})"
         if self.needs_tp and tp_size == 1:
             return False, f"{self.flag} fuses a collective, and TP=1 has none"
+        if self.needs_model and model is not None and not getattr(model, self.needs_model):
+            return False, f"{self.flag} needs a model with {self.needs_model} ({model.name} has none)"
         return True, ""
 
 
@@ -236,6 +240,8 @@ PASSES: tuple[PassSpec, ...] = (
         fuses="Q/K per-head RMSNorm -> rotary embedding",
         token_range="low",
         default=off,
+        implementation="qk_norm_rope:QKNormRopeFusionPass",
+        needs_model="qk_norm",
     ),
     PassSpec(
         flag="enable_sp",

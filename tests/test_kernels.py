@@ -189,6 +189,11 @@ def all_ops_with_args(device):
         "quant_fp8_per_group": (x, 64),
         "scaled_mm": (x.to(torch.float8_e4m3fn), scale, r.to(torch.float8_e4m3fn), torch.ones(5, device=device),
                       0, torch.bfloat16),
+        # qkv of 2 Q heads and 1 K / V head of 64 (256 columns; the V columns are not read)
+        "rotary_embedding": (x.view(5, 4, 64)[:, :2], x.view(5, 4, 64)[:, 2:3], rand(5, 32, device=device),
+                             rand(5, 32, device=device), True),
+        "qk_norm_rope": (x, w[:64], w[64:128], rand(5, 32, device=device), rand(5, 32, device=device), EPS, 2, 1,
+                         64, False),
     }
     for scheme in QUANT_SCHEMES.values():
         extras = extras_for(scheme, 256, device)

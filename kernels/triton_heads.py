@@ -1,0 +1,91 @@
+"""The Triton kernel for per-head work: rotary embedding, alone or after a per-head RMSNorm (Q/K norm).
+
+One program rotates one head of one token: it loads the head's two rotated halves (first / second half for neox,
+even / odd elements for gptj) and that token's cos / sin, and writes the head once. With ``NORM`` the same program
+first takes the head's RMSNorm (mean of squares in fp64, as ``numerics.rms_norm``), which is what makes the fused
+Q/K-norm + RoPE one read and one write of q and k instead of three of each. Q heads and K heads of one token are
+adjacent in the qkv projection, so one launch covers both: programs with a head index below ``NQ`` read the Q
+weight and write ``q_out``, the rest the K weight and ``k_out``.
+
+Launched with ``enable_fp_fusion=False``: ``x1 * cos - x2 * sin`` must round both products before the difference,
+as torch does, or the last bit differs (see ``numerics``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _head_kernel(
+    src_ptr, src_stride, q_out_ptr, k_out_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, cs_stride, eps, NQ, NK,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, IS_NEOX: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    i = tl.arange(0, BLOCK)
+    mask = i < HALF
+    if IS_NEOX:
+        first, second = i, i + HALF
+    else:
+        first, second = 2 * i, 2 * i + 1
+    row = src_ptr + token * src_stride + head * D
+    x1 = tl.load(row + first, mask=mask, other=0.0)
+    x2 = tl.load(row + second, mask=mask, other=0.0)
+    cos = tl.load(cos_ptr + token * cs_stride + i, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * cs_stride + i, mask=mask, other=0.0).to(tl.float32)
+    is_q = (tl.zeros([BLOCK], tl.int32) + head) < NQ  # a vector, so it combines with the element mask
+    dtype = x1.dtype
+    if NORM:
+        w1 = tl.where(is_q, tl.load(wq_ptr + first, mask=mask), tl.load(wk_ptr + first, mask=mask))
+        w2 = tl.where(is_q, tl.load(wq_ptr + second, mask=mask), tl.load(wk_ptr + second, mask=mask))
+        a, b = x1.to(tl.float64), x2.to(tl.float64)
+        variance = ((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D).to(tl.float32)
+        inv = tl.rsqrt(variance + eps)
+        x1 = ((x1.to(tl.float32) * inv).to(dtype).to(tl.float32) * w1.to(tl.float32)).to(dtype)
+        x2 = ((x2.to(tl.float32) * inv).to(dtype).to(tl.float32) * w2.to(tl.float32)).to(dtype)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = (x1f * cos - x2f * sin).to(dtype)
+    o2 = (x2f * cos + x1f * sin).to(dtype)
+    q_at = q_out_ptr + (token * NQ + head) * D
+    k_at = k_out_ptr + (token * NK + head - NQ) * D
+    tl.store(q_at + first, o1, mask=mask & is_q)
+    tl.store(q_at + second, o2, mask=mask & is_q)
+    tl.store(k_at + first, o1, mask=mask & ~is_q)
+    tl.store(k_at + second, o2, mask=mask & ~is_q)
+
+
+def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_neox, wq=None, wk=None, eps=0.0):
+    tokens = q_out.shape[0]
+    if tokens == 0 or num_q + num_k == 0:
+        return
+    half = head_dim // 2
+    _head_kernel[(tokens, num_q + num_k)](
+        src, src_stride, q_out, k_out, wq if wq is not None else src, wk if wk is not None else src,
+        cos, sin, cos.stride(0), eps, num_q, num_k,
+        D=head_dim, HALF=half, BLOCK=max(triton.next_power_of_2(half), 16), NORM=wq is not None, IS_NEOX=is_neox,
+        num_warps=1 if head_dim <= 128 else 2, enable_fp_fusion=False,
+    )
+
+
+def rotary_embedding(q, k, cos, sin, is_neox, out=None):
+    """Both tensors [T, heads, head_dim]; each is rotated by its own launch (they are separate tensors).
+    ``out`` (q_out, k_out), contiguous, is written instead of new buffers: tests poison it."""
+    q_out, k_out = out if out is not None else (torch.empty_like(q), torch.empty_like(k))
+    for x, out in ((q, q_out), (k, k_out)):
+        rows = x.reshape(x.shape[0], -1) if x.is_contiguous() else x.contiguous().reshape(x.shape[0], -1)
+        _launch(rows, rows.stride(0), out, out, x.shape[1], 0, x.shape[2], cos, sin, is_neox)
+    return q_out, k_out
+
+
+def qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, num_heads, num_kv_heads, head_dim, is_neox, out=None):
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    tokens = qkv.shape[0]
+    q_out, k_out = out if out is not None else (qkv.new_empty((tokens, num_heads, head_dim)),
+                                                 qkv.new_empty((tokens, num_kv_heads, head_dim)))
+    _launch(qkv, qkv.stride(0), q_out, k_out, num_heads, num_kv_heads, head_dim, cos, sin, is_neox,
+            q_weight, k_weight, eps)
+    return q_out, k_out
