@@ -203,7 +203,8 @@ def passes_cmd(
 @app.command("bench-kernels")
 def bench_kernels(
     hidden: list[int] = typer.Option([], "--hidden", help="Hidden sizes (repeatable) [default: 2880 4096 8192 14336]."),
-    tokens: list[int] = typer.Option([], "--tokens", help="num_tokens values (repeatable) [default: 1 16 64 512 4096 16384]."),
+    tokens: list[int] = typer.Option([], "--tokens",
+                                     help="num_tokens values (repeatable) [default: 1 16 64 512 4096 16384]."),
     op: list[str] = typer.Option([], "--op", help="Only these ops (repeatable), e.g. rms_norm->fp8-static."),
     dtype: str = typer.Option("bfloat16", help="bfloat16 or float16."),
     csv_path: Path = typer.Option(Path("bench-kernels.csv"), "--csv", help="Where the table goes as CSV."),

@@ -6,8 +6,9 @@ once) and its peers: the unfused chain of our kernels, Inductor's code for the s
 CUDA-graph sizes; compiled once with num_tokens dynamic, its column moved by up to 7x between runs of a day), and
 FlashInfer's kernel where it has one and is installed. Every implementation is timed the same way: a CUDA graph
 that calls it once on each of R input sets (R chosen so the sets together are 4x the L2, so the cache does not
-flatter small sizes), replayed; time per call = replay time / R, median and p10/p90 over replays. The device-to-device copy bandwidth and an empty Triton
-kernel (the launch floor under CUDA graphs) are measured in the same run.
+flatter small sizes), replayed; time per call = replay time / R, median and p10/p90 over replays. The
+device-to-device copy bandwidth and an empty Triton kernel (the launch floor under CUDA graphs) are measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ class Case:
     quant: str | None = None
     group_size: int = 0
     heads: bool = False  # a per-head op on a qkv projection: H = Q heads x HEAD_DIM, KV heads = Q heads / 4
+    pad_multiple: int = 0  # the output is zero-padded to a multiple of this (only for H that are not one)
 
     def applies_to(self, hidden: int) -> bool:
         if self.heads:
             return hidden % (4 * HEAD_DIM) == 0
+        if self.pad_multiple:
+            return hidden % self.pad_multiple != 0
         return not self.group_size or hidden % self.group_size == 0
 
     def make_inputs(self, tokens: int, hidden: int, dtype: torch.dtype, seed: int, device: str = "cuda") -> dict:
@@ -77,7 +81,8 @@ class Case:
             return 2 * qk + tokens * HEAD_DIM * 4 + 2 * HEAD_DIM * e
         read = tokens * hidden * e * (2 if self.silu_input or self.residual else 1)
         read += 0 if self.silu_input else hidden * e  # the norm weight
-        written = tokens * hidden * (1 if self.quant else e)
+        out_width = _padded(hidden, self.pad_multiple) if self.pad_multiple else hidden
+        written = tokens * out_width * (1 if self.quant else e)
         written += tokens * hidden * e if self.residual else 0
         if self.quant:
             written += tokens * QUANT_SCHEMES[self.quant].scales_per_row(hidden, self.group_size) * 4
@@ -139,6 +144,13 @@ def cases() -> list[Case]:
              lambda i: n.quant_fp8_per_group(n.silu_and_mul(i["x"]), 128),
              unfused=lambda i: ops.quant_fp8_per_group(ops.silu_and_mul(i["x"]), 128),
              silu_input=True, quant="fp8-per-group", group_size=128),
+        Case("add+rms_norm->pad-256",
+             lambda i: ops.fused_add_rms_norm_pad(i["x"], i["residual"], i["weight"], EPS, _padded(i["x"].shape[1])),
+             lambda i: _add_norm_pad(i["x"], i["residual"], i["weight"]),
+             unfused=lambda i: torch.nn.functional.pad(
+                 ops.fused_add_rms_norm(i["x"], i["residual"], i["weight"], EPS),
+                 (0, _padded(i["x"].shape[1]) - i["x"].shape[1])),
+             residual=True, pad_multiple=256),
         Case("rotary_embedding", lambda i: ops.rotary_embedding(*_qk(i), i["cos"], i["sin"], True),
              lambda i: [n.rope(t, i["cos"], i["sin"], True) for t in _qk(i)], heads=True),
         Case("qk_norm+rotary_embedding",
@@ -162,6 +174,15 @@ def _qk(i: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def _add_norm(x, residual, weight):
     total = numerics.residual_add(x, residual)
     return numerics.rms_norm(total, weight, EPS), total
+
+
+def _padded(hidden: int, multiple: int = 256) -> int:
+    return -(-hidden // multiple) * multiple
+
+
+def _add_norm_pad(x, residual, weight):
+    normed, total = _add_norm(x, residual, weight)
+    return torch.nn.functional.pad(normed, (0, _padded(x.shape[1]) - x.shape[1])), total
 
 
 def _add_norm_quant(x, residual, weight, scale):

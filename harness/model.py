@@ -40,6 +40,8 @@ class ModelConfig:
     head_dim: int | None = None  # hidden_size // num_heads unless the model says otherwise
     qk_norm: bool = False  # Qwen3-style per-head RMSNorm on Q and K before RoPE
     rope_style: str = "neox"  # neox (rotate halves; Llama, Qwen) or gptj (rotate adjacent pairs)
+    # MLP input zero-padded to a multiple of this (0: never), as gpt-oss pads 2880 to 3072 for its MoE kernels
+    hidden_pad_multiple: int = 0
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
     max_position: int = 32768
@@ -50,6 +52,16 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def mlp_input_size(self) -> int:
+        """The hidden size after the MLP input's padding (unchanged where there is none)."""
+        multiple = self.hidden_pad_multiple
+        return -(-self.hidden_size // multiple) * multiple if multiple else self.hidden_size
+
+    @property
+    def pads_mlp_input(self) -> bool:
+        return self.mlp_input_size != self.hidden_size
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -74,7 +86,8 @@ class ModelConfig:
             problems.append(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}: give head_dim")
         if self.quant == "fp8-per-group" and not problems:
             inputs = {
-                "hidden_size (qkv/gate_up input)": self.hidden_size,
+                "hidden_size (qkv input)": self.hidden_size,
+                "MLP input after padding (gate_up input)": self.mlp_input_size,
                 "attention output per rank (o_proj input)": self.num_heads // tp * self.head_size,
                 "intermediate_size per rank (down input)": self.intermediate_size // tp,
             }
@@ -92,7 +105,8 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-3.1-8b": ModelConfig("llama-3.1-8b", 4096, 32, 32, 8, 14336, rope_theta=500000.0, rms_eps=1e-5),
     "llama-3.1-70b": ModelConfig("llama-3.1-70b", 8192, 80, 64, 8, 28672, rope_theta=500000.0, rms_eps=1e-5),
     "qwen3-8b": ModelConfig("qwen3-8b", 4096, 36, 32, 8, 12288, head_dim=128, qk_norm=True, rope_theta=1e6),
-    "gpt-oss-20b": ModelConfig("gpt-oss-20b", 2880, 24, 64, 8, 2880, head_dim=64, rope_theta=150000.0, rms_eps=1e-5),
+    "gpt-oss-20b": ModelConfig("gpt-oss-20b", 2880, 24, 64, 8, 2880, head_dim=64, rope_theta=150000.0, rms_eps=1e-5,
+                               hidden_pad_multiple=256),
 }
 
 
@@ -175,7 +189,8 @@ class DecoderLayer(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_eps, cfg, generator, device) if cfg.qk_norm else None
         self.o_proj = Linear(q_size, cfg.hidden_size, cfg, generator, device)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, generator, device)
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * (cfg.intermediate_size // tp), cfg, generator, device)
+        self.mlp_padding = cfg.mlp_input_size - cfg.hidden_size
+        self.gate_up_proj = Linear(cfg.mlp_input_size, 2 * (cfg.intermediate_size // tp), cfg, generator, device)
         self.down_proj = Linear(cfg.intermediate_size // tp, cfg.hidden_size, cfg, generator, device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,6 +216,8 @@ class DecoderLayer(nn.Module):
         h = self.input_norm(x) if first else self.input_norm(x, residual)
         x = self.all_reduce(self.o_proj(self.attention(h, cos, sin)))
         h = self.post_attention_norm(x, residual)
+        if self.mlp_padding:
+            h = torch.nn.functional.pad(h, (0, self.mlp_padding))
         x = self.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))))
         return x
 

@@ -46,6 +46,7 @@ class ModelSpec(_Strict):
     intermediate_size: Optional[int] = Field(None, gt=0)
     qk_norm: Optional[bool] = None
     rope_style: Optional[Literal["neox", "gptj"]] = None
+    hidden_pad_multiple: Optional[int] = Field(None, ge=0)
     dtype: Optional[Literal[tuple(DTYPES)]] = None  # type: ignore[valid-type]
     max_position: Optional[int] = Field(None, gt=0)
 

@@ -6,7 +6,9 @@ numerics (see ``numerics``), and a fake kernel so graphs trace without real data
 
 import importlib.util
 
-from . import activation, act_quant, collectives, linear, norm, norm_quant, quant, rope  # noqa: F401  (registers ops)
+from . import (  # noqa: F401  (registers ops)
+    activation, act_quant, collectives, linear, norm, norm_pad, norm_quant, quant, rope,
+)
 
 if importlib.util.find_spec("triton") is not None:  # CUDA kernels for the row-wise ops
     from . import triton_ops  # noqa: F401

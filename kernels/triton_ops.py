@@ -31,6 +31,8 @@ def _register_all() -> None:
     _register("fused_add_rms_norm", lambda x, residual, weight, eps: run_rows(
         x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps))
     _register("silu_and_mul", lambda x: run_rows(x, input_mode=INPUT_SILU_MUL))
+    _register("fused_add_rms_norm_pad", lambda x, residual, weight, eps, padded_hidden: run_rows(
+        x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps, pad_to=padded_hidden))
     for scheme in QUANT_SCHEMES.values():
         _register(scheme.op_name, lambda x, *extras, s=scheme: run_rows(x, **_quant_kwargs(s, extras)))
         _register(rms_norm_quant_name(scheme, False), lambda x, weight, eps, *extras, s=scheme: run_rows(

@@ -10,8 +10,8 @@ Rounding points follow ``numerics.py``: mean of squares accumulated in fp64 and 
 depend on the reduction order, which differs between specialisations), residual sum and normalised value rounded to
 the input dtype, product with the weight rounded once, SiLU rounded before the multiply, quantisation by
 multiplying with the scale's reciprocal (one IEEE division per scale, ``div_rn``: Triton's default fp32 ``/`` is
-approximate) and round-to-nearest-even to e4m3. What can still differ from torch is the last bit of rsqrt / sigmoid, which can move a value across a rounding
-boundary: tests count those differences.
+approximate) and round-to-nearest-even to e4m3. What can still differ from torch is the last bit of rsqrt / sigmoid,
+which can move a value across a rounding boundary: tests count those differences.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _reciprocal(scale):
 def _row_kernel(
     x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
     scales_ptr, scales_row_stride, scales_group_stride,
-    H, eps,
+    H, OUT_W, eps,
     INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     PREFETCH: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
@@ -79,8 +79,8 @@ def _row_kernel(
             w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
     out_row = out_ptr + row * out_stride
-    if QUANT == 0:
-        tl.store(out_row + offs, v, mask=mask)
+    if QUANT == 0:  # OUT_W >= H: columns past H are written as zeros (v is 0 there), the padded form
+        tl.store(out_row + offs, v, mask=offs < OUT_W)
     elif QUANT == 1 or QUANT == 2:
         vf = v.to(tl.float32)
         if QUANT == 1:
@@ -125,10 +125,11 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
              weight: torch.Tensor | None = None, eps: float = 0.0, quant: str | None = None,
              scale: torch.Tensor | None = None, group_size: int = 0,
              out: torch.Tensor | None = None, scales_out: torch.Tensor | None = None,
-             prefetch: bool | None = None):
+             prefetch: bool | None = None, pad_to: int = 0):
     """Launch the row kernel; returns what the matching op returns (a tensor, or (codes, scales)).
     ``out`` (contiguous) and ``scales_out`` (any strides; the layout of ``quant.scales_like`` by default) are
-    written instead of new buffers: tests poison them. ``prefetch`` overrides the choice by row count (tests)."""
+    written instead of new buffers: tests poison them. ``prefetch`` overrides the choice by row count (tests).
+    ``pad_to`` (> width, no quant) makes the output that wide, zeros after the row's own columns."""
     width = x.shape[-1] // 2 if input_mode == INPUT_SILU_MUL else x.shape[-1]
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
@@ -139,19 +140,23 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     if residual is not None:
         res_rows = residual.view(-1, width) if residual.is_contiguous() else residual.reshape(-1, width).clone()
     out_dtype = FP8_DTYPE if quant else x.dtype
+    out_width = max(pad_to, width)
+    if pad_to and (quant or pad_to < width):
+        raise ValueError(f"pad_to={pad_to} needs an unquantised output at least as wide as the row ({width})")
     if out is None:
-        out = torch.empty((num_rows, width), dtype=out_dtype, device=x.device)
-    out = out.view(num_rows, width)
+        out = torch.empty((num_rows, out_width), dtype=out_dtype, device=x.device)
+    out = out.view(num_rows, out_width)
     scheme = QUANT_SCHEMES[quant] if quant else None
     if scales_out is None and scheme is not None and scheme.returns_scale:
         scales_out = scheme.scales_like(x, group_size, width)
     scales = scales_out.view(num_rows, -1) if scales_out is not None else out  # out: an unused pointer
     whole_row = weight is not None or quant == "fp8-per-token"
-    block = triton.next_power_of_2(width) if whole_row else min(ELEMENTWISE_TILE, triton.next_power_of_2(width))
+    block = (triton.next_power_of_2(out_width) if whole_row
+             else min(ELEMENTWISE_TILE, triton.next_power_of_2(out_width)))
     block = max(block, group_size or 1, 16)
     if prefetch is None:
         prefetch = num_rows <= PREFETCH_MAX_ROWS
-    tiles = triton.cdiv(width, block)
+    tiles = triton.cdiv(out_width, block)
     for start in range(0, num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
         end = min(start + MAX_GRID_ROWS, num_rows)
         chunk_res = res_rows[start:end] if res_rows is not None else None
@@ -160,13 +165,13 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
             chunk_res.stride(0) if chunk_res is not None else 0,
             weight if weight is not None else rows, out[start:end], out.stride(0),
             scale if scale is not None else out, scales[start:end], scales.stride(0), scales.stride(1),
-            width, eps,
+            width, out_width, eps,
             INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
             BLOCK=block, PREFETCH=prefetch, FP8_MAX_C=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
         )
     if residual is not None and not residual.is_contiguous():
         residual.copy_(res_rows.view_as(residual))
-    out = out.view(*lead, width)
+    out = out.view(*lead, out_width)
     if scheme is not None and scheme.returns_scale:
         return out, scales_out
     return out

@@ -270,6 +270,8 @@ PASSES: tuple[PassSpec, ...] = (
         fuses="Residual add + RMSNorm -> padding of the hidden size",
         token_range="always",
         default=from_level(1, act_padding_condition),
+        implementation="act_padding:ActPaddingFusionPass",
+        needs_model="pads_mlp_input",
     ),
 )
 

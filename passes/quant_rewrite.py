@@ -1,8 +1,9 @@
-"""The rewrite both quant fusions share: "producer op -> quant op" becomes one fused op.
+"""The rewrite the quant and padding fusions share: "producer op -> consumer op" becomes one fused op.
 
-A match is a quant node (one scheme's op) whose input is result 0 of a producer op call (any functionalized form)
-and has no other user. The fused op takes the producer's arguments followed by the quant's extra arguments; its
-results replace the quant's, and the producer's mutated arguments (the residual) keep flowing.
+A match is a consumer node (a quant op of one scheme, or a zero-padding) whose input is result 0 of a producer op
+call (any functionalized form) and has no other user. The fused op takes the producer's arguments followed by the
+consumer's extra arguments (for a quant: its own; for other consumers, what ``extras_of`` derives); its results
+replace the consumer's, and the producer's mutated arguments (the residual) keep flowing.
 """
 
 from __future__ import annotations
@@ -29,8 +30,21 @@ def register_quant_fusion(
     fused_for: Callable[[torch._ops.OpOverload], torch._ops.OpOverload | None],
 ) -> None:
     """Register on ``patterns``: quant(<producer>(...)) -> fused_for(producer)(..., *quant extras)."""
+    register_consumer_fusion(patterns, quant_pattern(scheme), fused_for, lambda node: list(node.args[1:]))
+
+
+def register_consumer_fusion(
+    patterns,
+    pattern: CallFunction,
+    fused_for: Callable[[torch._ops.OpOverload], torch._ops.OpOverload | None],
+    extras_of: Callable[[fx.Node], list | None],
+) -> None:
+    """Register on ``patterns``: consumer(<producer>(...)) -> fused_for(producer)(..., *extras_of(consumer)).
+    ``extras_of`` returns None where this consumer node cannot fuse (say, a padding on the wrong side)."""
 
     def find_producer(quant_node: fx.Node) -> tuple[OpCall, fx.Node] | None:
+        if extras_of(quant_node) is None:
+            return None
         source = quant_node.args[0]
         found = producer_of(source)
         if found is None or found[1] != 0 or len(source.users) != 1:
@@ -41,7 +55,7 @@ def register_quant_fusion(
             return None
         # The fused op is inserted at the producer: the quant's extra inputs must already exist there.
         order = {n: i for i, n in enumerate(quant_node.graph.nodes)}
-        extras = [a for a in quant_node.args[1:] if isinstance(a, fx.Node)]
+        extras = [a for a in extras_of(quant_node) if isinstance(a, fx.Node)]
         if any(order[a] > order[call.node] for a in extras):
             return None
         return call, source
@@ -56,7 +70,7 @@ def register_quant_fusion(
         names = [a.name for a in fused._schema.arguments]
         n_producer_args = len(call.op._schema.arguments)
         arguments = {name: call.argument(name) for name in names[:n_producer_args]}
-        arguments.update(zip(names[n_producer_args:], quant_node.args[1:]))
+        arguments.update(zip(names[n_producer_args:], extras_of(quant_node)))
         quant_val = quant_node.meta.get("val")
         results_meta = tuple(quant_val) if isinstance(quant_val, (tuple, list)) else (quant_val,)
         new = emit_replacement(call, fused, arguments, results_meta)
@@ -74,4 +88,4 @@ def register_quant_fusion(
             if node in graph.nodes and not node.users:
                 graph.erase_node(node)
 
-    register_graph_pattern(quant_pattern(scheme), extra_check=check, pass_dict=patterns)(rewrite)
+    register_graph_pattern(pattern, extra_check=check, pass_dict=patterns)(rewrite)

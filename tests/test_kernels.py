@@ -194,6 +194,7 @@ def all_ops_with_args(device):
                              rand(5, 32, device=device), True),
         "qk_norm_rope": (x, w[:64], w[64:128], rand(5, 32, device=device), rand(5, 32, device=device), EPS, 2, 1,
                          64, False),
+        "fused_add_rms_norm_pad": (x, r, w, EPS, 320),
     }
     for scheme in QUANT_SCHEMES.values():
         extras = extras_for(scheme, 256, device)

@@ -24,8 +24,8 @@ HEADS = [(32, 8, 128), (64, 8, 64)] if ON_GPU else [(4, 2, 128), (3, 1, 64)]
 
 
 def rotary_cache(tokens, head_dim):
-    angles = torch.outer(torch.arange(tokens, device=DEVICE, dtype=torch.float32),
-                         1.0 / 10000 ** (torch.arange(0, head_dim // 2, device=DEVICE, dtype=torch.float32) * 2 / head_dim))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim // 2, device=DEVICE, dtype=torch.float32) * 2 / head_dim)
+    angles = torch.outer(torch.arange(tokens, device=DEVICE, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 

@@ -201,6 +201,22 @@ def test_rows_beyond_one_grid_launch(monkeypatch, stage):
     check_quantising_form(7, DTYPES[0], stage, "fp8-static", {})
 
 
+@pytest.mark.parametrize("rows", ROWS)
+def test_add_norm_written_padded(rows):
+    """fused_add_rms_norm_pad's kernel: gpt-oss's 2880 padded to 3072, zeros after column 2880."""
+    from fusiontune.kernels.norm_pad import _fused_add_rms_norm_pad
+
+    dtype = DTYPES[0]
+    x, residual, weight = inputs(rows, 2880, dtype, seed=rows)
+    mine, ref = residual.clone(), residual.clone()
+    out = poisoned((rows, 3072), dtype)
+    run_rows(x, input_mode=INPUT_ADD_RESIDUAL, residual=mine, weight=weight, eps=EPS, out=out, pad_to=3072)
+    want = _fused_add_rms_norm_pad(x, ref, weight, EPS, 3072)
+    assert torch.equal(mine, ref)
+    assert torch.equal(out[:, 2880:], torch.zeros_like(out[:, 2880:]))
+    assert_values(out, want)
+
+
 def test_default_scales_are_token_major():
     """The kernel's own scales buffer has the reference's layout: what the fake kernel promises the compiler."""
     x = inputs(5, 256, DTYPES[0], seed=2)[0]
