@@ -20,7 +20,7 @@ from test_triton_kernels import DEVICE, DTYPES, ON_GPU, assert_values, poisoned 
 
 EPS = 1e-6
 TOKENS = [1, 7, 65, 4097] if ON_GPU else [1, 7, 65]
-HEADS = [(32, 8, 128), (64, 8, 64)] if ON_GPU else [(4, 2, 128), (3, 1, 64)]
+HEADS = [(32, 8, 128), (64, 8, 64)] if ON_GPU else [(4, 2, 128), (3, 1, 64), (36, 4, 128)]  # 40: 2 blocks
 
 
 def rotary_cache(tokens, head_dim):
