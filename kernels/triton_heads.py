@@ -83,8 +83,9 @@ def rotary_embedding(q, k, cos, sin, is_neox, out=None):
     ``out`` (q_out, k_out), contiguous, is written instead of new buffers: tests poison it."""
     q_out, k_out = out if out is not None else (torch.empty_like(q), torch.empty_like(k))
     for x, out in ((q, q_out), (k, k_out)):
-        rows = x.reshape(x.shape[0], -1) if x.is_contiguous() else x.contiguous().reshape(x.shape[0], -1)
-        _launch(rows, rows.stride(0), out, out, x.shape[1], 0, x.shape[2], cos, sin, is_neox)
+        if x.stride(2) != 1 or x.stride(1) != x.shape[2]:  # heads of a token must be adjacent; tokens may be apart
+            x = x.contiguous()  # (a head split of the qkv projection is read in place, as the fused op reads it)
+        _launch(x, x.stride(0), out, out, x.shape[1], 0, x.shape[2], cos, sin, is_neox)
     return q_out, k_out
 
 
