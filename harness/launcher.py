@@ -112,6 +112,8 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "status": status,
             "error": "\n".join(errors)[:4000],
             "device": device,
+            "compile_range": first.compile_range,
+            "active_passes": ",".join(first.active),
         })
         row.update({f"matches_{spec.flag}": first.matches.get(spec.flag, 0) for spec in PASSES})
         rows.append(row)

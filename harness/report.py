@@ -28,15 +28,21 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
     merged = measured.merge(base, on=["tp", "num_tokens"], how="left")
     notes, values = [], []
     for _, row in merged.iterrows():
-        unfired = [f for f in FUSION_FLAGS if _on(row.get(f)) and not row.get(f"matches_{f}", 0)]
+        enabled = [f for f in FUSION_FLAGS if _on(row.get(f))]
+        active = _active(row, enabled)
+        unfired = [f for f in active if not row.get(f"matches_{f}", 0)]
+        out_of_range = [f for f in enabled if f not in active]
         if row["status"] != "ok":
             note, value = row["status"], float("nan")
         elif pd.isna(row["baseline_ms"]):
             note, value = "no baseline", float("nan")
         elif unfired:
             note, value = f"did not fire: {', '.join(unfired)}", float("nan")
+        elif enabled and not active:
+            note, value = f"outside the num_tokens range of {', '.join(out_of_range)}", float("nan")
         else:
-            note, value = "", row["baseline_ms"] / row["latency_ms"]
+            note = f"outside its range: {', '.join(out_of_range)}" if out_of_range else ""
+            value = row["baseline_ms"] / row["latency_ms"]
         notes.append(note)
         values.append(value)
     merged["speedup"], merged["note"] = values, notes
@@ -44,6 +50,14 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
     merged["speedup_low"] = merged["speedup"] * merged["latency_ms"] / merged["latency_ms_p90"]
     merged["speedup_high"] = merged["speedup"] * merged["latency_ms"] / merged["latency_ms_p10"]
     return merged
+
+
+def _active(row, enabled: list[str]) -> list[str]:
+    """The enabled fusions the row's num_tokens range compiled with (all of them in rows from before ranges)."""
+    recorded = row.get("active_passes")
+    if not isinstance(recorded, str):
+        return enabled
+    return [f for f in enabled if f in recorded.split(",")]
 
 
 def _on(value) -> bool:

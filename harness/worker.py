@@ -23,6 +23,7 @@ from fusiontune.passes.config import resolve
 from fusiontune.passes.fusions import PASSES
 from fusiontune.passes.manager import PassManager
 from fusiontune.passes.platform import Platform
+from fusiontune.passes.ranges import compile_ranges
 
 from .correctness import max_abs_error, tolerance
 from .model import DecoderStack, ModelConfig
@@ -56,6 +57,8 @@ class RankResult:
     error: str = ""
     resolved: dict[str, Any] = field(default_factory=dict)
     compile_s: float = 0.0
+    compile_range: str = ""  # the num_tokens range whose compiled graph ran this size ("1-128", ">=2048")
+    active: list[str] = field(default_factory=list)  # the passes that range compiled with
 
 
 def free_port() -> int:
@@ -123,16 +126,19 @@ class TPWorker:
         """Measure every num_tokens of ``job``. A failure to build or compile fails them all; a failure at one
         size (out of memory, a kernel error) fails that size only. Failures are returned, never raised."""
         try:
-            cfg, compiled, manager, resolved = self._prepare(job)
+            cfg, resolved, compiled = self._prepare(job)
         except Exception as exc:
             return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
         results, last_matches = [], {}
         try:
-            # Largest first: the first compile is the dynamic-shape graph every size >= 2 reuses.
+            # Largest first: in each range, the first compile is the dynamic-shape graph its smaller sizes reuse.
             for num_tokens in sorted(job.num_tokens, reverse=True):
                 result = RankResult(num_tokens, resolved=dict(resolved.values))
                 try:
-                    last_matches = self._measure(job, cfg, compiled, manager, result, last_matches)
+                    part, fn, manager = next(c for c in compiled if num_tokens in c[0])
+                    result.compile_range, result.active = part.label, list(part.active)
+                    last_matches[part.label] = self._measure(job, cfg, fn, manager, result,
+                                                             last_matches.get(part.label, {}))
                 except Exception as exc:
                     result.error = _describe(exc)
                     if self.device.type == "cuda":
@@ -143,18 +149,21 @@ class TPWorker:
         return sorted(results, key=lambda r: r.num_tokens)
 
     def _prepare(self, job: Job):
+        """The model, and one compiled callable per num_tokens range, each with its range's passes."""
         cfg = ModelConfig(**job.model)  # head_dim comes resolved: explicit, same shapes
         platform = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
         if self.device.type == "cpu":
             platform = platform.with_(vendor="cpu", capability=None)
         resolved = resolve(job.pass_config, job.optimization_level, platform)
         model = self.model_for(cfg, job.seed)
-        manager = PassManager(resolved)
         torch._dynamo.reset()
-        compiled = torch.compile(
-            model, fullgraph=True, options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False}
-        )
-        return cfg, compiled, manager, resolved
+        compiled = []
+        for part in compile_ranges(resolved):
+            manager = PassManager(part.config)
+            fn = torch.compile(model, fullgraph=True,
+                               options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False})
+            compiled.append((part, fn, manager))
+        return cfg, resolved, compiled
 
     @torch.no_grad()
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,
@@ -164,7 +173,7 @@ class TPWorker:
             raise ValueError(f"num_tokens={num_tokens} exceeds the model's max_position={cfg.max_position} "
                              "(raise model.max_position in the sweep file)")
         x = self.inputs(cfg, num_tokens, job.seed)
-        if num_tokens > 1:
+        if num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it); size 1 alone
             torch._dynamo.mark_dynamic(x, 0)
         before = manager.snapshot()
         t0 = time.perf_counter()

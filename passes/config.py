@@ -61,6 +61,14 @@ class ResolvedPassConfig:
     def enabled_passes(self) -> tuple[str, ...]:
         return tuple(spec.flag for spec in PASSES if self.values[spec.flag])
 
+    def switched_off(self, flags, why: str) -> "ResolvedPassConfig":
+        """The same config with ``flags`` off (a num_tokens range outside theirs), each saying ``why``."""
+        if not flags:
+            return self
+        values = {**self.values, **{f: False for f in flags}}
+        reasons = {**self.reasons, **{f: why for f in flags}}
+        return ResolvedPassConfig(self.level, self.platform, values, reasons, self.explicit, self.required)
+
     def key(self) -> str:
         """Stable hash of what changes the compiled graph: the values, not the reasons."""
         payload = json.dumps({"level": self.level, **self.values}, sort_keys=True, default=str)

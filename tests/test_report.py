@@ -35,6 +35,18 @@ def test_speedup_is_baseline_over_config_and_withheld_otherwise():
         assert pd.isna(table.loc[key, "speedup"]) and table.loc[key, "note"] == note
 
 
+def test_a_fusion_outside_its_num_tokens_range_is_named_not_counted_as_unfired():
+    """A "low" fusion compiled out of the large-num_tokens graph: no match there is by design, not a failure."""
+    base = row("base", 4096, 4.0, baseline=True)
+    both = {**row("both", 4096, 3.0, norm=True, matches=4), "fuse_act_quant": True, "matches_fuse_act_quant": 0,
+            "active_passes": "eliminate_noops,fuse_norm_quant"}
+    only_low = {**row("low only", 4096, 4.1), "fuse_act_quant": True, "active_passes": "eliminate_noops"}
+    table = speedups(pd.DataFrame([base, both, only_low])).set_index("label")
+    assert table.loc["both", "speedup"] == 4.0 / 3.0 and table.loc["both", "note"] == "outside its range: fuse_act_quant"
+    assert pd.isna(table.loc["low only", "speedup"])
+    assert table.loc["low only", "note"] == "outside the num_tokens range of fuse_act_quant"
+
+
 def test_report_files(tmp_path):
     folder = RunFolder(tmp_path)
     folder.append(ROWS)

@@ -59,3 +59,28 @@ def test_a_config_that_cannot_resolve_fails_every_size(worker):
     results = worker.run(Job("bad", {"enable_sp": True}, 2, cfg, [1, 4]))
     assert [r.num_tokens for r in results] == [1, 4]
     assert all("PassConfigError" in r.error and "sp_min_token_num" in r.error for r in results)
+
+
+def test_each_num_tokens_range_runs_its_own_compile(worker, monkeypatch):
+    """Two ranges split at 8, the Q/K-norm + RoPE fusion only in the lower one (as a "low" pass with a bound
+    would be): each size runs its range's graph, with that range's passes, and both agree with all-off."""
+    from fusiontune.harness import worker as worker_module
+    from fusiontune.passes.ranges import CompileRange
+
+    def split_at_8(config):
+        return [CompileRange(1, 8, config),
+                CompileRange(9, None, config.switched_off({"enable_qk_norm_rope_fusion"}, "outside (test)"))]
+
+    monkeypatch.setattr(worker_module, "compile_ranges", split_at_8)
+    cfg = build_model_config("tiny", qk_norm=True, num_layers=2).to_dict()
+    off = {**OFF, "enable_qk_norm_rope_fusion": False}
+    worker.run(Job("base", off, 2, cfg, [4, 16], warmup=1, repeats=2, is_baseline=True))
+    fused = {r.num_tokens: r for r in worker.run(Job("qk", {"enable_qk_norm_rope_fusion": True}, 2, cfg, [4, 16],
+                                                     warmup=1, repeats=2))}
+    low, high = fused[4], fused[16]
+    assert not low.error and not high.error, (low.error, high.error)
+    assert low.compile_range == "1-8" and "enable_qk_norm_rope_fusion" in low.active
+    assert low.matches["enable_qk_norm_rope_fusion"] == 2
+    assert high.compile_range == ">=9" and "enable_qk_norm_rope_fusion" not in high.active
+    assert high.matches["enable_qk_norm_rope_fusion"] == 0
+    assert low.max_abs_err <= low.tolerance and high.max_abs_err <= high.tolerance

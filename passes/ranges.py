@@ -1,0 +1,65 @@
+"""num_tokens ranges: a pass marked "low" or "high" applies only on its side of its threshold, so the model is
+compiled once per range, with that range's passes, and a forward dispatches on num_tokens (as vLLM's compile
+ranges do).
+
+The split points come from the enabled passes' thresholds (``PassSpec.token_bound``): a low pass bounded at b
+(largest num_tokens it takes) splits after b, a high pass bounded at b (smallest) splits before b. A low pass
+without a threshold of its own (Q/K-norm + RoPE) applies in the lowest range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ResolvedPassConfig
+from .fusions import PASSES_BY_FLAG, PassSpec
+
+
+@dataclass(frozen=True)
+class CompileRange:
+    low: int  # smallest num_tokens, inclusive
+    high: int | None  # largest num_tokens, inclusive; None: no limit
+    config: ResolvedPassConfig  # the passes outside this range switched off
+
+    def __contains__(self, num_tokens: int) -> bool:
+        return num_tokens >= self.low and (self.high is None or num_tokens <= self.high)
+
+    @property
+    def label(self) -> str:
+        return f"{self.low}-{self.high}" if self.high is not None else f">={self.low}"
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self.config.enabled_passes
+
+
+def _applies(spec: PassSpec, bound: int | None, low: int, high: int | None, lowest: bool) -> bool:
+    if spec.token_range == "always":
+        return True
+    if spec.token_range == "low":
+        return lowest if bound is None else high is not None and high <= bound
+    return bound is not None and low >= bound
+
+
+def compile_ranges(config: ResolvedPassConfig) -> list[CompileRange]:
+    """The ranges this config compiles for, lowest first; one range (1 and up) when no enabled pass splits."""
+    bounds = {flag: PASSES_BY_FLAG[flag].token_bound(config.values, config.platform)
+              for flag in config.enabled_passes}
+    starts = {1}
+    for flag, bound in bounds.items():
+        if bound is not None:
+            starts.add(bound + 1 if PASSES_BY_FLAG[flag].token_range == "low" else bound)
+    starts = sorted(s for s in starts if s >= 1)
+    ranges = []
+    for i, low in enumerate(starts):
+        high = starts[i + 1] - 1 if i + 1 < len(starts) else None
+        outside = {flag for flag, bound in bounds.items()
+                   if not _applies(PASSES_BY_FLAG[flag], bound, low, high, lowest=i == 0)}
+        label = f"{low}-{high}" if high is not None else f">={low}"
+        restricted = config.switched_off(outside, f"outside its num_tokens range here ({label})")
+        ranges.append(CompileRange(low, high, restricted))
+    return ranges
+
+
+def range_for(ranges: list[CompileRange], num_tokens: int) -> CompileRange:
+    return next(r for r in ranges if num_tokens in r)

@@ -1,0 +1,36 @@
+"""num_tokens ranges from the enabled passes' thresholds: where the model is split, and which passes each part
+compiles with."""
+
+from __future__ import annotations
+
+from fusiontune.passes.config import resolve
+from fusiontune.passes.platform import Platform
+from fusiontune.passes.ranges import compile_ranges, range_for
+
+HOPPER_TP4 = Platform(vendor="cuda", capability=90, tp_size=4, hidden_size=8192, quant="fp8-static", flashinfer=True)
+
+
+def test_low_and_high_passes_split_the_model_in_three():
+    config = resolve({"fuse_gemm_comms": True, "enable_qk_norm_rope_fusion": True}, 2, HOPPER_TP4)  # SP comes with it
+    ranges = compile_ranges(config)
+    # fi_allreduce 2 MB at TP=4 on sm90 = 128 tokens of 8192 bf16; SP from 8 MB per GPU x 4 = 2048 tokens.
+    assert [r.label for r in ranges] == ["1-128", "129-2047", ">=2048"]
+    low, middle, high = ranges
+    assert {"fuse_allreduce_rms", "enable_qk_norm_rope_fusion", "fuse_norm_quant"} <= set(low.active)
+    assert not {"enable_sp", "fuse_gemm_comms"} & set(low.active)
+    assert not {"fuse_allreduce_rms", "enable_qk_norm_rope_fusion", "enable_sp"} & set(middle.active)
+    assert {"enable_sp", "fuse_gemm_comms", "fuse_norm_quant"} <= set(high.active)
+    assert "outside its num_tokens range here (1-128)" in low.config.reasons["enable_sp"]
+    assert range_for(ranges, 128) is low and range_for(ranges, 129) is middle and range_for(ranges, 4096) is high
+
+
+def test_user_thresholds_move_the_splits():
+    config = resolve({"fi_allreduce_fusion_max_size_mb": 8, "enable_sp": True, "sp_min_token_num": 1024}, 2,
+                     HOPPER_TP4)
+    assert [r.label for r in compile_ranges(config)] == ["1-512", "513-1023", ">=1024"]
+
+
+def test_no_range_bound_no_split():
+    config = resolve({"enable_qk_norm_rope_fusion": True}, 2, Platform(hidden_size=4096, quant="fp8-static"))
+    (only,) = compile_ranges(config)
+    assert only.label == ">=1" and "enable_qk_norm_rope_fusion" in only.active and only.config is config
