@@ -209,6 +209,8 @@ PASSES: tuple[PassSpec, ...] = (
             ),
         ),
         needs_tp=True,
+        implementation="allreduce_rms:AllReduceRMSFusionPass",
+        quant_schemes=("none", "fp8-static"),
     ),
     PassSpec(
         flag="fuse_attn_quant",

@@ -61,13 +61,13 @@ def test_per_group_128_on_hidden_2880_is_skipped_but_64_runs():
 
 
 def test_an_unimplemented_fusion_is_skipped_not_run():
-    text = sweep(tp=[2], pass_config={"fuse_allreduce_rms": [False, True], "fi_allreduce_fusion_max_size_mb": 8})
+    text = sweep(pass_config={"fuse_attn_quant": [False, True]})
     plan = expand(parse_sweep(text), CPU)
-    # At O2 the quant fusions default on, so "allreduce off" is a config of its own beside the baseline.
-    assert [c.label for c in plan.configs] == ["all fusions off (baseline)", "fuse_allreduce_rms=off"]
-    assert not any(c.resolved["fuse_allreduce_rms"] for c in plan.configs)
-    assert [s.label for s in plan.skipped] == ["fuse_allreduce_rms=on"]
-    assert "fuse_allreduce_rms is not implemented" in plan.skipped[0].reason
+    # At O2 the quant fusions default on, so "attn quant off" is a config of its own beside the baseline.
+    assert [c.label for c in plan.configs] == ["all fusions off (baseline)", "fuse_attn_quant=off"]
+    assert not any(c.resolved["fuse_attn_quant"] for c in plan.configs)
+    assert [s.label for s in plan.skipped] == ["fuse_attn_quant=on"]
+    assert "fuse_attn_quant is not implemented" in plan.skipped[0].reason
 
 
 @pytest.mark.parametrize(

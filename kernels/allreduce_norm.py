@@ -1,0 +1,50 @@
+"""All-reduce -> residual add + RMSNorm (-> FP8 static quant) as one op: what fuse_allreduce_rms swaps in.
+
+``all_reduce_fused_add_rms_norm[_quant_fp8_static](x, residual!, weight, eps, [scale,] group_name)``: x is a
+rank's partial sum (a row-parallel GEMM's output); the op all-reduces it over the TP group, adds it to the
+residual (updated in place) and returns the norm of the sum (quantised). The reference is the unfused chain, run
+eagerly (gloo on CPU, NCCL on GPU), so the rewrite is checked under gloo. On CUDA the op runs NCCL's all-reduce and
+then the fused norm kernel: one communication kernel that also normalises (FlashInfer's, or a one-shot all-reduce
+on symmetric memory) is not written yet, so on GPUs this op saves launches, not a pass over memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+from . import numerics
+from .library import define_op
+
+# Quant stages the fused op can end with: None (the norm alone) or a scheme with a static scale argument.
+ALLREDUCE_NORM_QUANTS = (None, "fp8-static")
+
+
+def allreduce_norm_name(quant: str | None) -> str:
+    return "all_reduce_fused_add_rms_norm" + ("_quant_fp8_static" if quant else "")
+
+
+def _reduced(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    out = x.clone()
+    dist.all_reduce(out, group=distributed_c10d._resolve_process_group(group_name))
+    return out
+
+
+def _define(quant: str | None) -> None:
+    def reference(x, residual, weight, eps, *rest):
+        *scale, group_name = rest
+        residual.copy_(numerics.residual_add(_reduced(x, group_name), residual))
+        normed = numerics.rms_norm(residual, weight, eps)
+        return numerics.quant_fp8_static(normed, scale[0]) if quant else normed
+
+    def fake(x, residual, weight, eps, *rest):
+        return torch.empty_like(x, dtype=numerics.FP8_DTYPE) if quant else torch.empty_like(x)
+
+    schema = "(Tensor x, Tensor(a!) residual, Tensor weight, float eps, " + ("Tensor scale, " if quant else "")
+    define_op(allreduce_norm_name(quant), schema + "str group_name) -> Tensor", reference, fake,
+              mutates_args=("residual",))
+
+
+for _quant in ALLREDUCE_NORM_QUANTS:
+    _define(_quant)
