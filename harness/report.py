@@ -65,7 +65,9 @@ def _on(value) -> bool:
 
 
 def _matches_text(row) -> str:
-    parts = [f"{f}={int(row[f'matches_{f}'])}" for f in FUSION_FLAGS if _on(row.get(f))]
+    enabled = [f for f in FUSION_FLAGS if _on(row.get(f))]
+    active = _active(row, enabled)
+    parts = [f"{f}={int(row[f'matches_{f}'])}" if f in active else f"{f}=out of range" for f in enabled]
     return ", ".join(parts) or "-"
 
 
@@ -81,12 +83,15 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     device = next((d for d in table.get("device", pd.Series(dtype=str)).dropna() if d), "unknown device")
     lines += [f"Device: {device}. Speedup = all-off median latency / config median latency (same TP, "
               "num_tokens); shown only for configs that ran, matched the baseline's output within tolerance, "
-              "and whose enabled fusions all fired.", ""]
+              "and whose enabled fusions all fired (a fusion outside its num_tokens range at a size is named, "
+              "not counted as unfired).", ""]
     for tp, by_tp in data.groupby("tp"):
         lines += [f"## TP={tp}", "", "| config | num_tokens | median ms (p10-p90) | speedup | matches | max abs err | status |",
                   "|---|---:|---:|---:|---|---:|---|"]
         for _, row in by_tp.sort_values(["is_baseline", "label", "num_tokens"], ascending=[False, True, True]).iterrows():
             speed = f"{row['speedup']:.3f}x" if pd.notna(row["speedup"]) else (row["note"] or "-")
+            if pd.notna(row["speedup"]) and row["note"]:  # e.g. a fusion outside its num_tokens range here
+                speed += f" ({row['note']})"
             latency = (f"{row['latency_ms']:.3f} ({row['latency_ms_p10']:.3f}-{row['latency_ms_p90']:.3f})"
                        if pd.notna(row.get("latency_ms")) else "-")
             err = f"{row['max_abs_err']:.3g}" if pd.notna(row.get("max_abs_err")) else "-"

@@ -108,3 +108,16 @@ def test_yaml_is_loaded_safely():
 def test_unreadable_file_is_a_clear_error(tmp_path):
     with pytest.raises(SweepError, match="cannot read sweep file"):
         load_sweep(tmp_path / "missing.yaml")
+
+
+def test_the_issue_4_cpu_sweeps_plan_every_fusion_they_name():
+    spec, _ = load_sweep("sweeps/fusions-cpu.yaml")
+    plan = expand(spec, CPU)
+    assert not plan.skipped
+    at_tp2 = [c for c in plan.configs if c.tp == 2]
+    assert any(c.resolved["fuse_allreduce_rms"] and c.resolved["enable_qk_norm_rope_fusion"] for c in at_tp2)
+    assert all("TP=1 has none" in why for label, tp, why in plan.dropped if "fuse_allreduce_rms=on" in label)
+    spec, _ = load_sweep("sweeps/padding-cpu.yaml")
+    plan = expand(spec, CPU)
+    assert not plan.skipped and any(c.resolved["fuse_act_padding"] for c in plan.configs)
+    assert plan.model.pads_mlp_input and plan.model.mlp_input_size == 3072
