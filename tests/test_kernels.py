@@ -151,9 +151,15 @@ def test_norms_and_activation_against_float64(device, num_tokens):
     torch.testing.assert_close(ops.silu_and_mul(gate_up).double(), g * torch.sigmoid(g) * u, rtol=2 * ulp, atol=1e-6)
 
 
+# (512, 256): cuBLASLt's block-scaled GEMM on CUDA; (256, 208): K = 256 and a partial weight tile, which it gets
+# wrong, so CUDA runs the reference GEMM there (kernels/linear.py).
+@pytest.mark.parametrize("k, n", [(512, 256), (256, 208)], ids=["k512-n256", "k256-n208"])
+@pytest.mark.parametrize("m", [1, 37])  # cuBLASLt's block scaling takes M = 4, 8, ... only: these are padded
 @pytest.mark.parametrize("group_size", [0, 128])
-def test_scaled_mm_against_float64(device, group_size):
-    m, k, n = 37, 256, 208  # n: not a multiple of the 128-wide weight tile
+def test_scaled_mm_against_float64(device, group_size, m, k, n):
+    from fusiontune.kernels import linear
+
+    linear._BLOCKWISE_REFUSED.clear()
     a = rand(m, k, device=device, dtype=torch.float32, scale=2)
     if group_size:
         a_codes, a_scale = ops.quant_fp8_per_group(a, group_size)
@@ -175,6 +181,7 @@ def test_scaled_mm_against_float64(device, group_size):
     # Exact products of FP8 values summed in fp32, then one bf16 rounding: within 1 bf16 ulp of the magnitude.
     tol = torch.finfo(torch.bfloat16).eps * want.abs().max().item()
     assert (got.double() - want).abs().max().item() <= tol
+    assert not linear._BLOCKWISE_REFUSED, "the CUDA GEMM fell back to the reference"
 
 
 def all_ops_with_args(device):
