@@ -23,7 +23,7 @@ from fusiontune.passes.config import resolve
 from fusiontune.passes.fusions import PASSES
 from fusiontune.passes.manager import PassManager
 from fusiontune.passes.platform import Platform
-from fusiontune.passes.ranges import compile_ranges
+from fusiontune.passes.ranges import compile_ranges, range_for
 
 from .correctness import max_abs_error, tolerance
 from .model import DecoderStack, ModelConfig
@@ -126,7 +126,7 @@ class TPWorker:
         """Measure every num_tokens of ``job``. A failure to build or compile fails them all; a failure at one
         size (out of memory, a kernel error) fails that size only. Failures are returned, never raised."""
         try:
-            cfg, resolved, compiled = self._prepare(job)
+            cfg, resolved, parts, compiled = self._prepare(job)
         except Exception as exc:
             return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
         results, last_matches = [], {}
@@ -135,7 +135,8 @@ class TPWorker:
             for num_tokens in sorted(job.num_tokens, reverse=True):
                 result = RankResult(num_tokens, resolved=dict(resolved.values))
                 try:
-                    part, fn, manager = next(c for c in compiled if num_tokens in c[0])
+                    part = range_for(parts, num_tokens)
+                    fn, manager = compiled[part.label]
                     result.compile_range, result.active = part.label, list(part.active)
                     last_matches[part.label] = self._measure(job, cfg, fn, manager, result,
                                                              last_matches.get(part.label, {}))
@@ -149,7 +150,8 @@ class TPWorker:
         return sorted(results, key=lambda r: r.num_tokens)
 
     def _prepare(self, job: Job):
-        """The model, and one compiled callable per num_tokens range, each with its range's passes."""
+        """The model's config, the resolved PassConfig, its num_tokens ranges, and per range (by label) a compiled
+        callable with that range's passes and their manager."""
         cfg = ModelConfig(**job.model)  # head_dim comes resolved: explicit, same shapes
         platform = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
         if self.device.type == "cpu":
@@ -157,13 +159,13 @@ class TPWorker:
         resolved = resolve(job.pass_config, job.optimization_level, platform)
         model = self.model_for(cfg, job.seed)
         torch._dynamo.reset()
-        compiled = []
-        for part in compile_ranges(resolved):
+        parts, compiled = compile_ranges(resolved), {}
+        for part in parts:
             manager = PassManager(part.config)
             fn = torch.compile(model, fullgraph=True,
                                options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False})
-            compiled.append((part, fn, manager))
-        return cfg, resolved, compiled
+            compiled[part.label] = (fn, manager)
+        return cfg, resolved, parts, compiled
 
     @torch.no_grad()
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,

@@ -9,7 +9,7 @@ without a threshold of its own (Q/K-norm + RoPE) applies in the lowest range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import ResolvedPassConfig
 from .fusions import PASSES_BY_FLAG, PassSpec
@@ -55,9 +55,9 @@ def compile_ranges(config: ResolvedPassConfig) -> list[CompileRange]:
         high = starts[i + 1] - 1 if i + 1 < len(starts) else None
         outside = {flag for flag, bound in bounds.items()
                    if not _applies(PASSES_BY_FLAG[flag], bound, low, high, lowest=i == 0)}
-        label = f"{low}-{high}" if high is not None else f">={low}"
-        restricted = config.switched_off(outside, f"outside its num_tokens range here ({label})")
-        ranges.append(CompileRange(low, high, restricted))
+        part = CompileRange(low, high, config)
+        why = f"outside its num_tokens range ({part.label})"
+        ranges.append(replace(part, config=config.switched_off(outside, why)))
     return ranges
 
 
