@@ -221,10 +221,10 @@ def bench_kernels(
     if dtype not in ("bfloat16", "float16"):
         console.print(f"[red]--dtype must be bfloat16 or float16, got {dtype!r}[/red]")
         raise typer.Exit(2)
-    unknown = sorted(set(op) - {case.name for case in bench.cases()})
+    known = [case.name for case in bench.cases()]
+    unknown = sorted(set(op) - set(known))
     if unknown:
-        known = ", ".join(case.name for case in bench.cases())
-        console.print(f"[red]--op {', '.join(unknown)}: no such op; choose from {known}[/red]")
+        console.print(f"[red]--op {', '.join(unknown)}: no such op; choose from {', '.join(known)}[/red]")
         raise typer.Exit(2)
     bench.run(tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS, getattr(torch, dtype),
               list(op) or None, csv_path, progress=console.print)

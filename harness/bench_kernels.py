@@ -14,6 +14,7 @@ same run.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import math
 import statistics
@@ -89,24 +90,20 @@ class Case:
         return read + written
 
 
-FLASHINFER_STATUS: list[str] = []  # why FlashInfer is not a peer in this process, if it is not
-
-
-def _flashinfer():
+@functools.cache
+def flashinfer_peer():
+    """(the flashinfer module or None, what to say about it): a peer only where it is installed and imports."""
     if importlib.util.find_spec("flashinfer") is None:
-        FLASHINFER_STATUS[:] = ["not installed"]
-        return None
+        return None, "not installed"
     try:
         import flashinfer
     except Exception as exc:  # noqa: BLE001 - an install that cannot import is reported, not fatal
-        FLASHINFER_STATUS[:] = [f"installed but failed to import: {type(exc).__name__}: {str(exc)[:160]}"]
-        return None
-    FLASHINFER_STATUS[:] = [f"flashinfer {getattr(flashinfer, '__version__', '?')}"]
-    return flashinfer
+        return None, f"installed but failed to import: {type(exc).__name__}: {str(exc)[:160]}"
+    return flashinfer, f"flashinfer {getattr(flashinfer, '__version__', '?')}"
 
 
 def cases() -> list[Case]:
-    fi = _flashinfer()
+    fi, _ = flashinfer_peer()
     n = numerics
     return [
         Case("rms_norm", lambda i: ops.rms_norm(i["x"], i["weight"], EPS),
@@ -177,7 +174,7 @@ def _add_norm(x, residual, weight):
 
 
 def _padded(hidden: int, multiple: int = 256) -> int:
-    return -(-hidden // multiple) * multiple
+    return numerics.round_up(hidden, multiple)
 
 
 def _add_norm_pad(x, residual, weight):
@@ -280,7 +277,7 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
     if writer:
         writer.writeheader()
     selected = [case for case in cases() if not names or case.name in names]
-    progress(f"FlashInfer: {FLASHINFER_STATUS[0] if FLASHINFER_STATUS else 'not asked'}")
+    progress(f"FlashInfer: {flashinfer_peer()[1]}")
     for case in selected:
         for hidden in hidden_sizes:
             if not case.applies_to(hidden):

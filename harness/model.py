@@ -57,7 +57,7 @@ class ModelConfig:
     def mlp_input_size(self) -> int:
         """The hidden size after the MLP input's padding (unchanged where there is none)."""
         multiple = self.hidden_pad_multiple
-        return -(-self.hidden_size // multiple) * multiple if multiple else self.hidden_size
+        return numerics.round_up(self.hidden_size, multiple) if multiple else self.hidden_size
 
     @property
     def pads_mlp_input(self) -> bool:

@@ -11,10 +11,9 @@ on symmetric memory) is not written yet, so on GPUs this op saves launches, not 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torch.distributed import distributed_c10d
 
 from . import numerics
+from .collectives import all_reduced
 from .library import define_op
 
 # Quant stages the fused op can end with: None (the norm alone) or a scheme with a static scale argument.
@@ -25,16 +24,10 @@ def allreduce_norm_name(quant: str | None) -> str:
     return "all_reduce_fused_add_rms_norm" + ("_quant_fp8_static" if quant else "")
 
 
-def _reduced(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    out = x.clone()
-    dist.all_reduce(out, group=distributed_c10d._resolve_process_group(group_name))
-    return out
-
-
 def _define(quant: str | None) -> None:
     def reference(x, residual, weight, eps, *rest):
         *scale, group_name = rest
-        residual.copy_(numerics.residual_add(_reduced(x, group_name), residual))
+        residual.copy_(numerics.residual_add(all_reduced(x, group_name), residual))
         normed = numerics.rms_norm(residual, weight, eps)
         return numerics.quant_fp8_static(normed, scale[0]) if quant else normed
 

@@ -14,7 +14,8 @@ from torch.distributed import distributed_c10d
 from .library import define_op
 
 
-def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+def all_reduced(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """A new tensor: ``x`` summed over the named process group (eagerly, gloo or NCCL)."""
     out = x.clone()
     dist.all_reduce(out, group=distributed_c10d._resolve_process_group(group_name))
     return out
@@ -24,4 +25,4 @@ def _fake(x, group_name):
     return torch.empty_like(x)
 
 
-all_reduce = define_op("all_reduce", "(Tensor x, str group_name) -> Tensor", _all_reduce, _fake)
+all_reduce = define_op("all_reduce", "(Tensor x, str group_name) -> Tensor", all_reduced, _fake)

@@ -46,7 +46,7 @@ def _pad_rows(a: torch.Tensor, a_scale: torch.Tensor) -> tuple[torch.Tensor, tor
     """Activations and their token-major scales padded to a row count cuBLASLt's block scaling accepts
     (M = 1, 2, 3, 17, ... are refused with CUBLAS_STATUS_NOT_SUPPORTED). Padded rows are zeros with scale 1."""
     m = a.shape[0]
-    padded = -(-m // BLOCKWISE_ROW_MULTIPLE) * BLOCKWISE_ROW_MULTIPLE
+    padded = numerics.round_up(m, BLOCKWISE_ROW_MULTIPLE)
     if padded == m:
         return a, a_scale
     a_padded = a.new_empty((padded, a.shape[1]))

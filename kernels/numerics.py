@@ -101,11 +101,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int | None = No
     return values * scale.float()
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= n (a padded width, row count or tiled size)."""
+    return -(-n // multiple) * multiple
+
+
 def weight_block_scales(w: torch.Tensor, block: int) -> torch.Tensor:
     """Scales of a [N, K] weight quantised in block x block tiles (the weights of a per-group FP8 model, as
     DeepSeek-V3-style checkpoints ship them): [ceil(N / block), ceil(K / block)], each tile's amax / 448."""
     n, k = w.shape
-    padded = torch.zeros(-(-n // block) * block, -(-k // block) * block, dtype=torch.float32, device=w.device)
+    padded = torch.zeros(round_up(n, block), round_up(k, block), dtype=torch.float32, device=w.device)
     padded[:n, :k] = w.float().abs()
     tiles = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block)
     return (tiles.amax(dim=(1, 3)) / FP8_MAX).clamp(min=FP8_MIN_SCALE)

@@ -2,8 +2,8 @@
 
 One program rotates a block of heads of one token: it loads each head's two rotated halves (first / second half
 for neox, even / odd elements for gptj) and that token's cos / sin, and writes the heads once. With ``NORM`` the
-same program first takes each head's RMSNorm (mean of squares in fp64, as ``numerics.rms_norm``), which is what makes the fused
-Q/K-norm + RoPE one read and one write of q and k instead of three of each. Q heads and K heads of one token are
+same program first takes each head's RMSNorm (mean of squares in fp64, as ``numerics.rms_norm``), which is what
+makes the fused Q/K-norm + RoPE one read and one write of q and k instead of three of each. Q heads and K heads of one token are
 adjacent in the qkv projection, so one launch covers both: programs with a head index below ``NQ`` read the Q
 weight and write ``q_out``, the rest the K weight and ``k_out``.
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
+from .allreduce_norm import ALLREDUCE_NORM_QUANTS, allreduce_norm_name
+from .collectives import all_reduced
 from .library import NAMESPACE
 from .norm_quant import rms_norm_quant_name
-from . import triton_heads
-from .allreduce_norm import ALLREDUCE_NORM_QUANTS, _reduced, allreduce_norm_name
 from .quant import QUANT_SCHEMES, QuantScheme
 from .triton_rows import INPUT_ADD_RESIDUAL, INPUT_PLAIN, INPUT_SILU_MUL, run_rows
 
@@ -42,7 +43,7 @@ def _register_all() -> None:
             x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
     for quant in ALLREDUCE_NORM_QUANTS:  # NCCL's all-reduce, then the fused norm kernel (see allreduce_norm)
         _register(allreduce_norm_name(quant), lambda x, residual, weight, eps, *rest, q=quant: run_rows(
-            _reduced(x, rest[-1]), input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps,
+            all_reduced(x, rest[-1]), input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps,
             **({"quant": q, "scale": rest[0]} if q else {})))
     _register("rotary_embedding", triton_heads.rotary_embedding)
     _register("qk_norm_rope", triton_heads.qk_norm_rope)

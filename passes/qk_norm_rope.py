@@ -98,7 +98,7 @@ def find(rope: fx.Node) -> QKNormRope | None:
     head_dim = q_val.shape[-1]
     if not isinstance(head_dim, int) or q_width % head_dim or k_width % head_dim or k_val.shape[-1] != head_dim:
         return None
-    # The fused op reads K heads right after Q heads in each row; the inputs must already exist at the rope.
+    # k_start == q_width above: the fused op reads the K heads right after the Q heads of each qkv row.
     return QKNormRope(qkv, q_norm, k_norm, q_width // head_dim, k_width // head_dim, head_dim)
 
 
