@@ -174,7 +174,11 @@ def rotary_cache(cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int, group_name: str | None, generator: torch.Generator, device):
+    def __init__(self, cfg: ModelConfig, tp: int, group_name: str | None, generator: torch.Generator,
+                 replicated: torch.Generator, device):
+        """``generator`` draws this rank's weight shards; ``replicated`` the weights every rank holds alike (the
+        norms), so they agree across ranks as one checkpoint's would: sequence parallelism normalises each rank's
+        rows with its own copy."""
         super().__init__()
         self.num_heads = cfg.num_heads // tp
         self.num_kv_heads = cfg.num_kv_heads // tp
@@ -183,12 +187,12 @@ class DecoderLayer(nn.Module):
         self.group_name = group_name
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_split = (q_size, kv_size, kv_size)
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, generator, device)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, replicated, device)
         self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, cfg, generator, device)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_eps, cfg, generator, device) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_eps, cfg, generator, device) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_eps, cfg, replicated, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_eps, cfg, replicated, device) if cfg.qk_norm else None
         self.o_proj = Linear(q_size, cfg.hidden_size, cfg, generator, device)
-        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, generator, device)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, replicated, device)
         self.mlp_padding = cfg.mlp_input_size - cfg.hidden_size
         self.gate_up_proj = Linear(cfg.mlp_input_size, 2 * (cfg.intermediate_size // tp), cfg, generator, device)
         self.down_proj = Linear(cfg.intermediate_size // tp, cfg.hidden_size, cfg, generator, device)
@@ -232,11 +236,12 @@ class DecoderStack(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+        replicated = torch.Generator(device=device).manual_seed(seed * 1000 + 999)
         self.cfg = cfg
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, tp, group_name if tp > 1 else None, generator, device) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, tp, group_name if tp > 1 else None, generator, replicated, device) for _ in range(cfg.num_layers)
         )
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, generator, device)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, replicated, device)
         cos, sin = rotary_cache(cfg, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -135,7 +135,9 @@ class TPWorker:
             for num_tokens in sorted(job.num_tokens, reverse=True):
                 result = RankResult(num_tokens, resolved=dict(resolved.values))
                 try:
-                    part = range_for(parts, num_tokens)
+                    part = range_for(parts, num_tokens, self.world_size)
+                    if part.label not in compiled:  # a size SP cannot split: its range less SP, compiled once
+                        compiled[part.label] = self._compile(self._model, part)
                     fn, manager = compiled[part.label]
                     result.compile_range, result.active = part.label, list(part.active)
                     last_matches[part.label] = self._measure(job, cfg, fn, manager, result,
@@ -159,13 +161,16 @@ class TPWorker:
         resolved = resolve(job.pass_config, job.optimization_level, platform)
         model = self.model_for(cfg, job.seed)
         torch._dynamo.reset()
-        parts, compiled = compile_ranges(resolved), {}
-        for part in parts:
-            manager = PassManager(part.config)
-            fn = torch.compile(model, fullgraph=True,
-                               options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False})
-            compiled[part.label] = (fn, manager)
-        return cfg, resolved, parts, compiled
+        parts = compile_ranges(resolved)
+        return cfg, resolved, parts, {part.label: self._compile(model, part) for part in parts}
+
+    @staticmethod
+    def _compile(model: DecoderStack, part) -> tuple[Any, PassManager]:
+        """A lazily compiled callable for one num_tokens range, with that range's passes, and their manager."""
+        manager = PassManager(part.config)
+        fn = torch.compile(model, fullgraph=True,
+                           options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False})
+        return fn, manager
 
     @torch.no_grad()
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,

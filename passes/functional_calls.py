@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
+from torch._guards import detect_fake_mode
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 
 Form = Literal["plain", "v1", "v2"]
@@ -83,7 +85,7 @@ def emit_replacement(
     """Insert a call of ``new_op`` in ``old``'s form just before ``old.node``; returns the new node.
 
     ``arguments`` maps the new op's argument names to values; mutated arguments are taken over from ``old`` (same
-    names). ``results_meta`` are the fake values of the new op's own results; the new node's ``meta['val']`` is
+    names) unless ``arguments`` names them too (a mutated argument given anew must be a whole tensor, no view). ``results_meta`` are the fake values of the new op's own results; the new node's ``meta['val']`` is
     built from them plus ``old``'s mutated-argument values, so later Inductor stages see correct shapes.
     """
     graph = old.node.graph
@@ -97,14 +99,34 @@ def emit_replacement(
         kwargs = {k: v for k, v in old.node.kwargs.items() if old.form == "v2" and k.startswith("_")}
         for a in new_op._schema.arguments:
             mutated = a.alias_info is not None and a.alias_info.is_write
-            if old.form == "v2" and mutated:
-                continue  # carried in the _<name>_base_index / _all_bases entries copied above
-            kwargs[a.name] = old.argument(a.name) if mutated else arguments[a.name]
+            if old.form == "v2" and mutated:  # carried in the _<name>_base_index / _all_bases entries copied above
+                if a.name in arguments:
+                    bases = list(kwargs["_all_bases"])
+                    bases[kwargs[f"_{a.name}_base_index"]] = arguments[a.name]
+                    kwargs["_all_bases"] = bases
+                continue
+            kwargs[a.name] = arguments[a.name] if not mutated or a.name in arguments else old.argument(a.name)
         target = auto_functionalized if old.form == "v1" else auto_functionalized_v2
         new = graph.call_function(target, (new_op,), kwargs)
         if old_meta is not None:
             new.meta["val"] = (*results_meta, *old_meta[old.num_results :])
         return new
+
+
+def is_view_of_base(call: OpCall, name: str) -> bool:
+    """Whether mutated argument ``name`` is a view into a larger base (v2 records its size/stride then)."""
+    return call.form == "v2" and f"_{name}_size" in call.node.kwargs
+
+
+def refresh_meta(node: fx.Node) -> fx.Node:
+    """Set ``node.meta['val']`` by running its target on its inputs' fake values (for nodes a pass creates whose
+    shapes differ from anything already in the graph)."""
+    values = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    fake_mode = detect_fake_mode(pytree.tree_leaves(values))
+    args, kwargs = values
+    with fake_mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+    return node
 
 
 def getitem(node: fx.Node, index: int) -> fx.Node:

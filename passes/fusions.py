@@ -46,6 +46,7 @@ class PassSpec:
     quant_schemes: tuple[str, ...] | None = None
     needs_tp: bool = False  # a collective fusion: nothing to match at TP=1
     needs_model: str | None = None  # a ModelConfig flag the model must have for the pattern to exist (qk_norm)
+    splits_tokens: bool = False  # shards num_tokens over the TP group: sizes that do not split run without it
 
     def token_bound(self, values: dict, platform: Platform) -> int | None:
         """The num_tokens edge of this pass's range under resolved ``values``: the largest num_tokens a "low" pass
@@ -254,6 +255,8 @@ PASSES: tuple[PassSpec, ...] = (
         default=off,
         thresholds=(SP_MIN_TOKEN_NUM,),
         needs_tp=True,
+        splits_tokens=True,
+        implementation="sequence_parallel:SequenceParallelPass",
     ),
     PassSpec(
         flag="fuse_gemm_comms",
@@ -265,6 +268,8 @@ PASSES: tuple[PassSpec, ...] = (
         thresholds=(SP_MIN_TOKEN_NUM,),
         requires=("enable_sp",),
         needs_tp=True,
+        splits_tokens=True,
+        implementation="gemm_comms:GemmCommsFusionPass",
     ),
     PassSpec(
         flag="fuse_act_padding",

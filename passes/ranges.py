@@ -20,13 +20,15 @@ class CompileRange:
     low: int  # smallest num_tokens, inclusive
     high: int | None  # largest num_tokens, inclusive; None: no limit
     config: ResolvedPassConfig  # the passes outside this range switched off
+    variant: str = ""  # set where sizes of the range run another graph ("indivisible": SP off)
 
     def __contains__(self, num_tokens: int) -> bool:
         return num_tokens >= self.low and (self.high is None or num_tokens <= self.high)
 
     @property
     def label(self) -> str:
-        return f"{self.low}-{self.high}" if self.high is not None else f">={self.low}"
+        bounds = f"{self.low}-{self.high}" if self.high is not None else f">={self.low}"
+        return f"{bounds}/{self.variant}" if self.variant else bounds
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -61,5 +63,12 @@ def compile_ranges(config: ResolvedPassConfig) -> list[CompileRange]:
     return ranges
 
 
-def range_for(ranges: list[CompileRange], num_tokens: int) -> CompileRange:
-    return next(r for r in ranges if num_tokens in r)
+def range_for(ranges: list[CompileRange], num_tokens: int, tp_size: int = 1) -> CompileRange:
+    """The range whose graph runs ``num_tokens``. A size that does not split over the TP group runs the range's
+    passes less those that shard tokens (SP, AsyncTP): its own graph, labelled "<range>/indivisible"."""
+    part = next(r for r in ranges if num_tokens in r)
+    splitting = {flag for flag in part.active if PASSES_BY_FLAG[flag].splits_tokens}
+    if tp_size == 1 or num_tokens % tp_size == 0 or not splitting:
+        return part
+    why = f"num_tokens={num_tokens} does not split over TP={tp_size}"
+    return replace(part, config=part.config.switched_off(splitting, why), variant="indivisible")

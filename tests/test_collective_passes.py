@@ -67,3 +67,44 @@ def test_the_threshold_sets_the_range(allreduce_runs):
         assert by_size[9].compile_range == ">=5" and by_size[9].matches["fuse_allreduce_rms"] == 0
         assert "fuse_allreduce_rms" not in by_size[9].active
         assert all(not r.error and r.max_abs_err <= r.tolerance for r in small)
+
+
+@pytest.fixture(scope="module", params=["none", "fp8-static"])
+def sp_runs(request):
+    """Sequence parallelism alone and with AsyncTP, from num_tokens 4 (sp_min_token_num); 9 does not split over
+    TP=2. bf16 exercises the aten.mm forms, fp8-static the scaled_mm forms and a norm fused with its quant."""
+    quant = request.param
+    cfg = build_model_config("tiny", num_layers=2, quant=quant).to_dict()
+    sizes = [3, 8, 9]
+    sp = {"enable_sp": True, "sp_min_token_num": 4, "fuse_norm_quant": quant != "none"}
+    jobs = [Job("base", OFF, 2, cfg, sizes, warmup=1, repeats=2, is_baseline=True),
+            Job("sp", {**sp, "fuse_gemm_comms": False}, 2, cfg, sizes, warmup=1, repeats=2),
+            Job("asynctp", {**sp, "fuse_gemm_comms": True}, 2, cfg, sizes, warmup=1, repeats=2)]
+    return run_tp2(jobs)
+
+
+def test_sequence_parallelism_and_asynctp_match_per_layer_and_agree(sp_runs):
+    for rank, (base, sp, asynctp) in sp_runs.items():
+        for runs in (sp, asynctp):
+            by_size = {r.num_tokens: r for r in runs}
+            for r in runs:
+                assert not r.error, (rank, r.num_tokens, r.error)
+                assert r.max_abs_err <= r.tolerance, (rank, r.num_tokens, r.max_abs_err)
+            # Per layer: the post-attention norm and the next layer's input norm (the last: the final norm).
+            assert by_size[8].matches["enable_sp"] == 2 * 2 and by_size[8].compile_range == ">=4"
+            assert by_size[3].matches["enable_sp"] == 0 and "enable_sp" not in by_size[3].active
+        by_size = {r.num_tokens: r for r in asynctp}
+        # GEMM -> reduce-scatter: o_proj and down_proj of each layer (4); all-gather -> GEMM: every gathered norm
+        # output but the final one feeds a GEMM (3).
+        assert by_size[8].matches["fuse_gemm_comms"] == 4 + 3
+        assert {r.num_tokens: r.matches["fuse_gemm_comms"] for r in sp} == {3: 0, 8: 0, 9: 0}
+
+
+def test_sizes_that_do_not_split_over_tp_run_without_sp(sp_runs):
+    for _, (_, sp, asynctp) in sp_runs.items():
+        for runs in (sp, asynctp):
+            nine = next(r for r in runs if r.num_tokens == 9)
+            assert nine.compile_range == ">=4/indivisible"
+            assert nine.matches["enable_sp"] == 0 and nine.matches["fuse_gemm_comms"] == 0
+            assert "enable_sp" not in nine.active and "fuse_gemm_comms" not in nine.active
+            assert nine.max_abs_err <= nine.tolerance

@@ -34,3 +34,14 @@ def test_no_range_bound_no_split():
     config = resolve({"enable_qk_norm_rope_fusion": True}, 2, Platform(hidden_size=4096, quant="fp8-static"))
     (only,) = compile_ranges(config)
     assert only.label == ">=1" and "enable_qk_norm_rope_fusion" in only.active and only.config is config
+
+
+def test_a_size_that_does_not_split_over_tp_runs_its_range_without_sp():
+    ranges = compile_ranges(resolve({"fuse_gemm_comms": True}, 2, HOPPER_TP4))
+    high = ranges[-1]
+    assert range_for(ranges, 4096, tp_size=4) is high
+    odd = range_for(ranges, 4097, tp_size=4)
+    assert odd.label == ">=2048/indivisible" and odd.low == high.low
+    assert not {"enable_sp", "fuse_gemm_comms"} & set(odd.active) and "fuse_norm_quant" in odd.active
+    assert odd.config.reasons["enable_sp"] == "num_tokens=4097 does not split over TP=4"
+    assert range_for(ranges, 7, tp_size=4) is ranges[0]  # no SP in the low range: nothing to switch off

@@ -47,6 +47,15 @@ def test_a_fusion_outside_its_num_tokens_range_is_named_not_counted_as_unfired()
     assert table.loc["low only", "note"] == "outside the num_tokens range of fuse_act_quant"
 
 
+def test_sp_off_at_a_size_that_does_not_split_over_tp_says_why():
+    base = {**row("base", 4097, 4.0, baseline=True), "tp": 2}
+    sp = {**row("sp", 4097, 4.1), "tp": 2, "enable_sp": True, "matches_enable_sp": 0,
+          "active_passes": "eliminate_noops", "compile_range": ">=2048/indivisible"}
+    table = speedups(pd.DataFrame([base, sp])).set_index("label")
+    assert pd.isna(table.loc["sp", "speedup"])
+    assert table.loc["sp", "note"] == "needs a num_tokens that splits over TP: enable_sp"
+
+
 def test_report_files(tmp_path):
     folder = RunFolder(tmp_path)
     folder.append(ROWS)
