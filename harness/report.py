@@ -33,8 +33,8 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
         unfired = [f for f in active if not row.get(f"matches_{f}", 0)]
         out_of_range = [f for f in enabled if f not in active]
         # Off at this size because of its threshold, or (SP, AsyncTP) because num_tokens does not split over TP.
-        where = "num_tokens that splits over TP" if str(row.get("compile_range", "")).endswith("/indivisible") \
-            else "its range"
+        why_off = "off, num_tokens does not split over TP" \
+            if str(row.get("compile_range", "")).endswith("/indivisible") else "outside its range"
         if row["status"] != "ok":
             note, value = row["status"], float("nan")
         elif pd.isna(row["baseline_ms"]):
@@ -43,10 +43,10 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
             note, value = f"did not fire: {', '.join(unfired)}", float("nan")
         elif enabled and not active:
             note, value = f"outside the num_tokens range of {', '.join(out_of_range)}", float("nan")
-            if where != "its range":
-                note = f"needs a {where}: {', '.join(out_of_range)}"
+            if why_off != "outside its range":
+                note = f"{why_off}: {', '.join(out_of_range)}"
         else:
-            note = f"outside {where}: {', '.join(out_of_range)}" if out_of_range else ""
+            note = f"{why_off}: {', '.join(out_of_range)}" if out_of_range else ""
             value = row["baseline_ms"] / row["latency_ms"]
         notes.append(note)
         values.append(value)

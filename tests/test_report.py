@@ -53,7 +53,7 @@ def test_sp_off_at_a_size_that_does_not_split_over_tp_says_why():
           "active_passes": "eliminate_noops", "compile_range": ">=2048/indivisible"}
     table = speedups(pd.DataFrame([base, sp])).set_index("label")
     assert pd.isna(table.loc["sp", "speedup"])
-    assert table.loc["sp", "note"] == "needs a num_tokens that splits over TP: enable_sp"
+    assert table.loc["sp", "note"] == "off, num_tokens does not split over TP: enable_sp"
 
 
 def test_report_files(tmp_path):
