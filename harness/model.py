@@ -210,10 +210,7 @@ class DecoderLayer(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         q, k = ops.rotary_embedding(q, k, cos, sin, self.rope_is_neox)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
-        )
-        return out.transpose(0, 1).reshape(num_tokens, self.num_heads * self.head_dim)
+        return ops.attention(q, k, v, self.head_dim ** -0.5)  # [num_tokens, heads * head_dim]
 
     def forward(self, x, residual, cos, sin, first: bool):
         # Layer 0 norms its input directly (residual already holds it); later layers add x to the residual first.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_heads
+from . import triton_attention, triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
 from .allreduce_norm import ALLREDUCE_NORM_QUANTS, allreduce_norm_name
 from .collectives import all_reduced
@@ -47,6 +47,8 @@ def _register_all() -> None:
             **({"quant": q, "scale": rest[0]} if q else {})))
     _register("rotary_embedding", triton_heads.rotary_embedding)
     _register("qk_norm_rope", triton_heads.qk_norm_rope)
+    _register("attention", lambda q, k, v, scale: triton_attention.attention(q, k, v, scale))
+    _register("attention_quant_fp8_static", triton_attention.attention_quant_fp8_static)
     for scheme in ACT_QUANT_SCHEMES:
         _register(act_quant_name(scheme), lambda x, *extras, s=scheme: run_rows(
             x, input_mode=INPUT_SILU_MUL, **_quant_kwargs(s, extras)))

@@ -221,6 +221,7 @@ PASSES: tuple[PassSpec, ...] = (
         fullgraph=True,
         default=off,
         quant_schemes=("fp8-static",),
+        implementation="attn_quant:AttnQuantFusionPass",
     ),
     PassSpec(
         flag="fuse_rope_kvcache",

@@ -1,0 +1,41 @@
+"""Causal self-attention over one sequence, and its fused form that writes FP8 (fuse_attn_quant).
+
+``attention(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], scale) -> [T, Hq * D]``, grouped-query (Hq a multiple of
+Hkv), output heads flattened as o_proj reads them. ``attention_quant_fp8_static(q, k, v, scale, quant_scale)`` is
+the same attention quantised to FP8 with a static scale, the input o_proj's FP8 GEMM needs: the attention kernel
+quantises its own output instead of writing bf16 for a quant kernel to read back.
+
+The reference is torch's scaled_dot_product_attention (then ``numerics.quant_fp8_static``). On CUDA both ops run
+one Triton flash-attention kernel (``triton_attention``), which rounds its fp32 result to the activation dtype
+before quantising, so the fused op equals attention followed by the quant op bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import numerics
+from .library import define_op
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    tokens, heads, head_dim = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                         scale=scale, enable_gqa=True)
+    return out.transpose(0, 1).reshape(tokens, heads * head_dim)
+
+
+def _attention_quant(q, k, v, scale, quant_scale):
+    return numerics.quant_fp8_static(causal_attention(q, k, v, scale), quant_scale)
+
+
+def _fake(q, k, v, scale, *quant_scale):
+    dtype = numerics.FP8_DTYPE if quant_scale else q.dtype
+    return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=dtype)
+
+
+attention = define_op("attention", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", causal_attention, _fake)
+attention_quant_fp8_static = define_op(
+    "attention_quant_fp8_static", "(Tensor q, Tensor k, Tensor v, float scale, Tensor quant_scale) -> Tensor",
+    _attention_quant, _fake)

@@ -1,0 +1,100 @@
+"""The Triton flash-attention kernel behind ``attention`` and ``attention_quant_fp8_static`` on CUDA.
+
+One program takes a block of queries of one head and streams the keys and values of its KV head up to the causal
+edge, keeping a running max and sum (online softmax, in fp32, exp2 with log2(e) folded into the scale). The
+normalised result is rounded to the activation dtype and then, for the fused op, quantised as ``numerics`` does
+(multiply by the IEEE reciprocal of the scale, clamp to +-448, round to nearest even): the fused op therefore
+equals this kernel's bf16 output quantised by the quant op, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .numerics import FP8_DTYPE, FP8_MAX
+from .triton_rows import _reciprocal
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, quant_scale_ptr,
+    q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t,
+    num_tokens, qk_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    OUT_FP8: tl.constexpr, FP8_MAX_C: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    cols0 = tl.arange(0, BLOCK_N)
+    row_mask = rows < num_tokens
+    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * q_stride_t + head * q_stride_h + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    end = tl.minimum(start_m + BLOCK_M, num_tokens)
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + cols0
+        col_mask = cols < num_tokens
+        k = tl.load(k_ptr + cols[None, :].to(tl.int64) * k_stride_t + kv_head * k_stride_h + dims[:, None],
+                    mask=col_mask[None, :], other=0.0)
+        s = tl.dot(q, k) * qk_scale
+        s = tl.where((rows[:, None] >= cols[None, :]) & col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + cols[:, None].to(tl.int64) * v_stride_t + kv_head * v_stride_h + dims[None, :],
+                    mask=col_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    o = (acc / l_i[:, None]).to(q_ptr.dtype.element_ty)
+    out_at = out_ptr + rows[:, None].to(tl.int64) * out_stride_t + head * D + dims[None, :]
+    if OUT_FP8:
+        scale = tl.load(quant_scale_ptr)
+        o = tl.clamp(o.to(tl.float32) * _reciprocal(scale), -FP8_MAX_C, FP8_MAX_C)
+        tl.store(out_at, o.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=row_mask[:, None])
+    else:
+        tl.store(out_at, o, mask=row_mask[:, None])
+
+
+def _blocks(num_tokens: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps): 16-query blocks for short sequences (decode-sized batches), else 64 (128 for
+    head_dim 64, whose tiles are half the size)."""
+    if num_tokens <= 16:
+        return 16, 64, 4
+    return (64, 64, 4) if head_dim >= 128 else (128, 64, 8)
+
+
+def attention(q, k, v, scale, quant_scale=None, out=None):
+    tokens, heads, head_dim = q.shape
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"the Triton attention kernel needs a power-of-two head_dim >= 16, got {head_dim}")
+    if heads % k.shape[1]:
+        raise ValueError(f"{heads} query heads do not group over {k.shape[1]} KV heads")
+    q, k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k, v))
+    if out is None:
+        dtype = FP8_DTYPE if quant_scale is not None else q.dtype
+        out = q.new_empty((tokens, heads * head_dim), dtype=dtype)
+    if tokens == 0:
+        return out
+    block_m, block_n, warps = _blocks(tokens, head_dim)
+    _attention_kernel[(triton.cdiv(tokens, block_m), heads)](
+        q, k, v, out, quant_scale if quant_scale is not None else q,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        tokens, scale * math.log2(math.e),
+        GROUP=heads // k.shape[1], D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        OUT_FP8=quant_scale is not None, FP8_MAX_C=FP8_MAX, num_warps=warps, num_stages=2,
+    )
+    return out
+
+
+def attention_quant_fp8_static(q, k, v, scale, quant_scale, out=None):
+    return attention(q, k, v, scale, quant_scale, out)

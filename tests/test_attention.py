@@ -1,0 +1,100 @@
+"""Attention and attention + FP8 quant: the reference against a float64 softmax, the Triton kernel (interpreter on
+CPU, the GPU when there is one) against the reference on poisoned outputs, the fused FP8 form against the kernel's
+own output quantised by the quant op, and fuse_attn_quant on the compiled model.
+
+Tolerances. The kernel and the reference both accumulate in fp32 and round once to the output dtype, but in other
+orders, and the kernel rounds the softmax probabilities to the input dtype before the PV product (as flash
+attention does). Each output is a convex combination of values, so its error is at most the probabilities'
+relative rounding (eps of the dtype) times max |v|: the bound is 2 eps(dtype) max|v| (fp32 on CPU: 1e-5 of it,
+summation order only). The fused FP8 output must equal the quant op applied to the kernel's output code for code
+on the GPU; in the interpreter only its known fp32 -> e4m3 dropped-carry defect may differ
+(tests/test_triton_kernels.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusiontune.harness.model import DecoderStack, build_model_config
+from fusiontune.kernels import attention, numerics
+from fusiontune.passes.config import resolve
+from fusiontune.passes.manager import PassManager
+from fusiontune.passes.platform import Platform
+
+triton = pytest.importorskip("triton")
+from fusiontune.kernels import triton_attention  # noqa: E402
+from test_triton_kernels import DEVICE, ON_GPU, assert_codes, poisoned  # noqa: E402
+
+# bf16 dots are wrong in Triton's interpreter (triton 3.9: garbage of 1e8), so on CPU the kernel runs fp16 / fp32.
+DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
+TOKENS = [1, 7, 130, 4097] if ON_GPU else [1, 7, 130]
+HEADS = [(32, 8, 128), (64, 8, 64)] if ON_GPU else [(4, 2, 64), (3, 1, 128)]
+
+
+def qkv(tokens, heads, kv_heads, head_dim, dtype, seed):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return tuple(torch.randn(tokens, h, head_dim, generator=g, device=DEVICE).to(dtype)
+                 for h in (heads, kv_heads, kv_heads))
+
+
+def bound(v, dtype):
+    eps = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    return eps * v.float().abs().max().item()
+
+
+def test_reference_is_causal_grouped_softmax_attention():
+    q, k, v = (x.cpu().double() for x in qkv(9, 4, 2, 16, torch.float32, 0))
+    got = attention.causal_attention(q, k, v, 0.25).view(9, 4, 16)
+    for head in range(4):
+        scores = (q[:, head] @ k[:, head // 2].t()) * 0.25
+        scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(got[:, head], scores.softmax(-1) @ v[:, head // 2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}")
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_kernel_matches_reference_and_fused_quant_matches_unfused(tokens, heads, dtype):
+    q, k, v = qkv(tokens, *heads, dtype, seed=tokens)
+    scale = heads[2] ** -0.5
+    want = attention.causal_attention(q, k, v, scale)
+    got = triton_attention.attention(q, k, v, scale, out=poisoned(want.shape, dtype))
+    assert torch.isfinite(got).all(), "an output element was not written"
+    assert (got.float() - want.float()).abs().max().item() <= bound(v, dtype)
+    quant_scale = torch.tensor([want.float().abs().max().item() / 300], device=DEVICE)  # some values clamp
+    fused = triton_attention.attention_quant_fp8_static(q, k, v, scale, quant_scale,
+                                                        out=poisoned(want.shape, numerics.FP8_DTYPE))
+    counts = assert_codes(fused, numerics.quant_fp8_static(got, quant_scale))
+    if ON_GPU:
+        assert counts["differ"] == 0, counts
+
+
+def test_kernel_reads_heads_split_from_qkv_in_place():
+    """The model hands the kernel views of the qkv projection (tokens apart by the qkv row stride)."""
+    qkv_rows = torch.randn(11, 6 * 64, device=DEVICE, dtype=DTYPES[0])
+    q, k, v = (t.view(11, -1, 64) for t in qkv_rows.split([4 * 64, 64, 64], dim=-1))
+    want = attention.causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.125)
+    got = triton_attention.attention(q, k, v, 0.125)
+    assert (got.float() - want.float()).abs().max().item() <= bound(v, DTYPES[0])
+
+
+def test_fuse_attn_quant_fires_once_per_layer_bit_exact():
+    cfg = build_model_config("tiny", num_layers=2, quant="fp8-static")
+    model = DecoderStack(cfg, seed=3)
+    inputs = [torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(n)).to(cfg.torch_dtype)
+              for n in (5, 17)]
+    model.calibrate_static_scales(inputs[1])
+    outputs, managers = [], []
+    with torch.no_grad():
+        for on in (False, True):
+            manager = PassManager(resolve({"fuse_attn_quant": on}, level=0, platform=Platform(hidden_size=256)))
+            torch._dynamo.reset()
+            fn = torch.compile(model, dynamic=True, options={"post_grad_custom_post_pass": manager,
+                                                             "fx_graph_cache": False})
+            outputs.append([fn(x) for x in inputs])
+            managers.append(manager)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    fused = managers[1]
+    assert fused.graphs_seen >= 1 and fused.matches["fuse_attn_quant"] == cfg.num_layers * fused.graphs_seen
+    assert managers[0].matches["fuse_attn_quant"] == 0
