@@ -26,6 +26,7 @@ import torch
 
 import fusiontune.kernels  # noqa: F401
 from fusiontune.kernels import QUANT_SCHEMES, numerics
+from fusiontune.kernels.attention import causal_attention
 from fusiontune.kernels.rope import split_heads
 
 ops = torch.ops.fusiontune
@@ -48,6 +49,7 @@ class Case:
     group_size: int = 0
     heads: bool = False  # a per-head op on a qkv projection: H = Q heads x HEAD_DIM, KV heads = Q heads / 4
     pad_multiple: int = 0  # the output is zero-padded to a multiple of this (only for H that are not one)
+    attention: bool = False  # causal attention over the qkv: compute-bound beyond a few hundred tokens
 
     def applies_to(self, hidden: int) -> bool:
         if self.heads:
@@ -77,6 +79,8 @@ class Case:
 
     def bytes_moved(self, tokens: int, hidden: int, dtype: torch.dtype) -> int:
         e = dtype.itemsize
+        if self.attention:  # Q, K, V read once (K and V again per query block: in L2), the output written once
+            return tokens * (hidden + hidden // 2) * e + tokens * hidden * (1 if self.quant else e)
         if self.heads:  # Q and K read and written once (V untouched), cos and sin read
             qk = tokens * (hidden + hidden // 4) * e
             return 2 * qk + tokens * HEAD_DIM * 4 + 2 * HEAD_DIM * e
@@ -159,6 +163,11 @@ def cases() -> list[Case]:
                                                       for t, w in zip(_qk(i), (i["wq"], i["wk"]))],
                                                     i["cos"], i["sin"], True),
              heads=True),
+        Case("attention->fp8-static",
+             lambda i: ops.attention_quant_fp8_static(*_qkv(i), HEAD_DIM ** -0.5, i["scale"]),
+             lambda i: n.quant_fp8_static(causal_attention(*_qkv(i), HEAD_DIM ** -0.5), i["scale"]),
+             unfused=lambda i: ops.quant_fp8_static(ops.attention(*_qkv(i), HEAD_DIM ** -0.5), i["scale"]),
+             heads=True, attention=True, quant="fp8-static"),
     ]
 
 
@@ -166,6 +175,13 @@ def _qk(i: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Q and K of the qkv projection, [T, heads, HEAD_DIM] views, as the model's attention splits them."""
     q_heads, kv_heads = i["heads"]
     return split_heads(i["qkv"], q_heads, kv_heads, HEAD_DIM)
+
+
+def _qkv(i: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K and V of the qkv projection, [T, heads, HEAD_DIM] views."""
+    q_heads, kv_heads = i["heads"]
+    q, k = split_heads(i["qkv"], q_heads, kv_heads, HEAD_DIM)
+    return q, k, i["qkv"][:, (q_heads + kv_heads) * HEAD_DIM:].unflatten(-1, (kv_heads, HEAD_DIM))
 
 
 def _add_norm(x, residual, weight):
