@@ -68,6 +68,7 @@ class Case:
                 "wq": (1 + 0.1 * torch.randn(HEAD_DIM, generator=g, device=device)).to(dtype),
                 "wk": (1 + 0.1 * torch.randn(HEAD_DIM, generator=g, device=device)).to(dtype),
                 "cos": angles.cos(), "sin": angles.sin(), "heads": (q_heads, q_heads // 4),
+                "scale": torch.tensor([0.02], device=device),
             }
         width = 2 * hidden if self.silu_input else hidden
         return {
