@@ -50,6 +50,7 @@ class Case:
     heads: bool = False  # a per-head op on a qkv projection: H = Q heads x HEAD_DIM, KV heads = Q heads / 4
     pad_multiple: int = 0  # the output is zero-padded to a multiple of this (only for H that are not one)
     attention: bool = False  # causal attention over the qkv: compute-bound beyond a few hundred tokens
+    kv_cache: bool = False  # also writes K and V into a paged cache
 
     def applies_to(self, hidden: int) -> bool:
         if self.heads:
@@ -69,6 +70,10 @@ class Case:
                 "wk": (1 + 0.1 * torch.randn(HEAD_DIM, generator=g, device=device)).to(dtype),
                 "cos": angles.cos(), "sin": angles.sin(), "heads": (q_heads, q_heads // 4),
                 "scale": torch.tensor([0.02], device=device),
+                # a paged cache of twice the tokens, the tokens' slots scattered over it
+                "k_cache": torch.zeros(_padded(2 * tokens, 16), q_heads // 4, HEAD_DIM, device=device, dtype=dtype),
+                "v_cache": torch.zeros(_padded(2 * tokens, 16), q_heads // 4, HEAD_DIM, device=device, dtype=dtype),
+                "slots": torch.randperm(2 * tokens, generator=g, device=device)[:tokens],
             }
         width = 2 * hidden if self.silu_input else hidden
         return {
@@ -82,6 +87,8 @@ class Case:
         e = dtype.itemsize
         if self.attention:  # Q, K, V read once (K and V again per query block: in L2), the output written once
             return tokens * (hidden + hidden // 2) * e + tokens * hidden * (1 if self.quant else e)
+        if self.kv_cache:  # Q, K, V read once; Q and K written, K and V written again into the cache
+            return tokens * (hidden + hidden // 2) * e * 2 + tokens * (hidden + hidden // 4) * e + tokens * HEAD_DIM * 4
         if self.heads:  # Q and K read and written once (V untouched), cos and sin read
             qk = tokens * (hidden + hidden // 4) * e
             return 2 * qk + tokens * HEAD_DIM * 4 + 2 * HEAD_DIM * e
@@ -164,6 +171,12 @@ def cases() -> list[Case]:
                                                       for t, w in zip(_qk(i), (i["wq"], i["wk"]))],
                                                     i["cos"], i["sin"], True),
              heads=True),
+        Case("rotary_embedding+kv_cache",
+             lambda i: (*ops.rotary_embedding_and_cache(*_qkv(i), i["cos"], i["sin"], True, *_caches(i)),
+                        i["k_cache"], i["v_cache"]),
+             lambda i: _rope_and_cache(i),
+             unfused=lambda i: _rope_then_cache(i),
+             heads=True, kv_cache=True),
         Case("attention->fp8-static",
              lambda i: ops.attention_quant_fp8_static(*_qkv(i), HEAD_DIM ** -0.5, i["scale"]),
              lambda i: n.quant_fp8_static(causal_attention(*_qkv(i), HEAD_DIM ** -0.5), i["scale"]),
@@ -183,6 +196,27 @@ def _qkv(i: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q_heads, kv_heads = i["heads"]
     q, k = split_heads(i["qkv"], q_heads, kv_heads, HEAD_DIM)
     return q, k, i["qkv"][:, (q_heads + kv_heads) * HEAD_DIM:].unflatten(-1, (kv_heads, HEAD_DIM))
+
+
+def _caches(i: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The caches as [blocks, 16, kv_heads, HEAD_DIM] and the slot mapping."""
+    k_cache, v_cache = (c.view(-1, 16, *c.shape[1:]) for c in (i["k_cache"], i["v_cache"]))
+    return k_cache, v_cache, i["slots"]
+
+
+def _rope_then_cache(i: dict):
+    q, k, v = _qkv(i)
+    q, k = ops.rotary_embedding(q, k, i["cos"], i["sin"], True)
+    ops.reshape_and_cache(k, v, *_caches(i))
+    return q, k, i["k_cache"], i["v_cache"]
+
+
+def _rope_and_cache(i: dict):
+    """The eager expression: RoPE, then an index_put of K and V (Inductor fuses what it can)."""
+    q, k, v = _qkv(i)
+    q, k = numerics.rope(q, i["cos"], i["sin"], True), numerics.rope(k, i["cos"], i["sin"], True)
+    k_cache, v_cache = i["k_cache"].index_put((i["slots"],), k), i["v_cache"].index_put((i["slots"],), v)
+    return q, k, k_cache, v_cache
 
 
 def _add_norm(x, residual, weight):

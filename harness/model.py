@@ -1,7 +1,9 @@
 """A Llama-style decoder stack built from fusiontune's ops, tensor-parallel over a process group.
 
-Per layer, as vLLM runs it: (add +) RMSNorm -> QKV projection -> [per-head Q/K RMSNorm] -> RoPE -> causal
-attention -> o_proj -> all-reduce -> add + RMSNorm -> gate_up -> SiLU*Mul -> down -> all-reduce. With FP8 quant,
+Per layer, as vLLM runs a prefill: (add +) RMSNorm -> QKV projection -> [per-head Q/K RMSNorm] -> RoPE -> write K
+and V to the paged KV cache -> causal attention -> o_proj -> all-reduce -> add + RMSNorm -> gate_up -> SiLU*Mul ->
+down -> all-reduce. The forward is one sequence of num_tokens tokens at positions 0..num_tokens-1; a decode step
+(attention over the cache) is not modelled yet. With FP8 quant,
 each linear quantises its input (static per-tensor, dynamic per-token or per-group) and runs a scaled matmul, so
 the graph holds exactly the op pairs the fusion passes look for.
 
@@ -45,6 +47,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
     max_position: int = 32768
+    kv_block_size: int = 16  # tokens per block of the paged KV cache (max_position slots per layer)
     dtype: str = "bfloat16"
     quant: str = "none"  # none | fp8-static | fp8-per-token | fp8-per-group
     group_size: int = 128  # for fp8-per-group
@@ -194,13 +197,17 @@ class DecoderLayer(nn.Module):
         self.o_proj = Linear(q_size, cfg.hidden_size, cfg, generator, device)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, replicated, device)
         self.mlp_padding = cfg.mlp_input_size - cfg.hidden_size
+        blocks = -(-cfg.max_position // cfg.kv_block_size)
+        cache_shape = (blocks, cfg.kv_block_size, self.num_kv_heads, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=cfg.torch_dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=cfg.torch_dtype, device=device), persistent=False)
         self.gate_up_proj = Linear(cfg.mlp_input_size, 2 * (cfg.intermediate_size // tp), cfg, generator, device)
         self.down_proj = Linear(cfg.intermediate_size // tp, cfg.hidden_size, cfg, generator, device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.group_name is None else ops.all_reduce(x, self.group_name)
 
-    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         num_tokens = h.shape[0]
         q, k, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -210,12 +217,13 @@ class DecoderLayer(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         q, k = ops.rotary_embedding(q, k, cos, sin, self.rope_is_neox)
+        ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, slots)  # for the decode steps that would follow
         return ops.attention(q, k, v, self.head_dim ** -0.5)  # [num_tokens, heads * head_dim]
 
-    def forward(self, x, residual, cos, sin, first: bool):
+    def forward(self, x, residual, cos, sin, slots, first: bool):
         # Layer 0 norms its input directly (residual already holds it); later layers add x to the residual first.
         h = self.input_norm(x) if first else self.input_norm(x, residual)
-        x = self.all_reduce(self.o_proj(self.attention(h, cos, sin)))
+        x = self.all_reduce(self.o_proj(self.attention(h, cos, sin, slots)))
         h = self.post_attention_norm(x, residual)
         if self.mlp_padding:
             h = torch.nn.functional.pad(h, (0, self.mlp_padding))
@@ -247,10 +255,11 @@ class DecoderStack(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
         cos, sin = self.rope_cos[:num_tokens], self.rope_sin[:num_tokens]
+        slots = torch.arange(num_tokens, device=hidden_states.device)  # one sequence, cached from slot 0
         residual = hidden_states.clone()  # updated in place by every fused add + norm; the input stays intact
         x = hidden_states
         for i, layer in enumerate(self.layers):
-            x = layer(x, residual, cos, sin, first=i == 0)
+            x = layer(x, residual, cos, sin, slots, first=i == 0)
         return self.final_norm(x, residual)
 
     @torch.no_grad()

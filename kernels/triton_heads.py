@@ -21,8 +21,9 @@ import triton.language as tl
 @triton.jit
 def _head_kernel(
     src_ptr, src_stride, q_out_ptr, k_out_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, cs_stride, eps, NQ, NK,
+    k_cache_ptr, v_cache_ptr, slot_ptr, NV,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, NORM: tl.constexpr,
-    IS_NEOX: tl.constexpr,
+    IS_NEOX: tl.constexpr, CACHE: tl.constexpr,
 ):
     # Program (token, block of HEADS heads): a [HEADS, half] tile of each rotated half. A program of one head
     # moves 256 bytes, too little to amortise itself (measured on the H100: 19% of copy at large num_tokens).
@@ -34,7 +35,7 @@ def _head_kernel(
         first, second = i, i + HALF
     else:
         first, second = 2 * i, 2 * i + 1
-    mask = (heads < NQ + NK)[:, None] & col_mask[None, :]
+    mask = (heads < NQ + NK + NV)[:, None] & col_mask[None, :]
     row = src_ptr + token * src_stride + heads[:, None] * D
     x1 = tl.load(row + first[None, :], mask=mask, other=0.0)
     x2 = tl.load(row + second[None, :], mask=mask, other=0.0)
@@ -59,21 +60,37 @@ def _head_kernel(
     k_at = k_out_ptr + (token * NK + heads[:, None] - NQ) * D
     tl.store(q_at + first[None, :], o1, mask=mask & is_q)
     tl.store(q_at + second[None, :], o2, mask=mask & is_q)
-    tl.store(k_at + first[None, :], o1, mask=mask & ~is_q)
-    tl.store(k_at + second[None, :], o2, mask=mask & ~is_q)
+    is_k = ((heads >= NQ) & (heads < NQ + NK))[:, None]
+    tl.store(k_at + first[None, :], o1, mask=mask & is_k)
+    tl.store(k_at + second[None, :], o2, mask=mask & is_k)
+    if CACHE:  # the rotated K heads, and the V heads (after K in the qkv row) as they are, into the token's slot
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        kc_at = k_cache_ptr + (slot * NK + heads[:, None] - NQ) * D
+        tl.store(kc_at + first[None, :], o1, mask=mask & is_k)
+        tl.store(kc_at + second[None, :], o2, mask=mask & is_k)
+        is_v = (heads >= NQ + NK)[:, None]
+        vc_at = v_cache_ptr + (slot * NK + heads[:, None] - NQ - NK) * D
+        tl.store(vc_at + first[None, :], x1, mask=mask & is_v)
+        tl.store(vc_at + second[None, :], x2, mask=mask & is_v)
 
 
-def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_neox, wq=None, wk=None, eps=0.0):
+def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_neox, wq=None, wk=None, eps=0.0,
+            cache=None):
+    """``cache`` (k_cache, v_cache, slot_mapping): also write the rotated K heads and the V heads that follow them
+    in ``src`` into the caches' slots."""
     tokens = q_out.shape[0]
+    num_v = num_k if cache is not None else 0
     if tokens == 0 or num_q + num_k == 0:
         return
     half = head_dim // 2
     block = max(triton.next_power_of_2(half), 16)
-    heads = min(triton.next_power_of_2(num_q + num_k), max(1, 4096 // (2 * block)))  # up to 4096 elements
-    _head_kernel[(tokens, triton.cdiv(num_q + num_k, heads))](
+    heads = min(triton.next_power_of_2(num_q + num_k + num_v), max(1, 4096 // (2 * block)))  # up to 4096 elements
+    k_cache, v_cache, slots = cache if cache is not None else (src, src, src)
+    _head_kernel[(tokens, triton.cdiv(num_q + num_k + num_v, heads))](
         src, src_stride, q_out, k_out, wq if wq is not None else src, wk if wk is not None else src,
-        cos, sin, cos.stride(0), eps, num_q, num_k,
+        cos, sin, cos.stride(0), eps, num_q, num_k, k_cache, v_cache, slots, num_v,
         D=head_dim, HALF=half, BLOCK=block, HEADS=heads, NORM=wq is not None, IS_NEOX=is_neox,
+        CACHE=cache is not None,
         num_warps=4 if heads * block * 2 <= 2048 else 8, enable_fp_fusion=False,
     )
 
@@ -98,3 +115,51 @@ def qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps, num_heads, num_kv_heads
     _launch(qkv, qkv.stride(0), q_out, k_out, num_heads, num_kv_heads, head_dim, cos, sin, is_neox,
             q_weight, k_weight, eps)
     return q_out, k_out
+
+
+def _heads_of_one_row(q, k, v) -> bool:
+    """Whether q, k and v are adjacent head ranges of one [T, ...] buffer (the split of the qkv projection)."""
+    e = q.element_size()
+    return (q.stride(0) == k.stride(0) == v.stride(0) and all(x.stride(2) == 1 and x.stride(1) == x.shape[2]
+                                                              for x in (q, k, v))
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * q.shape[2] * e
+            and v.data_ptr() == k.data_ptr() + k.shape[1] * k.shape[2] * e)
+
+
+def rotary_embedding_and_cache(q, k, v, cos, sin, is_neox, k_cache, v_cache, slot_mapping, out=None):
+    """One launch: Q and K heads rotated (written to q_out, k_out), rotated K and V written to their cache slots.
+    q, k, v are read in place where they are the qkv projection's split (the model's case), else gathered."""
+    if not _heads_of_one_row(q, k, v):
+        qkv = torch.cat([x.reshape(x.shape[0], -1) for x in (q, k, v)], dim=1)
+        q, k, v = (t.view(t.shape[0], -1, q.shape[2]) for t in qkv.split(
+            [q.shape[1] * q.shape[2], k.shape[1] * k.shape[2], v.shape[1] * v.shape[2]], dim=1))
+    q_out, k_out = out if out is not None else (torch.empty_like(q, memory_format=torch.contiguous_format),
+                                                torch.empty_like(k, memory_format=torch.contiguous_format))
+    _launch(q, q.stride(0), q_out, k_out, q.shape[1], k.shape[1], q.shape[2], cos, sin, is_neox,
+            cache=(k_cache, v_cache, slot_mapping))
+    return q_out, k_out
+
+
+@triton.jit
+def _cache_write_kernel(k_ptr, v_ptr, k_stride, v_stride, k_cache_ptr, v_cache_ptr, slot_ptr, W,
+                        BLOCK: tl.constexpr):
+    # Program (token, 0 for K / 1 for V): the token's W = kv_heads * head_dim elements into its slot.
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, W, BLOCK):
+        cols = start + offs
+        mask = cols < W
+        if tl.program_id(1) == 0:
+            tl.store(k_cache_ptr + slot * W + cols, tl.load(k_ptr + token * k_stride + cols, mask=mask), mask=mask)
+        else:
+            tl.store(v_cache_ptr + slot * W + cols, tl.load(v_ptr + token * v_stride + cols, mask=mask), mask=mask)
+
+
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    """The unfused cache write: K and V of each token into its slot, one launch for both."""
+    k, v = (x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous() for x in (k, v))
+    width = k.shape[1] * k.shape[2]
+    if k.shape[0]:
+        _cache_write_kernel[(k.shape[0], 2)](k, v, k.stride(0), v.stride(0), k_cache, v_cache, slot_mapping, width,
+                                             BLOCK=min(triton.next_power_of_2(width), 2048), num_warps=4)

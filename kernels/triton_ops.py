@@ -47,6 +47,8 @@ def _register_all() -> None:
             **({"quant": q, "scale": rest[0]} if q else {})))
     _register("rotary_embedding", triton_heads.rotary_embedding)
     _register("qk_norm_rope", triton_heads.qk_norm_rope)
+    _register("reshape_and_cache", triton_heads.reshape_and_cache)
+    _register("rotary_embedding_and_cache", triton_heads.rotary_embedding_and_cache)
     _register("attention", lambda q, k, v, scale: triton_attention.attention(q, k, v, scale))
     _register("attention_quant_fp8_static", triton_attention.attention_quant_fp8_static)
     for scheme in ACT_QUANT_SCHEMES:

@@ -32,7 +32,10 @@ class OpCall:
 
     @property
     def num_results(self) -> int:
-        return len(self.op._schema.returns)
+        """How many outputs come before the mutated arguments' new values (a wrapped op returning nothing still
+        leads with one: its ``None``)."""
+        returns = len(self.op._schema.returns)
+        return returns if self.form == "plain" else max(returns, 1)
 
     def argument(self, name: str) -> Any:
         """The value of argument ``name`` (for a mutated argument in v2 form: its base tensor)."""

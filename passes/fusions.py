@@ -237,6 +237,7 @@ PASSES: tuple[PassSpec, ...] = (
                 lambda _p: (256, "vLLM's default"),
             ),
         ),
+        implementation="rope_kvcache:RopeKVCacheFusionPass",
     ),
     PassSpec(
         flag="enable_qk_norm_rope_fusion",

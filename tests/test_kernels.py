@@ -202,6 +202,13 @@ def all_ops_with_args(device):
         "qk_norm_rope": (x, w[:64], w[64:128], rand(5, 32, device=device), rand(5, 32, device=device), EPS, 2, 1,
                          64, False),
         "fused_add_rms_norm_pad": (x, r, w, EPS, 320),
+        # 2 Q heads, 1 K and 1 V head of 64 from the qkv row; a cache of 2 blocks of 4 slots
+        "reshape_and_cache": (x.view(5, 4, 64)[:, 2:3], x.view(5, 4, 64)[:, 3:], torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype),
+                              torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype), torch.tensor([6, 0, 3, 1, 7], device=device)),
+        "rotary_embedding_and_cache": (
+            x.view(5, 4, 64)[:, :2], x.view(5, 4, 64)[:, 2:3], x.view(5, 4, 64)[:, 3:], rand(5, 32, device=device),
+            rand(5, 32, device=device), True, torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype),
+            torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype), torch.tensor([6, 0, 3, 1, 7], device=device)),
         "attention": (x.view(5, 4, 64), r.view(5, 4, 64)[:, :2], r.view(5, 4, 64)[:, 2:], 0.125),
         "attention_quant_fp8_static": (x.view(5, 4, 64), r.view(5, 4, 64)[:, :2], r.view(5, 4, 64)[:, 2:], 0.125,
                                        scale),
