@@ -188,9 +188,7 @@ def passes_cmd(
     for spec in PASSES:
         defaults = ["on" if resolved[level].values[spec.flag] else "off" for level in LEVELS]
         applicable, why = spec.applicability(platform.quant, platform.tp_size)
-        if spec.implementation is None:
-            here = "[yellow]no[/yellow]: not implemented in fusiontune yet"
-        elif not applicable:
+        if not applicable:
             here = f"[yellow]no[/yellow]: {why}"
         else:
             level_on = next((level for level in LEVELS if resolved[level].values[spec.flag]), None)

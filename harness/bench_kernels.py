@@ -87,8 +87,8 @@ class Case:
         e = dtype.itemsize
         if self.attention:  # Q, K, V read once (K and V again per query block: in L2), the output written once
             return tokens * (hidden + hidden // 2) * e + tokens * hidden * (1 if self.quant else e)
-        if self.kv_cache:  # Q, K, V read once; Q and K written, K and V written again into the cache
-            return tokens * (hidden + hidden // 2) * e * 2 + tokens * (hidden + hidden // 4) * e + tokens * HEAD_DIM * 4
+        if self.kv_cache:  # Q, K, V read once; Q and K written; K and V written into the cache; cos, sin read
+            return tokens * ((hidden + hidden // 2) + (hidden + hidden // 4) + hidden // 2) * e + tokens * HEAD_DIM * 4
         if self.heads:  # Q and K read and written once (V untouched), cos and sin read
             qk = tokens * (hidden + hidden // 4) * e
             return 2 * qk + tokens * HEAD_DIM * 4 + 2 * HEAD_DIM * e

@@ -267,6 +267,4 @@ def _why_not_runnable(values: dict[str, Any], model: ModelConfig, tp: int) -> tu
         applicable, why = spec.applicability(model.quant, tp, model)
         if not applicable:
             return "drop", f"no-op: {why}"
-        if spec.implementation is None:
-            return "skip", f"{flag} is not implemented in this version of fusiontune"
     return None

@@ -41,12 +41,16 @@ class PassSpec:
     kind: Literal["fusion", "cleanup"] = "fusion"
     thresholds: tuple[Threshold, ...] = ()
     requires: tuple[str, ...] = ()  # flags this pass needs on (switched on with it unless the user said no)
-    implementation: str | None = None  # "module:Class" under fusiontune.passes; None: not implemented yet
+    implementation: str = ""  # "module:Class" under fusiontune.passes
     # Model quant schemes the pass has patterns for (None: any). A pass for another scheme matches nothing.
     quant_schemes: tuple[str, ...] | None = None
     needs_tp: bool = False  # a collective fusion: nothing to match at TP=1
     needs_model: str | None = None  # a ModelConfig flag the model must have for the pattern to exist (qk_norm)
     splits_tokens: bool = False  # shards num_tokens over the TP group: sizes that do not split run without it
+
+    def __post_init__(self):
+        if ":" not in self.implementation:
+            raise ValueError(f"{self.flag}: implementation must name its pass as 'module:Class'")
 
     def token_bound(self, values: dict, platform: Platform) -> int | None:
         """The num_tokens edge of this pass's range under resolved ``values``: the largest num_tokens a "low" pass

@@ -23,8 +23,6 @@ _KERNELS_DIR = _PASSES_DIR.parent / "kernels"
 
 
 def load_pass(spec: PassSpec, config: ResolvedPassConfig):
-    if spec.implementation is None:
-        raise NotImplementedError(f"{spec.flag} ({spec.title}) has no implementation in fusiontune yet")
     module_name, class_name = spec.implementation.split(":")
     module = importlib.import_module(f"fusiontune.passes.{module_name}")
     return getattr(module, class_name)(config)

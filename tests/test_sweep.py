@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fusiontune.harness.sweep import SweepError, expand, load_sweep, parse_sweep
+from fusiontune.passes.fusions import FUSION_FLAGS, PASSES
 from fusiontune.passes.platform import Platform
 
 CPU = Platform(vendor="cpu")
@@ -60,14 +61,14 @@ def test_per_group_128_on_hidden_2880_is_skipped_but_64_runs():
     assert len(plan.configs) == 4 and not plan.skipped
 
 
-def test_an_unimplemented_fusion_is_skipped_not_run():
-    text = sweep(pass_config={"fuse_attn_quant": [False, True]})
-    plan = expand(parse_sweep(text), CPU)
-    # At O2 the quant fusions default on, so "attn quant off" is a config of its own beside the baseline.
-    assert [c.label for c in plan.configs] == ["all fusions off (baseline)", "fuse_attn_quant=off"]
-    assert not any(c.resolved["fuse_attn_quant"] for c in plan.configs)
-    assert [s.label for s in plan.skipped] == ["fuse_attn_quant=on"]
-    assert "fuse_attn_quant is not implemented" in plan.skipped[0].reason
+def test_every_fusion_has_a_pass_that_loads():
+    from fusiontune.passes.config import resolve
+    from fusiontune.passes.manager import PassManager
+
+    thresholds = {"fi_allreduce_fusion_max_size_mb": 1.0, "sp_min_token_num": 1024}  # none by default on CPU
+    config = resolve({**{flag: True for flag in FUSION_FLAGS}, "eliminate_noops": True, **thresholds}, 0, CPU)
+    manager = PassManager(config)
+    assert [flag for flag, _ in manager.passes] == [spec.flag for spec in PASSES]
 
 
 @pytest.mark.parametrize(
