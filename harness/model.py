@@ -197,10 +197,10 @@ class DecoderLayer(nn.Module):
         self.o_proj = Linear(q_size, cfg.hidden_size, cfg, generator, device)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, replicated, device)
         self.mlp_padding = cfg.mlp_input_size - cfg.hidden_size
-        blocks = -(-cfg.max_position // cfg.kv_block_size)
+        blocks = math.ceil(cfg.max_position / cfg.kv_block_size)
         cache_shape = (blocks, cfg.kv_block_size, self.num_kv_heads, self.head_dim)
-        self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=cfg.torch_dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=cfg.torch_dtype, device=device), persistent=False)
+        for name in ("k_cache", "v_cache"):
+            self.register_buffer(name, torch.zeros(cache_shape, dtype=cfg.torch_dtype, device=device), persistent=False)
         self.gate_up_proj = Linear(cfg.mlp_input_size, 2 * (cfg.intermediate_size // tp), cfg, generator, device)
         self.down_proj = Linear(cfg.intermediate_size // tp, cfg.hidden_size, cfg, generator, device)
 
@@ -244,7 +244,8 @@ class DecoderStack(nn.Module):
         replicated = torch.Generator(device=device).manual_seed(seed * 1000 + 999)
         self.cfg = cfg
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, tp, group_name if tp > 1 else None, generator, replicated, device) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, tp, group_name if tp > 1 else None, generator, replicated, device)
+            for _ in range(cfg.num_layers)
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, replicated, device)
         cos, sin = rotary_cache(cfg, device)

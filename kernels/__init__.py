@@ -7,7 +7,8 @@ numerics (see ``numerics``), and a fake kernel so graphs trace without real data
 import importlib.util
 
 from . import (  # noqa: F401  (registers ops)
-    activation, act_quant, allreduce_norm, attention, collectives, gemm_comms, kv_cache, linear, norm, norm_pad, norm_quant, quant, rope,
+    activation, act_quant, allreduce_norm, attention, collectives, gemm_comms, kv_cache, linear, norm, norm_pad,
+    norm_quant, quant, rope,
 )
 
 if importlib.util.find_spec("triton") is not None:  # CUDA kernels for the row-wise ops

@@ -187,6 +187,8 @@ def test_scaled_mm_against_float64(device, group_size, m, k, n):
 def all_ops_with_args(device):
     x, w, r = rand(5, 256, device=device), rand(256, device=device) + 1, rand(5, 256, device=device)
     scale = torch.tensor([0.02], device=device)
+    cache = lambda: torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype)  # noqa: E731  (2 blocks of 4 slots)
+    slots = torch.tensor([6, 0, 3, 1, 7], device=device)
     cases = {
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, r, w, EPS),
@@ -202,13 +204,11 @@ def all_ops_with_args(device):
         "qk_norm_rope": (x, w[:64], w[64:128], rand(5, 32, device=device), rand(5, 32, device=device), EPS, 2, 1,
                          64, False),
         "fused_add_rms_norm_pad": (x, r, w, EPS, 320),
-        # 2 Q heads, 1 K and 1 V head of 64 from the qkv row; a cache of 2 blocks of 4 slots
-        "reshape_and_cache": (x.view(5, 4, 64)[:, 2:3], x.view(5, 4, 64)[:, 3:], torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype),
-                              torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype), torch.tensor([6, 0, 3, 1, 7], device=device)),
+        # 2 Q heads, 1 K and 1 V head of 64 from the qkv row
+        "reshape_and_cache": (x.view(5, 4, 64)[:, 2:3], x.view(5, 4, 64)[:, 3:], cache(), cache(), slots),
         "rotary_embedding_and_cache": (
             x.view(5, 4, 64)[:, :2], x.view(5, 4, 64)[:, 2:3], x.view(5, 4, 64)[:, 3:], rand(5, 32, device=device),
-            rand(5, 32, device=device), True, torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype),
-            torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype), torch.tensor([6, 0, 3, 1, 7], device=device)),
+            rand(5, 32, device=device), True, cache(), cache(), slots),
         "attention": (x.view(5, 4, 64), r.view(5, 4, 64)[:, :2], r.view(5, 4, 64)[:, 2:], 0.125),
         "attention_quant_fp8_static": (x.view(5, 4, 64), r.view(5, 4, 64)[:, :2], r.view(5, 4, 64)[:, 2:], 0.125,
                                        scale),
