@@ -2,8 +2,9 @@
 
 Per layer, as vLLM runs a prefill: (add +) RMSNorm -> QKV projection -> [per-head Q/K RMSNorm] -> RoPE -> write K
 and V to the paged KV cache -> causal attention -> o_proj -> all-reduce -> add + RMSNorm -> gate_up -> SiLU*Mul ->
-down -> all-reduce. The forward is one sequence of num_tokens tokens at positions 0..num_tokens-1; a decode step
-(attention over the cache) is not modelled yet. With FP8 quant,
+down -> all-reduce. A forward is a prefill of one sequence of num_tokens tokens at positions 0..num_tokens-1, or,
+with ``decode_context`` > 0, a decode step: num_tokens sequences, each with that many tokens already cached (random
+values) and one new token, whose attention reads the paged cache through a block table. With FP8 quant,
 each linear quantises its input (static per-tensor, dynamic per-token or per-group) and runs a scaled matmul, so
 the graph holds exactly the op pairs the fusion passes look for.
 
@@ -48,6 +49,9 @@ class ModelConfig:
     rms_eps: float = 1e-6
     max_position: int = 32768
     kv_block_size: int = 16  # tokens per block of the paged KV cache (max_position slots per layer)
+    # 0: a forward is a prefill of one sequence of num_tokens tokens. > 0: a decode step of num_tokens sequences,
+    # each with this many tokens already in the cache and one new token, attending over the cache.
+    decode_context: int = 0
     dtype: str = "bfloat16"
     quant: str = "none"  # none | fp8-static | fp8-per-token | fp8-per-group
     group_size: int = 128  # for fp8-per-group
@@ -65,6 +69,28 @@ class ModelConfig:
     @property
     def pads_mlp_input(self) -> bool:
         return self.mlp_input_size != self.hidden_size
+
+    @property
+    def cache_slots(self) -> int:
+        return math.ceil(self.max_position / self.kv_block_size) * self.kv_block_size
+
+    def blocks_per_sequence(self) -> int:
+        """Cache blocks one decode sequence holds: its context and the new token."""
+        return math.ceil((self.decode_context + 1) / self.kv_block_size)
+
+    def cache_problem(self, num_tokens: int) -> str | None:
+        """Why ``num_tokens`` does not fit this model's positions or KV cache (None: it fits)."""
+        if not self.decode_context:
+            if num_tokens > self.max_position:
+                return (f"num_tokens={num_tokens} exceeds the model's max_position={self.max_position} (raise "
+                        "model.max_position in the sweep file)")
+            return None
+        needed = num_tokens * self.blocks_per_sequence() * self.kv_block_size
+        if self.decode_context >= self.max_position or needed > self.cache_slots:
+            return (f"a decode step of {num_tokens} sequences with {self.decode_context} cached tokens each needs "
+                    f"{needed} cache slots and position {self.decode_context}; the cache holds max_position="
+                    f"{self.max_position} (raise model.max_position in the sweep file)")
+        return None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -197,17 +223,20 @@ class DecoderLayer(nn.Module):
         self.o_proj = Linear(q_size, cfg.hidden_size, cfg, generator, device)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg, replicated, device)
         self.mlp_padding = cfg.mlp_input_size - cfg.hidden_size
-        blocks = math.ceil(cfg.max_position / cfg.kv_block_size)
-        cache_shape = (blocks, cfg.kv_block_size, self.num_kv_heads, self.head_dim)
-        for name in ("k_cache", "v_cache"):
-            self.register_buffer(name, torch.zeros(cache_shape, dtype=cfg.torch_dtype, device=device), persistent=False)
+        cache_shape = (cfg.cache_slots // cfg.kv_block_size, cfg.kv_block_size, self.num_kv_heads, self.head_dim)
+        for name in ("k_cache", "v_cache"):  # a decode step attends over the cached context: give it values
+            cache = torch.randn(cache_shape, generator=generator, device=device) if cfg.decode_context else \
+                torch.zeros(cache_shape, device=device)
+            self.register_buffer(name, cache.to(cfg.torch_dtype), persistent=False)
+        self.context_len = cfg.decode_context + 1 if cfg.decode_context else 0
         self.gate_up_proj = Linear(cfg.mlp_input_size, 2 * (cfg.intermediate_size // tp), cfg, generator, device)
         self.down_proj = Linear(cfg.intermediate_size // tp, cfg.hidden_size, cfg, generator, device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.group_name is None else ops.all_reduce(x, self.group_name)
 
-    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  block_table: torch.Tensor | None) -> torch.Tensor:
         num_tokens = h.shape[0]
         q, k, v = self.qkv_proj(h).split(self.qkv_split, dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -217,13 +246,15 @@ class DecoderLayer(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         q, k = ops.rotary_embedding(q, k, cos, sin, self.rope_is_neox)
-        ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, slots)  # for the decode steps that would follow
-        return ops.attention(q, k, v, self.head_dim ** -0.5)  # [num_tokens, heads * head_dim]
+        ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, slots)
+        if block_table is None:  # prefill: causal attention over the sequence's own q, k, v
+            return ops.attention(q, k, v, self.head_dim ** -0.5)  # [num_tokens, heads * head_dim]
+        return ops.paged_attention(q, self.k_cache, self.v_cache, block_table, self.context_len, self.head_dim ** -0.5)
 
-    def forward(self, x, residual, cos, sin, slots, first: bool):
+    def forward(self, x, residual, cos, sin, slots, block_table, first: bool):
         # Layer 0 norms its input directly (residual already holds it); later layers add x to the residual first.
         h = self.input_norm(x) if first else self.input_norm(x, residual)
-        x = self.all_reduce(self.o_proj(self.attention(h, cos, sin, slots)))
+        x = self.all_reduce(self.o_proj(self.attention(h, cos, sin, slots, block_table)))
         h = self.post_attention_norm(x, residual)
         if self.mlp_padding:
             h = torch.nn.functional.pad(h, (0, self.mlp_padding))
@@ -254,13 +285,21 @@ class DecoderStack(nn.Module):
         self.group_name = group_name if tp > 1 else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden_states.shape[0]
-        cos, sin = self.rope_cos[:num_tokens], self.rope_sin[:num_tokens]
-        slots = torch.arange(num_tokens, device=hidden_states.device)  # one sequence, cached from slot 0
+        num_tokens, device = hidden_states.shape[0], hidden_states.device
+        context, block = self.cfg.decode_context, self.cfg.kv_block_size
+        if context:  # num_tokens sequences, each at position `context`, blocks b * per_seq ... (b + 1) * per_seq - 1
+            per_seq = self.cfg.blocks_per_sequence()
+            cos = self.rope_cos[context:context + 1].expand(num_tokens, -1)
+            sin = self.rope_sin[context:context + 1].expand(num_tokens, -1)
+            slots = torch.arange(num_tokens, device=device) * (per_seq * block) + context
+            block_table = torch.arange(num_tokens * per_seq, device=device).view(num_tokens, per_seq)
+        else:  # one sequence at positions 0 .. num_tokens - 1, cached from slot 0
+            cos, sin = self.rope_cos[:num_tokens], self.rope_sin[:num_tokens]
+            slots, block_table = torch.arange(num_tokens, device=device), None
         residual = hidden_states.clone()  # updated in place by every fused add + norm; the input stays intact
         x = hidden_states
         for i, layer in enumerate(self.layers):
-            x = layer(x, residual, cos, sin, slots, first=i == 0)
+            x = layer(x, residual, cos, sin, slots, block_table, first=i == 0)
         return self.final_norm(x, residual)
 
     @torch.no_grad()

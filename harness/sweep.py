@@ -49,6 +49,8 @@ class ModelSpec(_Strict):
     hidden_pad_multiple: Optional[int] = Field(None, ge=0)
     dtype: Optional[Literal[tuple(DTYPES)]] = None  # type: ignore[valid-type]
     max_position: Optional[int] = Field(None, gt=0)
+    # > 0: each forward is a decode step of num_tokens sequences with this many tokens already cached
+    decode_context: Optional[int] = Field(None, ge=0)
 
     def build(self) -> ModelConfig:
         return build_model_config(**self.model_dump(exclude_none=True))

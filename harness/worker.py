@@ -113,7 +113,11 @@ class TPWorker:
             self._model = None  # free the old shard before building the next
             torch.manual_seed(seed)
             model = DecoderStack(cfg, self.world_size, self.rank, self.group_name, seed, self.device)
-            calibration = self.inputs(cfg, min(64, cfg.max_position), seed=seed + 7919)
+            # 64 tokens, or fewer where a decode step of 64 sequences would not fit the cache
+            fits = [n for n in (64, 16, 4, 1) if cfg.cache_problem(n) is None]
+            if not fits:
+                raise ValueError(cfg.cache_problem(1))
+            calibration = self.inputs(cfg, fits[0], seed=seed + 7919)
             model.calibrate_static_scales(calibration)
             self._model, self._model_key = model, key
         return self._model
@@ -176,9 +180,9 @@ class TPWorker:
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,
                  last_matches: dict[str, int]) -> dict[str, int]:
         num_tokens = result.num_tokens
-        if num_tokens > cfg.max_position:
-            raise ValueError(f"num_tokens={num_tokens} exceeds the model's max_position={cfg.max_position} "
-                             "(raise model.max_position in the sweep file)")
+        problem = cfg.cache_problem(num_tokens)
+        if problem:
+            raise ValueError(problem)
         x = self.inputs(cfg, num_tokens, job.seed)
         if num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it); size 1 alone
             torch._dynamo.mark_dynamic(x, 0)

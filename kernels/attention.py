@@ -5,6 +5,10 @@ Hkv), output heads flattened as o_proj reads them. ``attention_quant_fp8_static(
 the same attention quantised to FP8 with a static scale, the input o_proj's FP8 GEMM needs: the attention kernel
 quantises its own output instead of writing bf16 for a quant kernel to read back.
 
+A decode step runs ``paged_attention(q [B, Hq, D], k_cache, v_cache, block_table, context_len, scale)`` instead:
+each of B sequences has one new query token and attends to its first ``context_len`` cached tokens (the paged cache
+of ``kv_cache``, blocks listed per sequence in ``block_table``), with the same FP8 form beside it.
+
 The reference is torch's scaled_dot_product_attention (then ``numerics.quant_fp8_static``). On CUDA both ops run
 one Triton flash-attention kernel (``triton_attention``), which rounds its fp32 result to the activation dtype
 before quantising, so the fused op equals attention followed by the quant op bit for bit.
@@ -39,3 +43,29 @@ attention = define_op("attention", "(Tensor q, Tensor k, Tensor v, float scale) 
 attention_quant_fp8_static = define_op(
     "attention_quant_fp8_static", "(Tensor q, Tensor k, Tensor v, float scale, Tensor quant_scale) -> Tensor",
     _attention_quant, _fake)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                           context_len: int, scale: float) -> torch.Tensor:
+    """One query token per sequence (q [B, Hq, D]) against the first ``context_len`` cached tokens of that sequence,
+    whose blocks ``block_table[b]`` lists in order; the new token's own K and V are already in the cache."""
+    batch, heads, head_dim = q.shape
+    k, v = (c[block_table].flatten(1, 2)[:, :context_len] for c in (k_cache, v_cache))  # [B, L, Hkv, D]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), scale=scale,
+                                         enable_gqa=True)
+    return out.reshape(batch, heads * head_dim)
+
+
+def _paged_quant(q, k_cache, v_cache, block_table, context_len, scale, quant_scale):
+    return numerics.quant_fp8_static(paged_decode_attention(q, k_cache, v_cache, block_table, context_len, scale),
+                                     quant_scale)
+
+
+def _paged_fake(q, k_cache, v_cache, block_table, context_len, scale, *quant_scale):
+    return _fake(q, None, None, scale, *quant_scale)
+
+
+PAGED_ARGS = "Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, int context_len, float scale"
+paged_attention = define_op("paged_attention", f"({PAGED_ARGS}) -> Tensor", paged_decode_attention, _paged_fake)
+paged_attention_quant_fp8_static = define_op(
+    "paged_attention_quant_fp8_static", f"({PAGED_ARGS}, Tensor quant_scale) -> Tensor", _paged_quant, _paged_fake)

@@ -1,4 +1,4 @@
-"""The Triton flash-attention kernel behind ``attention`` and ``attention_quant_fp8_static`` on CUDA.
+"""The Triton flash-attention kernels behind ``attention`` / ``paged_attention`` and their FP8 forms on CUDA.
 
 One program takes a block of queries of one head and streams the keys and values of its KV head up to the causal
 edge, keeping a running max and sum (online softmax, in fp32, exp2 with log2(e) folded into the scale). The
@@ -62,6 +62,78 @@ def _attention_kernel(
         tl.store(out_at, o.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=row_mask[:, None])
     else:
         tl.store(out_at, o, mask=row_mask[:, None])
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr, quant_scale_ptr,
+    q_stride_b, q_stride_h, table_stride, out_stride_b, context_len, qk_scale,
+    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, FP8_MAX_C: tl.constexpr,
+):
+    # Program (sequence, KV head): that head's GROUP query heads (padded to GROUP_ROWS >= 16 rows for tl.dot) against
+    # the sequence's cached tokens, BLOCK_N at a time, each token found through the block table.
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    rows = tl.arange(0, GROUP_ROWS)
+    row_mask = rows < GROUP
+    dims = tl.arange(0, D)
+    q = tl.load(q_ptr + seq * q_stride_b + (kv_head * GROUP + rows)[:, None] * q_stride_h + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
+    m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], tl.float32)
+    acc = tl.zeros([GROUP_ROWS, D], tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for start in range(0, context_len, BLOCK_N):
+        tokens = start + offs
+        valid = tokens < context_len
+        block = tl.load(block_table_ptr + seq * table_stride + tokens // CACHE_BLOCK, mask=valid, other=0)
+        slot = block.to(tl.int64) * CACHE_BLOCK + tokens % CACHE_BLOCK
+        at = (slot * KV_HEADS + kv_head) * D
+        k = tl.load(k_cache_ptr + at[None, :] + dims[:, None], mask=valid[None, :], other=0.0)
+        s = tl.where(valid[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + at[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    o = (acc / l_i[:, None]).to(q_ptr.dtype.element_ty)
+    out_at = out_ptr + seq * out_stride_b + (kv_head * GROUP + rows)[:, None] * D + dims[None, :]
+    if OUT_FP8:
+        scale = tl.load(quant_scale_ptr)
+        o = tl.clamp(o.to(tl.float32) * _reciprocal(scale), -FP8_MAX_C, FP8_MAX_C)
+        tl.store(out_at, o.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=row_mask[:, None])
+    else:
+        tl.store(out_at, o, mask=row_mask[:, None])
+
+
+def paged_attention(q, k_cache, v_cache, block_table, context_len, scale, quant_scale=None, out=None):
+    """One launch of (sequences x KV heads) programs; no split over the context (long contexts at small batch leave
+    the GPU under-filled)."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"the Triton attention kernel needs a power-of-two head_dim >= 16, got {head_dim}")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = q.new_empty((batch, heads * head_dim), dtype=FP8_DTYPE if quant_scale is not None else q.dtype)
+    if batch == 0:
+        return out
+    group = heads // kv_heads
+    _paged_decode_kernel[(batch, kv_heads)](
+        q, k_cache, v_cache, block_table, out, quant_scale if quant_scale is not None else q,
+        q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), context_len, scale * math.log2(math.e),
+        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads, D=head_dim,
+        CACHE_BLOCK=k_cache.shape[1], BLOCK_N=64, OUT_FP8=quant_scale is not None, FP8_MAX_C=FP8_MAX, num_warps=4,
+    )
+    return out
+
+
+def paged_attention_quant_fp8_static(q, k_cache, v_cache, block_table, context_len, scale, quant_scale, out=None):
+    return paged_attention(q, k_cache, v_cache, block_table, context_len, scale, quant_scale, out)
 
 
 def _blocks(num_tokens: int) -> tuple[int, int, int, int]:

@@ -51,6 +51,9 @@ def _register_all() -> None:
     _register("rotary_embedding_and_cache", triton_heads.rotary_embedding_and_cache)
     _register("attention", lambda q, k, v, scale: triton_attention.attention(q, k, v, scale))
     _register("attention_quant_fp8_static", triton_attention.attention_quant_fp8_static)
+    _register("paged_attention", lambda q, kc, vc, table, context_len, scale: triton_attention.paged_attention(
+        q, kc, vc, table, context_len, scale))
+    _register("paged_attention_quant_fp8_static", triton_attention.paged_attention_quant_fp8_static)
     for scheme in ACT_QUANT_SCHEMES:
         _register(act_quant_name(scheme), lambda x, *extras, s=scheme: run_rows(
             x, input_mode=INPUT_SILU_MUL, **_quant_kwargs(s, extras)))

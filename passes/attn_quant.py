@@ -1,4 +1,5 @@
-"""fuse_attn_quant: attention -> FP8 static quant (o_proj's input) becomes attention that writes FP8 itself."""
+"""fuse_attn_quant: attention (prefill or paged decode) -> FP8 static quant (o_proj's input) becomes attention
+that writes FP8 itself."""
 
 from __future__ import annotations
 
@@ -13,5 +14,6 @@ class AttnQuantFusionPass(FusionPass):
 
     def __init__(self, config):
         super().__init__(config)
-        fused = {overload("attention"): overload("attention_quant_fp8_static")}
+        fused = {overload("attention"): overload("attention_quant_fp8_static"),
+                 overload("paged_attention"): overload("paged_attention_quant_fp8_static")}
         register_quant_fusion(self.patterns, QUANT_SCHEMES["fp8-static"], fused.get)

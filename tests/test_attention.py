@@ -98,3 +98,49 @@ def test_fuse_attn_quant_fires_once_per_layer_bit_exact():
     fused = managers[1]
     assert fused.graphs_seen >= 1 and fused.matches["fuse_attn_quant"] == cfg.num_layers * fused.graphs_seen
     assert managers[0].matches["fuse_attn_quant"] == 0
+
+
+BATCHES = [(1, 1), (3, 37), (7, 130), (64, 4097)] if ON_GPU else [(1, 1), (3, 37), (7, 130)]  # (sequences, context)
+
+
+def paged_case(batch, context, heads, kv_heads, head_dim, dtype, seed):
+    """A cache with spare blocks, each sequence's blocks scattered over it in a shuffled order."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    per_sequence = -(-context // 16)
+    blocks = batch * per_sequence + 3
+    k_cache, v_cache = (torch.randn(blocks, 16, kv_heads, head_dim, generator=g, device=DEVICE).to(dtype)
+                        for _ in range(2))
+    table = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))[: batch * per_sequence]
+    q = torch.randn(batch, heads, head_dim, generator=g, device=DEVICE).to(dtype)
+    return q, k_cache, v_cache, table.view(batch, per_sequence).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}")
+@pytest.mark.parametrize("batch, context", BATCHES)
+def test_paged_decode_kernel_matches_reference_and_fused_quant_matches_unfused(batch, context, heads, dtype):
+    q, k_cache, v_cache, table = paged_case(batch, context, *heads, dtype, seed=batch + context)
+    scale = heads[2] ** -0.5
+    want = attention.paged_decode_attention(q, k_cache, v_cache, table, context, scale)
+    got = triton_attention.paged_attention(q, k_cache, v_cache, table, context, scale,
+                                           out=poisoned(want.shape, dtype))
+    assert torch.isfinite(got).all(), "an output element was not written"
+    assert (got.float() - want.float()).abs().max().item() <= bound(v_cache, dtype)
+    quant_scale = torch.tensor([want.float().abs().max().item() / 300], device=DEVICE)
+    fused = triton_attention.paged_attention_quant_fp8_static(q, k_cache, v_cache, table, context, scale, quant_scale,
+                                                              out=poisoned(want.shape, numerics.FP8_DTYPE))
+    counts = assert_codes(fused, numerics.quant_fp8_static(got, quant_scale))
+    if ON_GPU:
+        assert counts["differ"] == 0, counts
+
+
+def test_paged_reference_reads_each_sequence_through_its_block_table():
+    q, k_cache, v_cache, table = (x.cpu().double() if x.is_floating_point() else x.cpu()
+                                  for x in paged_case(2, 20, 4, 2, 16, torch.float32, seed=0))
+    got = attention.paged_decode_attention(q, k_cache, v_cache, table, 20, 0.25).view(2, 4, 16)
+    for seq in range(2):
+        slots = [(int(table[seq, t // 16]), t % 16) for t in range(20)]
+        for head in range(4):
+            k = torch.stack([k_cache[b, o, head // 2] for b, o in slots])
+            v = torch.stack([v_cache[b, o, head // 2] for b, o in slots])
+            torch.testing.assert_close(got[seq, head], ((q[seq, head] @ k.t()) * 0.25).softmax(-1) @ v)

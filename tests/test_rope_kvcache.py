@@ -96,3 +96,28 @@ def test_pass_fires_once_per_layer_bit_exact_with_the_same_cache():
         assert caches[0][0].abs().sum() > 0  # the cache was written
     assert off.matches["fuse_rope_kvcache"] == 0
     assert on.graphs_seen >= 1 and on.matches["fuse_rope_kvcache"] == cfg.num_layers * on.graphs_seen
+
+
+def test_decode_step_attends_over_the_cache_and_both_cache_fusions_fire():
+    """A decode step (3 and 9 sequences with 37 cached tokens each): RoPE + cache write and paged attention + FP8
+    fuse once per layer each, and the output equals the unfused model's bit for bit."""
+    cfg = build_model_config("tiny", num_layers=2, quant="fp8-static", decode_context=37, max_position=1024)
+    model = DecoderStack(cfg, seed=2)
+    inputs = [torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(n)).to(cfg.torch_dtype)
+              for n in (3, 9)]
+    model.calibrate_static_scales(inputs[1])
+    flags = ("fuse_rope_kvcache", "fuse_attn_quant")
+    with torch.no_grad():
+        want, _ = compiled_outputs(model, inputs, dict.fromkeys(flags, False))
+        got, on = compiled_outputs(model, inputs, dict.fromkeys(flags, True))
+    for (out, _), (ref, _) in zip(got, want):
+        assert torch.equal(out, ref)
+    assert on.graphs_seen >= 1
+    assert all(on.matches[flag] == cfg.num_layers * on.graphs_seen for flag in flags)
+
+
+def test_a_decode_batch_that_does_not_fit_the_cache_names_the_fix():
+    cfg = build_model_config("tiny", decode_context=100, max_position=1024)  # 7 blocks of 16 per sequence
+    assert cfg.blocks_per_sequence() == 7 and cfg.cache_problem(9) is None
+    assert "raise model.max_position" in cfg.cache_problem(10)
+    assert build_model_config("tiny", max_position=64).cache_problem(65).startswith("num_tokens=65 exceeds")
