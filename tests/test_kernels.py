@@ -189,6 +189,7 @@ def all_ops_with_args(device):
     scale = torch.tensor([0.02], device=device)
     cache = lambda: torch.zeros(2, 4, 1, 64, device=device, dtype=x.dtype)  # noqa: E731  (2 blocks of 4 slots)
     slots = torch.tensor([6, 0, 3, 1, 7], device=device)
+    table = torch.randperm(10, device=device).view(5, 2)
     cases = {
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, r, w, EPS),
@@ -209,6 +210,11 @@ def all_ops_with_args(device):
         "rotary_embedding_and_cache": (
             x.view(5, 4, 64)[:, :2], x.view(5, 4, 64)[:, 2:3], x.view(5, 4, 64)[:, 3:], rand(5, 32, device=device),
             rand(5, 32, device=device), True, cache(), cache(), slots),
+        # 5 sequences, 20 cached tokens each in 2 blocks of 16, 2 KV heads
+        "paged_attention": (x.view(5, 4, 64), rand(10, 16, 2, 64, device=device), rand(10, 16, 2, 64, device=device),
+                            table, 20, 0.125),
+        "paged_attention_quant_fp8_static": (x.view(5, 4, 64), rand(10, 16, 2, 64, device=device),
+                                             rand(10, 16, 2, 64, device=device), table, 20, 0.125, scale),
         "attention": (x.view(5, 4, 64), r.view(5, 4, 64)[:, :2], r.view(5, 4, 64)[:, 2:], 0.125),
         "attention_quant_fp8_static": (x.view(5, 4, 64), r.view(5, 4, 64)[:, :2], r.view(5, 4, 64)[:, 2:], 0.125,
                                        scale),
