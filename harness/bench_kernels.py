@@ -29,6 +29,8 @@ from fusiontune.kernels import QUANT_SCHEMES, numerics
 from fusiontune.kernels.attention import causal_attention
 from fusiontune.kernels.rope import split_heads
 
+from .timing import time_per_call
+
 ops = torch.ops.fusiontune
 EPS = 1e-6
 DEFAULT_HIDDEN = (2880, 4096, 8192, 14336)
@@ -240,33 +242,6 @@ def _add_norm_pad(x, residual, weight):
 def _add_norm_quant(x, residual, weight, scale):
     total = numerics.residual_add(x, residual)
     return numerics.quant_fp8_static(numerics.rms_norm(total, weight, EPS), scale), total
-
-
-def time_per_call(fn: Callable[[dict], object], input_sets: list[dict], replays: int = 30) -> list[float]:
-    """Microseconds per call, one value per replay of a CUDA graph that calls ``fn`` once on every input set."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for inputs in input_sets[:3]:
-            fn(inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for inputs in input_sets:
-            fn(inputs)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(input_sets))
-    del graph
-    return times
 
 
 def copy_bandwidth_gbs() -> tuple[float, float]:

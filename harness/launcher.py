@@ -114,6 +114,7 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "device": device,
             "compile_range": first.compile_range,
             "active_passes": ",".join(first.active),
+            "timing": first.timing,
         })
         row.update({f"matches_{spec.flag}": first.matches.get(spec.flag, 0) for spec in PASSES})
         rows.append(row)

@@ -59,6 +59,7 @@ class RankResult:
     compile_s: float = 0.0
     compile_range: str = ""  # the num_tokens range whose compiled graph ran this size ("1-128", ">=2048")
     active: list[str] = field(default_factory=list)  # the passes that range compiled with
+    timing: str = ""  # how the times were taken ("cuda-graph (...)", "eager events (...)", "wall clock")
 
 
 def free_port() -> int:
@@ -203,7 +204,7 @@ class TPWorker:
         else:
             result.max_abs_err = max_abs_error(out, reference)
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()))
-        result.times_ms = time_forward(lambda: compiled(x), job.warmup, job.repeats, self.device, self.group)
+        result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeats, self.device, self.group)
         return last_matches
 
 
