@@ -43,7 +43,7 @@ def test_compiled_model_fuses_per_layer_and_agrees_with_all_off(worker, model, n
         assert f.matches["fuse_norm_quant"] == norm_per_layer * layers
         assert f.matches["fuse_act_quant"] == act_per_layer * layers
         assert f.max_abs_err <= f.tolerance
-        assert len(f.times_ms) == 3 and all(t > 0 for t in f.times_ms)
+        assert len(f.times_ms) == 3 and all(t > 0 for t in f.times_ms) and f.timing == "wall clock"
 
 
 def test_a_size_beyond_max_position_fails_alone(worker):
