@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fusiontune.passes.fusions import FUSION_FLAGS  # noqa: E402
+from fusiontune.passes.ranges import INDIVISIBLE  # noqa: E402
 
 from .results import RunFolder  # noqa: E402
 
@@ -34,7 +35,7 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
         out_of_range = [f for f in enabled if f not in active]
         # Off at this size because of its threshold, or (SP, AsyncTP) because num_tokens does not split over TP.
         why_off = "off, num_tokens does not split over TP" \
-            if str(row.get("compile_range", "")).endswith("/indivisible") else "outside its range"
+            if str(row.get("compile_range", "")).endswith(f"/{INDIVISIBLE}") else "outside its range"
         if row["status"] != "ok":
             note, value = row["status"], float("nan")
         elif pd.isna(row["baseline_ms"]):

@@ -15,7 +15,27 @@ import triton
 import triton.language as tl
 
 from .numerics import FP8_DTYPE, FP8_MAX
-from .triton_rows import _reciprocal
+from .triton_rows import _fp8_codes, _reciprocal
+
+
+@triton.jit
+def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc):
+    """One block of keys into the running max ``m_i``, sum ``l_i`` and accumulator ``acc`` (online softmax, base 2;
+    scores where ``valid`` is false count as -inf)."""
+    s = tl.where(valid, tl.dot(q, k) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _store_output(out_at, o, row_mask, quant_scale_ptr, OUT_FP8: tl.constexpr, FP8_MAX_C: tl.constexpr):
+    """Rows already normalised and rounded to the activation dtype: stored as they are, or (the fused op) quantised
+    with the static scale first."""
+    if OUT_FP8:
+        o = _fp8_codes(o.to(tl.float32), _reciprocal(tl.load(quant_scale_ptr)), FP8_MAX_C)
+    tl.store(out_at, o, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -44,24 +64,13 @@ def _attention_kernel(
         col_mask = cols < num_tokens
         k = tl.load(k_ptr + cols[None, :].to(tl.int64) * k_stride_t + kv_head * k_stride_h + dims[:, None],
                     mask=col_mask[None, :], other=0.0)
-        s = tl.dot(q, k) * qk_scale
-        s = tl.where((rows[:, None] >= cols[None, :]) & col_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + cols[:, None].to(tl.int64) * v_stride_t + kv_head * v_stride_h + dims[None, :],
                     mask=col_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    o = (acc / l_i[:, None]).to(q_ptr.dtype.element_ty)
+        causal = (rows[:, None] >= cols[None, :]) & col_mask[None, :]
+        m_i, l_i, acc = _softmax_step(q, k, v, causal, qk_scale, m_i, l_i, acc)
     out_at = out_ptr + rows[:, None].to(tl.int64) * out_stride_t + head * D + dims[None, :]
-    if OUT_FP8:
-        scale = tl.load(quant_scale_ptr)
-        o = tl.clamp(o.to(tl.float32) * _reciprocal(scale), -FP8_MAX_C, FP8_MAX_C)
-        tl.store(out_at, o.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=row_mask[:, None])
-    else:
-        tl.store(out_at, o, mask=row_mask[:, None])
+    _store_output(out_at, (acc / l_i[:, None]).to(q_ptr.dtype.element_ty), row_mask, quant_scale_ptr, OUT_FP8,
+                  FP8_MAX_C)
 
 
 @triton.jit
@@ -91,22 +100,11 @@ def _paged_decode_kernel(
         slot = block.to(tl.int64) * CACHE_BLOCK + tokens % CACHE_BLOCK
         at = (slot * KV_HEADS + kv_head) * D
         k = tl.load(k_cache_ptr + at[None, :] + dims[:, None], mask=valid[None, :], other=0.0)
-        s = tl.where(valid[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + at[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    o = (acc / l_i[:, None]).to(q_ptr.dtype.element_ty)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc)
     out_at = out_ptr + seq * out_stride_b + (kv_head * GROUP + rows)[:, None] * D + dims[None, :]
-    if OUT_FP8:
-        scale = tl.load(quant_scale_ptr)
-        o = tl.clamp(o.to(tl.float32) * _reciprocal(scale), -FP8_MAX_C, FP8_MAX_C)
-        tl.store(out_at, o.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=row_mask[:, None])
-    else:
-        tl.store(out_at, o, mask=row_mask[:, None])
+    _store_output(out_at, (acc / l_i[:, None]).to(q_ptr.dtype.element_ty), row_mask, quant_scale_ptr, OUT_FP8,
+                  FP8_MAX_C)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, context_len, scale, quant_scale=None, out=None):

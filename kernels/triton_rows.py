@@ -34,6 +34,13 @@ def _reciprocal(scale):
 
 
 @triton.jit
+def _fp8_codes(values, inv_scale, FP8_MAX_C: tl.constexpr):
+    """FP8 e4m3 codes of fp32 ``values`` as ``numerics`` defines them: times the reciprocal scale, clamped to
+    +-448, rounded to nearest even. Every Triton kernel that writes FP8 quantises here."""
+    return tl.clamp(values * inv_scale, -FP8_MAX_C, FP8_MAX_C).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
 def _row_kernel(
     x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
     scales_ptr, scales_row_stride, scales_group_stride,
@@ -90,8 +97,7 @@ def _row_kernel(
             amax = tl.max(tl.where(mask, tl.abs(vf), 0.0), axis=0)
             scale = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
             tl.store(scales_ptr + row * scales_row_stride, scale)
-        q = tl.clamp(vf * _reciprocal(scale), -FP8_MAX_C, FP8_MAX_C)
-        tl.store(out_row + offs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(out_row + offs, _fp8_codes(vf, _reciprocal(scale), FP8_MAX_C), mask=mask)
     else:  # per token-group of GROUP: one scale per group, stored where the scales tensor's strides say
         NUM_GROUPS: tl.constexpr = BLOCK // GROUP
         vg = tl.reshape(v.to(tl.float32), (NUM_GROUPS, GROUP))
@@ -101,8 +107,7 @@ def _row_kernel(
         groups = tile * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
         scales_at = scales_ptr + row * scales_row_stride + groups * scales_group_stride
         tl.store(scales_at, scales, mask=groups < H // GROUP)
-        q = tl.clamp(vg * _reciprocal(scales)[:, None], -FP8_MAX_C, FP8_MAX_C)
-        q = tl.reshape(q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), (BLOCK,))
+        q = tl.reshape(_fp8_codes(vg, _reciprocal(scales)[:, None], FP8_MAX_C), (BLOCK,))
         tl.store(out_row + offs, q, mask=mask)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from .config import ResolvedPassConfig
 from .fusions import PASSES_BY_FLAG, PassSpec
 
+INDIVISIBLE = "indivisible"  # the variant of a range for sizes that do not split over TP (SP, AsyncTP off)
+
 
 @dataclass(frozen=True)
 class CompileRange:
@@ -71,4 +73,4 @@ def range_for(ranges: list[CompileRange], num_tokens: int, tp_size: int = 1) -> 
     if tp_size == 1 or num_tokens % tp_size == 0 or not splitting:
         return part
     why = f"num_tokens={num_tokens} does not split over TP={tp_size}"
-    return replace(part, config=part.config.switched_off(splitting, why), variant="indivisible")
+    return replace(part, config=part.config.switched_off(splitting, why), variant=INDIVISIBLE)

@@ -28,6 +28,7 @@ class RopeKVCacheFusionPass:
     def __call__(self, graph: fx.Graph) -> int:
         count = 0
         rotary, fused_op = overload("rotary_embedding"), overload("rotary_embedding_and_cache")
+        order = {n: i for i, n in enumerate(graph.nodes)}  # of the nodes the pass starts from; it compares only those
         for node in list(graph.nodes):
             call = as_op_call(node)
             if call is None or call.op is not overload("reshape_and_cache"):
@@ -37,7 +38,6 @@ class RopeKVCacheFusionPass:
                     and k.args[0].target is rotary):
                 continue
             rope = k.args[0]
-            order = {n: i for i, n in enumerate(graph.nodes)}
             readers = [u for item in rope.users for u in item.users if u is not node]
             if any(order[u] < order[node] for u in readers):
                 continue
