@@ -25,13 +25,18 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder: configs that "
                                 "finished are kept, failed and missing ones run (with their TP size's baseline)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.md and speedup.png at the end."),
-    config_timeout: float = typer.Option(3600, help="Seconds one config (all its num_tokens) may take."),
+    config_timeout: float = typer.Option(3600, help="Seconds one config (all its num_tokens) may take; past it the "
+                                         "config is recorded failed, its workers are replaced, the sweep goes on."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="TP groups measuring at once: 'auto' or a number; "
+                                         "overrides the sweep's cluster.groups."),
 ):
     """Expand a sweep, run every config on Ray (one actor per TP rank), write results as they are measured."""
     from fusiontune.harness.sweep import SweepError, expand, load_sweep
 
     try:
         spec, text = load_sweep(sweep_file)
+        if groups is not None:
+            spec = _with_groups(spec, groups)
         plan = expand(spec)
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
@@ -43,17 +48,19 @@ def run(
         folder = RunFolder(run_dir)
         done = completed_configs(folder.rows())
         plan = plan.without(done)
-        console.print(f"resuming {run_dir}: {len(done)} configs already measured, {len(plan.configs)} to run")
+        to_run = [c for c in plan.configs if not c.reference_only]
+        console.print(f"resuming {run_dir}: {len(done)} configs already measured, {len(to_run)} to run"
+                      + (" (and the all-off outputs recomputed, untimed, to check them against)"
+                         if len(to_run) < len(plan.configs) else ""))
     _print_plan(plan)
     if dry_run:
         return
     from fusiontune.harness.launcher import run_plan
 
     folder = RunFolder(run_dir)
-    if folder.rows_path.exists() and not resume:  # never overwrite results: keep the old rows beside
-        kept = folder.rows_path.with_suffix(f".jsonl.{int(folder.rows_path.stat().st_mtime)}")
-        folder.rows_path.rename(kept)
-        console.print(f"an earlier run's rows were moved to {kept} (use --resume to continue a run instead)")
+    if folder.rows_path.exists() and not resume:  # never overwrite results: keep the old run beside
+        kept = folder.set_aside()
+        console.print(f"an earlier run in {run_dir} was moved to {kept} (use --resume to continue a run instead)")
     if not resume or not folder.manifest_path.exists():
         folder.write_manifest(text, str(sweep_file), {"cluster_address": address or spec.cluster.address,
                                                       "planned": len(plan.configs), "skipped": len(plan.skipped),
@@ -64,7 +71,7 @@ def run(
         folder.update_manifest(resumed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("configs", total=len(plan.configs))
+        task = progress.add_task("configs", total=len([c for c in plan.configs if not c.reference_only]))
 
         def done(config, rows):
             statuses = sorted({r["status"] for r in rows})
@@ -81,13 +88,30 @@ def run(
         console.print(f"report: {md} and {png}")
 
 
+def _with_groups(spec, groups: str):
+    from fusiontune.harness.sweep import SweepError
+
+    value = groups if groups == "auto" else (int(groups) if groups.isdigit() and int(groups) > 0 else None)
+    if value is None:
+        raise SweepError(f"--groups takes 'auto' or a number >= 1, got {groups!r}")
+    return spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"groups": value})})
+
+
+def _plan_text(config) -> str:
+    if config.reference_only:
+        return "recompute all-off outputs (untimed; its rows exist)"
+    if config.is_baseline:
+        return "run (baseline)"
+    return "run (baseline again, last: the noise floor)" if config.baseline_repeat else "run"
+
+
 def _print_plan(plan) -> None:
     table = Table(title=f"sweep {plan.spec.name}: {plan.model.name}, quant={plan.model.quant}, "
                         f"num_tokens={plan.spec.num_tokens}, O{plan.spec.optimization_level}")
     for column in ("TP", "config", "id", "plan"):
         table.add_column(column)
     for c in plan.configs:
-        table.add_row(str(c.tp), c.label, c.config_id, "run (baseline)" if c.is_baseline else "run")
+        table.add_row(str(c.tp), c.label, c.config_id, _plan_text(c))
     for s in plan.skipped:
         table.add_row(str(s.tp), s.label, "", f"[yellow]skipped[/yellow]: {s.reason}")
     for label, tp, why in plan.dropped:

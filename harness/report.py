@@ -1,8 +1,12 @@
-"""Speedup report of a run folder: ``report.md`` and ``speedup.png``.
+"""Speedup report of a run folder: ``report.md``, ``speedup.png`` and (with profiles) ``kernels.png``.
 
 Speedup is the all-off baseline's median latency over the config's, at the same TP size and num_tokens. It is
 shown only where it means something: the config ran (``ok``), matched the baseline's output, and every fusion it
 enables actually fired (nonzero match count). Otherwise the cell says why there is no number.
+
+The noise floor at a num_tokens is the larger of two things: how far the baseline's two measurements (first and
+last in the sweep) disagree, and the half-width of the baseline median's 95% confidence interval, both relative.
+A speedup within it of 1.0 is labelled "within noise".
 """
 
 from __future__ import annotations
@@ -15,18 +19,44 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fusiontune.kernels.library import KINDS  # noqa: E402
 from fusiontune.passes.fusions import FUSION_FLAGS  # noqa: E402
 from fusiontune.passes.ranges import INDIVISIBLE  # noqa: E402
 
 from .results import RunFolder  # noqa: E402
 
 
+def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (tp, num_tokens): the baseline's two medians, their relative drift, its CI half-width, the floor."""
+    ok = table[table["status"] == "ok"]
+    first = ok[ok["is_baseline"].astype(bool)]
+    again = ok[_flag(ok, "baseline_repeat")]
+    keys = ["tp", "num_tokens"]
+    floor = first[keys + ["latency_ms"]].rename(columns={"latency_ms": "baseline_ms"})
+    half_width = (_column(first, "latency_ms_ci_high") - _column(first, "latency_ms_ci_low")) / 2
+    floor["ci_rel"] = (half_width / first["latency_ms"]).values
+    floor = floor.merge(again[keys + ["latency_ms"]].rename(columns={"latency_ms": "again_ms"}), on=keys,
+                        how="left")
+    pair = floor[["baseline_ms", "again_ms"]]
+    floor["drift_rel"] = (pair.max(axis=1, skipna=False) / pair.min(axis=1, skipna=False)) - 1
+    floor["noise_floor"] = floor[["drift_rel", "ci_rel"]].max(axis=1, skipna=True)
+    return floor
+
+
+def _column(frame: pd.DataFrame, name: str, default=float("nan")) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(default, index=frame.index)
+
+
+def _flag(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A boolean column that older rows may lack (or hold as missing): missing reads False."""
+    return _column(frame, name, False).fillna(False).astype(bool)
+
+
 def speedups(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (config, tp, num_tokens) with ``speedup`` (NaN where not meaningful) and ``note``."""
+    """One row per (config, tp, num_tokens) with ``speedup`` (NaN where not meaningful), ``note`` and the
+    ``noise_floor`` it is judged against."""
     measured = table[table["status"] != "skipped"].copy()
-    base = measured[measured["is_baseline"].astype(bool) & (measured["status"] == "ok")]
-    base = base[["tp", "num_tokens", "latency_ms"]].rename(columns={"latency_ms": "baseline_ms"})
-    merged = measured.merge(base, on=["tp", "num_tokens"], how="left")
+    merged = measured.merge(noise_floor(table), on=["tp", "num_tokens"], how="left")
     notes, values = [], []
     for _, row in merged.iterrows():
         enabled = [f for f in FUSION_FLAGS if _on(row.get(f))]
@@ -49,6 +79,8 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
         else:
             note = f"{why_off}: {', '.join(out_of_range)}" if out_of_range else ""
             value = row["baseline_ms"] / row["latency_ms"]
+            if pd.notna(row["noise_floor"]) and abs(value - 1) <= row["noise_floor"] and not row["is_baseline"]:
+                note = "; ".join(filter(None, [f"within noise (+/-{row['noise_floor']:.1%})", note]))
         notes.append(note)
         values.append(value)
     merged["speedup"], merged["note"] = values, notes
@@ -90,18 +122,23 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     lines += [f"Device: {device}. Speedup = all-off median latency / config median latency (same TP, "
               "num_tokens); shown only for configs that ran, matched the baseline's output within tolerance, "
               "and whose enabled fusions all fired (a fusion outside its num_tokens range at a size is named, "
-              "not counted as unfired).", ""]
+              "not counted as unfired). A speedup closer to 1 than the noise floor is labelled within noise.", ""]
+    floors = noise_floor(table)
     for tp, by_tp in data.groupby("tp"):
-        lines += [f"## TP={tp}", "", "| config | num_tokens | median ms (p10-p90) | speedup | matches | max abs err | status |",
-                  "|---|---:|---:|---:|---|---:|---|"]
-        for _, row in by_tp.sort_values(["is_baseline", "label", "num_tokens"], ascending=[False, True, True]).iterrows():
+        lines += [f"## TP={tp}", ""] + _noise_lines(floors[floors["tp"] == tp])
+        lines += ["| config | num_tokens | median ms (p10-p90) | CV, repeats | speedup | matches | max abs err "
+                  "| status |", "|---|---:|---:|---:|---:|---|---:|---|"]
+        order = by_tp.assign(_first=~by_tp["is_baseline"].astype(bool))
+        for _, row in order.sort_values(["_first", "label", "num_tokens"]).iterrows():
             speed = f"{row['speedup']:.3f}x" if pd.notna(row["speedup"]) else (row["note"] or "-")
-            if pd.notna(row["speedup"]) and row["note"]:  # e.g. a fusion outside its num_tokens range here
+            if pd.notna(row["speedup"]) and row["note"]:  # within noise, or a fusion outside its range here
                 speed += f" ({row['note']})"
             latency = (f"{row['latency_ms']:.3f} ({row['latency_ms_p10']:.3f}-{row['latency_ms_p90']:.3f})"
                        if pd.notna(row.get("latency_ms")) else "-")
+            spread = (f"{row['latency_ms_cv']:.1%}, {int(row['repeats'])}" + ("" if row.get("settled") else
+                      " (not settled)") if pd.notna(row.get("latency_ms_cv")) else "-")
             err = f"{row['max_abs_err']:.3g}" if pd.notna(row.get("max_abs_err")) else "-"
-            lines.append(f"| {row['label']} | {int(row['num_tokens'])} | {latency} | {speed} | "
+            lines.append(f"| {row['label']} | {int(row['num_tokens'])} | {latency} | {spread} | {speed} | "
                          f"{_matches_text(row)} | {err} | {row['status']} |")
         lines.append("")
     skipped = table[table["status"] == "skipped"].drop_duplicates(["tp", "label"])
@@ -113,20 +150,47 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         lines += [f"- TP={r.tp}, {r.label}: {r.status}: {str(r.error).splitlines()[0] if r.error else ''}"
                   for r in failed.itertuples()] + [""]
     lines += [f"![speedup against num_tokens]({png_path.name})", ""]
+    _plot(data, floors, png_path, name)
+    kernels = folder.kernels()
+    if not kernels.empty:
+        kernels_png = folder.path / "kernels.png"
+        _plot_kernels(kernels, table, kernels_png, name)
+        lines += ["## Where the time goes", "",
+                  "Per-kernel time per forward on rank 0, filed by what each kernel does (profiled eagerly; the "
+                  "table is kernels.parquet, the traces in traces/ open in Perfetto).", "",
+                  f"![time per category]({kernels_png.name})", ""]
     md_path.write_text("\n".join(lines))
-    _plot(data, png_path, name)
     return md_path, png_path
 
 
-def _plot(data: pd.DataFrame, path: Path, title: str) -> None:
+def _noise_lines(floors: pd.DataFrame) -> list[str]:
+    if floors.empty:
+        return []
+    lines = ["Noise floor (all-off measured first and again last):", "",
+             "| num_tokens | all-off ms | again ms | drift | median 95% CI | floor |", "|---:|---:|---:|---:|---:|---:|"]
+    for row in floors.sort_values("num_tokens").itertuples():
+        again = f"{row.again_ms:.4f}" if pd.notna(row.again_ms) else "not measured"
+        drift = f"{row.drift_rel:.2%}" if pd.notna(row.drift_rel) else "-"
+        ci = f"+/-{row.ci_rel:.2%}" if pd.notna(row.ci_rel) else "-"
+        floor = f"{row.noise_floor:.2%}" if pd.notna(row.noise_floor) else "-"
+        lines.append(f"| {int(row.num_tokens)} | {row.baseline_ms:.4f} | {again} | {drift} | {ci} | {floor} |")
+    return lines + [""]
+
+
+def _plot(data: pd.DataFrame, floors: pd.DataFrame, path: Path, title: str) -> None:
     tps = sorted(data["tp"].unique())
     fig, axes = plt.subplots(1, len(tps), figsize=(6 * len(tps), 4.2), squeeze=False, sharey=True)
     for ax, tp in zip(axes[0], tps):
-        by_tp = data[(data["tp"] == tp) & ~data["is_baseline"].astype(bool)]
+        by_tp = data[(data["tp"] == tp) & ~data["is_baseline"].astype(bool)
+                     & ~_flag(data, "baseline_repeat")]
         for label, rows in by_tp.groupby("label"):
             rows = rows.sort_values("num_tokens")
             spread = [rows["speedup"] - rows["speedup_low"], rows["speedup_high"] - rows["speedup"]]
             ax.errorbar(rows["num_tokens"], rows["speedup"], yerr=spread, marker="o", capsize=3, label=label)
+        band = floors[floors["tp"] == tp].sort_values("num_tokens").dropna(subset=["noise_floor"])
+        if len(band):
+            ax.fill_between(band["num_tokens"], 1 - band["noise_floor"], 1 + band["noise_floor"], color="grey",
+                            alpha=0.2, label="noise floor")
         ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xscale("log", base=2)
         sizes = sorted(data["num_tokens"].unique())
@@ -138,9 +202,53 @@ def _plot(data: pd.DataFrame, path: Path, title: str) -> None:
     handles, labels = axes[0][-1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
-    fig.suptitle(f"{title}: speedup against num_tokens, bars = the config's p10-p90\n"
+    fig.suptitle(f"{title}: speedup against num_tokens, bars = the config's p10-p90, grey = noise floor\n"
                  "(missing points: failed, incorrect or did not fire)", fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def _plot_kernels(kernels: pd.DataFrame, table: pd.DataFrame, path: Path, title: str, max_sizes: int = 4) -> None:
+    """Per TP size and num_tokens (up to ``max_sizes``, spread over the sweep's range): a horizontal stacked
+    bar per config of rank 0's time per forward by category, all-off on top."""
+    rank0 = kernels[kernels["rank"] == 0]
+    per = rank0.groupby(["tp", "num_tokens", "config_id", "category"])["us_per_forward"].sum().reset_index()
+    labels = table.drop_duplicates("config_id").set_index("config_id")["label"]
+    baseline_ids = set(table.loc[table["is_baseline"].astype(bool), "config_id"])
+    categories = [c for c in KINDS if c in set(per["category"])]
+    colours = dict(zip(categories, plt.get_cmap("tab20").colors))
+    tps = sorted(per["tp"].unique())
+    sizes = sorted(per["num_tokens"].unique())
+    if len(sizes) > max_sizes:
+        sizes = [sizes[round(i * (len(sizes) - 1) / (max_sizes - 1))] for i in range(max_sizes)]
+    configs = max(1, per["config_id"].nunique())
+    fig, axes = plt.subplots(len(tps), len(sizes), figsize=(4.5 * len(sizes), 1 + 0.45 * configs * len(tps)),
+                             squeeze=False)
+    for i, tp in enumerate(tps):
+        for j, size in enumerate(sizes):
+            ax = axes[i][j]
+            here = per[(per["tp"] == tp) & (per["num_tokens"] == size)]
+            wide = here.pivot_table(index="config_id", columns="category", values="us_per_forward", aggfunc="sum")
+            wide = wide.reindex(columns=categories).fillna(0.0)
+            wide = wide.loc[sorted(wide.index, key=lambda c: (c not in baseline_ids, str(labels.get(c, c))))][::-1]
+            left = pd.Series(0.0, index=wide.index)
+            for category in categories:
+                ax.barh([_short(labels.get(c, c)) for c in wide.index], wide[category], left=left,
+                        color=colours[category], label=category)
+                left += wide[category]
+            ax.set_title(f"TP={tp}, num_tokens={int(size)}", fontsize=9)
+            ax.set_xlabel("us per forward")
+            ax.tick_params(axis="y", labelsize=7)
+            if j:
+                ax.set_yticklabels([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in categories]
+    fig.legend(handles, categories, loc="lower center", ncol=min(6, len(categories)), fontsize=8)
+    fig.suptitle(f"{title}: where the time goes (rank 0, eager profile)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(categories) // 6), 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(label: str, width: int = 38) -> str:
+    return label if len(label) <= width else label[: width - 3] + "..."

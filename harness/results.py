@@ -2,7 +2,9 @@
 
 ``rows.jsonl`` is the durable log (one JSON object a line, flushed per config), so a killed sweep loses at most
 the config in flight; ``results.parquet`` is rewritten from it after every config for analysis tools.
-``manifest.json`` records where and with what the run was made; credentials never enter it.
+``manifest.json`` records where and with what the run was made; credentials never enter it. Beside them:
+``kernels.jsonl`` / ``kernels.parquet`` (time per kernel and category, per config and num_tokens), ``traces/``
+(gzipped Chrome traces that Perfetto opens) and ``logs/`` (one log per config, every rank's lines).
 """
 
 from __future__ import annotations
@@ -41,37 +43,62 @@ class RunFolder:
         self.rows_path = self.path / "rows.jsonl"
         self.parquet_path = self.path / "results.parquet"
         self.manifest_path = self.path / "manifest.json"
+        self.kernels_path = self.path / "kernels.jsonl"
+        self.kernels_parquet_path = self.path / "kernels.parquet"
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        with self.rows_path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append_lines(self.rows_path, rows)
         self.write_parquet()
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.rows_path.exists():
-            return []
-        rows = []
-        for line in self.rows_path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash mid-write
-        return rows
+        return _read_lines(self.rows_path)
+
+    def append_kernels(self, rows: list[dict[str, Any]]) -> None:
+        """Per-kernel times of one config; a re-measured (config, TP, num_tokens) replaces the earlier rows."""
+        if not rows:
+            return
+        _append_lines(self.kernels_path, rows)
+        frame = pd.DataFrame(_read_lines(self.kernels_path))
+        key = ["config_id", "tp", "num_tokens"]
+        frame = frame[frame["measured_at"] == frame.groupby(key)["measured_at"].transform("max")]
+        _write_atomically(frame, self.kernels_parquet_path)
+
+    def kernels(self) -> pd.DataFrame:
+        if self.kernels_parquet_path.exists():
+            return pd.read_parquet(self.kernels_parquet_path)
+        return pd.DataFrame()
+
+    def write_trace(self, name: str, gzipped_trace: bytes) -> Path:
+        path = self.path / "traces" / f"{name}.json.gz"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(gzipped_trace)
+        return path
+
+    def write_log(self, name: str, text: str) -> Path:
+        path = self.path / "logs" / f"{name}.log"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("a") as f:  # a resumed config's new attempt goes below the old one
+            f.write(redact(text))
+        return path
 
     def table(self) -> pd.DataFrame:
         if self.parquet_path.exists():
             return pd.read_parquet(self.parquet_path)
         return _to_frame(self.rows())
 
+    def set_aside(self) -> Path:
+        """Move an earlier run's files into ``earlier/<time>/`` so that a new run starts clean."""
+        stamp = datetime.fromtimestamp(self.rows_path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+        kept = self.path / "earlier" / stamp
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in ("rows.jsonl", "results.parquet", "kernels.jsonl", "kernels.parquet", "manifest.json",
+                     "report.md", "speedup.png", "kernels.png", "logs", "traces"):
+            if (self.path / name).exists():
+                (self.path / name).rename(kept / name)
+        return kept
+
     def write_parquet(self) -> None:
-        frame = _to_frame(self.rows())
-        tmp = self.parquet_path.with_suffix(".parquet.tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(self.parquet_path)
+        _write_atomically(_to_frame(self.rows()), self.parquet_path)
 
     def write_manifest(self, sweep_text: str, sweep_path: str, extra: dict[str, Any]) -> None:
         manifest = {
@@ -110,6 +137,40 @@ def completed_configs(rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
         if row.get("config_id"):
             status.setdefault((row["config_id"], row["tp"]), set()).add(row["status"])
     return {key for key, seen in status.items() if "failed" not in seen}
+
+
+def _append_lines(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with path.open("a") as f:
+        if torn:  # a line a crash cut short: end it, so the next row starts a line of its own
+            f.write("\n")
+        for row in rows:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+    return rows
+
+
+def _write_atomically(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
 
 
 def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -3,7 +3,9 @@
 The plan is the cartesian product of TP sizes and the ``pass_config`` lists (a scalar is fixed, a list is swept).
 Combinations that cannot run are kept as ``Skipped`` with the reason (they become ``skipped`` rows), combinations
 that would measure nothing new are dropped with the reason: a fusion with nothing to match in this model, or an
-effective config equal to one already planned. The all-off baseline is always planned first for each TP size.
+effective config equal to one already planned. The all-off baseline is always planned first for each TP size and,
+unless ``measure.baseline_twice`` is off, once more last: the two give the noise floor the report compares
+speedups with.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -58,14 +60,28 @@ class ModelSpec(_Strict):
 
 class MeasureSpec(_Strict):
     warmup: int = Field(3, ge=0)
-    repeats: int = Field(20, ge=1)
+    repeats: int = Field(20, ge=1)  # at least; then batches of this many until the median settles
+    max_repeats: int = Field(200, ge=1)
+    settle: float = Field(0.005, gt=0, lt=1)  # the median's 95% CI half-width, as a fraction of the median
     seed: int = 0
+    profile: bool = True  # a torch.profiler trace and per-kernel times per (config, num_tokens)
+    baseline_twice: bool = True  # measure all-off again after the rest: the noise floor
 
 
 class ClusterSpec(_Strict):
     address: Optional[str] = None  # None: a local Ray on this machine; "auto" or ray://host:port: a cluster
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs if the cluster has any, else CPU
     dashboard: bool = False
+    # TP groups measuring at once. auto: as many as the GPUs hold (one on CPUs, where groups would share cores
+    # and disturb each other's timings); a number: at most that many.
+    groups: Union[Literal["auto"], int] = "auto"
+
+    @field_validator("groups")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("groups is 'auto' or a number >= 1")
+        return value
 
 
 Scalar = Union[bool, int, float, None]
@@ -74,7 +90,7 @@ Scalar = Union[bool, int, float, None]
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSpec
-    tp: Union[int, list[int]] = 1
+    tp: Union[int, list[int]] = Field(1, validate_default=True)  # a list always, once validated
     num_tokens: list[int] = Field(min_length=1)
     optimization_level: Literal[0, 1, 2, 3] = 2
     pass_config: dict[str, Union[Scalar, list[Scalar]]] = Field(default_factory=dict)
@@ -165,6 +181,8 @@ class PlannedConfig:
     pass_config: dict[str, Any]  # user-set fields
     resolved: dict[str, Any]
     is_baseline: bool = False
+    baseline_repeat: bool = False  # all-off measured again, after the rest: the noise floor
+    reference_only: bool = False  # a resumed run's baseline: its outputs are needed, its rows exist
 
 
 @dataclass
@@ -193,7 +211,7 @@ class Plan:
         for tp in self.spec.tp:
             left = [c for c in self.configs_for(tp) if (c.config_id, c.tp) not in done]
             if left and not any(c.is_baseline for c in left):
-                left = [c for c in self.configs_for(tp) if c.is_baseline] + left
+                left = [replace(c, reference_only=True) for c in self.configs_for(tp) if c.is_baseline] + left
             remaining += left
         return Plan(self.spec, self.model, remaining, self.skipped, self.dropped)
 
@@ -258,6 +276,10 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
             seen[effective] = label
             cid = config_id(tp, model, spec.optimization_level, resolved.values)
             plan.configs.append(PlannedConfig(cid, label, tp, user, dict(resolved.values), is_baseline))
+        baseline = next((c for c in plan.configs_for(tp) if c.is_baseline), None)
+        if baseline and spec.measure.baseline_twice:
+            plan.configs.append(replace(baseline, config_id=f"{baseline.config_id}-again", is_baseline=False,
+                                        baseline_repeat=True, label=f"{baseline.label}, again"))
     return plan
 
 

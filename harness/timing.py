@@ -1,16 +1,22 @@
-"""Latency of one forward, summarised as median / p10 / p90.
+"""Latency of one forward: repeated until its median is pinned down, summarised as median, p10, p90, CV.
 
 On CUDA the forward is captured in a CUDA graph, as a serving engine runs a decode step: one graph calls it once on
 each of a few copies of the input (so no copy is still in L2 from the call before), and events around each replay
 give the device's own time per forward, free of Python and launch overhead. Where capture fails the forward is
-timed eagerly between events, and the row says so. On CPU, ``perf_counter`` around each call. With TP > 1 every
-rank starts each repeat after a barrier, and the step's latency is the slowest rank's (``combine_ranks``).
+timed eagerly between events, and the row says so. On CPU, ``perf_counter`` around each call.
+
+How many repeats: batches of ``min_repeats`` until the median's 95% confidence interval (order statistics, no
+assumption about the distribution) is within ``settle`` of the median, or ``max_repeats`` is reached; the row
+records the count and whether it settled. With TP > 1 every rank starts each repeat after a barrier, a repeat
+lasts as long as its slowest rank, and the ranks share those times before deciding, so all stop together.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,39 +26,62 @@ import torch.distributed as dist
 INPUT_COPIES = 4  # inputs a captured graph rotates through
 
 
+@dataclass(frozen=True)
+class Repeats:
+    """When to stop repeating (the sweep's ``measure:`` section)."""
+
+    min_repeats: int = 20
+    max_repeats: int = 200
+    settle: float = 0.005  # the median's 95% CI half-width, relative to the median
+
+
+class GraphTimer:
+    """A CUDA graph that calls ``fn`` once on every input set, replayed between events."""
+
+    def __init__(self, fn: Callable, input_sets: list):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for inputs in input_sets[:3]:
+                fn(inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.calls = len(input_sets)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for inputs in input_sets:
+                fn(inputs)
+        self.graph.replay()
+        torch.cuda.synchronize()
+
+    def sample(self, replays: int, barrier=None) -> list[float]:
+        """Microseconds per call, one value per replay (``barrier``: a process group whose ranks start each
+        replay together)."""
+        times = []
+        for _ in range(replays):
+            if barrier is not None:
+                dist.barrier(group=barrier)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / self.calls)
+        return times
+
+
 def time_per_call(fn: Callable, input_sets: list, replays: int = 30, barrier=None) -> list[float]:
-    """Microseconds per call, one value per replay of a CUDA graph that calls ``fn`` once on every input set (a
-    ``barrier`` process group: every rank starts each replay together)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for inputs in input_sets[:3]:
-            fn(inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for inputs in input_sets:
-            fn(inputs)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        if barrier is not None:
-            dist.barrier(group=barrier)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(input_sets))
-    del graph
-    return times
+    """Microseconds per call of ``fn`` under a CUDA graph, one value per replay (bench-kernels' timer)."""
+    timer = GraphTimer(fn, input_sets)
+    try:
+        return timer.sample(replays, barrier)
+    finally:
+        del timer.graph
 
 
-def time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor, warmup: int, repeats: int,
+def time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor, warmup: int, repeats: Repeats,
                  device: torch.device, group=None) -> tuple[list[float], str]:
-    """(milliseconds per forward of each of ``repeats`` repeats after ``warmup`` untimed calls, how it was timed)."""
+    """(milliseconds per forward of each repeat after ``warmup`` untimed calls, how it was timed)."""
     for _ in range(warmup):
         forward(x)
     if device.type == "cuda":
@@ -60,14 +89,39 @@ def time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor, war
         try:
             if group is not None:
                 dist.barrier(group=group)
-            times = time_per_call(forward, copies, replays=repeats, barrier=group)
-            return [t / 1e3 for t in times], f"cuda-graph ({INPUT_COPIES} input copies)"
+            timer = GraphTimer(forward, copies)
         except Exception as exc:  # noqa: BLE001 - a forward that cannot be captured is still timed, and said so
             torch.cuda.synchronize()
             how = f"eager events (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]})"
+        else:
+            times = until_settled(lambda n: [t / 1e3 for t in timer.sample(n, group)], repeats, device, group)
+            del timer
+            return times, f"cuda-graph ({INPUT_COPIES} input copies)"
     else:
         how = "wall clock"
-    return _time_eagerly(lambda: forward(x), repeats, device, group), how
+    return until_settled(lambda n: _time_eagerly(lambda: forward(x), n, device, group), repeats, device, group), how
+
+
+def until_settled(sample: Callable[[int], list[float]], repeats: Repeats, device: torch.device,
+                  group=None) -> list[float]:
+    """Batches of ``sample(n)`` (each rank's times, shared as the per-repeat slowest) until the median settles."""
+    times: list[float] = []
+    while len(times) < repeats.max_repeats:
+        batch = sample(min(repeats.min_repeats, repeats.max_repeats - len(times)))
+        times += slowest_rank(batch, device, group)
+        low, high = median_ci(times)
+        if (high - low) / 2 <= repeats.settle * statistics.median(times):
+            break
+    return times
+
+
+def slowest_rank(times: list[float], device: torch.device, group=None) -> list[float]:
+    """Per repeat, the slowest rank's time, on every rank (a TP step ends when its slowest rank does)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return times
+    shared = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=group)
+    return shared.tolist()
 
 
 def _time_eagerly(forward: Callable[[], object], repeats: int, device: torch.device, group=None) -> list[float]:
@@ -89,17 +143,42 @@ def _time_eagerly(forward: Callable[[], object], repeats: int, device: torch.dev
     return times
 
 
+def median_ci(times: list[float]) -> tuple[float, float]:
+    """The median's 95% confidence interval from order statistics (ranks n/2 -/+ 0.98 sqrt(n)); infinite below
+    6 samples, where no pair of order statistics covers the median with 95% confidence."""
+    n = len(times)
+    if n < 6:
+        return -math.inf, math.inf
+    ordered = sorted(times)
+    half_width = 0.98 * math.sqrt(n)
+    low = max(0, math.floor(n / 2 - half_width))
+    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
+    return ordered[low], ordered[high]
+
+
 def combine_ranks(per_rank: list[list[float]]) -> list[float]:
     """A TP step ends when its slowest rank does: the per-repeat maximum over ranks."""
     return [max(values) for values in zip(*per_rank)]
 
 
-def summarize(times_ms: list[float]) -> dict[str, float]:
+SUMMARY_COLUMNS = ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_ms_cv", "latency_ms_ci_low",
+                   "latency_ms_ci_high")
+
+
+def summarize(times_ms: list[float], settle: float | None = None) -> dict[str, float]:
+    """Median, p10, p90, coefficient of variation, the median's 95% CI, the repeat count, and (given the
+    ``settle`` target) whether that CI got within it."""
     if not times_ms:
-        return {"latency_ms": float("nan"), "latency_ms_p10": float("nan"), "latency_ms_p90": float("nan")}
+        return {**{column: float("nan") for column in SUMMARY_COLUMNS}, "repeats": 0, "settled": False}
+    median = statistics.median(times_ms)
     if len(times_ms) == 1:
         p10 = p90 = times_ms[0]
     else:
         deciles = statistics.quantiles(times_ms, n=10, method="inclusive")
         p10, p90 = deciles[0], deciles[-1]
-    return {"latency_ms": statistics.median(times_ms), "latency_ms_p10": p10, "latency_ms_p90": p90}
+    mean = statistics.fmean(times_ms)
+    cv = statistics.stdev(times_ms) / mean if len(times_ms) > 1 and mean > 0 else float("nan")
+    low, high = median_ci(times_ms)
+    settled = settle is not None and (high - low) / 2 <= settle * median
+    return {"latency_ms": median, "latency_ms_p10": p10, "latency_ms_p90": p90, "latency_ms_cv": cv,
+            "latency_ms_ci_low": low, "latency_ms_ci_high": high, "repeats": len(times_ms), "settled": settled}

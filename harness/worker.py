@@ -27,7 +27,8 @@ from fusiontune.passes.ranges import compile_ranges, range_for
 
 from .correctness import max_abs_error, tolerance
 from .model import DecoderStack, ModelConfig
-from .timing import time_forward
+from .profile import profile_forward
+from .timing import Repeats, time_forward
 
 
 @dataclass
@@ -40,9 +41,17 @@ class Job:
     model: dict[str, Any]  # ModelConfig fields
     num_tokens: list[int]
     warmup: int = 3
-    repeats: int = 20
+    repeats: int = 20  # at least this many, then more until the median settles (up to max_repeats)
     seed: int = 0
     is_baseline: bool = False
+    max_repeats: int | None = None  # None: exactly ``repeats``
+    settle: float = 0.005  # stop when the median's 95% CI half-width is within this fraction of it
+    profile: bool = False  # a torch.profiler trace and per-kernel times per num_tokens
+    reference_only: bool = False  # the all-off outputs for later comparisons; nothing timed (a resumed run)
+
+    @property
+    def repeat_rule(self) -> Repeats:
+        return Repeats(self.repeats, max(self.repeats, self.max_repeats or self.repeats), self.settle)
 
 
 @dataclass
@@ -60,6 +69,8 @@ class RankResult:
     compile_range: str = ""  # the num_tokens range whose compiled graph ran this size ("1-128", ">=2048")
     active: list[str] = field(default_factory=list)  # the passes that range compiled with
     timing: str = ""  # how the times were taken ("cuda-graph (...)", "eager events (...)", "wall clock")
+    kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
+    trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
 
 
 def free_port() -> int:
@@ -78,7 +89,8 @@ class TPWorker:
             torch.set_num_threads(num_threads)
         self.group_name: str | None = None
         self.group = None
-        self.baseline: dict[tuple, torch.Tensor] = {}
+        self.baseline: dict[tuple, torch.Tensor] = {}  # (model_key, num_tokens) -> the all-off output
+        self.log_lines: list[str] = []  # the last job's log
         self._model_key: tuple | None = None
         self._model: DecoderStack | None = None
         torch._functorch.config.enable_autograd_cache = False
@@ -109,7 +121,7 @@ class TPWorker:
 
     # -- one job -------------------------------------------------------------------------------------------
     def model_for(self, cfg: ModelConfig, seed: int) -> DecoderStack:
-        key = (tuple(sorted(cfg.to_dict().items())), seed)
+        key = model_key(cfg.to_dict(), seed)
         if key != self._model_key:
             self._model = None  # free the old shard before building the next
             torch.manual_seed(seed)
@@ -127,13 +139,36 @@ class TPWorker:
         generator = torch.Generator(device=self.device).manual_seed(seed * 100003 + num_tokens)
         return torch.randn(num_tokens, cfg.hidden_size, generator=generator, device=self.device).to(cfg.torch_dtype)
 
+    def baseline_outputs(self, model: dict[str, Any], seed: int) -> dict[int, torch.Tensor]:
+        """The all-off outputs this worker holds for a model, on the CPU (to seed another TP group)."""
+        key = model_key(model, seed)
+        return {n: out.cpu() for (k, n), out in self.baseline.items() if k == key}
+
+    def load_baseline(self, model: dict[str, Any], seed: int, outputs: dict[int, torch.Tensor]) -> int:
+        """Take all-off outputs measured by another group (every rank's output is the whole hidden state)."""
+        key = model_key(model, seed)
+        for num_tokens, out in outputs.items():
+            self.baseline[(key, num_tokens)] = out.to(self.device)
+        return len(outputs)
+
+    def job_log(self) -> str:
+        return "".join(self.log_lines)
+
+    def log(self, message: str) -> None:
+        self.log_lines.append(f"{time.strftime('%H:%M:%S')} rank {self.rank}: {message}\n")
+
     def run(self, job: Job) -> list[RankResult]:
         """Measure every num_tokens of ``job``. A failure to build or compile fails them all; a failure at one
         size (out of memory, a kernel error) fails that size only. Failures are returned, never raised."""
+        self.log_lines = []
+        self.log(f"job {job.config_id}: {job.pass_config or 'level defaults'} at O{job.optimization_level}, "
+                 f"num_tokens {job.num_tokens}" + (" (reference outputs only)" if job.reference_only else ""))
         try:
             cfg, resolved, parts, compiled = self._prepare(job)
         except Exception as exc:
+            self.log(f"failed before measuring: {_describe(exc)}")
             return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
+        self.log("ranges: " + "; ".join(f"{p.label}: {', '.join(p.active) or 'no passes'}" for p in parts))
         results, last_matches = [], {}
         try:
             # Largest first: in each range, the first compile is the dynamic-shape graph its smaller sizes reuse.
@@ -147,8 +182,10 @@ class TPWorker:
                     result.compile_range, result.active = part.label, list(part.active)
                     last_matches[part.label] = self._measure(job, cfg, fn, manager, result,
                                                              last_matches.get(part.label, {}))
+                    self.log(_summary(result))
                 except Exception as exc:
                     result.error = _describe(exc)
+                    self.log(f"num_tokens={num_tokens} failed: {result.error}")
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                 results.append(result)
@@ -196,16 +233,39 @@ class TPWorker:
             last_matches = {spec.flag: after[spec.flag] - before[spec.flag] for spec in PASSES}
         result.matches = dict(last_matches)
         key = (self._model_key, num_tokens)
-        if job.is_baseline:
+        if job.is_baseline or job.reference_only:
             self.baseline[key] = out.clone()
+        if job.reference_only:
+            return last_matches
         reference = self.baseline.get(key)
         if reference is None:
             result.error = "no baseline output to compare with (the all-off config failed at this size)"
         else:
             result.max_abs_err = max_abs_error(out, reference)
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()))
-        result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeats, self.device, self.group)
+        del out
+        result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
+                                                      self.group)
+        if job.profile:
+            barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
+            result.kernels, trace = profile_forward(lambda: compiled(x), self.device, barrier=barrier)
+            result.trace = trace if self.rank == 0 else b""
         return last_matches
+
+
+def model_key(model: dict[str, Any], seed: int) -> tuple:
+    """What determines a model's weights and outputs: its config and the seed."""
+    return tuple(sorted(model.items())), seed
+
+
+def _summary(result: RankResult) -> str:
+    fired = {flag: n for flag, n in result.matches.items() if n}
+    times = sorted(result.times_ms)
+    timed = (f"median {times[len(times) // 2]:.4f} ms over {len(times)} repeats ({result.timing})"
+             if times else "not timed")
+    return (f"num_tokens={result.num_tokens}: range {result.compile_range}, first call {result.compile_s:.1f} s, "
+            f"matches {fired or 'none'}, max abs err {result.max_abs_err:.3g} (tolerance {result.tolerance:.3g}), "
+            f"{timed}" + (f", error: {result.error.splitlines()[0]}" if result.error else ""))
 
 
 def _describe(exc: BaseException) -> str:

@@ -24,7 +24,8 @@ def _define(scheme: QuantScheme) -> None:
     def fake(x, *extras):
         return scheme.fake(x.new_empty((*x.shape[:-1], x.shape[-1] // 2)), *extras)
 
-    define_op(act_quant_name(scheme), f"(Tensor x{scheme.extra_schema}) -> {scheme.returns}", reference, fake)
+    define_op(act_quant_name(scheme), f"(Tensor x{scheme.extra_schema}) -> {scheme.returns}", reference, fake,
+              category="fused act+quant")
 
 
 for _scheme in ACT_QUANT_SCHEMES:

@@ -16,4 +16,4 @@ def _fake(x):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
-silu_and_mul = define_op("silu_and_mul", "(Tensor x) -> Tensor", _silu_and_mul, _fake)
+silu_and_mul = define_op("silu_and_mul", "(Tensor x) -> Tensor", _silu_and_mul, _fake, category="activation")

@@ -36,7 +36,7 @@ def _define(quant: str | None) -> None:
 
     schema = "(Tensor x, Tensor(a!) residual, Tensor weight, float eps, " + ("Tensor scale, " if quant else "")
     define_op(allreduce_norm_name(quant), schema + "str group_name) -> Tensor", reference, fake,
-              mutates_args=("residual",))
+              category="fused allreduce+rms", mutates_args=("residual",))
 
 
 for _quant in ALLREDUCE_NORM_QUANTS:

@@ -39,10 +39,11 @@ def _fake(q, k, v, scale, *quant_scale):
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=dtype)
 
 
-attention = define_op("attention", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", causal_attention, _fake)
+attention = define_op("attention", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", causal_attention, _fake,
+                      category="attention")
 attention_quant_fp8_static = define_op(
     "attention_quant_fp8_static", "(Tensor q, Tensor k, Tensor v, float scale, Tensor quant_scale) -> Tensor",
-    _attention_quant, _fake)
+    _attention_quant, _fake, category="fused attention+quant")
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -66,6 +67,8 @@ def _paged_fake(q, k_cache, v_cache, block_table, context_len, scale, *quant_sca
 
 
 PAGED_ARGS = "Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, int context_len, float scale"
-paged_attention = define_op("paged_attention", f"({PAGED_ARGS}) -> Tensor", paged_decode_attention, _paged_fake)
+paged_attention = define_op("paged_attention", f"({PAGED_ARGS}) -> Tensor", paged_decode_attention, _paged_fake,
+                            category="attention")
 paged_attention_quant_fp8_static = define_op(
-    "paged_attention_quant_fp8_static", f"({PAGED_ARGS}, Tensor quant_scale) -> Tensor", _paged_quant, _paged_fake)
+    "paged_attention_quant_fp8_static", f"({PAGED_ARGS}, Tensor quant_scale) -> Tensor", _paged_quant, _paged_fake,
+    category="fused attention+quant")

@@ -82,9 +82,11 @@ def _fake_gathered(x, num_rows, group_name):
     return x.new_empty((num_rows, *x.shape[1:]))
 
 
-all_reduce = define_op("all_reduce", "(Tensor x, str group_name) -> Tensor", all_reduced, _fake_same)
+all_reduce = define_op("all_reduce", "(Tensor x, str group_name) -> Tensor", all_reduced, _fake_same,
+                       category="collective")
 reduce_scatter = define_op("reduce_scatter", "(Tensor x, str group_name) -> Tensor", reduce_scattered,
-                           _fake_rows_split)
+                           _fake_rows_split, category="collective")
 all_gather = define_op("all_gather", "(Tensor x, SymInt num_rows, str group_name) -> Tensor", all_gathered,
-                       _fake_gathered)
-shard_rows = define_op("shard_rows", "(Tensor x, str group_name) -> Tensor", own_rows, _fake_rows_split)
+                       _fake_gathered, category="collective")
+shard_rows = define_op("shard_rows", "(Tensor x, str group_name) -> Tensor", own_rows, _fake_rows_split,
+                       category="collective")

@@ -47,18 +47,22 @@ def _rows_split(x: torch.Tensor, columns: int, group_name: str, dtype=None) -> t
 
 matmul_reduce_scatter = define_op(
     "matmul_reduce_scatter", "(Tensor a, Tensor b, str group_name) -> Tensor", _matmul_reduce_scatter,
-    lambda a, b, group_name: _rows_split(a, b.shape[1], group_name))
+    lambda a, b, group_name: _rows_split(a, b.shape[1], group_name),
+    category="fused gemm+collective")
 all_gather_matmul = define_op(
     "all_gather_matmul", "(Tensor a_shard, Tensor b, SymInt num_rows, str group_name) -> Tensor", _all_gather_matmul,
-    lambda a, b, num_rows, group_name: a.new_empty((num_rows, b.shape[1])))
+    lambda a, b, num_rows, group_name: a.new_empty((num_rows, b.shape[1])),
+    category="fused gemm+collective")
 scaled_mm_reduce_scatter = define_op(
     "scaled_mm_reduce_scatter", f"({SCALED_ARGS}, str group_name) -> Tensor", _scaled_mm_reduce_scatter,
     lambda a, a_scale, b, b_scale, group_size, out_dtype, group_name: _rows_split(a, b.shape[0], group_name,
-                                                                                  out_dtype))
+                                                                                  out_dtype),
+    category="fused gemm+collective")
 all_gather_scaled_mm = define_op(
     "all_gather_scaled_mm", f"({SCALED_ARGS}, SymInt num_rows, str group_name) -> Tensor", _all_gather_scaled_mm,
     lambda a, a_scale, b, b_scale, group_size, out_dtype, num_rows, group_name: a.new_empty(
-        (num_rows, b.shape[0]), dtype=out_dtype))
+        (num_rows, b.shape[0]), dtype=out_dtype),
+    category="fused gemm+collective")
 
 
 @functools.cache

@@ -34,10 +34,11 @@ def _rotary_embedding_and_cache(q, k, v, cos, sin, is_neox, k_cache, v_cache, sl
 reshape_and_cache = define_op(
     "reshape_and_cache",
     "(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
-    _reshape_and_cache, lambda *args: None, mutates_args=("k_cache", "v_cache"))
+    _reshape_and_cache, lambda *args: None, category="kv cache",
+    mutates_args=("k_cache", "v_cache"))
 rotary_embedding_and_cache = define_op(
     "rotary_embedding_and_cache",
     "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, bool is_neox, Tensor(a!) k_cache, Tensor(b!) v_cache, "
     "Tensor slot_mapping) -> (Tensor, Tensor)",
     _rotary_embedding_and_cache, lambda q, k, *rest: (torch.empty_like(q), torch.empty_like(k)),
-    mutates_args=("k_cache", "v_cache"))
+    category="fused rope+kv cache", mutates_args=("k_cache", "v_cache"))

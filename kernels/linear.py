@@ -90,5 +90,6 @@ scaled_mm = define_op(
     "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, int group_size, ScalarType out_dtype) -> Tensor",
     _scaled_mm,
     _fake,
+    category="gemm",
 )
 scaled_mm.register_kernel("cuda")(_scaled_mm_cuda)

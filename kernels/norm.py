@@ -25,11 +25,13 @@ def _norm_fake(x, *args):
     return torch.empty_like(x)
 
 
-rms_norm = define_op("rms_norm", "(Tensor x, Tensor weight, float eps) -> Tensor", _rms_norm, _norm_fake)
+rms_norm = define_op("rms_norm", "(Tensor x, Tensor weight, float eps) -> Tensor", _rms_norm, _norm_fake,
+                     category="rms_norm")
 fused_add_rms_norm = define_op(
     "fused_add_rms_norm",
     "(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor",
     _fused_add_rms_norm,
     _norm_fake,
+    category="rms_norm",
     mutates_args=("residual",),
 )

@@ -29,5 +29,6 @@ fused_add_rms_norm_pad = define_op(
     "(Tensor x, Tensor(a!) residual, Tensor weight, float eps, int padded_hidden) -> Tensor",
     _fused_add_rms_norm_pad,
     _fake,
+    category="rms_norm",
     mutates_args=("residual",),
 )

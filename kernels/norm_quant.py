@@ -44,6 +44,7 @@ def _define(scheme: QuantScheme, with_residual: bool) -> None:
         f"({norm_schema}{scheme.extra_schema}) -> {scheme.returns}",
         reference,
         fake,
+        category="fused rms+quant",
         mutates_args=("residual",) if with_residual else (),
     )
 

@@ -72,4 +72,5 @@ for _scheme in QUANT_SCHEMES.values():
         f"(Tensor x{_scheme.extra_schema}) -> {_scheme.returns}",
         _scheme.reference,
         _scheme.fake,
+        category="quant",
     )

@@ -28,6 +28,7 @@ rotary_embedding = define_op(
     "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool is_neox) -> (Tensor, Tensor)",
     _rotary_embedding,
     _rotary_embedding_fake,
+    category="rope",
 )
 
 
@@ -57,4 +58,5 @@ qk_norm_rope = define_op(
     "int num_kv_heads, int head_dim, bool is_neox) -> (Tensor, Tensor)",
     _qk_norm_rope,
     _qk_norm_rope_fake,
+    category="fused qk-norm+rope",
 )

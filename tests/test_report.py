@@ -9,7 +9,7 @@ from fusiontune.harness.results import RunFolder, redact
 
 
 def row(label, num_tokens, latency, status="ok", baseline=False, norm=False, matches=0):
-    return {"sweep": "t", "label": label, "is_baseline": baseline, "tp": 1, "num_tokens": num_tokens,
+    return {"sweep": "t", "label": label, "config_id": label.split(",")[0], "is_baseline": baseline, "tp": 1, "num_tokens": num_tokens,
             "latency_ms": latency, "latency_ms_p10": latency * 0.9, "latency_ms_p90": latency * 1.1,
             "status": status, "error": "" if status == "ok" else "boom", "fuse_norm_quant": norm,
             "fuse_act_quant": False, "matches_fuse_norm_quant": matches, "matches_fuse_act_quant": 0,
@@ -61,17 +61,54 @@ def test_report_files(tmp_path):
     folder.append(ROWS)
     md, png = write_report(tmp_path)
     text = md.read_text()
-    assert "| fused | 1 | 1.600 (1.440-1.760) | 1.250x | fuse_norm_quant=4 |" in text
+    assert "| fused | 1 | 1.600 (1.440-1.760) | - | 1.250x | fuse_norm_quant=4 |" in text
     assert "did not fire: fuse_norm_quant" in text and "## Failed or incorrect" in text
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_rows_survive_a_torn_last_line(tmp_path):
+def test_rows_survive_a_torn_last_line_and_the_next_row_starts_its_own(tmp_path):
     folder = RunFolder(tmp_path)
     folder.append(ROWS[:2])
     with folder.rows_path.open("a") as f:
         f.write('{"label": "half a ro')
     assert len(folder.rows()) == 2
+    folder.append(ROWS[2:3])
+    assert [r["label"] for r in folder.rows()] == ["base", "base", "fused"]
+
+
+def noisy_sweep(again_1: float, again_8: float):
+    """Baseline at 2.0 and 4.0 ms with a tight CI, measured again at ``again_*``; a config 3% faster."""
+    ci = {"latency_ms_ci_low": 0.999, "latency_ms_ci_high": 1.001}
+    rows = [{**row("base", n, ms, baseline=True), **{k: v * ms for k, v in ci.items()}} for n, ms in ((1, 2.0), (8, 4.0))]
+    rows += [{**row("base, again", n, ms), "baseline_repeat": True} for n, ms in ((1, again_1), (8, again_8))]
+    rows += [row("fused", n, ms / 1.03, norm=True, matches=4) for n, ms in ((1, 2.0), (8, 4.0))]
+    return rows
+
+
+def test_noise_floor_is_the_baselines_drift_or_its_ci_and_labels_small_speedups():
+    table = speedups(pd.DataFrame(noisy_sweep(again_1=2.1, again_8=4.0))).set_index(["label", "num_tokens"])
+    # At 1 token the two all-off medians differ by 5%: a 3% speedup is within noise, but still shown.
+    assert abs(table.loc[("fused", 1), "noise_floor"] - 0.05) < 1e-9
+    assert table.loc[("fused", 1), "speedup"] == 2.0 / (2.0 / 1.03)
+    assert table.loc[("fused", 1), "note"].startswith("within noise (+/-5.0%)")
+    # At 8 they agree: the floor is the CI half-width (0.1%), and 3% is a speedup.
+    assert abs(table.loc[("fused", 8), "noise_floor"] - 0.001) < 1e-9 and table.loc[("fused", 8), "note"] == ""
+
+
+def test_report_shows_the_noise_floor_and_the_kernel_breakdown(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append(noisy_sweep(again_1=2.1, again_8=4.0))
+    kernels = [{"config_id": cid, "label": cid, "tp": 1, "num_tokens": n, "rank": 0, "measured_at": 1.0,
+                "category": cat, "op": "x", "kernel": "k", "us_per_forward": us, "calls_per_forward": 1.0}
+               for cid, cats in (("base", {"rms_norm": 5, "quant": 4, "gemm": 20}),
+                                 ("fused", {"fused rms+quant": 6, "gemm": 20}))
+               for n in (1, 8) for cat, us in cats.items()]
+    folder.append_kernels(kernels)
+    md, _ = write_report(tmp_path)
+    text = md.read_text()
+    assert "| 1 | 2.0000 | 2.1000 | 5.00% | +/-0.10% | 5.00% |" in text
+    assert "within noise (+/-5.0%)" in text and "## Where the time goes" in text
+    assert (tmp_path / "kernels.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_credentials_are_redacted():

@@ -23,25 +23,38 @@ def sweep(**overrides) -> str:
 def test_the_smoke_sweep_expands_to_baseline_plus_three_per_tp(tmp_path):
     spec, text = load_sweep("sweeps/smoke-cpu.yaml")
     plan = expand(spec, CPU)
-    assert [c.tp for c in plan.configs] == [1, 1, 1, 1, 2, 2, 2, 2]
-    assert [c.is_baseline for c in plan.configs if c.tp == 1] == [True, False, False, False]
+    assert [c.tp for c in plan.configs] == [1] * 5 + [2] * 5
+    assert [c.is_baseline for c in plan.configs if c.tp == 1] == [True, False, False, False, False]
+    # The baseline again, last: the noise floor. Same config, its own id.
+    again = plan.configs[4]
+    assert again.baseline_repeat and again.config_id == f"{plan.configs[0].config_id}-again"
+    assert again.resolved == plan.configs[0].resolved and again.label == "all fusions off (baseline), again"
     baseline = plan.configs[0].resolved
     assert not any(baseline[f] for f in ("fuse_norm_quant", "fuse_act_quant"))
     assert [why for _, _, why in plan.dropped] == ["same effective config as 'all fusions off (baseline)'"] * 2
-    assert len({c.config_id for c in plan.configs}) == 8
+    assert len({c.config_id for c in plan.configs}) == 10
+    once = expand(parse_sweep(sweep(measure={"baseline_twice": False})), CPU)
+    assert not any(c.baseline_repeat for c in once.configs)
     assert "smoke-cpu" in text
+
+
+def test_tp_defaults_to_one():
+    data = {"name": "t", "model": {"preset": "tiny"}, "num_tokens": [4]}
+    spec = parse_sweep(__import__("yaml").safe_dump(data))
+    assert spec.tp == [1] and {c.tp for c in expand(spec, CPU).configs} == {1}
 
 
 def test_scalars_are_fixed_and_lists_swept():
     plan = expand(parse_sweep(sweep(pass_config={"fuse_norm_quant": True, "fuse_act_quant": [False, True]})), CPU)
     labels = [c.label for c in plan.configs]
-    assert labels == ["all fusions off (baseline)", "fuse_act_quant=off", "fuse_act_quant=on"]
-    assert all(c.resolved["fuse_norm_quant"] for c in plan.configs[1:])
+    assert labels == ["all fusions off (baseline)", "fuse_act_quant=off", "fuse_act_quant=on",
+                      "all fusions off (baseline), again"]
+    assert all(c.resolved["fuse_norm_quant"] for c in plan.configs[1:3])
 
 
 def test_a_fusion_with_nothing_to_match_is_dropped_with_the_reason():
     plan = expand(parse_sweep(sweep(model={"preset": "tiny", "quant": "none"})), CPU)
-    assert len(plan.configs) == 1
+    assert [c.is_baseline or c.baseline_repeat for c in plan.configs] == [True, True]
     reasons = " ".join(why for _, _, why in plan.dropped)
     assert "no-op: fuse_norm_quant has no pattern for quant=none" in reasons
 
@@ -58,7 +71,7 @@ def test_per_group_128_on_hidden_2880_is_skipped_but_64_runs():
     plan = expand(parse_sweep(sweep(model=model)), CPU)
     assert not plan.configs and "needs hidden_size (qkv input)=2880 to be a multiple of 128" in plan.skipped[0].reason
     plan = expand(parse_sweep(sweep(model={**model, "group_size": 64})), CPU)
-    assert len(plan.configs) == 4 and not plan.skipped
+    assert len(plan.configs) == 5 and not plan.skipped  # baseline, 3 configs, baseline again
 
 
 def test_every_fusion_has_a_pass_that_loads():
