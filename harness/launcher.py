@@ -134,6 +134,8 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "compile_range": first.compile_range,
             "active_passes": ",".join(first.active),
             "timing": first.timing,
+            **{column: (min if "clock" in column else max)(r.gpu.get(column, float("nan")) for r in ranks)
+               for column in first.gpu},  # the slowest clock, the hottest and hungriest GPU of the group
         })
         row.update({f"matches_{spec.flag}": first.matches.get(spec.flag, 0) for spec in PASSES})
         rows.append(row)
@@ -203,7 +205,8 @@ def job_for(plan: Plan, config: PlannedConfig) -> Job:
     return Job(config.config_id, config.pass_config, plan.spec.optimization_level, plan.model.to_dict(),
                list(plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed,
                is_baseline=config.is_baseline, max_repeats=measure.max_repeats, settle=measure.settle,
-               profile=measure.profile and not config.reference_only, reference_only=config.reference_only)
+               profile=measure.profile and not config.reference_only, reference_only=config.reference_only,
+               compile_cache=measure.compile_cache)
 
 
 @dataclass

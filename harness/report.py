@@ -33,10 +33,12 @@ def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
     again = ok[_flag(ok, "baseline_repeat")]
     keys = ["tp", "num_tokens"]
     floor = first[keys + ["latency_ms"]].rename(columns={"latency_ms": "baseline_ms"})
+    floor["baseline_clock"] = _column(first, "gpu_sm_clock_mhz").values
     half_width = (_column(first, "latency_ms_ci_high") - _column(first, "latency_ms_ci_low")) / 2
     floor["ci_rel"] = (half_width / first["latency_ms"]).values
-    floor = floor.merge(again[keys + ["latency_ms"]].rename(columns={"latency_ms": "again_ms"}), on=keys,
-                        how="left")
+    again = again.assign(again_clock=_column(again, "gpu_sm_clock_mhz"))
+    floor = floor.merge(again[keys + ["latency_ms", "again_clock"]].rename(columns={"latency_ms": "again_ms"}),
+                        on=keys, how="left")
     pair = floor[["baseline_ms", "again_ms"]]
     floor["drift_rel"] = (pair.max(axis=1, skipna=False) / pair.min(axis=1, skipna=False)) - 1
     floor["noise_floor"] = floor[["drift_rel", "ci_rel"]].max(axis=1, skipna=True)
@@ -158,22 +160,46 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         lines += ["## Where the time goes", "",
                   "Per-kernel time per forward on rank 0, filed by what each kernel does (profiled eagerly; the "
                   "table is kernels.parquet, the traces in traces/ open in Perfetto).", "",
-                  f"![time per category]({kernels_png.name})", ""]
+                  f"![time per category]({kernels_png.name})", ""] + _category_tables(kernels, table)
     md_path.write_text("\n".join(lines))
     return md_path, png_path
+
+
+def _category_tables(kernels: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """Per TP size and num_tokens: microseconds per forward by category (rows) and config (columns)."""
+    rank0 = kernels[kernels["rank"] == 0]
+    labels = table.drop_duplicates("config_id").set_index("config_id")["label"]
+    lines = []
+    for (tp, size), here in rank0.groupby(["tp", "num_tokens"]):
+        wide = here.pivot_table(index="category", columns="config_id", values="us_per_forward", aggfunc="sum")
+        wide = wide.reindex([c for c in KINDS if c in wide.index]).fillna(0.0)
+        wide.loc["total"] = wide.sum()
+        ids = sorted(wide.columns, key=lambda c: (not str(labels.get(c, "")).startswith("all fusions off"),
+                                                  str(labels.get(c, c))))
+        lines += [f"TP={tp}, num_tokens={int(size)} (us per forward):", "",
+                  "| category | " + " | ".join(str(labels.get(c, c)) for c in ids) + " |",
+                  "|---|" + "---:|" * len(ids)]
+        lines += [f"| {category} | " + " | ".join(f"{wide.at[category, c]:.1f}" for c in ids) + " |"
+                  for category in wide.index]
+        lines.append("")
+    return lines
 
 
 def _noise_lines(floors: pd.DataFrame) -> list[str]:
     if floors.empty:
         return []
+    clocks = floors["baseline_clock"].notna().any()
     lines = ["Noise floor (all-off measured first and again last):", "",
-             "| num_tokens | all-off ms | again ms | drift | median 95% CI | floor |", "|---:|---:|---:|---:|---:|---:|"]
+             "| num_tokens | all-off ms | again ms | drift | median 95% CI | floor |" + (" SM clock MHz |" if clocks
+                                                                                     else ""),
+             "|---:|---:|---:|---:|---:|---:|" + ("---:|" if clocks else "")]
     for row in floors.sort_values("num_tokens").itertuples():
         again = f"{row.again_ms:.4f}" if pd.notna(row.again_ms) else "not measured"
         drift = f"{row.drift_rel:.2%}" if pd.notna(row.drift_rel) else "-"
         ci = f"+/-{row.ci_rel:.2%}" if pd.notna(row.ci_rel) else "-"
         floor = f"{row.noise_floor:.2%}" if pd.notna(row.noise_floor) else "-"
-        lines.append(f"| {int(row.num_tokens)} | {row.baseline_ms:.4f} | {again} | {drift} | {ci} | {floor} |")
+        clock = f" {row.baseline_clock:.0f} / {row.again_clock:.0f} |" if clocks else ""
+        lines.append(f"| {int(row.num_tokens)} | {row.baseline_ms:.4f} | {again} | {drift} | {ci} | {floor} |{clock}")
     return lines + [""]
 
 
@@ -223,8 +249,8 @@ def _plot_kernels(kernels: pd.DataFrame, table: pd.DataFrame, path: Path, title:
     if len(sizes) > max_sizes:
         sizes = [sizes[round(i * (len(sizes) - 1) / (max_sizes - 1))] for i in range(max_sizes)]
     configs = max(1, per["config_id"].nunique())
-    fig, axes = plt.subplots(len(tps), len(sizes), figsize=(4.5 * len(sizes), 1 + 0.45 * configs * len(tps)),
-                             squeeze=False)
+    height = len(tps) * (1.2 + 0.35 * configs) + 1.3
+    fig, axes = plt.subplots(len(tps), len(sizes), figsize=(4.5 * len(sizes), height), squeeze=False)
     for i, tp in enumerate(tps):
         for j, size in enumerate(sizes):
             ax = axes[i][j]
@@ -245,7 +271,7 @@ def _plot_kernels(kernels: pd.DataFrame, table: pd.DataFrame, path: Path, title:
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in categories]
     fig.legend(handles, categories, loc="lower center", ncol=min(6, len(categories)), fontsize=8)
     fig.suptitle(f"{title}: where the time goes (rank 0, eager profile)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(categories) // 6), 1, 0.95))
+    fig.tight_layout(rect=(0, (0.3 + 0.2 * (len(categories) // 6 + 1)) / height, 1, 1 - 0.4 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -66,6 +66,7 @@ class MeasureSpec(_Strict):
     seed: int = 0
     profile: bool = True  # a torch.profiler trace and per-kernel times per (config, num_tokens)
     baseline_twice: bool = True  # measure all-off again after the rest: the noise floor
+    compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs (match counts are kept too)
 
 
 class ClusterSpec(_Strict):

@@ -2,8 +2,11 @@
 
 On CUDA the forward is captured in a CUDA graph, as a serving engine runs a decode step: one graph calls it once on
 each of a few copies of the input (so no copy is still in L2 from the call before), and events around each replay
-give the device's own time per forward, free of Python and launch overhead. Where capture fails the forward is
-timed eagerly between events, and the row says so. On CPU, ``perf_counter`` around each call.
+give the device's own time per forward, free of Python and launch overhead. Before each replay the GPU spins for
+a while, so the start event, the graph launch and the end event are all queued before the start event fires: a
+late host thread then cannot leave the GPU idle inside the timed span. Replays run for ``WARM_MS`` before any is
+kept, so clocks and caches settle at each size. Where capture fails the forward is timed eagerly between events,
+and the row says so. On CPU, ``perf_counter`` around each call.
 
 How many repeats: batches of ``min_repeats`` until the median's 95% confidence interval (order statistics, no
 assumption about the distribution) is within ``settle`` of the median, or ``max_repeats`` is reached; the row
@@ -24,6 +27,8 @@ import torch.distributed as dist
 
 
 INPUT_COPIES = 4  # inputs a captured graph rotates through
+WARM_MS = 200.0  # untimed replays first, at least this long
+SPIN_CYCLES = 2_000_000  # the GPU's busy-wait before each timed replay (about 1 ms at H100 clocks)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,13 @@ class GraphTimer:
         self.graph.replay()
         torch.cuda.synchronize()
 
+    def warm(self, milliseconds: float = WARM_MS) -> None:
+        """Replay, untimed, until ``milliseconds`` have passed."""
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < milliseconds:
+            self.graph.replay()
+            torch.cuda.synchronize()
+
     def sample(self, replays: int, barrier=None) -> list[float]:
         """Microseconds per call, one value per replay (``barrier``: a process group whose ranks start each
         replay together)."""
@@ -62,6 +74,7 @@ class GraphTimer:
             if barrier is not None:
                 dist.barrier(group=barrier)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(SPIN_CYCLES)  # keeps the GPU busy while the host queues what follows
             start.record()
             self.graph.replay()
             end.record()
@@ -70,10 +83,13 @@ class GraphTimer:
         return times
 
 
-def time_per_call(fn: Callable, input_sets: list, replays: int = 30, barrier=None) -> list[float]:
-    """Microseconds per call of ``fn`` under a CUDA graph, one value per replay (bench-kernels' timer)."""
+def time_per_call(fn: Callable, input_sets: list, replays: int = 30, barrier=None,
+                  warm_ms: float = 25.0) -> list[float]:
+    """Microseconds per call of ``fn`` under a CUDA graph, one value per replay (bench-kernels' timer: a
+    kernel's graph replays in microseconds, so a short warm-up already runs it thousands of times)."""
     timer = GraphTimer(fn, input_sets)
     try:
+        timer.warm(warm_ms)
         return timer.sample(replays, barrier)
     finally:
         del timer.graph
@@ -90,6 +106,7 @@ def time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor, war
             if group is not None:
                 dist.barrier(group=group)
             timer = GraphTimer(forward, copies)
+            timer.warm()
         except Exception as exc:  # noqa: BLE001 - a forward that cannot be captured is still timed, and said so
             torch.cuda.synchronize()
             how = f"eager events (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]})"
@@ -182,3 +199,18 @@ def summarize(times_ms: list[float], settle: float | None = None) -> dict[str, f
     settled = settle is not None and (high - low) / 2 <= settle * median
     return {"latency_ms": median, "latency_ms_p10": p10, "latency_ms_p90": p90, "latency_ms_cv": cv,
             "latency_ms_ci_low": low, "latency_ms_ci_high": high, "repeats": len(times_ms), "settled": settled}
+
+
+def gpu_state(device: torch.device) -> dict[str, float]:
+    """The GPU's SM clock (MHz), temperature (C) and power (W) now, through NVML; empty where it cannot say.
+    Sampled right after a size's timed replays, they tell a clock or thermal drift from a real difference."""
+    if device.type != "cuda":
+        return {}
+    state = {}
+    for column, read in (("gpu_sm_clock_mhz", torch.cuda.clock_rate), ("gpu_temp_c", torch.cuda.temperature),
+                         ("gpu_power_w", lambda d: torch.cuda.power_draw(d) / 1000)):
+        try:
+            state[column] = float(read(device))
+        except Exception:  # noqa: BLE001 - no NVML bindings, or a GPU that does not report it
+            pass
+    return state

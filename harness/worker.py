@@ -3,21 +3,27 @@
 The launcher wraps ``TPWorker`` as a Ray actor (one per rank), but nothing here depends on Ray, so a worker can be
 driven in-process too (tests, debugging). Every rank of a group runs the same jobs in the same order.
 
-Inductor's FX-graph cache is off for these compiles: a graph served from it skips the post-grad passes, and the
-match counts would read zero for a fusion that did fire.
+Compiled graphs are cached across num_tokens (one dynamic-shape graph per range) and across runs (Inductor's FX
+graph and AOTAutograd caches, ``measure.compile_cache``). A graph served from Inductor's cache skips the post-grad
+passes, so their match counts would read zero for a fusion that did fire: every fresh compile records its counts
+beside Inductor's cache (``MatchCounts``), and a cache hit reads them back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from fusiontune.passes.config import resolve
 from fusiontune.passes.fusions import PASSES
@@ -28,7 +34,7 @@ from fusiontune.passes.ranges import compile_ranges, range_for
 from .correctness import max_abs_error, tolerance
 from .model import DecoderStack, ModelConfig
 from .profile import profile_forward
-from .timing import Repeats, time_forward
+from .timing import Repeats, gpu_state, time_forward
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Job:
     settle: float = 0.005  # stop when the median's 95% CI half-width is within this fraction of it
     profile: bool = False  # a torch.profiler trace and per-kernel times per num_tokens
     reference_only: bool = False  # the all-off outputs for later comparisons; nothing timed (a resumed run)
+    compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs
 
     @property
     def repeat_rule(self) -> Repeats:
@@ -69,6 +76,7 @@ class RankResult:
     compile_range: str = ""  # the num_tokens range whose compiled graph ran this size ("1-128", ">=2048")
     active: list[str] = field(default_factory=list)  # the passes that range compiled with
     timing: str = ""  # how the times were taken ("cuda-graph (...)", "eager events (...)", "wall clock")
+    gpu: dict[str, float] = field(default_factory=dict)  # timing.gpu_state right after the timed repeats
     kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
     trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
 
@@ -93,7 +101,7 @@ class TPWorker:
         self.log_lines: list[str] = []  # the last job's log
         self._model_key: tuple | None = None
         self._model: DecoderStack | None = None
-        torch._functorch.config.enable_autograd_cache = False
+        self._cache = True  # the running job's compile_cache
 
     # -- process group -------------------------------------------------------------------------------------
     def rendezvous_address(self) -> str:
@@ -180,8 +188,13 @@ class TPWorker:
                         compiled[part.label] = self._compile(self._model, part)
                     fn, manager = compiled[part.label]
                     result.compile_range, result.active = part.label, list(part.active)
-                    last_matches[part.label] = self._measure(job, cfg, fn, manager, result,
-                                                             last_matches.get(part.label, {}))
+                    try:
+                        matches = self._measure(job, cfg, fn, manager, result, last_matches.get(part.label, {}))
+                    except UnrecordedCacheHit as hit:  # compile this range afresh, its passes running
+                        self.log(f"num_tokens={num_tokens}: {hit}; compiling range {part.label} without the cache")
+                        compiled[part.label] = fn, manager = self._compile(self._model, part, cache=False)
+                        matches = self._measure(job, cfg, fn, manager, result, {})
+                    last_matches[part.label] = matches
                     self.log(_summary(result))
                 except Exception as exc:
                     result.error = _describe(exc)
@@ -203,15 +216,16 @@ class TPWorker:
         resolved = resolve(job.pass_config, job.optimization_level, platform)
         model = self.model_for(cfg, job.seed)
         torch._dynamo.reset()
+        self._cache = job.compile_cache  # Inductor's fx_graph_cache option governs AOTAutograd's cache too
         parts = compile_ranges(resolved)
         return cfg, resolved, parts, {part.label: self._compile(model, part) for part in parts}
 
-    @staticmethod
-    def _compile(model: DecoderStack, part) -> tuple[Any, PassManager]:
+    def _compile(self, model: DecoderStack, part, cache: bool | None = None) -> tuple[Any, PassManager]:
         """A lazily compiled callable for one num_tokens range, with that range's passes, and their manager."""
         manager = PassManager(part.config)
+        cache = self._cache if cache is None else cache
         fn = torch.compile(model, fullgraph=True,
-                           options={"post_grad_custom_post_pass": manager, "fx_graph_cache": False})
+                           options={"post_grad_custom_post_pass": manager, "fx_graph_cache": cache})
         return fn, manager
 
     @torch.no_grad()
@@ -224,13 +238,19 @@ class TPWorker:
         x = self.inputs(cfg, num_tokens, job.seed)
         if num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it); size 1 alone
             torch._dynamo.mark_dynamic(x, 0)
-        before = manager.snapshot()
+        before, traced = manager.snapshot(), counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
         out = compiled(x)
         result.compile_s = time.perf_counter() - t0
         after = manager.snapshot()
+        recorded = MatchCounts(manager, self._model_key, dynamic=num_tokens > 1)
         if after["graphs"] > before["graphs"]:  # this size compiled a graph: its counts are this graph's
             last_matches = {spec.flag: after[spec.flag] - before[spec.flag] for spec in PASSES}
+            recorded.save(last_matches)
+        elif counters["stats"]["unique_graphs"] > traced:  # compiled, but served from Inductor's cache
+            last_matches = recorded.load()
+            self.log(f"num_tokens={num_tokens}: graph from Inductor's cache; match counts as recorded when it "
+                     f"was compiled ({recorded.path.name})")
         result.matches = dict(last_matches)
         key = (self._model_key, num_tokens)
         if job.is_baseline or job.reference_only:
@@ -246,11 +266,40 @@ class TPWorker:
         del out
         result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
                                                       self.group)
+        result.gpu = gpu_state(self.device)
         if job.profile:
             barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
             result.kernels, trace = profile_forward(lambda: compiled(x), self.device, barrier=barrier)
             result.trace = trace if self.rank == 0 else b""
         return last_matches
+
+
+class MatchCounts:
+    """The match counts of one compiled graph, kept beside Inductor's cache under the same inputs to its key
+    that we control (the passes' uuid: config and pass/kernel sources; the model; static or dynamic shapes)."""
+
+    def __init__(self, manager: PassManager, model: tuple | None, dynamic: bool):
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        key = json.dumps([manager.uuid(), repr(model), dynamic, torch.__version__])
+        self.path = Path(cache_dir()) / "fusiontune-match-counts" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+    def save(self, matches: dict[str, int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(matches))
+        tmp.replace(self.path)
+
+    def load(self) -> dict[str, int]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            raise UnrecordedCacheHit("Inductor served this graph from its cache, but no match counts were recorded "
+                                     "when it was compiled") from None
+
+
+class UnrecordedCacheHit(RuntimeError):
+    """A cached graph whose match counts are unknown (compiled by something other than a fusiontune worker)."""
 
 
 def model_key(model: dict[str, Any], seed: int) -> tuple:

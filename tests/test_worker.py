@@ -84,3 +84,27 @@ def test_each_num_tokens_range_runs_its_own_compile(worker, monkeypatch):
     assert high.compile_range == ">=9" and "enable_qk_norm_rope_fusion" not in high.active
     assert high.matches["enable_qk_norm_rope_fusion"] == 0
     assert low.max_abs_err <= low.tolerance and high.max_abs_err <= high.tolerance
+
+
+def test_a_graph_from_inductors_cache_keeps_its_match_counts(worker, tmp_path, monkeypatch):
+    """The second run of a config is served from Inductor's cache (its post-grad passes do not run): the counts
+    come from the record its first compile left, and without that record the range is compiled afresh."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cfg = build_model_config("tiny", quant="fp8-static", num_layers=1).to_dict()
+    worker.run(Job("base", OFF, 2, cfg, [1, 6], warmup=1, repeats=2, is_baseline=True))
+    first = worker.run(Job("fused", ON, 2, cfg, [1, 6], warmup=1, repeats=2))
+    again = worker.run(Job("fused", ON, 2, cfg, [1, 6], warmup=1, repeats=2))
+    assert "graph from Inductor's cache" in worker.job_log()
+    for a, b in zip(first, again):
+        assert not a.error and not b.error and a.matches == b.matches and a.matches["fuse_norm_quant"] == 2
+        assert b.max_abs_err == a.max_abs_err <= a.tolerance  # the cached graph computes what the fresh one did
+    records = list((tmp_path / "fusiontune-match-counts").iterdir())
+    for record in records:
+        record.unlink()
+    lost = worker.run(Job("fused", ON, 2, cfg, [1, 6], warmup=1, repeats=2))
+    assert "no match counts were recorded" in worker.job_log() and "compiling range >=1 without the cache" in \
+        worker.job_log()
+    assert all(not r.error and r.matches["fuse_norm_quant"] == 2 for r in lost)
+    uncached = worker.run(Job("fused", ON, 2, cfg, [1, 6], warmup=1, repeats=2, compile_cache=False))
+    assert "Inductor's cache" not in worker.job_log()
+    assert all(not r.error and r.matches["fuse_norm_quant"] == 2 for r in uncached)
