@@ -245,8 +245,9 @@ class _TPSizeRun:
         self.baseline_job: Job | None = None
         self.devices: set[str] = set()
 
-    def new_group(self) -> TPGroup:
-        group = TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls).ready()
+    def new_group(self, started: TPGroup | None = None) -> TPGroup:
+        """A group ready for configs (``started``: one whose actors were asked for earlier)."""
+        group = (started or TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls)).ready()
         self.devices.update(group.devices)
         if self.baseline_ref is not None:
             group.load_baseline(self.baseline_job, self.baseline_ref)
@@ -265,6 +266,9 @@ class _TPSizeRun:
             return
         self.baseline_job = job_for(self.plan, first)
         busy.append(_InFlight(group, first, group.submit(self.baseline_job), time.monotonic()))
+        # The other groups' actors start (processes, imports) while the baseline runs.
+        starting = [TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls)
+                    for _ in range(min(self.groups_wanted, len(queue) + 1) - 1)]
         self.wait_all(busy, idle)
         if first.is_baseline or first.reference_only:
             if idle:  # the outputs live in the driver's object store, so a lost group does not take them along
@@ -273,7 +277,7 @@ class _TPSizeRun:
         while queue or busy:
             while queue and (idle or len(busy) < self.groups_wanted):
                 try:
-                    group = idle.pop() if idle else self.new_group()
+                    group = idle.pop() if idle else self.new_group(starting.pop() if starting else None)
                 except Exception as exc:  # noqa: BLE001
                     config = queue.pop(0)
                     self.finish(config, None, f"{type(exc).__name__}: the TP group would not form: {exc}", "")
@@ -281,7 +285,7 @@ class _TPSizeRun:
                 config = queue.pop(0)
                 busy.append(_InFlight(group, config, group.submit(job_for(self.plan, config)), time.monotonic()))
             self.wait_one(busy, idle)
-        for group in idle:
+        for group in idle + starting:
             group.shutdown()
 
     def wait_all(self, busy: list[_InFlight], idle: list[TPGroup]) -> None:
