@@ -284,7 +284,8 @@ class _TPSizeRun:
                     continue
                 config = queue.pop(0)
                 busy.append(_InFlight(group, config, group.submit(job_for(self.plan, config)), time.monotonic()))
-            self.wait_one(busy, idle)
+            if busy:  # (empty when every group left failed to form)
+                self.wait_one(busy, idle)
         for group in idle + starting:
             group.shutdown()
 
