@@ -88,6 +88,71 @@ def run(
         console.print(f"report: {md} and {png}")
 
 
+@app.command()
+def tune(
+    tune_file: Path = typer.Argument(..., help="Tune YAML (see sweeps/tune-cpu.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: results/<tune name>]; the study is "
+                                       "kept there (study.db) unless study.storage names another."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials in all (the study's, resumed ones included); "
+                                         "overrides study.trials."),
+    grid: bool = typer.Option(False, "--grid", help="Evaluate every combination (a study of its own): the reference "
+                              "the tuner is judged against."),
+    max_evaluations: Optional[int] = typer.Option(None, "--max-evaluations", help="Measure at most this many "
+                                                  "configs; overrides study.max_evaluations."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join; default: a local Ray."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="TP groups running trials at once: 'auto' or a "
+                                         "number; overrides cluster.groups."),
+    config_timeout: float = typer.Option(3600, help="Seconds one trial's job may take before it is failed."),
+):
+    """Search fusion enables and thresholds with Optuna for the lowest expected latency under a workload's
+    num_tokens distribution; trials run on TP groups through Ray, the study resumes from its storage."""
+    from fusiontune.harness.sweep import SweepError
+    from fusiontune.harness.tune import load_tune
+
+    try:
+        spec, text = load_tune(tune_file)
+        if groups is not None:
+            spec = _with_groups(spec, groups)
+        if max_evaluations is not None:
+            spec = spec.model_copy(update={"study": spec.study.model_copy(update={"max_evaluations": max_evaluations})})
+        from fusiontune.harness.results import RunFolder
+        from fusiontune.harness.tuner import Tuner, grid_size, prepare_folder
+
+        folder = RunFolder(out or Path("results") / spec.name)
+        tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
+                      base_dir=tune_file.parent)
+    except SweepError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    prepare_folder(spec, text, str(tune_file), folder, grid)
+    console.print(f"tune {spec.name}: {'grid of' if grid else 'up to'} {tuner.trials} trials over "
+                  f"{', '.join(tuner.space)} (grid size {grid_size(spec)}); workload weights "
+                  + ", ".join(f"{n}: {w:.2f}" for n, w in tuner.weights.items() if w > 0))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("trials", total=tuner.trials)
+
+        def told(trial):
+            value = f"{trial['value']:.4f}" if trial["value"] is not None else "-"
+            progress.console.print(f"trial {trial['trial']}: {trial['state'].lower()} {value} "
+                                   f"{'(same config as before) ' if not trial['measured'] else ''}{trial['params']}"
+                                   + (f" [{trial['note'][:120]}]" if trial["note"] else ""))
+            progress.advance(task)
+
+        tuner.on_trial = told
+        try:
+            summary = tuner.run()
+        except SweepError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1)
+    best = summary["best"]
+    console.print(f"{summary['trials']} trials, {summary['evaluations']} configs measured, {summary['pruned']} "
+                  f"pruned, {summary['failed']} failed; summary: {folder.path / 'tune.json'}")
+    if best:
+        console.print(f"best: trial {best['trial']}, expected latency {best['expected_ratio']:.4f} of all-off "
+                      f"({best['expected_speedup']:.3f}x): {best['params']}")
+
+
 def _with_groups(spec, groups: str):
     from fusiontune.harness.sweep import SweepError
 

@@ -4,12 +4,10 @@ Local by default: an embedded Ray bound to 127.0.0.1, dashboard off, usage stats
 "ray://host:10001") it joins an existing cluster, where fusiontune must be installed on every node. TP > 1 forms a
 gloo group on CPU and an NCCL group on GPUs.
 
-Scheduling, per TP size: the all-off baseline runs first, on one group; its outputs (the reference every other
-config is checked against) then seed as many more groups as the cluster holds (``cluster.groups``), and the
-configs go to whichever group is free, the baseline's repeat last. Every config's rows are written the moment its
-ranks return. A config that raises, hangs past the per-config timeout, or kills an actor is recorded ``failed``
-with its error; its group is torn down, a fresh one (seeded with the baseline outputs) takes its place, and the
-sweep goes on.
+Scheduling, per TP size: a ``groups.GroupPool`` of as many TP groups as the cluster holds (``cluster.groups``)
+runs the all-off baseline first, alone; then the configs go to whichever group is free, the baseline's repeat last.
+Every config's rows are written the moment its ranks return. A config that raises, hangs past the per-config
+timeout, or kills an actor is recorded ``failed`` with its error, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -17,15 +15,13 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fusiontune.passes.fusions import PASSES
 
+from .groups import GroupPool, Outcome, groups_to_use
 from .results import RunFolder
 from .sweep import Plan, PlannedConfig
 from .timing import combine_ranks, summarize
@@ -33,7 +29,6 @@ from .worker import Job, RankResult, TPWorker
 
 # Never let NCCL, torch symmetric memory or NVSHMEM create NVLink multicast objects on shared hosts.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-POLL_S = 0.5
 
 
 def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) -> None:
@@ -55,62 +50,13 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
     )
 
 
-class TPGroup:
-    """The actors of one TP group, placed together (STRICT_PACK: one node) and joined in a process group.
-
-    Construction only asks Ray for the placement and the actors; ``ready()`` waits for the process group, so
-    several groups can form at once."""
-
-    def __init__(self, tp: int, use_gpu: bool, threads: int | None, worker_cls: type = TPWorker):
-        self.tp = tp
-        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
-        actor_cls = ray.remote(worker_cls)
-        self.actors = [
-            actor_cls.options(
-                num_cpus=1,
-                num_gpus=1 if use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(rank, tp, threads, "cuda" if use_gpu else "cpu")
-            for rank in range(tp)
-        ]
-        self.devices: list[str] = []
-
-    def ready(self, timeout_s: float = 600) -> "TPGroup":
-        ray.get(self.pg.ready(), timeout=timeout_s)
-        init_method = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout_s)
-        self.devices = ray.get([a.init_process_group.remote(init_method) for a in self.actors], timeout=timeout_s)
-        return self
-
-    def submit(self, job: Job) -> list:
-        return [a.run.remote(job) for a in self.actors]
-
-    def load_baseline(self, job: Job, outputs_ref) -> None:
-        ray.get([a.load_baseline.remote(job.model, job.seed, outputs_ref) for a in self.actors], timeout=600)
-
-    def logs(self) -> str:
-        try:
-            return "".join(ray.get([a.job_log.remote() for a in self.actors], timeout=30))
-        except Exception as exc:  # noqa: BLE001 - a dead actor has no log left to give
-            return f"(the workers' logs could not be read: {type(exc).__name__})\n"
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
-        try:
-            remove_placement_group(self.pg)
-        except Exception:
-            pass
-
-
 def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]] | None,
              error: str = "", device: str = "") -> list[dict[str, Any]]:
-    """Merge the ranks' results for one config into one row per num_tokens."""
+    """Merge the ranks' results for one config into one row per num_tokens (the sizes its job measured, or without
+    results every size of the sweep)."""
     rows = []
-    for i, num_tokens in enumerate(plan.spec.num_tokens):
+    sizes = [r.num_tokens for r in per_rank[0]] if per_rank else list(plan.spec.num_tokens)
+    for i, num_tokens in enumerate(sizes):
         ranks = [results[i] for results in per_rank] if per_rank else []
         first = ranks[0] if ranks else RankResult(num_tokens, error=error or "no result")
         row = base_row(plan, config, first.resolved or config.resolved)
@@ -187,149 +133,28 @@ def device_for(tp: int, wanted: str) -> tuple[bool, str]:
     return True, ""
 
 
-def group_capacity(tp: int, use_gpu: bool, nodes: list[dict] | None = None) -> int:
-    """How many TP groups of ``tp`` ranks fit at once, each on one node (STRICT_PACK)."""
-    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive", True)]
-    key = "GPU" if use_gpu else "CPU"
-    return sum(int(n.get("Resources", {}).get(key, 0)) // tp for n in nodes)
-
-
-def groups_to_use(tp: int, use_gpu: bool, wanted: str | int, configs: int) -> int:
-    capacity = max(1, group_capacity(tp, use_gpu))
-    limit = capacity if wanted == "auto" and use_gpu else (1 if wanted == "auto" else min(int(wanted), capacity))
-    return max(1, min(limit, configs))
-
-
-def job_for(plan: Plan, config: PlannedConfig) -> Job:
+def job_for(plan: Plan, config: PlannedConfig, num_tokens: list[int] | None = None) -> Job:
     measure = plan.spec.measure
     return Job(config.config_id, config.pass_config, plan.spec.optimization_level, plan.model.to_dict(),
-               list(plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed,
+               list(num_tokens or plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed,
                is_baseline=config.is_baseline, max_repeats=measure.max_repeats, settle=measure.settle,
                profile=measure.profile and not config.reference_only, reference_only=config.reference_only,
                compile_cache=measure.compile_cache)
 
 
-@dataclass
-class _InFlight:
-    group: TPGroup
-    config: PlannedConfig
-    refs: list
-    started: float
-    checked: set = field(default_factory=set)  # refs seen ready without an error
+class Recorder:
+    """Writes what a config's job produced into the run folder: its log, rows, per-kernel times and traces."""
 
+    def __init__(self, plan: Plan, folder: RunFolder, on_config=None):
+        self.plan, self.folder, self.on_config = plan, folder, on_config
 
-def _first_error(ready: list, checked: set) -> str:
-    """The error of the first rank in ``ready`` that failed ('' if none did)."""
-    for ref in ready:
-        if ref in checked:
-            continue
-        try:
-            ray.get(ref, timeout=0)
-        except Exception as exc:  # noqa: BLE001 - an actor that died, a task that raised
-            return f"{type(exc).__name__}: {exc}"[:2000]
-        checked.add(ref)
-    return ""
-
-
-class _TPSizeRun:
-    """Runs one TP size's configs over up to ``groups`` TP groups (see the module docstring)."""
-
-    def __init__(self, plan: Plan, folder: RunFolder, tp: int, use_gpu: bool, groups: int,
-                 timeout_s: float | None, on_config, worker_cls: type):
-        self.plan, self.folder, self.tp, self.use_gpu = plan, folder, tp, use_gpu
-        self.timeout_s, self.on_config, self.worker_cls = timeout_s, on_config, worker_cls
-        self.groups_wanted = groups
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.threads = None if use_gpu else max(1, cpus // (tp * groups))
-        self.baseline_ref = None  # the all-off outputs, in the object store, once the first config has run
-        self.baseline_job: Job | None = None
-        self.devices: set[str] = set()
-
-    def new_group(self, started: TPGroup | None = None) -> TPGroup:
-        """A group ready for configs (``started``: one whose actors were asked for earlier)."""
-        group = (started or TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls)).ready()
-        self.devices.update(group.devices)
-        if self.baseline_ref is not None:
-            group.load_baseline(self.baseline_job, self.baseline_ref)
-        return group
-
-    def run(self, configs: list[PlannedConfig]) -> None:
-        queue = list(configs)
-        idle: list[TPGroup] = []
-        busy: list[_InFlight] = []
-        first = queue.pop(0)  # the baseline (or a resumed run's reference-only baseline): alone, on one group
-        try:
-            group = self.new_group()
-        except Exception as exc:  # noqa: BLE001 - no group at all: every config fails with the reason
-            for config in [first, *queue]:
-                self.finish(config, None, f"{type(exc).__name__}: the TP group would not form: {exc}", "")
-            return
-        self.baseline_job = job_for(self.plan, first)
-        busy.append(_InFlight(group, first, group.submit(self.baseline_job), time.monotonic()))
-        # The other groups' actors start (processes, imports) while the baseline runs.
-        starting = [TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls)
-                    for _ in range(min(self.groups_wanted, len(queue) + 1) - 1)]
-        self.wait_all(busy, idle)
-        if first.is_baseline or first.reference_only:
-            if idle:  # the outputs live in the driver's object store, so a lost group does not take them along
-                self.baseline_ref = ray.put(ray.get(idle[0].actors[0].baseline_outputs.remote(
-                    self.baseline_job.model, self.baseline_job.seed), timeout=600))
-        while queue or busy:
-            while queue and (idle or len(busy) < self.groups_wanted):
-                try:
-                    group = idle.pop() if idle else self.new_group(starting.pop() if starting else None)
-                except Exception as exc:  # noqa: BLE001
-                    config = queue.pop(0)
-                    self.finish(config, None, f"{type(exc).__name__}: the TP group would not form: {exc}", "")
-                    continue
-                config = queue.pop(0)
-                busy.append(_InFlight(group, config, group.submit(job_for(self.plan, config)), time.monotonic()))
-            if busy:  # (empty when every group left failed to form)
-                self.wait_one(busy, idle)
-        for group in idle + starting:
-            group.shutdown()
-
-    def wait_all(self, busy: list[_InFlight], idle: list[TPGroup]) -> None:
-        while busy:
-            self.wait_one(busy, idle)
-
-    def wait_one(self, busy: list[_InFlight], idle: list[TPGroup]) -> None:
-        """Block until some in-flight config ends (done, failed or timed out), record it, free its group."""
-        while True:
-            for item in list(busy):
-                ready, _ = ray.wait(item.refs, num_returns=len(item.refs), timeout=0)
-                timed_out = self.timeout_s is not None and time.monotonic() - item.started > self.timeout_s
-                # A rank that died ends the config now: its peers may wait in a collective until the timeout.
-                crashed = len(ready) < len(item.refs) and _first_error(ready, item.checked)
-                if len(ready) < len(item.refs) and not timed_out and not crashed:
-                    continue
-                busy.remove(item)
-                per_rank, error, log = None, "", ""
-                if crashed:
-                    error = crashed
-                elif timed_out and len(ready) < len(item.refs):
-                    error = f"timed out: the config ran past {self.timeout_s:.0f} s (--config-timeout)"
-                else:
-                    try:
-                        per_rank = ray.get(item.refs)
-                    except Exception as exc:  # noqa: BLE001 - a dead actor, a task that raised
-                        error = f"{type(exc).__name__}: {exc}"[:2000]
-                if per_rank is None:  # its actors may be dead or stuck in a collective: replace the group
-                    log = "(no worker log: the group was torn down)\n"
-                    item.group.shutdown()
-                else:
-                    log = item.group.logs()
-                    idle.append(item.group)
-                self.finish(item.config, per_rank, error, log, item.group.devices[0] if item.group.devices else "")
-                return
-            if busy:
-                ray.wait([ref for item in busy for ref in item.refs], num_returns=1, timeout=POLL_S)
-
-    def finish(self, config: PlannedConfig, per_rank, error: str, log: str, device: str = "") -> None:
-        self.write_log(config, log, error)
+    def record(self, outcome: Outcome, config: PlannedConfig | None = None) -> list[dict[str, Any]]:
+        config = config or outcome.tag
+        per_rank = outcome.per_rank
+        self.write_log(config, outcome.log, outcome.error)
         if config.reference_only:
-            return  # its rows exist from the interrupted run
-        rows = rows_for(self.plan, config, per_rank, error=error, device=device)
+            return []  # its rows exist from the interrupted run
+        rows = rows_for(self.plan, config, per_rank, error=outcome.error, device=outcome.device)
         if per_rank:
             self.folder.append_kernels(kernel_rows(config, per_rank))
             for result in per_rank[0]:
@@ -338,6 +163,7 @@ class _TPSizeRun:
         self.folder.append(rows)
         if self.on_config:
             self.on_config(config, rows)
+        return rows
 
     def write_log(self, config: PlannedConfig, log: str, error: str) -> None:
         name = re.sub(r"[^A-Za-z0-9._=-]+", "_", config.label)[:80]
@@ -345,6 +171,20 @@ class _TPSizeRun:
         if error:
             text += f"\nfailed: {error}\n"
         self.folder.write_log(f"tp{config.tp}-{name}-{config.config_id}", text)
+
+
+def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[PlannedConfig]) -> None:
+    """The first config (the baseline, or a resumed run's reference-only baseline) alone, then the rest on
+    whichever group is free."""
+    queue = list(configs)
+    first = queue.pop(0)
+    recorder.record(pool.run_first(job_for(plan, first), first))
+    while queue or pool.pending():
+        while queue and pool.has_room():
+            config = queue.pop(0)
+            pool.submit(job_for(plan, config), config)
+        if pool.pending():
+            recorder.record(pool.next_done())
 
 
 def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
@@ -374,8 +214,11 @@ def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
                     on_config(config, rows)
             continue
         groups = groups_to_use(tp, use_gpu, plan.spec.cluster.groups, len(configs))
-        run = _TPSizeRun(plan, folder, tp, use_gpu, groups, config_timeout_s, on_config, worker_cls)
-        run.run(configs)
-        devices_seen[str(tp)] = sorted(run.devices)
+        pool = GroupPool(tp, use_gpu, groups, config_timeout_s, worker_cls)
+        try:
+            run_configs(plan, pool, Recorder(plan, folder, on_config), configs)
+        finally:
+            pool.shutdown()
+        devices_seen[str(tp)] = sorted(pool.devices)
         groups_used[str(tp)] = groups
         folder.update_manifest(devices=devices_seen, groups=groups_used)

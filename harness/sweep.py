@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fusiontune.passes.config import PassConfig, PassConfigError, resolve
-from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG
+from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG
 from fusiontune.passes.platform import Platform
 
 from .model import DTYPES, PRESETS, QUANT_CHOICES, ModelConfig, build_model_config
@@ -185,6 +185,14 @@ class PlannedConfig:
     baseline_repeat: bool = False  # all-off measured again, after the rest: the noise floor
     reference_only: bool = False  # a resumed run's baseline: its outputs are needed, its rows exist
 
+    @property
+    def effective(self) -> str:
+        """The resolved config as text, less the thresholds of passes that are off: two configs with the same
+        text compile the same passes."""
+        unused = {t.name for spec in PASSES for t in spec.thresholds} - {
+            t.name for spec in PASSES if self.resolved.get(spec.flag) for t in spec.thresholds}
+        return json.dumps({k: v for k, v in self.resolved.items() if k not in unused}, sort_keys=True, default=str)
+
 
 @dataclass
 class Skipped:
@@ -248,40 +256,47 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
     for tp in spec.tp:
         target = (platform or Platform.detect()).with_(
             tp_size=tp, hidden_size=model.hidden_size, dtype_bytes=model.torch_dtype.itemsize, quant=model.quant)
-        problems = model.sharding_problems(tp)
         seen: dict[str, str] = {}
         for index, fields in enumerate([baseline_fields, *combos]):
             is_baseline = index == 0
             label = "all fusions off (baseline)" if is_baseline else _label(fields, swept)
-            user = {k: v for k, v in fields.items() if v is not None}
-            if problems:
-                plan.skipped.append(Skipped(label, tp, user, "; ".join(problems)))
+            planned = plan_config(fields, label, tp, model, spec.optimization_level, target, is_baseline)
+            if isinstance(planned, Skipped):
+                plan.skipped.append(planned)
                 continue
-            try:
-                resolved = resolve(PassConfig(**user), spec.optimization_level, target)
-            except (PassConfigError, ValidationError) as exc:
-                plan.skipped.append(Skipped(label, tp, user, f"invalid PassConfig: {exc}"))
+            if isinstance(planned, str):
+                plan.dropped.append((label, tp, planned))
                 continue
-            reason = _why_not_runnable(resolved.values, model, tp)
-            if reason:
-                kind, why = reason
-                if kind == "skip":
-                    plan.skipped.append(Skipped(label, tp, user, why))
-                else:
-                    plan.dropped.append((label, tp, why))
+            if planned.effective in seen:
+                plan.dropped.append((label, tp, f"same effective config as '{seen[planned.effective]}'"))
                 continue
-            effective = json.dumps(resolved.values, sort_keys=True, default=str)
-            if effective in seen:
-                plan.dropped.append((label, tp, f"same effective config as '{seen[effective]}'"))
-                continue
-            seen[effective] = label
-            cid = config_id(tp, model, spec.optimization_level, resolved.values)
-            plan.configs.append(PlannedConfig(cid, label, tp, user, dict(resolved.values), is_baseline))
+            seen[planned.effective] = label
+            plan.configs.append(planned)
         baseline = next((c for c in plan.configs_for(tp) if c.is_baseline), None)
         if baseline and spec.measure.baseline_twice:
             plan.configs.append(replace(baseline, config_id=f"{baseline.config_id}-again", is_baseline=False,
                                         baseline_repeat=True, label=f"{baseline.label}, again"))
     return plan
+
+
+def plan_config(fields: dict[str, Any], label: str, tp: int, model: ModelConfig, level: int, target: Platform,
+                is_baseline: bool = False) -> "PlannedConfig | Skipped | str":
+    """One combination of user fields as a runnable config, or why not: ``Skipped`` (it cannot run: recorded), or
+    the reason it is dropped (it would measure nothing: a no-op)."""
+    user = {k: v for k, v in fields.items() if v is not None}
+    problems = model.sharding_problems(tp)
+    if problems:
+        return Skipped(label, tp, user, "; ".join(problems))
+    try:
+        resolved = resolve(PassConfig(**user), level, target)
+    except (PassConfigError, ValidationError) as exc:
+        return Skipped(label, tp, user, f"invalid PassConfig: {exc}")
+    reason = _why_not_runnable(resolved.values, model, tp)
+    if reason:
+        kind, why = reason
+        return Skipped(label, tp, user, why) if kind == "skip" else why
+    cid = config_id(tp, model, level, resolved.values)
+    return PlannedConfig(cid, label, tp, user, dict(resolved.values), is_baseline)
 
 
 def _why_not_runnable(values: dict[str, Any], model: ModelConfig, tp: int) -> tuple[str, str] | None:

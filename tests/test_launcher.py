@@ -11,7 +11,8 @@ import time
 import pytest
 import ray
 
-from fusiontune.harness.launcher import group_capacity, groups_to_use, run_plan
+from fusiontune.harness.groups import group_capacity, groups_to_use
+from fusiontune.harness.launcher import run_plan
 from fusiontune.harness.results import RunFolder
 from fusiontune.harness.sweep import expand, parse_sweep
 from fusiontune.harness.worker import TPWorker
@@ -99,11 +100,11 @@ def test_group_capacity_counts_whole_groups_per_node():
 
 
 def test_groups_to_use(monkeypatch):
-    from fusiontune.harness import launcher
+    from fusiontune.harness import groups
 
-    monkeypatch.setattr(launcher, "group_capacity", lambda tp, use_gpu: 4)
-    assert groups_to_use(1, True, "auto", configs=10) == 4
-    assert groups_to_use(1, False, "auto", configs=10) == 1  # CPU groups would share cores: one unless asked
-    assert groups_to_use(1, False, 3, configs=10) == 3
-    assert groups_to_use(1, True, 8, configs=10) == 4  # never more than fit
-    assert groups_to_use(1, True, "auto", configs=2) == 2  # nor more than there is work for
+    monkeypatch.setattr(groups, "group_capacity", lambda tp, use_gpu: 4)
+    assert groups_to_use(1, True, "auto", jobs=10) == 4
+    assert groups_to_use(1, False, "auto", jobs=10) == 1  # CPU groups would share cores: one unless asked
+    assert groups_to_use(1, False, 3, jobs=10) == 3
+    assert groups_to_use(1, True, 8, jobs=10) == 4  # never more than fit
+    assert groups_to_use(1, True, "auto", jobs=2) == 2  # nor more than there is work for

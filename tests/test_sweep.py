@@ -38,6 +38,17 @@ def test_the_smoke_sweep_expands_to_baseline_plus_three_per_tp(tmp_path):
     assert "smoke-cpu" in text
 
 
+def test_a_threshold_of_a_fusion_that_is_off_makes_no_new_config():
+    changes = {"pass_config": {"fuse_rope_kvcache": [False, True], "rope_kvcache_fusion_max_token_num": [16, 256]},
+               "measure": {"baseline_twice": False}}
+    plan = expand(parse_sweep(sweep(**changes)), CPU)
+    labels = [c.label for c in plan.configs]
+    assert "fuse_rope_kvcache=off rope_kvcache_fusion_max_token_num=256" not in labels
+    assert sum("fuse_rope_kvcache=on" in label for label in labels) == 2
+    assert any("same effective config as 'fuse_rope_kvcache=off rope_kvcache_fusion_max_token_num=16'" in why
+               for _, _, why in plan.dropped)
+
+
 def test_tp_defaults_to_one():
     data = {"name": "t", "model": {"preset": "tiny"}, "num_tokens": [4]}
     spec = parse_sweep(__import__("yaml").safe_dump(data))

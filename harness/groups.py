@@ -1,0 +1,212 @@
+"""TP groups on Ray, and a pool of them that runs jobs on whichever group is free and survives bad jobs.
+
+A group is one actor per TP rank, placed together (one placement group, STRICT_PACK: one node) and joined in a
+process group (gloo on CPUs, NCCL on GPUs). The pool's first job (the all-off baseline) runs alone; its outputs,
+which every later job is checked against, then seed each further group. A job that hangs past the timeout, kills
+an actor, or raises out of the worker ends as a failed ``Outcome``; its group is torn down and the next job gets
+a fresh one. The sweep launcher and the tuner both drive their jobs through a pool.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .worker import Job, RankResult, TPWorker
+
+POLL_S = 0.5
+
+
+class TPGroup:
+    """The actors of one TP group. Construction only asks Ray for the placement and the actors; ``ready()`` waits
+    for the process group, so several groups can form at once."""
+
+    def __init__(self, tp: int, use_gpu: bool, threads: int | None, worker_cls: type = TPWorker):
+        self.tp = tp
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+        actor_cls = ray.remote(worker_cls)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=1,
+                num_gpus=1 if use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(rank, tp, threads, "cuda" if use_gpu else "cpu")
+            for rank in range(tp)
+        ]
+        self.devices: list[str] = []
+
+    def ready(self, timeout_s: float = 600) -> "TPGroup":
+        ray.get(self.pg.ready(), timeout=timeout_s)
+        init_method = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout_s)
+        self.devices = ray.get([a.init_process_group.remote(init_method) for a in self.actors], timeout=timeout_s)
+        return self
+
+    def submit(self, job: Job) -> list:
+        return [a.run.remote(job) for a in self.actors]
+
+    def load_baseline(self, job: Job, outputs_ref) -> None:
+        ray.get([a.load_baseline.remote(job.model, job.seed, outputs_ref) for a in self.actors], timeout=600)
+
+    def logs(self) -> str:
+        try:
+            return "".join(ray.get([a.job_log.remote() for a in self.actors], timeout=30))
+        except Exception as exc:  # noqa: BLE001 - a dead actor has no log left to give
+            return f"(the workers' logs could not be read: {type(exc).__name__})\n"
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:
+            pass
+
+
+@dataclass
+class Outcome:
+    """How one job ended: every rank's results, or the error that ended it (and then no results)."""
+
+    tag: Any  # what the caller submitted the job with
+    per_rank: list[list[RankResult]] | None
+    error: str = ""
+    log: str = ""
+    device: str = ""
+
+
+@dataclass
+class _InFlight:
+    group: TPGroup
+    tag: Any
+    refs: list
+    started: float
+    checked: set = field(default_factory=set)  # refs seen ready without an error
+
+
+class GroupPool:
+    """Up to ``size`` TP groups of ``tp`` ranks; see the module docstring."""
+
+    def __init__(self, tp: int, use_gpu: bool, size: int, timeout_s: float | None, worker_cls: type = TPWorker):
+        self.tp, self.use_gpu, self.size, self.timeout_s, self.worker_cls = tp, use_gpu, size, timeout_s, worker_cls
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.threads = None if use_gpu else max(1, cpus // (tp * size))
+        self.idle: list[TPGroup] = []
+        self.starting: list[TPGroup] = []
+        self.busy: list[_InFlight] = []
+        self.ended: list[Outcome] = []  # jobs that ended without running (their group would not form)
+        self.devices: set[str] = set()
+        self.baseline_job: Job | None = None
+        self.baseline_ref = None  # the all-off outputs, in the driver's object store
+
+    def run_first(self, job: Job, tag: Any) -> Outcome:
+        """Run ``job`` alone on one group while the other groups' actors start; if it is the baseline (or a
+        reference-only baseline), its outputs seed every group formed from then on."""
+        self.submit(job, tag)
+        self.starting = [TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls) for _ in range(self.size - 1)]
+        outcome = self.next_done()
+        if (job.is_baseline or job.reference_only) and self.idle:
+            # Copied out of the worker, so that a lost group does not take the reference with it.
+            self.baseline_job = job
+            self.baseline_ref = ray.put(ray.get(self.idle[0].actors[0].baseline_outputs.remote(job.model, job.seed),
+                                                timeout=600))
+        return outcome
+
+    def has_room(self) -> bool:
+        return len(self.busy) < self.size
+
+    def pending(self) -> bool:
+        return bool(self.busy or self.ended)
+
+    def submit(self, job: Job, tag: Any) -> None:
+        try:
+            group = self.idle.pop() if self.idle else self._new_group()
+        except Exception as exc:  # noqa: BLE001 - no group: the job ends here, with the reason
+            self.ended.append(Outcome(tag, None, f"{type(exc).__name__}: the TP group would not form: {exc}"))
+            return
+        self.busy.append(_InFlight(group, tag, group.submit(job), time.monotonic()))
+
+    def _new_group(self) -> TPGroup:
+        group = (self.starting.pop() if self.starting else
+                 TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls)).ready()
+        self.devices.update(group.devices)
+        if self.baseline_ref is not None:
+            group.load_baseline(self.baseline_job, self.baseline_ref)
+        return group
+
+    def next_done(self) -> Outcome:
+        """Block until some job ends (done, failed or timed out) and return how; its group is free again, or
+        replaced when the job's end leaves it unusable (a dead or stuck rank)."""
+        if self.ended:
+            return self.ended.pop(0)
+        while True:
+            for item in list(self.busy):
+                outcome = self._check(item)
+                if outcome is not None:
+                    return outcome
+            ray.wait([ref for item in self.busy for ref in item.refs], num_returns=1, timeout=POLL_S)
+
+    def _check(self, item: _InFlight) -> Outcome | None:
+        ready, _ = ray.wait(item.refs, num_returns=len(item.refs), timeout=0)
+        done = len(ready) == len(item.refs)
+        timed_out = self.timeout_s is not None and time.monotonic() - item.started > self.timeout_s
+        # A rank that died ends the job now: its peers may wait in a collective until the timeout.
+        crashed = "" if done else _first_error(ready, item.checked)
+        if not (done or timed_out or crashed):
+            return None
+        self.busy.remove(item)
+        per_rank, error = None, crashed
+        if not error and not done:
+            error = f"timed out: the config ran past {self.timeout_s:.0f} s (--config-timeout)"
+        elif done:
+            try:
+                per_rank = ray.get(item.refs)
+            except Exception as exc:  # noqa: BLE001 - a dead actor, a task that raised
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+        if per_rank is None:  # its actors may be dead or stuck in a collective: replace the group
+            item.group.shutdown()
+            log = "(no worker log: the group was torn down)\n"
+        else:
+            log = item.group.logs()
+            self.idle.append(item.group)
+        return Outcome(item.tag, per_rank, error, log, item.group.devices[0] if item.group.devices else "")
+
+    def shutdown(self) -> None:
+        for group in self.idle + self.starting + [item.group for item in self.busy]:
+            group.shutdown()
+        self.idle, self.starting, self.busy = [], [], []
+
+
+def _first_error(ready: list, checked: set) -> str:
+    """The error of the first rank in ``ready`` that failed ('' if none did)."""
+    for ref in ready:
+        if ref in checked:
+            continue
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as exc:  # noqa: BLE001 - an actor that died, a task that raised
+            return f"{type(exc).__name__}: {exc}"[:2000]
+        checked.add(ref)
+    return ""
+
+
+def group_capacity(tp: int, use_gpu: bool, nodes: list[dict] | None = None) -> int:
+    """How many TP groups of ``tp`` ranks fit at once, each on one node (STRICT_PACK)."""
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive", True)]
+    key = "GPU" if use_gpu else "CPU"
+    return sum(int(n.get("Resources", {}).get(key, 0)) // tp for n in nodes)
+
+
+def groups_to_use(tp: int, use_gpu: bool, wanted: str | int, jobs: int) -> int:
+    """``cluster.groups`` made concrete: auto is what the GPUs hold (one on CPUs, where groups would share cores
+    and disturb each other's timings); never more than fit, nor more than there are jobs."""
+    capacity = max(1, group_capacity(tp, use_gpu))
+    limit = capacity if wanted == "auto" and use_gpu else (1 if wanted == "auto" else min(int(wanted), capacity))
+    return max(1, min(limit, jobs))

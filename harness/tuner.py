@@ -1,0 +1,260 @@
+"""``fusiontune tune``: an Optuna study over fusion enables and thresholds, its trials run on TP groups through Ray.
+
+The all-off baseline runs first; every trial's objective is its expected latency under the workload relative to
+it (``tune.expected_ratio``). A trial first measures the size that weighs most in the objective: there it reports
+its ratio, and the median pruner stops it when it is worse than the median of earlier trials at that size. Only
+trials that survive measure the other sizes. Those compile from Inductor's cache, so the second stage costs little
+more than its timing.
+
+- **Each effective config is measured once.** Trials whose parameters resolve to a config already measured (a
+  threshold of a fusion that is off changes nothing) take its value without running. The study records how many
+  configs were actually measured ("evaluations"), which is the cost to compare with a grid.
+- **The study lives in Optuna storage.** That is SQLite in the run folder by default, or any database URL. A second
+  run of the same file resumes it, and several drivers can share it.
+- **Fixed seed.** The TPE sampler's seed makes the order of suggestions reproducible; with more than one TP group,
+  which trial finishes first also depends on timing.
+- **Grid mode.** ``--grid`` evaluates every combination instead, as the reference the tuner is judged against.
+- **Rows.** Every measured trial writes its rows to the run folder like a sweep config, so ``fusiontune report``
+  reads a tune folder too. The baseline is measured again at the end for the noise floor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from fusiontune.passes.platform import Platform
+
+from .groups import GroupPool, groups_to_use
+from .launcher import Recorder, device_for, init_ray, job_for
+from .results import RunFolder
+from .sweep import Plan, PlannedConfig, Skipped, SweepError, expand, plan_config
+from .tune import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
+from .worker import TPWorker
+
+
+@dataclass
+class _Stage:
+    trial: optuna.trial.Trial
+    config: PlannedConfig
+    stage: int  # 1: the first size; 2: the rest
+    first_ms: dict[int, float]
+
+
+def search_space(spec: TuneSpec) -> dict[str, CategoricalDistribution]:
+    space = {flag: CategoricalDistribution([False, True]) for flag in spec.search.fusions}
+    space.update({name: CategoricalDistribution(list(choices)) for name, choices in spec.search.thresholds.items()})
+    return space
+
+
+def grid_size(spec: TuneSpec) -> int:
+    return math.prod(len(d.choices) for d in search_space(spec).values())
+
+
+class Tuner:
+    def __init__(self, spec: TuneSpec, folder: RunFolder, grid: bool = False, trials: int | None = None,
+                 address: str | None = None, timeout_s: float | None = 3600, base_dir: Path = Path("."),
+                 on_trial: Callable[[dict[str, Any]], None] | None = None, worker_cls: type = TPWorker):
+        self.spec, self.folder, self.grid, self.on_trial, self.worker_cls = spec, folder, grid, on_trial, worker_cls
+        self.address, self.timeout_s = address, timeout_s
+        self.weights = workload_weights(spec, base_dir)
+        self.space = search_space(spec)
+        self.trials = grid_size(spec) if grid else (trials or spec.study.trials)
+        self.plan: Plan = expand(spec.as_sweep())  # the baseline and its repeat (and the fixed config)
+        if not any(c.is_baseline for c in self.plan.configs):
+            reasons = "; ".join(sorted({s.reason for s in self.plan.skipped})) or "nothing to run"
+            raise SweepError(f"TP={spec.tp}: {reasons}")
+        self.recorder = Recorder(self.plan, folder)
+        self.measured: dict[str, dict[str, Any]] = {}  # effective config -> {"value", "trial", "config_id"}
+        self.baseline_ms: dict[int, float] = {}
+        self.pruned: set[str] = set()  # effective configs a trial was pruned at
+        self.started: set[str] = set()  # effective configs this run began to measure
+        self.baseline_effective = ""
+
+    def study(self) -> optuna.Study:
+        spec = self.spec.study
+        storage = spec.storage or f"sqlite:///{(self.folder.path / 'study.db').resolve()}"
+        name = (spec.study_name or self.spec.name) + ("-grid" if self.grid else "")
+        # The grid is enqueued point by point (Optuna's GridSampler stops the study from inside, which only an
+        # optimize() loop allows, not ask-and-tell).
+        sampler = (optuna.samplers.RandomSampler(seed=spec.seed) if self.grid else
+                   optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials, multivariate=True))
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+                  if spec.prune and not self.grid else optuna.pruners.NopPruner())
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+        if self.grid and not study.trials:
+            for values in itertools.product(*(d.choices for d in self.space.values())):
+                study.enqueue_trial(dict(zip(self.space, values)))
+        return study
+
+    def run(self) -> dict[str, Any]:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = self.study()
+        for trial in study.get_trials(states=(TrialState.COMPLETE,)):  # a resumed study: what it already measured
+            if "effective" in trial.user_attrs and trial.user_attrs.get("measured"):
+                self.measured[trial.user_attrs["effective"]] = {"value": trial.value, "trial": trial.number}
+        for trial in study.get_trials(states=(TrialState.PRUNED,)):
+            if "effective" in trial.user_attrs:
+                self.pruned.add(trial.user_attrs["effective"])
+        baseline = next(c for c in self.plan.configs if c.is_baseline)
+        again = next((c for c in self.plan.configs if c.baseline_repeat), None)
+        init_ray(self.address or self.spec.cluster.address, self.spec.cluster.dashboard, min_cpus=self.spec.tp)
+        use_gpu, unrunnable = device_for(self.spec.tp, self.spec.cluster.device)
+        if unrunnable:
+            raise SweepError(unrunnable)
+        done = len([t for t in study.trials if t.state.is_finished()])
+        to_run = max(0, self.trials - done)
+        pool = GroupPool(self.spec.tp, use_gpu, groups_to_use(self.spec.tp, use_gpu, self.spec.cluster.groups,
+                                                              max(1, to_run)), self.timeout_s, self.worker_cls)
+        try:
+            rows = self.recorder.record(pool.run_first(job_for(self.plan, baseline), baseline))
+            self.baseline_ms = {r["num_tokens"]: r["latency_ms"] for r in rows if r["status"] == "ok"}
+            if set(self.baseline_ms) != set(self.spec.num_tokens):
+                raise SweepError("the all-off baseline failed at some num_tokens; see its log in "
+                                 f"{self.folder.path / 'logs'}")
+            # A trial that resolves to all-off is the baseline: its ratio is 1 by definition.
+            self.measured.setdefault(baseline.effective, {"value": 1.0, "trial": "baseline"})
+            self.baseline_effective = baseline.effective
+            study.set_user_attr("baseline_ms", {str(k): v for k, v in self.baseline_ms.items()})
+            study.set_user_attr("weights", {str(k): v for k, v in self.weights.items()})
+            self._trials(study, pool, to_run)
+            if again is not None:
+                pool.submit(job_for(self.plan, again), again)
+                self.recorder.record(pool.next_done())
+        finally:
+            pool.shutdown()
+        return self.summary(study)
+
+    def _trials(self, study: optuna.Study, pool: GroupPool, to_run: int) -> None:
+        first = first_size(self.weights, self.baseline_ms)
+        rest = [n for n in self.spec.num_tokens if n != first and self.weights.get(n, 0) > 0]
+        asked = 0
+        budget = self.spec.study.max_evaluations
+        while (asked < to_run and not self._spent(budget)) or pool.pending():
+            while asked < to_run and not self._spent(budget) and pool.has_room():
+                asked += 1
+                self._ask(study, pool, first)
+            if not pool.pending():
+                continue
+            outcome = pool.next_done()
+            stage: _Stage = outcome.tag
+            rows = self.recorder.record(outcome, stage.config)
+            ms = {r["num_tokens"]: r["latency_ms"] for r in rows if r["status"] == "ok"}
+            bad = [r for r in rows if r["status"] != "ok"]
+            if bad:
+                self._tell(study, stage.trial, stage.config, None, f"{bad[0]['status']}: {bad[0]['error'][:300]}")
+            elif stage.stage == 1:
+                stage.trial.report(ms[first] / self.baseline_ms[first], 0)
+                if rest and stage.trial.should_prune():
+                    self._tell(study, stage.trial, stage.config, None, "pruned", state=TrialState.PRUNED)
+                elif rest:
+                    pool.submit(job_for(self.plan, stage.config, rest), _Stage(stage.trial, stage.config, 2, ms))
+                else:
+                    self._tell(study, stage.trial, stage.config, expected_ratio(ms, self.baseline_ms, self.weights))
+            else:
+                value = expected_ratio({**stage.first_ms, **ms}, self.baseline_ms, self.weights)
+                self._tell(study, stage.trial, stage.config, value)
+
+    def _ask(self, study: optuna.Study, pool: GroupPool, first: int) -> None:
+        trial = study.ask(self.space)
+        fields = trial_fields(self.spec, trial.params)
+        searched = " ".join(f"{k}={_show(v)}" for k, v in trial.params.items())
+        platform = Platform.detect().with_(tp_size=self.spec.tp, hidden_size=self.plan.model.hidden_size,
+                                           dtype_bytes=self.plan.model.torch_dtype.itemsize,
+                                           quant=self.plan.model.quant)
+        planned = plan_config(fields, f"trial {trial.number}: {searched}", self.spec.tp, self.plan.model,
+                              self.spec.optimization_level, platform)
+        if isinstance(planned, (Skipped, str)):  # cannot run, or a no-op: tell Optuna and move on
+            why = planned.reason if isinstance(planned, Skipped) else planned
+            self._tell(study, trial, None, None, why, state=TrialState.FAIL)
+            return
+        seen = self.measured.get(planned.effective)
+        if seen is not None:
+            trial.set_user_attr("same_as_trial", seen["trial"])
+            self._tell(study, trial, planned, seen["value"], measured=False)
+            return
+        if planned.effective in self.pruned:
+            self._tell(study, trial, planned, None, "pruned before", state=TrialState.PRUNED, measured=False)
+            return
+        self.started.add(planned.effective)
+        pool.submit(job_for(self.plan, planned, [first]), _Stage(trial, planned, 1, {}))
+
+    def _spent(self, budget: int | None) -> bool:
+        """Whether ``budget`` configs have been measured (or are being measured), this run and earlier ones."""
+        return budget is not None and len(self.started | set(self.measured) - {self.baseline_effective}) >= budget
+
+    def _tell(self, study: optuna.Study, trial, config: PlannedConfig | None, value: float | None, note: str = "",
+              state: TrialState | None = None, measured: bool = True) -> None:
+        if config is not None:
+            trial.set_user_attr("effective", config.effective)
+            trial.set_user_attr("config_id", config.config_id)
+            trial.set_user_attr("measured", measured)
+        if note:
+            trial.set_user_attr("note", note)
+        if state is None and (value is None or not math.isfinite(value)):
+            state = TrialState.FAIL
+        if state is None:
+            study.tell(trial, value)
+            if measured and config is not None:
+                self.measured[config.effective] = {"value": value, "trial": trial.number}
+        else:
+            study.tell(trial, state=state)
+            if state == TrialState.PRUNED and config is not None:
+                self.pruned.add(config.effective)
+        if self.on_trial:
+            self.on_trial({"trial": trial.number, "value": value, "state": (state or TrialState.COMPLETE).name,
+                           "params": trial.params, "note": note, "measured": measured})
+
+    def summary(self, study: optuna.Study) -> dict[str, Any]:
+        trials = study.get_trials()
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = min(complete, key=lambda t: t.value) if complete else None
+        summary = {
+            "study": study.study_name,
+            "mode": "grid" if self.grid else "tpe",
+            "trials": len(trials),
+            "evaluations": len({t.user_attrs["effective"] for t in trials if t.user_attrs.get("measured")
+                                and "effective" in t.user_attrs}),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "grid_size": grid_size(self.spec),
+            "weights": {str(k): v for k, v in self.weights.items()},
+            "baseline_ms": {str(k): v for k, v in self.baseline_ms.items()},
+            "best": None if best is None else {"trial": best.number, "expected_ratio": best.value,
+                                               "expected_speedup": 1 / best.value, "params": best.params,
+                                               "pass_config": trial_fields(self.spec, best.params),
+                                               "config_id": best.user_attrs.get("config_id")},
+        }
+        summary["noise_floor"] = self.noise_floor()
+        (self.folder.path / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def noise_floor(self) -> float | None:
+        """The objective's noise floor: each size's floor (the report's) weighted as the objective weighs it."""
+        from .report import noise_floor
+
+        floors = noise_floor(self.folder.table()).set_index("num_tokens")["noise_floor"]
+        used = [n for n, w in self.weights.items() if w > 0 and n in floors and n in self.baseline_ms]
+        if not used or floors[used].isna().any():
+            return None
+        weight = {n: self.weights[n] * self.baseline_ms[n] for n in used}
+        return float(sum(weight[n] * floors[n] for n in used) / sum(weight.values()))
+
+
+def _show(value: Any) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+def prepare_folder(spec: TuneSpec, text: str, source: str, folder: RunFolder, grid: bool) -> None:
+    """The manifest of a tune run (kept from the first run of a resumed study)."""
+    if not folder.manifest_path.exists():
+        folder.write_manifest(text, source, {"kind": "tune-grid" if grid else "tune"})

@@ -1,0 +1,120 @@
+"""Tune files and the tuner: validation that names the bad key, the workload arithmetic, and a small study through
+Ray that dedupes configs, keeps its state in SQLite and resumes from it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from fusiontune.harness.results import RunFolder
+from fusiontune.harness.sweep import SweepError
+from fusiontune.harness.tune import TuneSpec, bin_trace, expected_ratio, first_size, load_tune, workload_weights
+from fusiontune.harness.tuner import Tuner, grid_size
+
+BASE = {"name": "t", "model": {"preset": "tiny", "quant": "fp8-static", "num_layers": 1}, "num_tokens": [1, 16],
+        "optimization_level": 0,  # every fusion off unless searched: a trial with all off is the baseline
+        "workload": {"histogram": {1: 3, 16: 1}},
+        "search": {"fusions": ["fuse_norm_quant", "fuse_rope_kvcache"],
+                   "thresholds": {"rope_kvcache_fusion_max_token_num": [1, 256]}},
+        "measure": {"warmup": 1, "repeats": 5, "max_repeats": 5, "profile": False},
+        "study": {"trials": 6, "seed": 3}}
+
+
+def write(tmp_path, **changes):
+    data = {**BASE, **changes}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search": {"fusions": ["fuse_everything"]}}, "unknown fusion fuse_everything"),
+    ({"search": {"thresholds": {"sp_min_tokens": [1]}}}, "unknown threshold 'sp_min_tokens'"),
+    ({"search": {}}, "name at least one fusion or threshold"),
+    ({"workload": {"histogram": {1: 1, 64: 1}}}, "num_tokens [64] are not measured"),
+    ({"workload": {}}, "exactly one of histogram"),
+    ({"pass_config": {"fuse_norm_quant": True}}, "both fixed in pass_config and searched"),
+    ({"study": {"trials": 0}}, "study.trials"),
+])
+def test_bad_tune_files_name_the_key(tmp_path, change, message):
+    with pytest.raises(SweepError) as error:
+        load_tune(write(tmp_path, **change))
+    assert message in str(error.value) and "invalid tune file" in str(error.value)
+
+
+def test_a_trace_is_binned_up_to_the_next_measured_size(tmp_path):
+    steps = pd.Series([1, 1, 2, 16, 17, 100, 5000])
+    assert bin_trace(steps, [1, 16, 128]) == {1: 2.0, 16: 2.0, 128: 3.0}  # 5000 > 128 counts toward 128
+    (tmp_path / "steps.csv").write_text("num_tokens\n" + "\n".join(map(str, steps)) + "\n")
+    spec, _ = load_tune(write(tmp_path, num_tokens=[1, 16, 128], workload={"trace": "steps.csv"}))
+    weights = workload_weights(spec, tmp_path)
+    assert weights == pytest.approx({1: 2 / 7, 16: 2 / 7, 128: 3 / 7})
+
+
+def test_expected_ratio_weighs_sizes_by_steps_and_their_baseline_time():
+    baseline, weights = {1: 2.0, 16: 10.0}, {1: 0.75, 16: 0.25}
+    assert expected_ratio({1: 1.0, 16: 10.0}, baseline, weights) == pytest.approx((0.75 + 2.5) / (1.5 + 2.5))
+    assert math.isinf(expected_ratio({1: 1.0}, baseline, weights))  # a size that failed
+    assert first_size(weights, baseline) == 16  # 0.25 x 10 ms outweighs 0.75 x 2 ms
+
+
+def test_grid_size():
+    assert grid_size(TuneSpec(**BASE)) == 2 * 2 * 2
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    spec, _ = load_tune(write(tmp))
+    folder = RunFolder(tmp / "run")
+    told = []
+    try:
+        summary = Tuner(spec, folder, on_trial=told.append).run()
+        resumed = Tuner(spec, folder, trials=9, on_trial=told.append).run()
+        grid = Tuner(spec, RunFolder(tmp / "grid"), grid=True).run()
+    finally:
+        ray.shutdown()
+    return spec, folder, summary, resumed, told, grid
+
+
+def test_the_study_measures_each_config_once_and_reports_the_best(tuned):
+    spec, folder, summary, _, told, _ = tuned
+    first = told[:6]
+    assert summary["trials"] == 6 and summary["best"] is not None
+    # Every told trial that ran, or took an earlier one's value, has a finite value; an all-off trial is the
+    # baseline (1.0 by definition) and is not measured again.
+    for trial in first:
+        if trial["state"] == "COMPLETE":
+            assert math.isfinite(trial["value"]) and trial["value"] > 0
+        if trial["state"] == "COMPLETE" and not any(trial["params"][f] for f in spec.search.fusions):
+            assert trial["value"] == 1.0 and not trial["measured"]
+    measured = [t for t in first if t["measured"] and t["state"] in ("COMPLETE", "PRUNED")]
+    assert summary["evaluations"] <= len(measured)
+    assert json.loads((folder.path / "tune.json").read_text())["best"]["pass_config"] == summary["best"]["pass_config"]
+    table = folder.table()
+    assert table["label"].str.startswith("trial ").any() and (table["status"] == "ok").all()
+    assert table["baseline_repeat"].any()  # the baseline again, last: the noise floor
+
+
+def test_a_second_run_resumes_the_study_from_its_storage(tuned):
+    spec, folder, summary, resumed, told, _ = tuned
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder.path / 'study.db'}")
+    assert len(study.trials) == resumed["trials"] == 9
+    assert [t["trial"] for t in told[6:]] == [6, 7, 8]  # only the missing trials ran
+    assert resumed["best"]["expected_ratio"] <= summary["best"]["expected_ratio"]
+    # 9 trials over 6 distinct effective configs (the threshold means nothing with RoPE + KV cache off), the
+    # all-off one being the baseline: at least 3 trials reuse a value instead of measuring.
+    assert resumed["evaluations"] <= 5 and sum(not t["measured"] for t in told) >= 3
+
+
+def test_the_grid_runs_every_point_and_measures_each_distinct_config_once(tuned):
+    _, _, _, _, _, grid = tuned
+    # 8 points; RoPE + KV cache off makes its threshold moot, and all-off is the baseline: 5 configs to measure.
+    assert grid["mode"] == "grid" and grid["trials"] == 8 and grid["evaluations"] == 5
+    assert grid["pruned"] == 0 and grid["failed"] == 0 and grid["noise_floor"] is not None
