@@ -318,5 +318,55 @@ def bench_kernels(
     console.print(f"table: {csv_path}")
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder written by 'fusiontune tune'."),
+    out: Path = typer.Option(Path("thresholds"), "--out", help="Root of the thresholds tree."),
+):
+    """Write the tuned PassConfig as thresholds/<device>/tp<N>-hidden<H>-<quant>.json, with its evidence and the
+    same config as vLLM's --compilation-config JSON and -O/-cc.pass_config flags."""
+    from fusiontune.harness.export import ExportError, export_tuned
+
+    try:
+        path = export_tuned(run_dir, out)
+    except ExportError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    import json
+
+    data = json.loads(path.read_text())
+    console.print(f"wrote {path}")
+    console.print(f"vLLM flags: {data['vllm']['flags']}")
+    console.print(f"--compilation-config '{json.dumps(data['vllm']['compilation_config'])}'")
+
+
+@app.command()
+def thresholds(
+    tp: int = TP_OPTION,
+    hidden_size: int = HIDDEN_OPTION,
+    quant: str = QUANT_OPTION,
+    device: Optional[str] = typer.Option(None, "--device", help="Device name as torch reports it [default: this "
+                                         "machine's GPU, or cpu]."),
+    root: Path = typer.Option(Path("thresholds"), "--root", help="Root of the thresholds tree."),
+):
+    """Find the tuned thresholds for a device, TP size and quant scheme (nearest hidden size), and print the vLLM
+    flags they give."""
+    from fusiontune.harness.export import ExportError, find_thresholds
+
+    if device is None:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        path, data, note = find_thresholds(device, tp, hidden_size, quant, root)
+    except ExportError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    console.print(note)
+    console.print(f"expected speedup {data['evidence']['expected_speedup']:.3f}x (noise floor "
+                  f"{(data['evidence']['noise_floor'] or 0):.2%}), from run {data['evidence']['run']}")
+    console.print(data["vllm"]["flags"])
+
+
 if __name__ == "__main__":
     app()

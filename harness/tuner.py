@@ -101,7 +101,8 @@ class Tuner:
         study = self.study()
         for trial in study.get_trials(states=(TrialState.COMPLETE,)):  # a resumed study: what it already measured
             if "effective" in trial.user_attrs and trial.user_attrs.get("measured"):
-                self.measured[trial.user_attrs["effective"]] = {"value": trial.value, "trial": trial.number}
+                self.measured[trial.user_attrs["effective"]] = {"value": trial.value, "trial": trial.number,
+                                                                "config_id": trial.user_attrs.get("config_id")}
         for trial in study.get_trials(states=(TrialState.PRUNED,)):
             if "effective" in trial.user_attrs:
                 self.pruned.add(trial.user_attrs["effective"])
@@ -122,7 +123,8 @@ class Tuner:
                 raise SweepError("the all-off baseline failed at some num_tokens; see its log in "
                                  f"{self.folder.path / 'logs'}")
             # A trial that resolves to all-off is the baseline: its ratio is 1 by definition.
-            self.measured.setdefault(baseline.effective, {"value": 1.0, "trial": "baseline"})
+            self.measured.setdefault(baseline.effective, {"value": 1.0, "trial": "baseline",
+                                                          "config_id": baseline.config_id})
             self.baseline_effective = baseline.effective
             study.set_user_attr("baseline_ms", {str(k): v for k, v in self.baseline_ms.items()})
             study.set_user_attr("weights", {str(k): v for k, v in self.weights.items()})
@@ -180,7 +182,7 @@ class Tuner:
         seen = self.measured.get(planned.effective)
         if seen is not None:
             trial.set_user_attr("same_as_trial", seen["trial"])
-            self._tell(study, trial, planned, seen["value"], measured=False)
+            self._tell(study, trial, planned, seen["value"], measured=False, measured_as=seen["config_id"])
             return
         if planned.effective in self.pruned:
             self._tell(study, trial, planned, None, "pruned before", state=TrialState.PRUNED, measured=False)
@@ -193,10 +195,12 @@ class Tuner:
         return budget is not None and len(self.started | set(self.measured) - {self.baseline_effective}) >= budget
 
     def _tell(self, study: optuna.Study, trial, config: PlannedConfig | None, value: float | None, note: str = "",
-              state: TrialState | None = None, measured: bool = True) -> None:
+              state: TrialState | None = None, measured: bool = True, measured_as: str | None = None) -> None:
+        """Finish ``trial``; ``measured_as``: the config whose rows hold its measurement (another trial's, or the
+        baseline's, when it took their value)."""
         if config is not None:
             trial.set_user_attr("effective", config.effective)
-            trial.set_user_attr("config_id", config.config_id)
+            trial.set_user_attr("config_id", measured_as or config.config_id)
             trial.set_user_attr("measured", measured)
         if note:
             trial.set_user_attr("note", note)
@@ -205,7 +209,8 @@ class Tuner:
         if state is None:
             study.tell(trial, value)
             if measured and config is not None:
-                self.measured[config.effective] = {"value": value, "trial": trial.number}
+                self.measured[config.effective] = {"value": value, "trial": trial.number,
+                                                   "config_id": config.config_id}
         else:
             study.tell(trial, state=state)
             if state == TrialState.PRUNED and config is not None:

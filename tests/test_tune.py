@@ -96,7 +96,8 @@ def test_the_study_measures_each_config_once_and_reports_the_best(tuned):
             assert trial["value"] == 1.0 and not trial["measured"]
     measured = [t for t in first if t["measured"] and t["state"] in ("COMPLETE", "PRUNED")]
     assert summary["evaluations"] <= len(measured)
-    assert json.loads((folder.path / "tune.json").read_text())["best"]["pass_config"] == summary["best"]["pass_config"]
+    written = json.loads((folder.path / "tune.json").read_text())  # by the resumed run, the last to finish
+    assert written["best"]["pass_config"] == tuned[3]["best"]["pass_config"] and written["trials"] == 9
     table = folder.table()
     assert table["label"].str.startswith("trial ").any() and (table["status"] == "ok").all()
     assert table["baseline_repeat"].any()  # the baseline again, last: the noise floor
@@ -118,3 +119,32 @@ def test_the_grid_runs_every_point_and_measures_each_distinct_config_once(tuned)
     # 8 points; RoPE + KV cache off makes its threshold moot, and all-off is the baseline: 5 configs to measure.
     assert grid["mode"] == "grid" and grid["trials"] == 8 and grid["evaluations"] == 5
     assert grid["pruned"] == 0 and grid["failed"] == 0 and grid["noise_floor"] is not None
+
+
+def test_export_writes_thresholds_for_the_device_and_shape_and_vllm_flags(tuned, tmp_path):
+    from fusiontune.harness.export import ExportError, export_tuned, find_thresholds
+    from fusiontune.passes.config import PassConfig
+
+    _, folder, _, resumed, _, _ = tuned
+    path = export_tuned(folder.path, tmp_path / "thresholds")
+    assert path == tmp_path / "thresholds" / "cpu" / "tp1-hidden256-fp8-static.json"
+    data = json.loads(path.read_text())
+    assert set(data["pass_config"]) <= set(PassConfig.model_fields)  # only names vLLM's PassConfig accepts
+    assert data["vllm"]["compilation_config"] == {"pass_config": data["pass_config"]}
+    flags = data["vllm"]["flags"].split()
+    assert flags[0] == "-O0" and f"-cc.pass_config.fuse_norm_quant={data['pass_config']['fuse_norm_quant']}" in flags
+    evidence = data["evidence"]
+    assert evidence["expected_speedup"] == pytest.approx(resumed["best"]["expected_speedup"])
+    assert [row["num_tokens"] for row in evidence["per_num_tokens"]] == [1, 16]
+    assert evidence["noise_floor"] is not None and evidence["study"] == "t"
+
+    # The loader takes the nearest hidden size, and says so.
+    wider = path.with_name("tp1-hidden4096-fp8-static.json")
+    wider.write_text(path.read_text())
+    taken, _, note = find_thresholds("cpu (2 cores, 2 threads)", 1, 300, "fp8-static", tmp_path / "thresholds")
+    assert taken == path and "tuned at hidden 256, the nearest to 300 of 2 file(s)" in note
+    assert find_thresholds("cpu", 1, 3000, "fp8-static", tmp_path / "thresholds")[0] == wider
+    with pytest.raises(ExportError, match="devices there: cpu"):
+        find_thresholds("NVIDIA H100 80GB HBM3", 1, 4096, "fp8-static", tmp_path / "thresholds")
+    with pytest.raises(ExportError, match="not a tune run"):
+        export_tuned(tmp_path, tmp_path / "thresholds")
