@@ -368,5 +368,48 @@ def thresholds(
     console.print(data["vllm"]["flags"])
 
 
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="The earlier run folder (the reference)."),
+    run_b: Path = typer.Argument(..., help="The later run folder."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the whole comparison as CSV."),
+    fail: bool = typer.Option(True, "--fail/--no-fail", help="Exit 1 when a config got slower beyond noise, broke, "
+                              "or a fusion stopped firing (for CI)."),
+):
+    """Configs measured in both runs: which got slower or faster beyond the noise floor, which broke or were fixed,
+    which fusions stopped firing."""
+    from fusiontune.harness.compare import compare, regressions
+
+    for run in (run_a, run_b):
+        if not (run / "rows.jsonl").exists() and not (run / "results.parquet").exists():
+            console.print(f"[red]{run} is not a run folder (no rows.jsonl or results.parquet)[/red]")
+            raise typer.Exit(2)
+    try:
+        result = compare(run_a, run_b)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    if result.empty:
+        console.print("[yellow]no config, TP size and num_tokens was measured in both runs[/yellow]")
+        raise typer.Exit(2)
+    table = Table(title=f"{run_b} against {run_a}")
+    for column in ("config", "TP", "num_tokens", "A ms", "B ms", "change", "noise floor", "verdict"):
+        table.add_column(column)
+    shown = result[result["verdict"] != "within noise"]
+    for row in shown.itertuples():
+        floor = f"{row.noise_floor:.2%}" if row.noise_floor == row.noise_floor else "-"
+        colour = "red" if row.verdict.startswith(("slower", "broke", "stopped")) else "green"
+        table.add_row(row.label, str(row.tp), str(row.num_tokens), f"{row.latency_ms_a:.4f}", f"{row.latency_ms_b:.4f}",
+                      f"{row.change:+.2%}", floor, f"[{colour}]{row.verdict}[/{colour}]")
+    console.print(table)
+    console.print(f"{len(result)} rows in both runs: " + ", ".join(
+        f"{count} {verdict}" for verdict, count in result["verdict"].value_counts().items()))
+    if csv_path:
+        result.to_csv(csv_path, index=False)
+    if fail and len(regressions(result)):
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -115,3 +115,35 @@ def test_credentials_are_redacted():
     assert redact("ray://alice:s3cret@head:10001") == "ray://alice:***@head:10001"
     assert redact("postgresql://u:pw@db/optuna?token=abc") == "postgresql://u:***@db/optuna?token=***"
     assert redact("auto") == "auto"
+
+
+def test_compare_flags_slower_beyond_noise_broken_and_unfired_and_fails_ci(tmp_path):
+    import subprocess
+
+    from fusiontune.harness.compare import compare, regressions
+
+    before = noisy_sweep(again_1=2.0, again_8=4.04)  # floors: 0.1% at 1 token (the CI), 1% at 8
+    after = [dict(r) for r in before]
+    for r in after:
+        if r["label"] == "fused" and r["num_tokens"] == 1:
+            r["latency_ms"] *= 1.05  # slower, beyond 0.1%
+        if r["label"] == "fused" and r["num_tokens"] == 8:
+            r["latency_ms"] *= 1.005  # within the 1% floor
+    after.append({**row("crashed", 1, 1.0), "config_id": "crashed"})
+    before.append({**row("crashed", 1, 1.0), "config_id": "crashed"})
+    after[-1].update(status="failed", latency_ms=float("nan"))
+    before.append({**row("lost", 1, 1.9, norm=True, matches=4), "config_id": "lost"})
+    after.append({**row("lost", 1, 1.9, norm=True, matches=0), "config_id": "lost"})  # same speed, nothing fused
+    for name, rows in (("a", before), ("b", after)):
+        RunFolder(tmp_path / name).append(rows)
+    result = compare(tmp_path / "a", tmp_path / "b").set_index(["label", "num_tokens"])
+    assert result.loc[("fused", 1), "verdict"] == "slower"
+    assert result.loc[("fused", 8), "verdict"] == "within noise"
+    assert result.loc[("crashed", 1), "verdict"] == "broke (failed)"
+    assert result.loc[("lost", 1), "verdict"] == "stopped firing (fuse_norm_quant)"
+    assert len(regressions(result.reset_index())) == 3
+    cli = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
+                         text=True, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert cli.returncode == 1 and "slower" in cli.stdout and "broke (failed)" in cli.stdout
+    same = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "a")], capture_output=True)
+    assert same.returncode == 0
