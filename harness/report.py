@@ -1,4 +1,5 @@
-"""Speedup report of a run folder: ``report.md``, ``speedup.png`` and (with profiles) ``kernels.png``.
+"""Speedup report of a run folder: ``report.md`` and the same as one self-contained ``report.html``, with
+``speedup.png``, ``heatmap.png``, (with profiles) ``kernels.png`` and (for a tune run) the study's figures.
 
 Speedup is the all-off baseline's median latency over the config's, at the same TP size and num_tokens. It is
 shown only where it means something: the config ran (``ok``), matched the baseline's output, and every fusion it
@@ -11,6 +12,10 @@ A speedup within it of 1.0 is labelled "within noise".
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +28,7 @@ from fusiontune.kernels.library import KINDS  # noqa: E402
 from fusiontune.passes.fusions import FUSION_FLAGS  # noqa: E402
 from fusiontune.passes.ranges import INDIVISIBLE  # noqa: E402
 
+from .figures import speedup_heatmap, tune_figures  # noqa: E402
 from .results import RunFolder  # noqa: E402
 
 
@@ -153,6 +159,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                   for r in failed.itertuples()] + [""]
     lines += [f"![speedup against num_tokens]({png_path.name})", ""]
     _plot(data, floors, png_path, name)
+    heatmap = speedup_heatmap(data, folder.path / "heatmap.png", name)
+    if heatmap:
+        lines += [f"![speedup heatmap, configs x num_tokens]({heatmap.name})", ""]
+    lines += _tune_lines(folder.path)
     kernels = folder.kernels()
     if not kernels.empty:
         kernels_png = folder.path / "kernels.png"
@@ -162,7 +172,69 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                   "table is kernels.parquet, the traces in traces/ open in Perfetto).", "",
                   f"![time per category]({kernels_png.name})", ""] + _category_tables(kernels, table)
     md_path.write_text("\n".join(lines))
+    (folder.path / "report.html").write_text(to_html(lines, folder.path, name))
     return md_path, png_path
+
+
+def _tune_lines(run_dir: Path) -> list[str]:
+    """A tune run's result and its study's figures."""
+    summary_path = run_dir / "tune.json"
+    if not summary_path.exists():
+        return []
+    summary = json.loads(summary_path.read_text())
+    lines = ["## Tuning", "", f"Study `{summary['study']}` ({summary['mode']}): {summary['trials']} trials, "
+             f"{summary['evaluations']} configs measured, {summary['pruned']} pruned, {summary['failed']} failed; "
+             f"grid size {summary['grid_size']}."]
+    best = summary.get("best")
+    if best:
+        floor = summary.get("noise_floor")
+        lines += ["", f"Best: trial {best['trial']}, expected latency {best['expected_ratio']:.4f} of all-off "
+                      f"({best['expected_speedup']:.3f}x" + (f", noise floor {floor:.2%})" if floor is not None
+                                                             else ")") + f": `{best['pass_config']}`"]
+    lines.append("")
+    for figure in tune_figures(run_dir):
+        lines += [f"![{figure.stem}]({figure.name})", ""]
+    return lines
+
+
+def to_html(lines: list[str], run_dir: Path, title: str) -> str:
+    """report.md as one self-contained HTML page (figures inlined), for the subset of Markdown it is written in:
+    headings, pipe tables, images, bullets and paragraphs."""
+    body, table = [], []
+
+    def flush_table():
+        if table:
+            cells = [[html.escape(c.strip()) for c in row.strip().strip("|").split("|")] for row in table]
+            head, rows = cells[0], [r for r in cells[1:] if not set("".join(r)) <= set("-: ")]
+            body.append("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</tbody></table>")
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        image = re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())
+        if image and (run_dir / image.group(2)).exists():
+            data = base64.b64encode((run_dir / image.group(2)).read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(image.group(1))}</figcaption></figure>")
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{html.escape(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+             "figcaption{color:#666;font-size:12px}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def _category_tables(kernels: pd.DataFrame, table: pd.DataFrame) -> list[str]:

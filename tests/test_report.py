@@ -64,6 +64,10 @@ def test_report_files(tmp_path):
     assert "| fused | 1 | 1.600 (1.440-1.760) | - | 1.250x | fuse_norm_quant=4 |" in text
     assert "did not fire: fuse_norm_quant" in text and "## Failed or incorrect" in text
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG" and "![speedup heatmap" in text
+    page = (tmp_path / "report.html").read_text()  # one file: every figure inlined
+    assert page.count("<img") == 2 and "data:image/png;base64," in page and "src=\"heatmap.png\"" not in page
+    assert "<td>fused</td><td>1</td><td>1.600 (1.440-1.760)</td>" in page and "<h2>TP=1</h2>" in page
 
 
 def test_rows_survive_a_torn_last_line_and_the_next_row_starts_its_own(tmp_path):

@@ -148,3 +148,14 @@ def test_export_writes_thresholds_for_the_device_and_shape_and_vllm_flags(tuned,
         find_thresholds("NVIDIA H100 80GB HBM3", 1, 4096, "fp8-static", tmp_path / "thresholds")
     with pytest.raises(ExportError, match="not a tune run"):
         export_tuned(tmp_path, tmp_path / "thresholds")
+
+
+def test_the_report_of_a_tune_run_shows_the_study(tuned):
+    from fusiontune.harness.report import write_report
+
+    _, folder, _, resumed, _, _ = tuned
+    md, _ = write_report(folder.path)
+    text = md.read_text()
+    assert "## Tuning" in text and f"{resumed['trials']} trials" in text and "![tune-history]" in text
+    assert (folder.path / "tune-history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "trial " in (folder.path / "report.html").read_text()

@@ -1,0 +1,94 @@
+"""The report's figures beyond the speedup curves: a heatmap of configs x num_tokens, and a tune study's history
+and parameter importances (Optuna's own matplotlib plots)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def speedup_heatmap(data: pd.DataFrame, path: Path, title: str) -> Path | None:
+    """Speedup per config (rows) and num_tokens (columns), one panel per TP size. A cell within noise is marked
+    with "~", an empty cell had no meaningful speedup (failed, incorrect, did not fire)."""
+    configs = data[~data["is_baseline"].astype(bool)]
+    if configs.empty:
+        return None
+    tps = sorted(configs["tp"].unique())
+    rows = max(configs[configs["tp"] == tp]["label"].nunique() for tp in tps)
+    sizes = sorted(configs["num_tokens"].unique())
+    longest = min(64, max(len(str(label)) for label in configs["label"]))
+    fig, axes = plt.subplots(len(tps), 1, squeeze=False,
+                             figsize=(2.0 + 0.065 * longest + 0.9 * len(sizes), 1.6 + 0.38 * rows * len(tps)))
+    spread = float(np.nanmax(np.abs(configs["speedup"].to_numpy(dtype=float) - 1))) if configs["speedup"].notna().any() \
+        else 0.05
+    spread = max(spread, 0.01)
+    for ax, tp in zip(axes[:, 0], tps):
+        here = configs[configs["tp"] == tp]
+        grid = here.pivot_table(index="label", columns="num_tokens", values="speedup", aggfunc="first")
+        grid = grid.reindex(columns=sizes)
+        notes = here.pivot_table(index="label", columns="num_tokens", values="note", aggfunc="first").reindex(
+            index=grid.index, columns=sizes)
+        image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu", vmin=1 - spread, vmax=1 + spread, aspect="auto")
+        for i, label in enumerate(grid.index):
+            for j, size in enumerate(sizes):
+                value = grid.iat[i, j]
+                if pd.notna(value):
+                    noisy = isinstance(notes.iat[i, j], str) and notes.iat[i, j].startswith("within noise")
+                    ax.text(j, i, f"{'~' if noisy else ''}{value:.3f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(sizes)), [str(int(s)) for s in sizes], fontsize=8)
+        ax.set_yticks(range(len(grid.index)), [_short(label, 64) for label in grid.index], fontsize=7)
+        ax.set_title(f"TP={tp}", fontsize=9)
+        ax.set_xlabel("num_tokens", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
+    fig.suptitle(f"{title}: speedup over all-off\n(~: within noise; blank: no meaningful speedup)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long config labels: keep them whole
+    plt.close(fig)
+    return path
+
+
+def tune_figures(run_dir: Path) -> list[Path]:
+    """The study's optimisation history and parameter importances, if ``run_dir`` holds a tune run."""
+    summary_path, db = run_dir / "tune.json", run_dir / "study.db"
+    if not summary_path.exists() or not db.exists():
+        return []
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # their plots: "experimental"
+    summary = json.loads(summary_path.read_text())
+    study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{db.resolve()}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    paths = []
+    if complete:
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+        ax.set_ylabel("expected latency / all-off")
+        paths.append(_save(ax.figure, run_dir / "tune-history.png"))
+    if len(complete) >= 2 and len({json.dumps(t.params, sort_keys=True) for t in complete}) >= 2:
+        try:
+            ax = optuna.visualization.matplotlib.plot_param_importances(study)
+            paths.append(_save(ax.figure, run_dir / "tune-importances.png"))
+        except (RuntimeError, ValueError):  # every completed trial alike in some way Optuna cannot rank
+            pass
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.set_size_inches(7, 4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short(label: str, width: int = 42) -> str:
+    return label if len(label) <= width else label[: width - 3] + "..."
