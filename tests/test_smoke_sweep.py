@@ -110,3 +110,20 @@ def test_an_interrupted_run_resumes_without_repeating_or_duplicating(smoke_run, 
     assert not first_two & rerun_ids
     nothing_left = fusiontune("run", SWEEP, "--out", str(run), "--resume", "--dry-run")
     assert "10 configs already measured, 0 to run" in nothing_left
+
+
+def test_the_analysis_notebook_runs_on_the_smoke_results(smoke_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = smoke_run
+    notebook = nbformat.read("notebooks/analysis.ipynb", as_version=4)
+    assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # kept clean in git
+    monkeypatch.setenv("FUSIONTUNE_RUN", str(out))
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": "notebooks"}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"{out}: 30 rows, 10 configs, TP sizes [1, 2]" in text
+    assert sum(o.output_type == "display_data" and "image/png" in o.data for o in outputs) >= 2  # the two plots
