@@ -36,7 +36,7 @@ from fusiontune.passes.platform import Platform
 from .groups import GroupPool, groups_to_use
 from .launcher import Recorder, device_for, init_ray, job_for
 from .results import RunFolder
-from .sweep import Plan, PlannedConfig, Skipped, SweepError, expand, plan_config
+from .sweep import Plan, PlannedConfig, Skipped, SweepError, _show, expand, plan_config
 from .tune import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
 from .worker import TPWorker
 
@@ -253,10 +253,6 @@ class Tuner:
             return None
         weight = {n: self.weights[n] * self.baseline_ms[n] for n in used}
         return float(sum(weight[n] * floors[n] for n in used) / sum(weight.values()))
-
-
-def _show(value: Any) -> str:
-    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
 def prepare_folder(spec: TuneSpec, text: str, source: str, folder: RunFolder, grid: bool) -> None:
