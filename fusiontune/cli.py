@@ -18,7 +18,7 @@ console = Console()
 @app.command()
 def run(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML (see sweeps/smoke-cpu.yaml)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: results/<sweep name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: results/<sweep name>)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://host:10001'); "
                                           "overrides the sweep's cluster.address. Default: a local Ray."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan (and what was dropped) and exit."),
@@ -91,7 +91,7 @@ def run(
 @app.command()
 def tune(
     tune_file: Path = typer.Argument(..., help="Tune YAML (see sweeps/tune-cpu.yaml)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: results/<tune name>]; the study is "
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: results/<tune name>); the study is "
                                        "kept there (study.db) unless study.storage names another."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Trials in all (the study's, resumed ones included); "
                                          "overrides study.trials."),
@@ -214,7 +214,7 @@ CAPABILITY_OPTION = typer.Option(None, help="Compute capability as 90 (sm90), 10
 TP_OPTION = typer.Option(1, help="Tensor-parallel size.")
 HIDDEN_OPTION = typer.Option(4096, help="Model hidden size.")
 QUANT_OPTION = typer.Option("none", help="Model quant scheme (none, fp8-static, fp8-per-token, fp8-per-group).")
-FLASHINFER_OPTION = typer.Option(None, help="Whether FlashInfer is installed [default: detect].")
+FLASHINFER_OPTION = typer.Option(None, help="Whether FlashInfer is installed (default: detect).")
 
 
 @app.command("resolve")
@@ -289,9 +289,9 @@ def passes_cmd(
 
 @app.command("bench-kernels")
 def bench_kernels(
-    hidden: list[int] = typer.Option([], "--hidden", help="Hidden sizes (repeatable) [default: 2880 4096 8192 14336]."),
+    hidden: list[int] = typer.Option([], "--hidden", help="Hidden sizes (repeatable) (default: 2880 4096 8192 14336)."),
     tokens: list[int] = typer.Option([], "--tokens",
-                                     help="num_tokens values (repeatable) [default: 1 16 64 512 4096 16384]."),
+                                     help="num_tokens values (repeatable) (default: 1 16 64 512 4096 16384)."),
     op: list[str] = typer.Option([], "--op", help="Only these ops (repeatable), e.g. rms_norm->fp8-static."),
     dtype: str = typer.Option("bfloat16", help="bfloat16 or float16."),
     csv_path: Path = typer.Option(Path("bench-kernels.csv"), "--csv", help="Where the table goes as CSV."),
@@ -345,8 +345,8 @@ def thresholds(
     tp: int = TP_OPTION,
     hidden_size: int = HIDDEN_OPTION,
     quant: str = QUANT_OPTION,
-    device: Optional[str] = typer.Option(None, "--device", help="Device name as torch reports it [default: this "
-                                         "machine's GPU, or cpu]."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device name as torch reports it (default: this "
+                                         "machine's GPU, or cpu)."),
     root: Path = typer.Option(Path("thresholds"), "--root", help="Root of the thresholds tree."),
 ):
     """Find the tuned thresholds for a device, TP size and quant scheme (nearest hidden size), and print the vLLM
