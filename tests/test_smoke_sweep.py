@@ -74,6 +74,10 @@ def test_profiles_file_kernels_by_what_they_do_and_keep_traces_and_logs(smoke_ru
         here = kernels[(kernels["config_id"] == config_id) & (kernels["tp"] == tp)]
         assert {"fused rms+quant", "fused act+quant", "gemm", "attention"} <= set(here["category"])
         assert set(here["rank"]) == set(range(tp)) and set(here["num_tokens"]) == {1, 16, 128}
+        # The aten ops a fusiontune op runs inside it (its reference, on CPU) are filed under that op's category.
+        inner = here[here["op"].str.startswith("fusiontune::") & here["kernel"].str.startswith("aten::")]
+        assert len(inner) and (inner["category"] != "other").all()
+        assert set(inner.loc[inner["op"].str.contains("rms_norm_quant"), "category"]) == {"fused rms+quant"}
     base = kernels[kernels["config_id"].isin(table.loc[table["is_baseline"], "config_id"])]
     assert {"rms_norm", "quant", "activation"} <= set(base["category"])
     assert not {"fused rms+quant", "fused act+quant"} & set(base["category"])
