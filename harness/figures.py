@@ -92,3 +92,46 @@ def _save(fig, path: Path) -> Path:
 
 def _short(label: str, width: int = 42) -> str:
     return label if len(label) <= width else label[: width - 3] + "..."
+
+
+def pareto_plot(table: pd.DataFrame, path: Path, title: str) -> Path | None:
+    """For decode sweeps (``model_decode_context`` > 0), the trade-off vLLM's ``plot_pareto`` draws: tokens/s per
+    sequence (one token per step: 1000 / step ms) against tokens/s per GPU (num_tokens sequences per step, over
+    the TP group), each config a curve over num_tokens, and the frontier no config beats on both."""
+    if "model_decode_context" not in table or not (table["model_decode_context"].fillna(0) > 0).any():
+        return None
+    ok = table[(table["status"] == "ok") & table["latency_ms"].notna()].copy()
+    if ok.empty:
+        return None
+    ok["per_user"] = 1000.0 / ok["latency_ms"]
+    ok["per_gpu"] = ok["num_tokens"] * 1000.0 / ok["latency_ms"] / ok["tp"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, tp), rows in ok.groupby(["label", "tp"]):
+        rows = rows.sort_values("num_tokens")
+        ax.plot(rows["per_user"], rows["per_gpu"], marker="o", markersize=3, linewidth=1,
+                label=_short(f"TP={tp} {label}", 60))
+    frontier = _frontier(ok[["per_user", "per_gpu"]].to_numpy(dtype=float))
+    ax.step(frontier[:, 0], frontier[:, 1], where="pre", color="black", linewidth=1.5, alpha=0.6,
+            label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens/s per sequence (1000 / step ms)")
+    ax.set_ylabel("tokens/s per GPU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    ax.set_title(f"{title}: decode throughput per sequence against per GPU", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _frontier(points: np.ndarray) -> np.ndarray:
+    """The points no other point beats on both coordinates (higher is better), by falling x."""
+    ordered = points[np.argsort(-points[:, 0])]
+    front, best_y = [], -np.inf
+    for x, y in ordered:
+        if y > best_y:
+            front.append((x, y))
+            best_y = y
+    return np.array(front[::-1])

@@ -28,7 +28,7 @@ from fusiontune.kernels.library import KINDS  # noqa: E402
 from fusiontune.passes.fusions import FUSION_FLAGS  # noqa: E402
 from fusiontune.passes.ranges import INDIVISIBLE  # noqa: E402
 
-from .figures import speedup_heatmap, tune_figures  # noqa: E402
+from .figures import pareto_plot, speedup_heatmap, tune_figures  # noqa: E402
 from .results import RunFolder  # noqa: E402
 
 
@@ -162,6 +162,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     heatmap = speedup_heatmap(data, folder.path / "heatmap.png", name)
     if heatmap:
         lines += [f"![speedup heatmap, configs x num_tokens]({heatmap.name})", ""]
+    pareto = pareto_plot(table, folder.path / "pareto.png", name)
+    if pareto:
+        lines += [f"![decode throughput per sequence against per GPU]({pareto.name})", ""]
     lines += _tune_lines(folder.path)
     kernels = folder.kernels()
     if not kernels.empty:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from fusiontune.harness.report import speedups, write_report
@@ -151,3 +152,18 @@ def test_compare_flags_slower_beyond_noise_broken_and_unfired_and_fails_ci(tmp_p
     assert cli.returncode == 1 and "slower" in cli.stdout and "broke (failed)" in cli.stdout
     same = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "a")], capture_output=True)
     assert same.returncode == 0
+
+
+def test_a_decode_sweep_gets_the_pareto_plot_and_its_frontier(tmp_path):
+    from fusiontune.harness.figures import _frontier
+
+    points = np.array([[100.0, 100.0], [50.0, 400.0], [60.0, 300.0], [40.0, 350.0], [90.0, 90.0]])
+    assert _frontier(points).tolist() == [[50.0, 400.0], [60.0, 300.0], [100.0, 100.0]]  # dominated ones dropped
+    rows = [{**r, "model_decode_context": 1024} for r in ROWS]
+    RunFolder(tmp_path).append(rows)
+    md, _ = write_report(tmp_path)
+    assert "![decode throughput per sequence against per GPU](pareto.png)" in md.read_text()
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    RunFolder(tmp_path / "prefill").append(ROWS)  # prefill: tokens/s per sequence means nothing, no plot
+    write_report(tmp_path / "prefill")
+    assert not (tmp_path / "prefill" / "pareto.png").exists()
