@@ -29,6 +29,8 @@ def run(
                                          "config is recorded failed, its workers are replaced, the sweep goes on."),
     groups: Optional[str] = typer.Option(None, "--groups", help="TP groups measuring at once: 'auto' or a number; "
                                          "overrides the sweep's cluster.groups."),
+    num_runs: Optional[int] = typer.Option(None, "--num-runs", min=1, help="Measure every config this many times "
+                                           "(run k of all configs before run k + 1); overrides measure.runs."),
 ):
     """Expand a sweep, run every config on Ray (one actor per TP rank), write results as they are measured."""
     from fusiontune.harness.sweep import SweepError, expand, load_sweep
@@ -37,6 +39,8 @@ def run(
         spec, text = load_sweep(sweep_file)
         if groups is not None:
             spec = _with_groups(spec, groups)
+        if num_runs is not None:
+            spec = spec.model_copy(update={"measure": spec.measure.model_copy(update={"runs": num_runs})})
         plan = expand(spec)
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")

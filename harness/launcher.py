@@ -96,6 +96,7 @@ def base_row(plan: Plan, config: PlannedConfig, resolved: dict[str, Any]) -> dic
         "label": config.label,
         "is_baseline": config.is_baseline,
         "baseline_repeat": config.baseline_repeat,
+        "run": config.run,
         "tp": config.tp,
         "optimization_level": plan.spec.optimization_level,
         **{f"model_{k}": v for k, v in model.items()},

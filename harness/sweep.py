@@ -66,6 +66,7 @@ class MeasureSpec(_Strict):
     seed: int = 0
     profile: bool = True  # a torch.profiler trace and per-kernel times per (config, num_tokens)
     baseline_twice: bool = True  # measure all-off again after the rest: the noise floor
+    runs: int = Field(1, ge=1)  # measure every config this many times (run k of all before run k + 1)
     compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs (match counts are kept too)
 
 
@@ -183,6 +184,7 @@ class PlannedConfig:
     resolved: dict[str, Any]
     is_baseline: bool = False
     baseline_repeat: bool = False  # all-off measured again, after the rest: the noise floor
+    run: int = 1  # which of measure.runs this is
     reference_only: bool = False  # a resumed run's baseline: its outputs are needed, its rows exist
 
     @property
@@ -272,6 +274,10 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
                 continue
             seen[planned.effective] = label
             plan.configs.append(planned)
+        first_runs = [c for c in plan.configs_for(tp) if not c.is_baseline]
+        for run in range(2, spec.measure.runs + 1):
+            plan.configs += [replace(c, config_id=f"{c.config_id}-run{run}", label=f"{c.label} (run {run})", run=run)
+                             for c in first_runs]
         baseline = next((c for c in plan.configs_for(tp) if c.is_baseline), None)
         if baseline and spec.measure.baseline_twice:
             plan.configs.append(replace(baseline, config_id=f"{baseline.config_id}-again", is_baseline=False,

@@ -25,6 +25,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "all fusions off (baseline)" in result.output and "dropped: same effective config" in result.output
     assert not (tmp_path / "r").exists()
+    twice = runner.invoke(app, ["run", "sweeps/smoke-cpu.yaml", "--dry-run", "--num-runs", "2", "--groups", "2"],
+                          env={"COLUMNS": "200"})
+    assert twice.exit_code == 0 and twice.output.count("(run 2)") == 6  # 3 configs x 2 TP sizes
+    bad = runner.invoke(app, ["run", "sweeps/smoke-cpu.yaml", "--dry-run", "--groups", "many"])
+    assert bad.exit_code == 2 and "--groups takes 'auto' or a number >= 1, got 'many'" in bad.output
 
 
 def test_bad_sweep_exits_2_with_the_key(tmp_path):

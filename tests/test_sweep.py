@@ -49,6 +49,17 @@ def test_a_threshold_of_a_fusion_that_is_off_makes_no_new_config():
                for _, _, why in plan.dropped)
 
 
+def test_num_runs_measures_every_config_again_after_all_first_runs():
+    plan = expand(parse_sweep(sweep(measure={"runs": 3})), CPU)
+    labels = [c.label for c in plan.configs]
+    firsts = labels[1:4]
+    assert not any("(run" in label for label in firsts)
+    assert labels == (["all fusions off (baseline)"] + firsts + [f"{l} (run 2)" for l in firsts]
+                      + [f"{l} (run 3)" for l in firsts] + ["all fusions off (baseline), again"])
+    assert [c.run for c in plan.configs] == [1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 1]
+    assert len({c.config_id for c in plan.configs}) == len(plan.configs)  # each run its own rows, resumable
+
+
 def test_tp_defaults_to_one():
     data = {"name": "t", "model": {"preset": "tiny"}, "num_tokens": [4]}
     spec = parse_sweep(__import__("yaml").safe_dump(data))
