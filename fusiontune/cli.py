@@ -37,10 +37,8 @@ def run(
 
     try:
         spec, text = load_sweep(sweep_file)
-        if groups is not None:
-            spec = _with_groups(spec, groups)
-        if num_runs is not None:
-            spec = spec.model_copy(update={"measure": spec.measure.model_copy(update={"runs": num_runs})})
+        spec = _override(spec, "cluster", groups=_groups(groups))
+        spec = _override(spec, "measure", runs=num_runs)
         plan = expand(spec)
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
@@ -115,10 +113,8 @@ def tune(
 
     try:
         spec, text = load_tune(tune_file)
-        if groups is not None:
-            spec = _with_groups(spec, groups)
-        if max_evaluations is not None:
-            spec = spec.model_copy(update={"study": spec.study.model_copy(update={"max_evaluations": max_evaluations})})
+        spec = _override(spec, "cluster", groups=_groups(groups))
+        spec = _override(spec, "study", max_evaluations=max_evaluations)
         from fusiontune.harness.results import RunFolder
         from fusiontune.harness.tuner import Tuner, grid_size, prepare_folder
 
@@ -157,13 +153,23 @@ def tune(
                       f"({best['expected_speedup']:.3f}x): {best['params']}")
 
 
-def _with_groups(spec, groups: str):
+def _groups(groups: Optional[str]):
+    """--groups as cluster.groups takes it: 'auto' or a number (None: not given)."""
     from fusiontune.harness.sweep import SweepError
 
-    value = groups if groups == "auto" else (int(groups) if groups.isdigit() and int(groups) > 0 else None)
-    if value is None:
+    if groups is None or groups == "auto":
+        return groups
+    if not (groups.isdigit() and int(groups) > 0):
         raise SweepError(f"--groups takes 'auto' or a number >= 1, got {groups!r}")
-    return spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"groups": value})})
+    return int(groups)
+
+
+def _override(spec, section: str, **fields):
+    """The spec with command-line values (those given, not None) in place of the file's ``section.<field>``."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given:
+        return spec
+    return spec.model_copy(update={section: getattr(spec, section).model_copy(update=given)})
 
 
 def _plan_text(config) -> str:

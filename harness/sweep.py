@@ -16,10 +16,10 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fusiontune.passes.config import PassConfig, PassConfigError, resolve
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG
@@ -89,13 +89,34 @@ class ClusterSpec(_Strict):
 Scalar = Union[bool, int, float, None]
 
 
+def _sorted_sizes(values: list[int]) -> list[int]:
+    if any(v < 1 for v in values):
+        raise ValueError("every num_tokens must be >= 1")
+    return sorted(set(values))
+
+
+def _known_pass_config(values: dict) -> dict:
+    known = PassConfig.model_fields
+    for name in values:
+        if name not in known:
+            close = [k for k in known if k.split("_")[-1] == name.split("_")[-1] or name[:6] == k[:6]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown PassConfig field {name!r}{hint}; allowed: {', '.join(known)}")
+    return values
+
+
+# The measured sizes, and PassConfig fields by name: shared by sweep and tune files.
+NumTokens = Annotated[list[int], Field(min_length=1), AfterValidator(_sorted_sizes)]
+PassConfigFields = AfterValidator(_known_pass_config)
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSpec
     tp: Union[int, list[int]] = Field(1, validate_default=True)  # a list always, once validated
-    num_tokens: list[int] = Field(min_length=1)
+    num_tokens: NumTokens
     optimization_level: Literal[0, 1, 2, 3] = 2
-    pass_config: dict[str, Union[Scalar, list[Scalar]]] = Field(default_factory=dict)
+    pass_config: Annotated[dict[str, Union[Scalar, list[Scalar]]], PassConfigFields] = Field(default_factory=dict)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
@@ -107,32 +128,15 @@ class SweepSpec(_Strict):
             raise ValueError("every TP size must be an integer >= 1")
         return sorted(set(values))
 
-    @field_validator("num_tokens")
-    @classmethod
-    def _positive(cls, values):
-        if any(v < 1 for v in values):
-            raise ValueError("every num_tokens must be >= 1")
-        return sorted(set(values))
-
-    @field_validator("pass_config")
-    @classmethod
-    def _known_fields(cls, values):
-        known = PassConfig.model_fields
-        for name in values:
-            if name not in known:
-                close = [k for k in known if k.split("_")[-1] == name.split("_")[-1] or name[:6] == k[:6]]
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ValueError(f"unknown PassConfig field {name!r}{hint}; allowed: {', '.join(known)}")
-        return values
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid sweep file"]
+def _format_validation_error(error: ValidationError, source: str, root: type[BaseModel], kind: str) -> str:
+    lines = [f"{source}: invalid {kind} file"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            parent = _model_at(item["loc"][:-1])
+            parent = _model_at(root, item["loc"][:-1])
             allowed = ", ".join(parent.model_fields) if parent else ""
             message = f"unknown key; allowed keys here: {allowed}"
         elif item["type"] == "missing":
@@ -141,8 +145,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _model_at(loc) -> type[BaseModel] | None:
-    model: type[BaseModel] = SweepSpec
+def _model_at(root: type[BaseModel], loc) -> type[BaseModel] | None:
+    model = root
     for part in loc:
         field_info = model.model_fields.get(str(part))
         annotation = getattr(field_info, "annotation", None)
@@ -152,27 +156,43 @@ def _model_at(loc) -> type[BaseModel] | None:
     return model
 
 
-def load_sweep(path: str | Path) -> tuple[SweepSpec, str]:
-    """Parse and validate a sweep file; returns the spec and the file's text (kept in the manifest)."""
-    path = Path(path)
+def read_file(path: str | Path, kind: str) -> str:
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except OSError as exc:
-        raise SweepError(f"cannot read sweep file {path}: {exc.strerror}") from None
-    return parse_sweep(text, str(path)), text
+        raise SweepError(f"cannot read {kind} file {path}: {exc.strerror}") from None
 
 
-def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
+def parse_spec(text: str, source: str, root: type[BaseModel], kind: str, keys: str) -> Any:
+    """A YAML file read safely and validated as ``root``; errors name the key, and for an unknown key the keys
+    allowed at that place (``kind``: "sweep", "tune"; ``keys``: the top-level keys, for a file that is no mapping)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SweepError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise SweepError(f"{source}: a sweep file is a mapping (name:, model:, tp:, num_tokens:, ...)")
+        raise SweepError(f"{source}: a {kind} file is a mapping ({keys})")
     try:
-        return SweepSpec(**data)
+        return root(**data)
     except ValidationError as exc:
-        raise SweepError(_format_validation_error(exc, source)) from None
+        raise SweepError(_format_validation_error(exc, source, root, kind)) from None
+
+
+def load_sweep(path: str | Path) -> tuple[SweepSpec, str]:
+    """Parse and validate a sweep file; returns the spec and the file's text (kept in the manifest)."""
+    text = read_file(path, "sweep")
+    return parse_sweep(text, str(path)), text
+
+
+def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
+    return parse_spec(text, source, SweepSpec, "sweep", "name:, model:, tp:, num_tokens:, ...")
+
+
+def target_platform(model: ModelConfig, tp: int, platform: Platform | None = None) -> Platform:
+    """The platform a TP group of ``tp`` ranks resolves PassConfig on: ``platform`` (default: this machine) with
+    the group's size and the model's shape."""
+    return (platform or Platform.detect()).with_(tp_size=tp, hidden_size=model.hidden_size,
+                                                 dtype_bytes=model.torch_dtype.itemsize, quant=model.quant)
 
 
 @dataclass
@@ -256,8 +276,7 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
                        **{flag: False for flag in FUSION_FLAGS}}
 
     for tp in spec.tp:
-        target = (platform or Platform.detect()).with_(
-            tp_size=tp, hidden_size=model.hidden_size, dtype_bytes=model.torch_dtype.itemsize, quant=model.quant)
+        target = target_platform(model, tp, platform)
         seen: dict[str, str] = {}
         for index, fields in enumerate([baseline_fields, *combos]):
             is_baseline = index == 0

@@ -15,17 +15,15 @@ from __future__ import annotations
 import bisect
 import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 import pandas as pd
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from fusiontune.passes.config import PassConfig
 from fusiontune.passes.fusions import FUSION_FLAGS, THRESHOLDS
 
-from .sweep import ClusterSpec, MeasureSpec, ModelSpec, Scalar, SweepError, SweepSpec, _format_validation_error, \
-    _Strict
+from .sweep import ClusterSpec, MeasureSpec, ModelSpec, NumTokens, PassConfigFields, Scalar, SweepError, SweepSpec, \
+    _Strict, parse_spec, read_file
 
 
 class WorkloadSpec(_Strict):
@@ -80,27 +78,18 @@ class TuneSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSpec
     tp: int = Field(1, ge=1)
-    num_tokens: list[int] = Field(min_length=1)
+    num_tokens: NumTokens
     optimization_level: int = Field(2, ge=0, le=3)
     workload: WorkloadSpec
     search: SearchSpec
-    pass_config: dict[str, Scalar] = Field(default_factory=dict)  # fields held fixed in every trial
+    # fields held fixed in every trial
+    pass_config: Annotated[dict[str, Scalar], PassConfigFields] = Field(default_factory=dict)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     study: StudySpec = Field(default_factory=StudySpec)
 
-    @field_validator("num_tokens")
-    @classmethod
-    def _positive(cls, values):
-        if any(v < 1 for v in values):
-            raise ValueError("every num_tokens must be >= 1")
-        return sorted(set(values))
-
     @model_validator(mode="after")
     def _consistent(self):
-        unknown = [k for k in self.pass_config if k not in PassConfig.model_fields]
-        if unknown:
-            raise ValueError(f"pass_config: unknown PassConfig field {', '.join(unknown)}")
         both = set(self.pass_config) & (set(self.search.fusions) | set(self.search.thresholds))
         if both:
             raise ValueError(f"{', '.join(sorted(both))}: both fixed in pass_config and searched; keep one")
@@ -121,22 +110,10 @@ class TuneSpec(_Strict):
 
 
 def load_tune(path: str | Path) -> tuple[TuneSpec, str]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SweepError(f"cannot read tune file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: a tune file is a mapping (name:, model:, num_tokens:, workload:, search:, ...)")
-    try:
-        spec = TuneSpec(**data)
-    except ValidationError as exc:
-        raise SweepError(_format_validation_error(exc, str(path)).replace("invalid sweep file", "invalid tune file"))
-    return spec, text
+    """Parse and validate a tune file; returns the spec and the file's text (kept in the manifest)."""
+    text = read_file(path, "tune")
+    keys = "name:, model:, num_tokens:, workload:, search:, ..."
+    return parse_spec(text, str(path), TuneSpec, "tune", keys), text
 
 
 def workload_weights(spec: TuneSpec, base_dir: Path = Path(".")) -> dict[int, float]:

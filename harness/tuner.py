@@ -31,12 +31,10 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from fusiontune.passes.platform import Platform
-
 from .groups import GroupPool, groups_to_use
 from .launcher import Recorder, device_for, init_ray, job_for
 from .results import RunFolder
-from .sweep import Plan, PlannedConfig, Skipped, SweepError, _show, expand, plan_config
+from .sweep import Plan, PlannedConfig, Skipped, SweepError, _show, expand, plan_config, target_platform
 from .tune import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
 from .worker import TPWorker
 
@@ -73,6 +71,7 @@ class Tuner:
             reasons = "; ".join(sorted({s.reason for s in self.plan.skipped})) or "nothing to run"
             raise SweepError(f"TP={spec.tp}: {reasons}")
         self.recorder = Recorder(self.plan, folder)
+        self.platform = target_platform(self.plan.model, spec.tp)  # what every trial's PassConfig resolves on
         self.measured: dict[str, dict[str, Any]] = {}  # effective config -> {"value", "trial", "config_id"}
         self.baseline_ms: dict[int, float] = {}
         self.pruned: set[str] = set()  # effective configs a trial was pruned at
@@ -170,11 +169,8 @@ class Tuner:
         trial = study.ask(self.space)
         fields = trial_fields(self.spec, trial.params)
         searched = " ".join(f"{k}={_show(v)}" for k, v in trial.params.items())
-        platform = Platform.detect().with_(tp_size=self.spec.tp, hidden_size=self.plan.model.hidden_size,
-                                           dtype_bytes=self.plan.model.torch_dtype.itemsize,
-                                           quant=self.plan.model.quant)
         planned = plan_config(fields, f"trial {trial.number}: {searched}", self.spec.tp, self.plan.model,
-                              self.spec.optimization_level, platform)
+                              self.spec.optimization_level, self.platform)
         if isinstance(planned, (Skipped, str)):  # cannot run, or a no-op: tell Optuna and move on
             why = planned.reason if isinstance(planned, Skipped) else planned
             self._tell(study, trial, None, None, why, state=TrialState.FAIL)

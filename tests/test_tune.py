@@ -41,6 +41,8 @@ def write(tmp_path, **changes):
     ({"workload": {}}, "exactly one of histogram"),
     ({"pass_config": {"fuse_norm_quant": True}}, "both fixed in pass_config and searched"),
     ({"study": {"trials": 0}}, "study.trials"),
+    ({"study": {"trails": 5}}, "study.trails: unknown key; allowed keys here: trials, seed, storage"),
+    ({"pass_config": {"fuse_norm_qaunt": True}}, "unknown PassConfig field 'fuse_norm_qaunt' (did you mean"),
 ])
 def test_bad_tune_files_name_the_key(tmp_path, change, message):
     with pytest.raises(SweepError) as error:
