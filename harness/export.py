@@ -1,7 +1,8 @@
 """Tuned thresholds per hardware: written from a tune run, and found again for a device and model shape.
 
 A file is named by what it was tuned on, ``thresholds/<device>/tp<N>-hidden<H>-<quant>.json``. It holds the
-PassConfig that won, the evidence it won with (run, study, expected speedup, noise floor, per-size speedups), and
+PassConfig that won (the study's best config, or its per-range plan where that gains beyond the noise floor and
+vLLM's thresholds can express it: ``per_range``), the evidence it won with (run, study, expected speedup, noise floor, per-size speedups), and
 the same PassConfig as vLLM takes it: a ``--compilation-config`` JSON and ``-O<level> -cc.pass_config.<field>=...``
 flags. Only PassConfig's fields go there, and they are vLLM's names. Explicit fields win over the level's defaults
 in vLLM as in fusiontune, so every fusion flag and every threshold in use is written out.
@@ -62,6 +63,8 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds") -> Pa
     if not best:
         raise ExportError(f"{summary_path}: the study has no completed trial to export")
     table = folder.table()
+    plan = summary.get("per_range")
+    composed = _composed(plan, summary.get("noise_floor"))
     rows = table[(table["config_id"] == best["config_id"]) & (table["status"] == "ok")]
     if rows.empty:
         raise ExportError(f"{folder.path}: no measured rows of the best config {best['config_id']}")
@@ -71,7 +74,8 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds") -> Pa
         raise ExportError(f"{folder.path}: the rows do not say which device they were measured on")
     tp, hidden, quant = int(first["tp"]), int(first["model_hidden_size"]), str(first["model_quant"])
     level = int(first["optimization_level"])
-    fields = vllm_fields({k: first[k] for k in list(FUSION_FLAGS) + list(THRESHOLDS) if k in first})
+    measured = {k: first[k] for k in list(FUSION_FLAGS) + list(THRESHOLDS) if k in first}
+    fields = vllm_fields({**measured, **plan["pass_config"]} if composed else measured)
     manifest = json.loads(folder.manifest_path.read_text()) if folder.manifest_path.exists() else {}
     payload = {
         "device": device,
@@ -90,7 +94,11 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds") -> Pa
             "trials": summary.get("trials"),
             "configs_measured": summary.get("evaluations"),
             "trial": best.get("trial"),
-            "expected_speedup": best.get("expected_speedup"),
+            "source": ("per-range plan: each size's fastest measured config, composed (its sizes were measured, "
+                       "not this PassConfig as one run)" if composed else f"measured config {best['config_id']}"),
+            "expected_speedup": 1 / plan["expected_ratio"] if composed else best.get("expected_speedup"),
+            "best_single_expected_speedup": best.get("expected_speedup"),
+            "per_range": plan,
             "noise_floor": summary.get("noise_floor"),
             "workload_weights": summary.get("weights"),
             "per_num_tokens": _per_size(table, best["config_id"], tp),
@@ -101,6 +109,14 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds") -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(redact(json.dumps(payload, indent=2, default=_plain)) + "\n")
     return path
+
+
+def _composed(plan: dict[str, Any] | None, floor: float | None) -> bool:
+    """Export the per-range plan instead of the best single config: only where vLLM can express it, it differs
+    somewhere, and it gains more than the objective's noise floor."""
+    if not plan or not plan.get("expressible") or not plan.get("departs"):
+        return False
+    return plan["gain_over_single"] > (floor if floor is not None else float("inf"))
 
 
 def _per_size(table: pd.DataFrame, config_id: str, tp: int) -> list[dict[str, Any]]:

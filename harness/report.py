@@ -194,9 +194,28 @@ def _tune_lines(run_dir: Path) -> list[str]:
         lines += ["", f"Best: trial {best['trial']}, expected latency {best['expected_ratio']:.4f} of all-off "
                       f"({best['expected_speedup']:.3f}x" + (f", noise floor {floor:.2%})" if floor is not None
                                                              else ")") + f": `{best['pass_config']}`"]
+    lines += _per_range_lines(summary.get("per_range"))
     lines.append("")
     for figure in tune_figures(run_dir):
         lines += [f"![{figure.stem}]({figure.name})", ""]
+    return lines
+
+
+def _per_range_lines(plan: dict | None) -> list[str]:
+    """The per-size plan: which config (and fusions) is fastest at each size, beyond noise, and how vLLM says it."""
+    if not plan:
+        return []
+    lines = ["", "Per-range enables (the fastest measured config at each size where it beats the best one beyond "
+                 f"noise): expected latency {plan['expected_ratio']:.4f} of all-off against "
+                 f"{plan['single']['expected_ratio']:.4f} for the best single config "
+                 f"({plan['gain_over_single']:+.2%}).", "",
+             "| num_tokens | weight | fusions | speedup | config | beyond noise? |", "|---:|---:|---|---:|---|---|"]
+    for size in plan["sizes"]:
+        lines.append(f"| {size['num_tokens']} | {size['weight']:.2f} | {', '.join(size['fusions']) or 'none'} | "
+                     f"{size['speedup']:.3f}x | {size['label']} | "
+                     f"{'yes: departs from the best config' if size['departs'] else 'best config kept'} |")
+    said = "vLLM can express it" if plan["expressible"] else "vLLM cannot express all of it"
+    lines += ["", f"{said}: `{plan['pass_config']}`"] + [f"- {note}" for note in plan["notes"]]
     return lines
 
 

@@ -1,6 +1,8 @@
 """Sweep files: read safely, validated with errors that name the bad key, expanded into a plan.
 
-The plan is the cartesian product of TP sizes and the ``pass_config`` lists (a scalar is fixed, a list is swept).
+The plan is the cartesian product of TP sizes, the ``pass_config`` lists (a scalar is fixed, a list is swept) and
+the ``variants`` (a list of field sets laid over each combination: an ablation such as "each fusion alone, then
+all of them" without the 2^n configs of a product).
 Combinations that cannot run are kept as ``Skipped`` with the reason (they become ``skipped`` rows), combinations
 that would measure nothing new are dropped with the reason: a fusion with nothing to match in this model, or an
 effective config equal to one already planned. The all-off baseline is always planned first for each TP size and,
@@ -117,6 +119,8 @@ class SweepSpec(_Strict):
     num_tokens: NumTokens
     optimization_level: Literal[0, 1, 2, 3] = 2
     pass_config: Annotated[dict[str, Union[Scalar, list[Scalar]]], PassConfigFields] = Field(default_factory=dict)
+    # Field sets laid over every pass_config combination, one config each (an empty one: the combination as is).
+    variants: Optional[list[Annotated[dict[str, Scalar], PassConfigFields]]] = Field(None, min_length=1)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
@@ -269,18 +273,21 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
     except (ValueError, TypeError) as exc:
         raise SweepError(f"model: {exc}") from None
     plan = Plan(spec, model)
-    swept = [k for k, v in spec.pass_config.items() if isinstance(v, list)]
+    variants = spec.variants or [{}]
     grids = [v if isinstance(v, list) else [v] for v in spec.pass_config.values()]
-    combos = [dict(zip(spec.pass_config, values)) for values in itertools.product(*grids)]
+    listed = [k for k, v in spec.pass_config.items() if isinstance(v, list)]
+    # each combination with its label: the swept fields and the fields its variant sets
+    combos = [({**dict(zip(spec.pass_config, values)), **variant}, list(dict.fromkeys([*listed, *variant])))
+              for values in itertools.product(*grids) for variant in variants]
     baseline_fields = {**{k: v for k, v in spec.pass_config.items() if not isinstance(v, list)},
                        **{flag: False for flag in FUSION_FLAGS}}
 
     for tp in spec.tp:
         target = target_platform(model, tp, platform)
         seen: dict[str, str] = {}
-        for index, fields in enumerate([baseline_fields, *combos]):
+        for index, (fields, shown) in enumerate([(baseline_fields, []), *combos]):
             is_baseline = index == 0
-            label = "all fusions off (baseline)" if is_baseline else _label(fields, swept)
+            label = "all fusions off (baseline)" if is_baseline else _label(fields, shown)
             planned = plan_config(fields, label, tp, model, spec.optimization_level, target, is_baseline)
             if isinstance(planned, Skipped):
                 plan.skipped.append(planned)
@@ -316,12 +323,25 @@ def plan_config(fields: dict[str, Any], label: str, tp: int, model: ModelConfig,
         resolved = resolve(PassConfig(**user), level, target)
     except (PassConfigError, ValidationError) as exc:
         return Skipped(label, tp, user, f"invalid PassConfig: {exc}")
-    reason = _why_not_runnable(resolved.values, model, tp)
+    values = _without_inert_defaults(dict(resolved.values), user, model, tp)
+    reason = _why_not_runnable(values, model, tp)
     if reason:
         kind, why = reason
         return Skipped(label, tp, user, why) if kind == "skip" else why
-    cid = config_id(tp, model, level, resolved.values)
-    return PlannedConfig(cid, label, tp, user, dict(resolved.values), is_baseline)
+    cid = config_id(tp, model, level, values)
+    return PlannedConfig(cid, label, tp, user, values, is_baseline)
+
+
+def _without_inert_defaults(values: dict[str, Any], user: dict[str, Any], model: ModelConfig,
+                            tp: int) -> dict[str, Any]:
+    """Fusions the level switched on that have nothing to match in this model (norm + quant in a bf16 model, a
+    collective fusion at TP=1) are off: they would compile the same graph, yet count as enabled passes that never
+    fired. A fusion the user switched on stays, and makes the config a no-op (``_why_not_runnable``)."""
+    for flag, on in values.items():
+        spec = PASSES_BY_FLAG.get(flag)
+        if on and spec is not None and flag not in user and not spec.applicability(model.quant, tp, model)[0]:
+            values[flag] = False
+    return values
 
 
 def _why_not_runnable(values: dict[str, Any], model: ModelConfig, tp: int) -> tuple[str, str] | None:

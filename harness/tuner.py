@@ -13,9 +13,14 @@ more than its timing.
   run of the same file resumes it, and several drivers can share it.
 - **Fixed seed.** The TPE sampler's seed makes the order of suggestions reproducible; with more than one TP group,
   which trial finishes first also depends on timing.
+- **A start from all-on.** The first trial runs every searched fusion on (thresholds at their defaults), as the
+  reference page expects them to pay; ``study.start_all_on: false`` leaves the start to the sampler.
 - **Grid mode.** ``--grid`` evaluates every combination instead, as the reference the tuner is judged against.
 - **Rows.** Every measured trial writes its rows to the run folder like a sweep config, so ``fusiontune report``
   reads a tune folder too. The baseline is measured again at the end for the noise floor.
+- **Per-range enables.** The summary also holds the per-size plan (``per_range.range_plan``): the fastest measured
+  config at each size where it beats the best one beyond noise, and the PassConfig thresholds that run it, or
+  why vLLM cannot.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any, Callable
 import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
+
+from fusiontune.passes.fusions import THRESHOLDS
 
 from .groups import GroupPool, groups_to_use
 from .launcher import Recorder, device_for, init_ray, job_for
@@ -93,7 +100,20 @@ class Tuner:
         if self.grid and not study.trials:
             for values in itertools.product(*(d.choices for d in self.space.values())):
                 study.enqueue_trial(dict(zip(self.space, values)))
+        elif not self.grid and self.spec.study.start_all_on:
+            start = self.all_on()
+            if not any(start in (t.params, t.system_attrs.get("fixed_params")) for t in study.trials):
+                study.enqueue_trial(start)
         return study
+
+    def all_on(self) -> dict[str, Any]:
+        """Every searched fusion on, each threshold at its PassConfig default where that is a choice (else the
+        middle choice): the reference page's expectation, tried first so the study starts from it."""
+        point: dict[str, Any] = {flag: True for flag in self.spec.search.fusions}
+        for name, choices in self.spec.search.thresholds.items():
+            default = THRESHOLDS[name].default(self.platform)[0]
+            point[name] = default if default in choices else choices[len(choices) // 2]
+        return point
 
     def run(self) -> dict[str, Any]:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -236,8 +256,18 @@ class Tuner:
                                                "config_id": best.user_attrs.get("config_id")},
         }
         summary["noise_floor"] = self.noise_floor()
+        summary["per_range"] = self.per_range(best.user_attrs.get("config_id") if best else None)
         (self.folder.path / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def per_range(self, best_id: str | None) -> dict[str, Any] | None:
+        """Which fusions to run at each size (``per_range.range_plan``), against the study's best config."""
+        from .per_range import range_plan
+        from .report import noise_floor
+
+        table = self.folder.table()
+        floors = noise_floor(table).set_index("num_tokens")["noise_floor"].to_dict()
+        return range_plan(table, self.weights, floors, self.spec.tp, best_id) if best_id else None
 
     def noise_floor(self) -> float | None:
         """The objective's noise floor: each size's floor (the report's) weighted as the objective weighs it."""

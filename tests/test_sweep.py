@@ -157,3 +157,46 @@ def test_the_issue_4_cpu_sweeps_plan_every_fusion_they_name():
     plan = expand(spec, CPU)
     assert not plan.skipped and any(c.resolved["fuse_act_padding"] for c in plan.configs)
     assert plan.model.pads_mlp_input and plan.model.mlp_input_size == 3072
+
+
+H100 = Platform(vendor="cuda", capability=90)
+
+
+def test_variants_lay_their_fields_over_each_combination_and_label_what_they_set():
+    changes = {"pass_config": {"fuse_norm_quant": False, "fuse_act_quant": False, "fuse_rope_kvcache": [False, True]},
+               "variants": [{}, {"fuse_norm_quant": True}, {"fuse_norm_quant": True, "fuse_act_quant": True}],
+               "measure": {"baseline_twice": False}}
+    plan = expand(parse_sweep(sweep(**changes)), CPU)
+    labels = [c.label for c in plan.configs]
+    assert labels == ["all fusions off (baseline)",  # then each combination, its variants in order
+                      "fuse_rope_kvcache=off fuse_norm_quant=on",
+                      "fuse_rope_kvcache=off fuse_act_quant=on fuse_norm_quant=on", "fuse_rope_kvcache=on",
+                      "fuse_rope_kvcache=on fuse_norm_quant=on",
+                      "fuse_rope_kvcache=on fuse_act_quant=on fuse_norm_quant=on"]  # (safe_dump sorts keys)
+    both = plan.configs[-1].resolved
+    assert both["fuse_norm_quant"] and both["fuse_act_quant"] and both["fuse_rope_kvcache"]
+    # the empty variant with rope off is the baseline itself
+    assert [why for _, _, why in plan.dropped] == ["same effective config as 'all fusions off (baseline)'"]
+    with pytest.raises(SweepError, match=r"variants\.0: .*unknown PassConfig field 'fuse_norm_qaunt'"):
+        parse_sweep(sweep(variants=[{"fuse_norm_qaunt": True}]))
+
+
+def test_the_issue_7_sweeps_plan_each_fusion_alone_and_all_together_on_the_h100():
+    expected = {"llama8b-fp8-static": 5, "llama8b-fp8-per-group": 4, "qwen3-8b": 3, "gpt-oss-20b": 3}
+    for name, fused in expected.items():
+        spec, _ = load_sweep(f"sweeps/single-gpu-{name}.yaml")
+        plan = expand(spec, H100)
+        assert not plan.skipped and not plan.dropped, (name, plan.dropped)
+        assert len(plan.configs) == fused + 2, name  # and all-off first and last
+        for config in plan.configs[1:-1]:
+            on = {flag for flag in FUSION_FLAGS if config.resolved[flag]}
+            assert on == {k for k, v in config.pass_config.items() if v is True}, (name, config.label)
+
+
+def test_a_level_default_with_nothing_to_match_is_switched_off_not_a_no_op():
+    # O2 on an H100 switches norm + quant on by default; a bf16 model has nothing for it to match, so the config
+    # runs without it (it used to be dropped as a no-op, and every bf16 sweep with it)
+    plan = expand(parse_sweep(sweep(model={"preset": "tiny", "qk_norm": True},
+                                    pass_config={"enable_qk_norm_rope_fusion": [False, True]})), H100)
+    fused = [c for c in plan.configs if c.resolved["enable_qk_norm_rope_fusion"]]
+    assert len(fused) == 1 and not fused[0].resolved["fuse_norm_quant"] and not plan.dropped[1:]

@@ -89,6 +89,14 @@ def test_the_study_measures_each_config_once_and_reports_the_best(tuned):
     spec, folder, summary, _, told, _ = tuned
     first = told[:6]
     assert summary["trials"] == 6 and summary["best"] is not None
+    # the study starts from every searched fusion on, the threshold at its PassConfig default
+    assert first[0]["params"] == {"fuse_norm_quant": True, "fuse_rope_kvcache": True,
+                                  "rope_kvcache_fusion_max_token_num": 256}
+    # and says which fusions to run at each size, against its best config
+    plan = summary["per_range"]
+    assert [s["num_tokens"] for s in plan["sizes"]] == [1, 16]
+    assert plan["single"]["config_id"] == summary["best"]["config_id"]
+    assert plan["expected_ratio"] <= plan["single"]["expected_ratio"] + 1e-12
     # Every told trial that ran, or took an earlier one's value, has a finite value; an all-off trial is the
     # baseline (1.0 by definition) and is not measured again.
     for trial in first:

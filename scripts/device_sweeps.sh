@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (device tool): install the carried kit and fusiontune, then run each sweep (or tune
+# file: tune-*.yaml) into results/<name>, resuming what an earlier call left there (carry results/<name> back in),
+# within BUDGET seconds in all (default 540): a run stopped at the budget keeps every config it finished. Each run
+# folder comes back as $OUT/<name>.tar.gz without its traces (8 files come back at most; traces stay out of git).
+# Usage there:  BUDGET=540 bash scripts/device_sweeps.sh sweeps/A.yaml sweeps/tune-B.yaml ...
+source "$(dirname "$0")/device_setup.sh"
+budget=${BUDGET:-540}
+for file in "$@"; do
+  name=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$file")
+  left=$((budget - SECONDS))
+  if [ "$left" -lt 45 ]; then echo "== $name: not started, ${left}s of the budget left"; continue; fi
+  echo "== $name: ${left}s left"
+  case "$(basename "$file")" in
+    tune-*) cmd=(fusiontune tune "$file" --out "results/$name") ;;
+    *) cmd=(fusiontune run "$file" --out "results/$name" --resume) ;;
+  esac
+  timeout -s INT -k 20 "$left" "${cmd[@]}" 2>&1 | grep -v "^[│┃┏┡└]"
+  [ -d "results/$name" ] && fusiontune report "results/$name" >/dev/null 2>&1
+  tar czf "$OUT/$name.tar.gz" --exclude=traces -C results "$name"
+done
+echo "== done in ${SECONDS}s"
