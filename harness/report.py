@@ -194,6 +194,11 @@ def _tune_lines(run_dir: Path) -> list[str]:
         lines += ["", f"Best: trial {best['trial']}, expected latency {best['expected_ratio']:.4f} of all-off "
                       f"({best['expected_speedup']:.3f}x" + (f", noise floor {floor:.2%})" if floor is not None
                                                              else ")") + f": `{best['pass_config']}`"]
+    if summary.get("confirmed"):
+        lines += ["", "The best configs measured again at the end, beside this run's baseline (the pick is made "
+                      "here):", "", "| trial | study's value | measured again | config |", "|---:|---:|---:|---|"]
+        lines += [f"| {c['trial']} | {c['study_value']:.4f} | {c['expected_ratio']:.4f} | "
+                  f"{' '.join(f'{k}={v}' for k, v in c['params'].items())} |" for c in summary["confirmed"]]
     lines += _per_range_lines(summary.get("per_range"))
     lines.append("")
     for figure in tune_figures(run_dir):

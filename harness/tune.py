@@ -70,6 +70,7 @@ class StudySpec(_Strict):
     study_name: Optional[str] = None  # default: the tune file's name
     prune: bool = True  # stop a trial after its first num_tokens when it is worse than the median trial there
     startup_trials: int = Field(4, ge=1)  # random suggestions before TPE models the results
+    confirm: int = Field(3, ge=0)  # the best configs measured again at the end, in one run, to pick among
     start_all_on: bool = True  # the first trial: every searched fusion on, thresholds at their defaults
     max_evaluations: Optional[int] = Field(None, ge=1)  # measure at most this many configs (trials that reuse a
     # measured config's value, or are pruned at a config pruned before, cost nothing and do not count)

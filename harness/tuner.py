@@ -13,6 +13,10 @@ more than its timing.
   run of the same file resumes it, and several drivers can share it.
 - **Fixed seed.** The TPE sampler's seed makes the order of suggestions reproducible; with more than one TP group,
   which trial finishes first also depends on timing.
+- **A final check in one run.** The ``study.confirm`` best configs (3 by default) are measured again at the end,
+  beside this run's baseline, and the best is picked among those numbers: a resumed study mixes runs, and two
+  runs (two machines, two days) disagree by more than one run's noise floor. The per-range plan reads this run's
+  rows only.
 - **A start from all-on.** The first trial runs every searched fusion on (thresholds at their defaults), as the
   reference page expects them to pay; ``study.start_all_on: false`` leaves the start to the sampler.
 - **Grid mode.** ``--grid`` evaluates every combination instead, as the reference the tuner is judged against.
@@ -28,7 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,6 +88,8 @@ class Tuner:
         self.pruned: set[str] = set()  # effective configs a trial was pruned at
         self.started: set[str] = set()  # effective configs this run began to measure
         self.baseline_effective = ""
+        self.run_started = ""  # when this run's baseline was measured: its rows are this run's
+        self.confirmed: list[dict[str, Any]] = []
 
     def study(self) -> optuna.Study:
         spec = self.spec.study
@@ -147,7 +153,9 @@ class Tuner:
             self.baseline_effective = baseline.effective
             study.set_user_attr("baseline_ms", {str(k): v for k, v in self.baseline_ms.items()})
             study.set_user_attr("weights", {str(k): v for k, v in self.weights.items()})
+            self.run_started = min(str(r.get("measured_at", "")) for r in rows)
             self._trials(study, pool, to_run)
+            self.confirmed = self._confirm(study, pool)
             if again is not None:
                 pool.submit(job_for(self.plan, again), again)
                 self.recorder.record(pool.next_done())
@@ -206,6 +214,41 @@ class Tuner:
         self.started.add(planned.effective)
         pool.submit(job_for(self.plan, planned, [first]), _Stage(trial, planned, 1, {}))
 
+    def _confirm(self, study: optuna.Study, pool: GroupPool) -> list[dict[str, Any]]:
+        """Measure the ``study.confirm`` best distinct configs again at every weighted size, in this run, beside
+        this run's baseline. A study's values come from several runs when it resumed, and runs on different
+        machines (or days) disagree by more than one run's noise: the pick is made among numbers of one run."""
+        if self.grid or self.spec.study.confirm < 1:
+            return []
+        picked: dict[str, optuna.trial.FrozenTrial] = {}
+        for trial in sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value):
+            effective = trial.user_attrs.get("effective")
+            if effective and effective != self.baseline_effective and effective not in picked:
+                picked[effective] = trial
+            if len(picked) == self.spec.study.confirm:
+                break
+        sizes = [n for n in self.spec.num_tokens if self.weights.get(n, 0) > 0]
+        queue = []
+        for trial in picked.values():
+            planned = plan_config(trial_fields(self.spec, trial.params), "", self.spec.tp, self.plan.model,
+                                  self.spec.optimization_level, self.platform)
+            queue.append((trial, replace(planned, config_id=f"{planned.config_id}-confirm",
+                                         label=f"trial {trial.number}, measured again: "
+                                               + " ".join(f"{k}={_show(v)}" for k, v in trial.params.items()))))
+        confirmed = []
+        while queue or pool.pending():
+            while queue and pool.has_room():
+                trial, config = queue.pop(0)
+                pool.submit(job_for(self.plan, config, sizes), (trial, config))
+            outcome = pool.next_done()
+            trial, config = outcome.tag
+            rows = self.recorder.record(outcome, config)
+            ms = {r["num_tokens"]: r["latency_ms"] for r in rows if r["status"] == "ok"}
+            confirmed.append({"trial": trial.number, "config_id": config.config_id, "params": trial.params,
+                              "study_value": trial.value,
+                              "expected_ratio": expected_ratio(ms, self.baseline_ms, self.weights)})
+        return sorted(confirmed, key=lambda c: c["expected_ratio"])
+
     def _spent(self, budget: int | None) -> bool:
         """Whether ``budget`` configs have been measured (or are being measured), this run and earlier ones."""
         return budget is not None and len(self.started | set(self.measured) - {self.baseline_effective}) >= budget
@@ -255,8 +298,16 @@ class Tuner:
                                                "pass_config": trial_fields(self.spec, best.params),
                                                "config_id": best.user_attrs.get("config_id")},
         }
+        confirmed = [c for c in self.confirmed if math.isfinite(c["expected_ratio"])]
+        if confirmed:  # the pick among one run's numbers (``_confirm``)
+            top = confirmed[0]
+            summary["confirmed"] = self.confirmed
+            summary["best"] = {"trial": top["trial"], "expected_ratio": top["expected_ratio"],
+                               "expected_speedup": 1 / top["expected_ratio"], "study_value": top["study_value"],
+                               "params": top["params"], "pass_config": trial_fields(self.spec, top["params"]),
+                               "config_id": top["config_id"]}
         summary["noise_floor"] = self.noise_floor()
-        summary["per_range"] = self.per_range(best.user_attrs.get("config_id") if best else None)
+        summary["per_range"] = self.per_range(summary["best"]["config_id"] if summary["best"] else None)
         (self.folder.path / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -266,6 +317,8 @@ class Tuner:
         from .report import noise_floor
 
         table = self.folder.table()
+        if self.run_started and "measured_at" in table:  # one run's numbers only (a resumed study spans runs)
+            table = table[table["measured_at"].astype(str) >= self.run_started]
         floors = noise_floor(table).set_index("num_tokens")["noise_floor"].to_dict()
         return range_plan(table, self.weights, floors, self.spec.tp, best_id) if best_id else None
 
