@@ -3,8 +3,8 @@
 Each num_tokens range is compiled with its own passes, so the latency at a size depends only on the passes active
 there (the rows' ``active_passes``). Taking the fastest measured config at each size separately therefore gives a
 plan whose expected latency is a weighted sum of measured numbers, with no further run. A size leaves the best
-single config only where another config beats it there by more than that size's noise floor: no plan is built on
-noise.
+single config only where a config with other passes active there beats it by more than that size's noise floor:
+no plan is built on noise.
 
 vLLM has no per-range enable. A fusion marked low or high follows its threshold; any other applies at every size.
 The plan becomes PassConfig fields where it can: a low fusion on up to some size gets its threshold there (the
@@ -65,7 +65,10 @@ def range_plan(table: pd.DataFrame, weights: dict[int, float], floors: dict[int,
         fastest = at_n.loc[at_n["latency_ms"].idxmin()]
         floor = floors.get(n)
         floor = 0.0 if floor is None or pd.isna(floor) else float(floor)
-        departs = fastest["latency_ms"] * (1 + floor) < keep["latency_ms"]
+        # a config with the same passes at this size (a low fusion outside its range) compiles the same graph:
+        # whatever it gains there is noise between runs of one graph, not a reason to leave the best config
+        departs = (fastest["latency_ms"] * (1 + floor) < keep["latency_ms"]
+                   and _fusions(fastest) != _fusions(keep))
         chosen[n] = (fastest if departs else keep, bool(departs), floor)
     plan_ms = {n: float(row["latency_ms"]) for n, (row, _, _) in chosen.items()}
     single_ms = {n: float(single.at[n, "latency_ms"]) for n in sizes}
@@ -87,6 +90,10 @@ def range_plan(table: pd.DataFrame, weights: dict[int, float], floors: dict[int,
                    "fusions": sorted(f for f in active[n] if f in FUSION_FLAGS)}
                   for n, (row, departs, floor) in chosen.items()],
     }
+
+
+def _fusions(row: pd.Series) -> set[str]:
+    return set(str(row.get("active_passes") or "").split(",")) & set(FUSION_FLAGS)
 
 
 def _on(value: Any) -> bool:

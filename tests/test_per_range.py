@@ -64,3 +64,12 @@ def test_an_allreduce_bound_is_written_as_the_tensor_size_in_mb():
     fused = rows("ar", [0.8, 0.9, 10.5], ["fuse_allreduce_rms", "fuse_allreduce_rms", ""], fuse_allreduce_rms=True)
     plan = range_plan(table(BASE, fused), WEIGHTS, {n: 0.01 for n in WEIGHTS}, 1)
     assert plan["pass_config"]["fi_allreduce_fusion_max_size_mb"] == pytest.approx(64 * 4096 * 2 / 2**20)
+
+
+def test_the_same_passes_at_a_size_are_no_reason_to_leave_the_best_config():
+    # RoPE + KV cache bounded at 64 is outside its range at 1024: there both configs run norm + quant alone, and
+    # the one measured faster (0.5 ms, beyond the floor) was only luckier
+    bounded = rows("bounded", [0.90, 0.90, 9.0], ["fuse_norm_quant fuse_rope_kvcache"] * 2 + ["fuse_norm_quant"],
+                   fuse_norm_quant=True, fuse_rope_kvcache=True)
+    plan = range_plan(table(BASE, bounded, NORM), WEIGHTS, {n: 0.01 for n in WEIGHTS}, 1, single_id="norm")
+    assert [s["config_id"] for s in plan["sizes"]] == ["bounded", "bounded", "norm"]
