@@ -98,6 +98,46 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
+def pooled_runs(data: pd.DataFrame) -> pd.DataFrame:
+    """Configs measured in several runs (``measure.runs``), pooled per (config, tp, num_tokens): the median of the
+    runs' medians, the spread between runs (largest over smallest, less 1), and the speedup of the pooled median.
+    Each run compiles and builds the model afresh, so the spread between runs is the noise a user deploying the
+    config meets; one run's floor sees only part of it. Empty when no config ran more than once."""
+    if "run" not in data:
+        return pd.DataFrame()
+    ok = data[(data["status"] == "ok") & ~data["is_baseline"].astype(bool) & ~_flag(data, "baseline_repeat")]
+    ok = ok.assign(base_id=ok["config_id"].str.replace(r"-run\d+$", "", regex=True),
+                   base_label=ok["label"].str.replace(r" \(run \d+\)$", "", regex=True))
+    groups = ok.groupby(["base_id", "base_label", "tp", "num_tokens"])
+    pooled = groups.agg(runs=("latency_ms", "size"), latency_ms=("latency_ms", "median"),
+                        fastest=("latency_ms", "min"), slowest=("latency_ms", "max"),
+                        baseline_ms=("baseline_ms", "first"), noise_floor=("noise_floor", "first"),
+                        fired=("speedup", lambda v: bool(v.notna().all()))).reset_index()
+    pooled = pooled[pooled["runs"] > 1]
+    if pooled.empty:
+        return pooled
+    pooled["run_spread"] = pooled["slowest"] / pooled["fastest"] - 1
+    pooled["speedup"] = (pooled["baseline_ms"] / pooled["latency_ms"]).where(pooled["fired"])
+    band = pooled[["run_spread", "noise_floor"]].max(axis=1)
+    pooled["beyond_noise"] = (pooled["speedup"] - 1).abs() > band
+    return pooled
+
+
+def _pooled_lines(pooled: pd.DataFrame) -> list[str]:
+    if pooled.empty:
+        return []
+    lines = ["Runs pooled (the median of each run's median; the spread between runs is noise this run's floor "
+             "does not see, and a speedup inside the larger of the two is marked):", "",
+             "| config | num_tokens | runs | pooled median ms | spread between runs | speedup |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in pooled.sort_values(["base_label", "num_tokens"]).itertuples():
+        speed = "did not fire or no baseline" if pd.isna(row.speedup) else (
+            f"{row.speedup:.3f}x" + ("" if row.beyond_noise else " (within noise)"))
+        lines.append(f"| {row.base_label} | {int(row.num_tokens)} | {row.runs} | {row.latency_ms:.3f} | "
+                     f"{row.run_spread:.2%} | {speed} |")
+    return lines + [""]
+
+
 def _active(row, enabled: list[str]) -> list[str]:
     """The enabled fusions the row's num_tokens range compiled with (all of them in rows from before ranges)."""
     recorded = row.get("active_passes")
@@ -149,6 +189,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             lines.append(f"| {row['label']} | {int(row['num_tokens'])} | {latency} | {spread} | {speed} | "
                          f"{_matches_text(row)} | {err} | {row['status']} |")
         lines.append("")
+        lines += _pooled_lines(pooled_runs(by_tp))
     skipped = table[table["status"] == "skipped"].drop_duplicates(["tp", "label"])
     if len(skipped):
         lines += ["## Skipped", ""] + [f"- TP={r.tp}, {r.label}: {r.error}" for r in skipped.itertuples()] + [""]
