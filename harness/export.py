@@ -43,7 +43,7 @@ def vllm_fields(resolved: dict[str, Any]) -> dict[str, Any]:
     """The PassConfig to hand to vLLM: every fusion flag, and the thresholds of the fusions that are on."""
     used = {t.name for spec in PASSES if resolved.get(spec.flag) for t in spec.thresholds}
     fields = {flag: bool(resolved[flag]) for flag in FUSION_FLAGS if flag in resolved}
-    fields.update({name: _plain(resolved[name]) for name in THRESHOLDS
+    fields.update({name: THRESHOLDS[name].type(_plain(resolved[name])) for name in THRESHOLDS
                    if name in used and resolved.get(name) is not None and not pd.isna(resolved[name])})
     return fields
 

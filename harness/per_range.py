@@ -83,7 +83,7 @@ def range_plan(table: pd.DataFrame, weights: dict[int, float], floors: dict[int,
         "departs": any(d for _, d, _ in chosen.values()),
         "expressible": not notes["inexpressible"],
         "pass_config": fields,
-        "notes": notes["inexpressible"] + notes["thresholds"],
+        "notes": list(dict.fromkeys(notes["inexpressible"] + notes["thresholds"])),
         "sizes": [{"num_tokens": int(n), "weight": float(weights[n]), "config_id": str(row["config_id"]),
                    "label": str(row["label"]), "latency_ms": float(row["latency_ms"]),
                    "speedup": float(baseline[n] / row["latency_ms"]), "departs": departs, "noise_floor": floor,
@@ -130,14 +130,20 @@ def _as_pass_config(active: dict[int, set[str]], sizes: list[int], single: pd.Se
             notes["inexpressible"].append(f"{flag} pays at num_tokens {', '.join(map(str, on))}, not one "
                                           f"{spec.token_range} range: kept as in the best single config")
             continue
-        fields[flag] = True
         bound = on[-1] if spec.token_range == "low" else on[0]
         if threshold.name.endswith("_size_mb"):  # the all-reduced tensor of ``bound`` tokens
             row = chosen[bound][0]
             dtype_bytes = DTYPES[str(row["model_dtype"])].itemsize
-            fields[threshold.name] = bound * int(row["model_hidden_size"]) * dtype_bytes / MiB
+            value = bound * int(row["model_hidden_size"]) * dtype_bytes / MiB
         else:
-            fields[threshold.name] = threshold.type(bound)
+            value = threshold.type(bound)
+        if fields.get(threshold.name, value) != value:  # SP and AsyncTP share sp_min_token_num
+            fields[flag] = _on(single.get(flag))
+            notes["inexpressible"].append(f"{flag} pays from {bound} tokens, but {threshold.name} is already "
+                                          f"{fields[threshold.name]:g} for another fusion: kept as in the best "
+                                          "single config")
+            continue
+        fields[flag], fields[threshold.name] = True, value
         notes["thresholds"].append(f"{threshold.name} = {fields[threshold.name]:g}: the "
                                    f"{'largest' if spec.token_range == 'low' else 'smallest'} measured num_tokens "
                                    f"where {flag} pays")

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fusiontune.kernels.library import KINDS  # noqa: E402
-from fusiontune.passes.fusions import FUSION_FLAGS  # noqa: E402
+from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG  # noqa: E402
 from fusiontune.passes.ranges import INDIVISIBLE  # noqa: E402
 
 from .figures import pareto_plot, speedup_heatmap, tune_figures  # noqa: E402
@@ -67,7 +67,7 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
     merged = measured.merge(noise_floor(table), on=["tp", "num_tokens"], how="left")
     notes, values = [], []
     for _, row in merged.iterrows():
-        enabled = [f for f in FUSION_FLAGS if _on(row.get(f))]
+        enabled = _enabled(row)
         active = _active(row, enabled)
         unfired = [f for f in active if not row.get(f"matches_{f}", 0)]
         out_of_range = [f for f in enabled if f not in active]
@@ -138,6 +138,15 @@ def _pooled_lines(pooled: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
+def _enabled(row) -> list[str]:
+    """The fusions the row ran with that could match in its model: one with no pattern for the model's quant
+    scheme or TP size (norm + quant in a bf16 model, switched on by the level) cannot fire, so its 0 matches say
+    nothing against the speedup."""
+    quant = row.get("model_quant")
+    return [f for f in FUSION_FLAGS if _on(row.get(f)) and (
+        not isinstance(quant, str) or PASSES_BY_FLAG[f].applicability(quant, int(row["tp"]))[0])]
+
+
 def _active(row, enabled: list[str]) -> list[str]:
     """The enabled fusions the row's num_tokens range compiled with (all of them in rows from before ranges)."""
     recorded = row.get("active_passes")
@@ -151,7 +160,7 @@ def _on(value) -> bool:
 
 
 def _matches_text(row) -> str:
-    enabled = [f for f in FUSION_FLAGS if _on(row.get(f))]
+    enabled = _enabled(row)
     active = _active(row, enabled)
     parts = [f"{f}={int(row[f'matches_{f}'])}" if f in active else f"{f}=out of range" for f in enabled]
     return ", ".join(parts) or "-"

@@ -204,7 +204,7 @@ class PlannedConfig:
     config_id: str
     label: str  # the swept fields, readable: "fuse_norm_quant=on fuse_act_quant=off"
     tp: int
-    pass_config: dict[str, Any]  # user-set fields
+    pass_config: dict[str, Any]  # user-set fields (and level defaults with nothing to match, as off)
     resolved: dict[str, Any]
     is_baseline: bool = False
     baseline_repeat: bool = False  # all-off measured again, after the rest: the noise floor
@@ -329,7 +329,9 @@ def plan_config(fields: dict[str, Any], label: str, tp: int, model: ModelConfig,
         kind, why = reason
         return Skipped(label, tp, user, why) if kind == "skip" else why
     cid = config_id(tp, model, level, values)
-    return PlannedConfig(cid, label, tp, user, values, is_baseline)
+    # the workers resolve these fields again: the inert defaults go with them as off, so they compile the plan
+    inert = {flag: False for flag, on in resolved.values.items() if on and not values[flag]}
+    return PlannedConfig(cid, label, tp, {**user, **inert}, values, is_baseline)
 
 
 def _without_inert_defaults(values: dict[str, Any], user: dict[str, Any], model: ModelConfig,

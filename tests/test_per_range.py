@@ -73,3 +73,14 @@ def test_the_same_passes_at_a_size_are_no_reason_to_leave_the_best_config():
                    fuse_norm_quant=True, fuse_rope_kvcache=True)
     plan = range_plan(table(BASE, bounded, NORM), WEIGHTS, {n: 0.01 for n in WEIGHTS}, 1, single_id="norm")
     assert [s["config_id"] for s in plan["sizes"]] == ["bounded", "bounded", "norm"]
+
+
+def test_sp_and_asynctp_starting_at_different_sizes_cannot_share_sp_min_token_num():
+    sp = rows("sp", [1.0, 0.9, 9.0], ["", "enable_sp", "enable_sp"], enable_sp=True)
+    both = rows("both", [1.0, 0.95, 8.0], ["", "enable_sp", "enable_sp fuse_gemm_comms"], enable_sp=True,
+                fuse_gemm_comms=True)
+    plan = range_plan(table(BASE, sp, both), WEIGHTS, {n: 0.01 for n in WEIGHTS}, 1, single_id="sp")
+    assert [s["config_id"] for s in plan["sizes"]] == ["sp", "sp", "both"]
+    assert plan["pass_config"]["sp_min_token_num"] == 64 and plan["pass_config"]["enable_sp"] is True
+    assert not plan["expressible"] and plan["pass_config"]["fuse_gemm_comms"] is False
+    assert "fuse_gemm_comms pays from 1024 tokens, but sp_min_token_num is already 64" in " ".join(plan["notes"])

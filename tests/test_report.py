@@ -190,3 +190,13 @@ def test_runs_of_a_config_are_pooled_and_their_spread_bounds_what_counts_as_a_sp
     md, _ = write_report(tmp_path)
     assert "| fused | 8 | 2 |" in md.read_text() and "(within noise)" in md.read_text()
     assert pooled_runs(speedups(pd.DataFrame(noisy_sweep(2.0, 4.0)))).empty  # one run: nothing to pool
+
+
+def test_a_fusion_with_no_pattern_for_the_model_is_not_counted_as_unfired():
+    # norm + quant on (a level default) in a bf16 model matches nothing and cannot: the speedup of the fusion
+    # being measured stands; in an FP8 model the same 0 matches withhold it
+    bf16 = [{**r, "model_quant": "none"} for r in ROWS[:2] + [row("fused", 1, 1.6, norm=True, matches=0)]]
+    assert speedups(pd.DataFrame(bf16)).set_index(["label", "num_tokens"]).loc[("fused", 1), "speedup"] == 2.0 / 1.6
+    fp8 = [{**r, "model_quant": "fp8-static"} for r in bf16]
+    table = speedups(pd.DataFrame(fp8)).set_index(["label", "num_tokens"])
+    assert pd.isna(table.loc[("fused", 1), "speedup"]) and "did not fire" in table.loc[("fused", 1), "note"]

@@ -200,3 +200,17 @@ def test_a_level_default_with_nothing_to_match_is_switched_off_not_a_no_op():
                                     pass_config={"enable_qk_norm_rope_fusion": [False, True]})), H100)
     fused = [c for c in plan.configs if c.resolved["enable_qk_norm_rope_fusion"]]
     assert len(fused) == 1 and not fused[0].resolved["fuse_norm_quant"] and not plan.dropped[1:]
+    assert fused[0].pass_config["fuse_norm_quant"] is False  # the workers resolve these fields: they must agree
+
+
+def test_the_issue_8_sweeps_plan_every_collective_fusion_at_tp_2_4_8_on_an_h200_box():
+    h200 = Platform(vendor="cuda", capability=90, flashinfer=True)
+    for name in ("llama8b-bf16", "llama8b-fp8-static", "llama70b-bf16", "llama70b-fp8-static"):
+        spec, _ = load_sweep(f"sweeps/multi-gpu-{name}.yaml")
+        plan = expand(spec, h200)
+        assert not plan.skipped and not plan.dropped, (name, plan.skipped, plan.dropped)
+        for tp in (2, 4, 8):
+            configs = plan.configs_for(tp)
+            assert len(configs) == 6, (name, tp)  # all-off, 4 variants, all-off again
+            everything = configs[-2].resolved
+            assert everything["fuse_allreduce_rms"] and everything["enable_sp"] and everything["fuse_gemm_comms"]
