@@ -61,15 +61,15 @@ def range_plan(table: pd.DataFrame, weights: dict[int, float], floors: dict[int,
     chosen = {}
     for n in sizes:
         keep = single.loc[n]
-        at_n = ok[ok["num_tokens"] == n]
-        fastest = at_n.loc[at_n["latency_ms"].idxmin()]
         floor = floors.get(n)
         floor = 0.0 if floor is None or pd.isna(floor) else float(floor)
-        # a config with the same passes at this size (a low fusion outside its range) compiles the same graph:
-        # whatever it gains there is noise between runs of one graph, not a reason to leave the best config
-        departs = (fastest["latency_ms"] * (1 + floor) < keep["latency_ms"]
-                   and _fusions(fastest) != _fusions(keep))
-        chosen[n] = (fastest if departs else keep, bool(departs), floor)
+        # only configs with other passes at this size compete: one with the same passes (a low fusion outside its
+        # range) compiles the same graph, and whatever it gains there is noise between runs of one graph
+        at_n = ok[ok["num_tokens"] == n]
+        others = at_n[[_fusions(row) != _fusions(keep) for _, row in at_n.iterrows()]]
+        fastest = others.loc[others["latency_ms"].idxmin()] if len(others) else keep
+        departs = bool(fastest["latency_ms"] * (1 + floor) < keep["latency_ms"])
+        chosen[n] = (fastest if departs else keep, departs, floor)
     plan_ms = {n: float(row["latency_ms"]) for n, (row, _, _) in chosen.items()}
     single_ms = {n: float(single.at[n, "latency_ms"]) for n in sizes}
     plan_ratio = expected_ratio(plan_ms, baseline, weights)

@@ -73,6 +73,11 @@ def test_the_same_passes_at_a_size_are_no_reason_to_leave_the_best_config():
                    fuse_norm_quant=True, fuse_rope_kvcache=True)
     plan = range_plan(table(BASE, bounded, NORM), WEIGHTS, {n: 0.01 for n in WEIGHTS}, 1, single_id="norm")
     assert [s["config_id"] for s in plan["sizes"]] == ["bounded", "bounded", "norm"]
+    # a config with other passes there, slower than the lucky one but beyond noise faster than the best, wins
+    act = rows("act", [1.0, 1.0, 9.2], ["fuse_norm_quant fuse_act_quant"] * 3, fuse_norm_quant=True,
+               fuse_act_quant=True)
+    plan = range_plan(table(BASE, bounded, NORM, act), WEIGHTS, {n: 0.01 for n in WEIGHTS}, 1, single_id="norm")
+    assert [s["config_id"] for s in plan["sizes"]] == ["bounded", "bounded", "act"]
 
 
 def test_sp_and_asynctp_starting_at_different_sizes_cannot_share_sp_min_token_num():
