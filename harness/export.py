@@ -20,6 +20,7 @@ import pandas as pd
 
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, THRESHOLDS
 
+from .per_range import for_tune_run
 from .report import noise_floor
 from .results import RunFolder, redact
 
@@ -63,7 +64,7 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds") -> Pa
     if not best:
         raise ExportError(f"{summary_path}: the study has no completed trial to export")
     table = folder.table()
-    plan = summary.get("per_range")
+    plan = for_tune_run(table, summary)  # by the current rules, from the run's rows
     composed = _composed(plan, summary.get("noise_floor"))
     rows = table[(table["config_id"] == best["config_id"]) & (table["status"] == "ok")]
     if rows.empty:

@@ -92,6 +92,26 @@ def range_plan(table: pd.DataFrame, weights: dict[int, float], floors: dict[int,
     }
 
 
+def for_tune_run(table: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The plan of a tune run against its pick, from its rows: the report and export compute it again, so a run
+    is read by the current rules. Only the last run's rows count (those since its baseline, the table's latest):
+    a resumed study spans runs, and runs disagree beyond one run's floor."""
+    from .report import noise_floor  # the report draws this plan too
+
+    best = summary.get("best")
+    if not best or table.empty:
+        return None
+    tp = int(table["tp"].iloc[0])
+    ok = table[table["status"] == "ok"]
+    baseline = ok[ok["is_baseline"].astype(bool) & (ok["tp"] == tp)]
+    if "measured_at" in table and len(baseline):
+        table = table[table["measured_at"].astype(str) >= baseline["measured_at"].astype(str).min()]
+    floors = noise_floor(table)
+    floors = floors[floors["tp"] == tp].set_index("num_tokens")["noise_floor"].to_dict()
+    weights = {int(n): float(w) for n, w in summary["weights"].items()}
+    return range_plan(table, weights, floors, tp, best["config_id"])
+
+
 def _fusions(row: pd.Series) -> set[str]:
     return set(str(row.get("active_passes") or "").split(",")) & set(FUSION_FLAGS)
 

@@ -231,6 +231,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
 def _tune_lines(run_dir: Path) -> list[str]:
     """A tune run's result and its study's figures."""
+    from .per_range import for_tune_run  # it reads the noise floor from here
+
     summary_path = run_dir / "tune.json"
     if not summary_path.exists():
         return []
@@ -249,7 +251,7 @@ def _tune_lines(run_dir: Path) -> list[str]:
                       "here):", "", "| trial | study's value | measured again | config |", "|---:|---:|---:|---|"]
         lines += [f"| {c['trial']} | {c['study_value']:.4f} | {c['expected_ratio']:.4f} | "
                   f"{' '.join(f'{k}={v}' for k, v in c['params'].items())} |" for c in summary["confirmed"]]
-    lines += _per_range_lines(summary.get("per_range"))
+    lines += _per_range_lines(for_tune_run(RunFolder(run_dir).table(), summary) or summary.get("per_range"))
     lines.append("")
     for figure in tune_figures(run_dir):
         lines += [f"![{figure.stem}]({figure.name})", ""]

@@ -44,6 +44,7 @@ from fusiontune.passes.fusions import THRESHOLDS
 
 from .groups import GroupPool, groups_to_use
 from .launcher import Recorder, device_for, init_ray, job_for
+from .per_range import for_tune_run
 from .results import RunFolder
 from .sweep import Plan, PlannedConfig, Skipped, SweepError, _show, expand, plan_config, target_platform
 from .tune import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
@@ -88,7 +89,6 @@ class Tuner:
         self.pruned: set[str] = set()  # effective configs a trial was pruned at
         self.started: set[str] = set()  # effective configs this run began to measure
         self.baseline_effective = ""
-        self.run_started = ""  # when this run's baseline was measured: its rows are this run's
         self.confirmed: list[dict[str, Any]] = []
 
     def study(self) -> optuna.Study:
@@ -153,7 +153,6 @@ class Tuner:
             self.baseline_effective = baseline.effective
             study.set_user_attr("baseline_ms", {str(k): v for k, v in self.baseline_ms.items()})
             study.set_user_attr("weights", {str(k): v for k, v in self.weights.items()})
-            self.run_started = min(str(r.get("measured_at", "")) for r in rows)
             self._trials(study, pool, to_run)
             self.confirmed = self._confirm(study, pool)
             if again is not None:
@@ -307,20 +306,9 @@ class Tuner:
                                "params": top["params"], "pass_config": trial_fields(self.spec, top["params"]),
                                "config_id": top["config_id"]}
         summary["noise_floor"] = self.noise_floor()
-        summary["per_range"] = self.per_range(summary["best"]["config_id"] if summary["best"] else None)
+        summary["per_range"] = for_tune_run(self.folder.table(), summary)
         (self.folder.path / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
-
-    def per_range(self, best_id: str | None) -> dict[str, Any] | None:
-        """Which fusions to run at each size (``per_range.range_plan``), against the study's best config."""
-        from .per_range import range_plan
-        from .report import noise_floor
-
-        table = self.folder.table()
-        if self.run_started and "measured_at" in table:  # one run's numbers only (a resumed study spans runs)
-            table = table[table["measured_at"].astype(str) >= self.run_started]
-        floors = noise_floor(table).set_index("num_tokens")["noise_floor"].to_dict()
-        return range_plan(table, self.weights, floors, self.spec.tp, best_id) if best_id else None
 
     def noise_floor(self) -> float | None:
         """The objective's noise floor: each size's floor (the report's) weighted as the objective weighs it."""
