@@ -19,16 +19,16 @@ from typing import Any
 
 import pandas as pd
 
-from fusiontune.passes.fusions import FUSION_FLAGS, MiB, PASSES_BY_FLAG
+from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG
 
 from .model import DTYPES
+from .report import _flag, _on, noise_floor
 from .tune import expected_ratio
 
 
 def _measured(table: pd.DataFrame, tp: int) -> pd.DataFrame:
     ok = table[(table["status"] == "ok") & (table["tp"] == tp)]
-    repeat = ok["baseline_repeat"].fillna(False).astype(bool) if "baseline_repeat" in ok else False
-    return ok[~repeat]
+    return ok[~_flag(ok, "baseline_repeat")]
 
 
 def best_single(table: pd.DataFrame, weights: dict[int, float], tp: int) -> tuple[str, float] | None:
@@ -74,8 +74,8 @@ def range_plan(table: pd.DataFrame, weights: dict[int, float], floors: dict[int,
     single_ms = {n: float(single.at[n, "latency_ms"]) for n in sizes}
     plan_ratio = expected_ratio(plan_ms, baseline, weights)
     single_ratio = expected_ratio(single_ms, baseline, weights)
-    active = {n: set(str(row.get("active_passes") or "").split(",")) for n, (row, _, _) in chosen.items()}
-    fields, notes = _as_pass_config(active, sizes, single.loc[sizes[0]], chosen)
+    active = {n: _fusions(row) for n, (row, _, _) in chosen.items()}
+    fields, notes = _as_pass_config(active, sizes, single.loc[sizes[0]])
     return {
         "single": {"config_id": single_id, "label": str(single.loc[sizes[0], "label"]), "expected_ratio": single_ratio},
         "expected_ratio": plan_ratio,
@@ -87,7 +87,7 @@ def range_plan(table: pd.DataFrame, weights: dict[int, float], floors: dict[int,
         "sizes": [{"num_tokens": int(n), "weight": float(weights[n]), "config_id": str(row["config_id"]),
                    "label": str(row["label"]), "latency_ms": float(row["latency_ms"]),
                    "speedup": float(baseline[n] / row["latency_ms"]), "departs": departs, "noise_floor": floor,
-                   "fusions": sorted(f for f in active[n] if f in FUSION_FLAGS)}
+                   "fusions": sorted(active[n])}
                   for n, (row, departs, floor) in chosen.items()],
     }
 
@@ -96,8 +96,6 @@ def for_tune_run(table: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]
     """The plan of a tune run against its pick, from its rows: the report and export compute it again, so a run
     is read by the current rules. Only the last run's rows count (those since its baseline, the table's latest):
     a resumed study spans runs, and runs disagree beyond one run's floor."""
-    from .report import noise_floor  # the report draws this plan too
-
     best = summary.get("best")
     if not best or table.empty:
         return None
@@ -116,12 +114,8 @@ def _fusions(row: pd.Series) -> set[str]:
     return set(str(row.get("active_passes") or "").split(",")) & set(FUSION_FLAGS)
 
 
-def _on(value: Any) -> bool:
-    return bool(value) if value is not None and not pd.isna(value) else False
-
-
-def _as_pass_config(active: dict[int, set[str]], sizes: list[int], single: pd.Series,
-                    chosen: dict) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def _as_pass_config(active: dict[int, set[str]], sizes: list[int],
+                    single: pd.Series) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """PassConfig fields that run, at every measured size, the plan's fusions; and what cannot be expressed."""
     fields: dict[str, Any] = {}
     notes: dict[str, list[str]] = {"inexpressible": [], "thresholds": []}
@@ -151,12 +145,8 @@ def _as_pass_config(active: dict[int, set[str]], sizes: list[int], single: pd.Se
                                           f"{spec.token_range} range: kept as in the best single config")
             continue
         bound = on[-1] if spec.token_range == "low" else on[0]
-        if threshold.name.endswith("_size_mb"):  # the all-reduced tensor of ``bound`` tokens
-            row = chosen[bound][0]
-            dtype_bytes = DTYPES[str(row["model_dtype"])].itemsize
-            value = bound * int(row["model_hidden_size"]) * dtype_bytes / MiB
-        else:
-            value = threshold.type(bound)
+        value = threshold.from_tokens(bound, int(single["model_hidden_size"]),
+                                      DTYPES[str(single["model_dtype"])].itemsize)
         if fields.get(threshold.name, value) != value:  # SP and AsyncTP share sp_min_token_num
             fields[flag] = _on(single.get(flag))
             notes["inexpressible"].append(f"{flag} pays from {bound} tokens, but {threshold.name} is already "

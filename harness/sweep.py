@@ -323,27 +323,24 @@ def plan_config(fields: dict[str, Any], label: str, tp: int, model: ModelConfig,
         resolved = resolve(PassConfig(**user), level, target)
     except (PassConfigError, ValidationError) as exc:
         return Skipped(label, tp, user, f"invalid PassConfig: {exc}")
-    values = _without_inert_defaults(dict(resolved.values), user, model, tp)
+    inert = _inert_defaults(resolved.values, user, model, tp)
+    values = {**resolved.values, **inert}
     reason = _why_not_runnable(values, model, tp)
     if reason:
         kind, why = reason
         return Skipped(label, tp, user, why) if kind == "skip" else why
     cid = config_id(tp, model, level, values)
     # the workers resolve these fields again: the inert defaults go with them as off, so they compile the plan
-    inert = {flag: False for flag, on in resolved.values.items() if on and not values[flag]}
     return PlannedConfig(cid, label, tp, {**user, **inert}, values, is_baseline)
 
 
-def _without_inert_defaults(values: dict[str, Any], user: dict[str, Any], model: ModelConfig,
-                            tp: int) -> dict[str, Any]:
+def _inert_defaults(values: dict[str, Any], user: dict[str, Any], model: ModelConfig, tp: int) -> dict[str, bool]:
     """Fusions the level switched on that have nothing to match in this model (norm + quant in a bf16 model, a
-    collective fusion at TP=1) are off: they would compile the same graph, yet count as enabled passes that never
+    collective fusion at TP=1), as off: they would compile the same graph, yet count as enabled passes that never
     fired. A fusion the user switched on stays, and makes the config a no-op (``_why_not_runnable``)."""
-    for flag, on in values.items():
-        spec = PASSES_BY_FLAG.get(flag)
-        if on and spec is not None and flag not in user and not spec.applicability(model.quant, tp, model)[0]:
-            values[flag] = False
-    return values
+    return {flag: False for flag, on in values.items()
+            if on and flag in PASSES_BY_FLAG and flag not in user
+            and not PASSES_BY_FLAG[flag].applicability(model.quant, tp, model)[0]}
 
 
 def _why_not_runnable(values: dict[str, Any], model: ModelConfig, tp: int) -> tuple[str, str] | None:

@@ -59,6 +59,11 @@ class _Stage:
     first_ms: dict[int, float]
 
 
+def _searched(params: dict[str, Any]) -> str:
+    """A trial's searched values, as config labels show them."""
+    return " ".join(f"{k}={_show(v)}" for k, v in params.items())
+
+
 def search_space(spec: TuneSpec) -> dict[str, CategoricalDistribution]:
     space = {flag: CategoricalDistribution([False, True]) for flag in spec.search.fusions}
     space.update({name: CategoricalDistribution(list(choices)) for name, choices in spec.search.thresholds.items()})
@@ -195,8 +200,7 @@ class Tuner:
     def _ask(self, study: optuna.Study, pool: GroupPool, first: int) -> None:
         trial = study.ask(self.space)
         fields = trial_fields(self.spec, trial.params)
-        searched = " ".join(f"{k}={_show(v)}" for k, v in trial.params.items())
-        planned = plan_config(fields, f"trial {trial.number}: {searched}", self.spec.tp, self.plan.model,
+        planned = plan_config(fields, f"trial {trial.number}: {_searched(trial.params)}", self.spec.tp, self.plan.model,
                               self.spec.optimization_level, self.platform)
         if isinstance(planned, (Skipped, str)):  # cannot run, or a no-op: tell Optuna and move on
             why = planned.reason if isinstance(planned, Skipped) else planned
@@ -229,11 +233,10 @@ class Tuner:
         sizes = [n for n in self.spec.num_tokens if self.weights.get(n, 0) > 0]
         queue = []
         for trial in picked.values():
-            planned = plan_config(trial_fields(self.spec, trial.params), "", self.spec.tp, self.plan.model,
-                                  self.spec.optimization_level, self.platform)
-            queue.append((trial, replace(planned, config_id=f"{planned.config_id}-confirm",
-                                         label=f"trial {trial.number}, measured again: "
-                                               + " ".join(f"{k}={_show(v)}" for k, v in trial.params.items()))))
+            planned = plan_config(trial_fields(self.spec, trial.params),
+                                  f"trial {trial.number}, measured again: {_searched(trial.params)}", self.spec.tp,
+                                  self.plan.model, self.spec.optimization_level, self.platform)
+            queue.append((trial, replace(planned, config_id=f"{planned.config_id}-confirm")))
         confirmed = []
         while queue or pool.pending():
             while queue and pool.has_room():

@@ -29,6 +29,19 @@ class Threshold:
     description: str
     default: ThresholdRule
 
+    @property
+    def is_size(self) -> bool:
+        """A tensor size in MB (the all-reduce bound) rather than a num_tokens."""
+        return self.name.endswith("_size_mb")
+
+    def as_tokens(self, value: float, hidden_size: int, dtype_bytes: int) -> int:
+        """The num_tokens this threshold's value stands for: as many as fit in it, for a size."""
+        return int(value * MiB // (hidden_size * dtype_bytes)) if self.is_size else int(value)
+
+    def from_tokens(self, tokens: int, hidden_size: int, dtype_bytes: int) -> float | int:
+        """The value that puts this threshold at ``tokens``: their tensor's size, for a size."""
+        return tokens * hidden_size * dtype_bytes / MiB if self.is_size else self.type(tokens)
+
 
 @dataclass(frozen=True)
 class PassSpec:
@@ -62,9 +75,7 @@ class PassSpec:
         value = values.get(threshold.name)
         if value is None:
             return None
-        if threshold.name.endswith("_size_mb"):  # a tensor size: as many tokens as fit in it
-            return int(value * MiB // (platform.hidden_size * platform.dtype_bytes))
-        return int(value)
+        return threshold.as_tokens(value, platform.hidden_size, platform.dtype_bytes)
 
     def range_text(self, values: dict, platform: Platform) -> str:
         bound = self.token_bound(values, platform)
