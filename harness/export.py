@@ -2,10 +2,11 @@
 
 A file is named by what it was tuned on, ``thresholds/<device>/tp<N>-hidden<H>-<quant>.json``. It holds the
 PassConfig that won (the study's best config, or its per-range plan where that gains beyond the noise floor and
-vLLM's thresholds can express it: ``per_range``), the evidence it won with (run, study, expected speedup, noise floor, per-size speedups), and
-the same PassConfig as vLLM takes it: a ``--compilation-config`` JSON and ``-O<level> -cc.pass_config.<field>=...``
-flags. Only PassConfig's fields go there, and they are vLLM's names. Explicit fields win over the level's defaults
-in vLLM as in fusiontune, so every fusion flag and every threshold in use is written out.
+vLLM's thresholds can express it: ``per_range``), the evidence it won with (run, study, expected speedup, noise
+floor, per-size speedups), and the same PassConfig as vLLM takes it: a ``--compilation-config`` JSON and
+``-O<level> -cc.pass_config.<field>=...`` flags. Only PassConfig's fields go there, and they are vLLM's names.
+Explicit fields win over the level's defaults in vLLM as in fusiontune, so every fusion flag and every threshold in
+use is written out.
 """
 
 from __future__ import annotations
