@@ -299,18 +299,21 @@ def passes_cmd(
 
 @app.command("bench-kernels")
 def bench_kernels(
-    hidden: list[int] = typer.Option([], "--hidden", help="Hidden sizes (repeatable) (default: 2880 4096 8192 14336)."),
-    tokens: list[int] = typer.Option([], "--tokens",
-                                     help="num_tokens values (repeatable) (default: 1 16 64 512 4096 16384)."),
-    op: list[str] = typer.Option([], "--op", help="Only these ops (repeatable), e.g. rms_norm->fp8-static."),
-    dtype: str = typer.Option("bfloat16", help="bfloat16 or float16."),
+    hidden: list[int] = typer.Option([], "--hidden", help="Hidden sizes (repeatable) (default: 2880 4096 8192 14336; "
+                                     "with --tp: 4096 8192)."),
+    tokens: list[int] = typer.Option([], "--tokens", help="num_tokens values (repeatable) (default: 1 16 64 512 4096 "
+                                     "16384; with --tp: 1 8 64 256 1024 4096 16384)."),
+    op: list[str] = typer.Option([], "--op", help="Only these ops (repeatable), e.g. rms_norm->fp8-static, or with "
+                                 "--tp allreduce+add+rms_norm."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 or float16 (the collective cases run bfloat16)."),
+    tp: int = typer.Option(1, "--tp", min=1, help="Above 1: the collective cases (fused all-reduce + norm, AsyncTP's "
+                           "GEMM + collective) on this many GPUs, one process each (default: 1, the row kernels)."),
     csv_path: Path = typer.Option(Path("bench-kernels.csv"), "--csv", help="Where the table goes as CSV."),
 ):
     """Time every row-wise kernel (fused and unfused) under CUDA graphs against its unfused chain, Inductor and
-    FlashInfer; print achieved GB/s as a fraction of the measured copy bandwidth. Needs a CUDA GPU."""
+    FlashInfer; print achieved GB/s as a fraction of the measured copy bandwidth. With --tp N, time the collective
+    fusions against NCCL and torch's symmetric-memory all-reduce and say where each stops paying. Needs CUDA GPUs."""
     import torch
-
-    from fusiontune.harness import bench_kernels as bench
 
     if not torch.cuda.is_available():
         console.print("[red]bench-kernels needs a CUDA GPU (none is visible here)[/red]")
@@ -318,13 +321,25 @@ def bench_kernels(
     if dtype not in ("bfloat16", "float16"):
         console.print(f"[red]--dtype must be bfloat16 or float16, got {dtype!r}[/red]")
         raise typer.Exit(2)
+    if tp > 1:
+        from fusiontune.harness import bench_collectives as bench
+    else:
+        from fusiontune.harness import bench_kernels as bench
     known = [case.name for case in bench.cases()]
     unknown = sorted(set(op) - set(known))
     if unknown:
-        console.print(f"[red]--op {', '.join(unknown)}: no such op; choose from {', '.join(known)}[/red]")
+        console.print(f"[red]--op {', '.join(unknown)}: no such op{' with --tp' if tp > 1 else ''}; choose from "
+                      f"{', '.join(known)}[/red]")
         raise typer.Exit(2)
-    bench.run(tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS, getattr(torch, dtype),
-              list(op) or None, csv_path, progress=console.print)
+    if tp > 1:
+        if torch.cuda.device_count() < tp:
+            console.print(f"[red]--tp {tp} needs {tp} GPUs; this machine shows {torch.cuda.device_count()}[/red]")
+            raise typer.Exit(2)
+        bench.run(tp, tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS, list(op) or None,
+                  csv_path)
+    else:
+        bench.run(tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS, getattr(torch, dtype),
+                  list(op) or None, csv_path, progress=console.print)
     console.print(f"table: {csv_path}")
 
 

@@ -29,6 +29,10 @@ from .worker import Job, RankResult, TPWorker
 
 # Never let NCCL, torch symmetric memory or NVSHMEM create NVLink multicast objects on shared hosts.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# Every GPU actor sees all GPUs of its node and selects the one Ray assigned it (worker.local_gpu_index): torch's
+# symmetric memory (the fused all-reduce, AsyncTP) maps the peers' memory by device, which fails when every rank
+# calls its GPU cuda:0. vLLM's Ray executor does the same.
+WORKER_ENV = {**SAFE_ENV, "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
 def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) -> None:
@@ -38,13 +42,13 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
     for key, value in SAFE_ENV.items():
         os.environ.setdefault(key, value)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": SAFE_ENV}, log_to_driver=False)
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
         return
     ray.init(
         num_cpus=max(os.cpu_count() or 1, min_cpus),
         include_dashboard=dashboard,
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": SAFE_ENV},
+        runtime_env={"env_vars": WORKER_ENV},
         log_to_driver=False,
         configure_logging=False,
     )
@@ -80,6 +84,7 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "compile_range": first.compile_range,
             "active_passes": ",".join(first.active),
             "timing": first.timing,
+            "allreduce_used": first.allreduce_used,
             **{column: (min if "clock" in column else max)(r.gpu.get(column, float("nan")) for r in ranks)
                for column in first.gpu},  # the slowest clock, the hottest and hungriest GPU of the group
         })
@@ -99,6 +104,7 @@ def base_row(plan: Plan, config: PlannedConfig, resolved: dict[str, Any]) -> dic
         "run": config.run,
         "tp": config.tp,
         "optimization_level": plan.spec.optimization_level,
+        **plan.spec.collectives.model_dump(),
         **{f"model_{k}": v for k, v in model.items()},
         **resolved,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -140,7 +146,7 @@ def job_for(plan: Plan, config: PlannedConfig, num_tokens: list[int] | None = No
                list(num_tokens or plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed,
                is_baseline=config.is_baseline, max_repeats=measure.max_repeats, settle=measure.settle,
                profile=measure.profile and not config.reference_only, reference_only=config.reference_only,
-               compile_cache=measure.compile_cache)
+               compile_cache=measure.compile_cache, collectives=plan.spec.collectives.model_dump())
 
 
 class Recorder:

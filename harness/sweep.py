@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fusiontune.kernels import symm_mem
 from fusiontune.passes.config import PassConfig, PassConfigError, resolve
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG
 from fusiontune.passes.platform import Platform
@@ -70,6 +71,18 @@ class MeasureSpec(_Strict):
     baseline_twice: bool = True  # measure all-off again after the rest: the noise floor
     runs: int = Field(1, ge=1)  # measure every config this many times (run k of all before run k + 1)
     compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs (match counts are kept too)
+
+
+class CollectivesSpec(_Strict):
+    """Which collective implementations the TP ranks run on GPUs (kernels/symm_mem.py). The unfused all-reduce
+    is the baseline every collective fusion is measured against: ``auto`` is the fastest correct one for each
+    size (torch's symmetric-memory one-shot / two-shot, NCCL above their bounds), as a serving engine runs it;
+    ``nccl`` everywhere gives NCCL's numbers, labelled by this column in every row."""
+
+    allreduce: Literal[symm_mem.ALLREDUCE_CHOICES] = "auto"  # type: ignore[valid-type]
+    # the fused all-reduce + add + RMSNorm (+ quant): fusiontune's one-kernel form (auto, fusiontune), or
+    # NCCL's all-reduce then the norm kernel (nccl)
+    allreduce_backend: Literal[symm_mem.ALLREDUCE_BACKEND_CHOICES] = "auto"  # type: ignore[valid-type]
 
 
 class ClusterSpec(_Strict):
@@ -123,6 +136,7 @@ class SweepSpec(_Strict):
     variants: Optional[list[Annotated[dict[str, Scalar], PassConfigFields]]] = Field(None, min_length=1)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    collectives: CollectivesSpec = Field(default_factory=CollectivesSpec)
 
     @field_validator("tp")
     @classmethod
@@ -261,9 +275,13 @@ def _show(value: Any) -> str:
     return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if isinstance(value, (bool, type(None))) else str(value)
 
 
-def config_id(tp: int, model: ModelConfig, level: int, resolved: dict[str, Any]) -> str:
-    payload = json.dumps({"tp": tp, "model": model.to_dict(), "level": level, **resolved}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:10]
+def config_id(tp: int, model: ModelConfig, level: int, resolved: dict[str, Any],
+              collectives: CollectivesSpec | None = None) -> str:
+    """A config's identity: what it compiles and, with TP > 1, which collective implementations it runs."""
+    fields = {"tp": tp, "model": model.to_dict(), "level": level, **resolved}
+    if tp > 1:
+        fields["collectives"] = (collectives or CollectivesSpec()).model_dump()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
@@ -288,7 +306,8 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
         for index, (fields, shown) in enumerate([(baseline_fields, []), *combos]):
             is_baseline = index == 0
             label = "all fusions off (baseline)" if is_baseline else _label(fields, shown)
-            planned = plan_config(fields, label, tp, model, spec.optimization_level, target, is_baseline)
+            planned = plan_config(fields, label, tp, model, spec.optimization_level, target, is_baseline,
+                                  spec.collectives)
             if isinstance(planned, Skipped):
                 plan.skipped.append(planned)
                 continue
@@ -312,7 +331,8 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
 
 
 def plan_config(fields: dict[str, Any], label: str, tp: int, model: ModelConfig, level: int, target: Platform,
-                is_baseline: bool = False) -> "PlannedConfig | Skipped | str":
+                is_baseline: bool = False,
+                collectives: CollectivesSpec | None = None) -> "PlannedConfig | Skipped | str":
     """One combination of user fields as a runnable config, or why not: ``Skipped`` (it cannot run: recorded), or
     the reason it is dropped (it would measure nothing: a no-op)."""
     user = {k: v for k, v in fields.items() if v is not None}
@@ -329,7 +349,7 @@ def plan_config(fields: dict[str, Any], label: str, tp: int, model: ModelConfig,
     if reason:
         kind, why = reason
         return Skipped(label, tp, user, why) if kind == "skip" else why
-    cid = config_id(tp, model, level, values)
+    cid = config_id(tp, model, level, values, collectives)
     # the workers resolve these fields again: the inert defaults go with them as off, so they compile the plan
     return PlannedConfig(cid, label, tp, {**user, **inert}, values, is_baseline)
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 INPUT_COPIES = 4  # inputs a captured graph rotates through
 WARM_MS = 200.0  # untimed replays first, at least this long
+MAX_WARM_REPLAYS = 20_000
 SPIN_CYCLES = 2_000_000  # the GPU's busy-wait before each timed replay (about 1 ms at H100 clocks)
 
 
@@ -59,12 +60,25 @@ class GraphTimer:
         self.graph.replay()
         torch.cuda.synchronize()
 
-    def warm(self, milliseconds: float = WARM_MS) -> None:
-        """Replay, untimed, until ``milliseconds`` have passed."""
+    def warm(self, milliseconds: float = WARM_MS, group=None) -> None:
+        """Replay, untimed, for ``milliseconds``. With a process group (a graph holding collectives) every rank
+        must replay as often as its peers, or one rank's extra replay waits forever for partners: the ranks time
+        one replay, agree on the largest count it implies, and replay exactly that many times."""
+        if group is None:
+            t0 = time.perf_counter()
+            while (time.perf_counter() - t0) * 1e3 < milliseconds:
+                self.graph.replay()
+                torch.cuda.synchronize()
+            return
         t0 = time.perf_counter()
-        while (time.perf_counter() - t0) * 1e3 < milliseconds:
+        self.graph.replay()
+        torch.cuda.synchronize()
+        once_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        count = torch.tensor([min(MAX_WARM_REPLAYS, math.ceil(milliseconds / once_ms))], device="cuda")
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+        for _ in range(int(count.item()) - 1):
             self.graph.replay()
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
 
     def sample(self, replays: int, barrier=None) -> list[float]:
         """Microseconds per call, one value per replay (``barrier``: a process group whose ranks start each
@@ -89,7 +103,7 @@ def time_per_call(fn: Callable, input_sets: list, replays: int = 30, barrier=Non
     kernel's graph replays in microseconds, so a short warm-up already runs it thousands of times)."""
     timer = GraphTimer(fn, input_sets)
     try:
-        timer.warm(warm_ms)
+        timer.warm(warm_ms, barrier)
         return timer.sample(replays, barrier)
     finally:
         del timer.graph
@@ -106,7 +120,7 @@ def time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor, war
             if group is not None:
                 dist.barrier(group=group)
             timer = GraphTimer(forward, copies)
-            timer.warm()
+            timer.warm(group=group)
         except Exception as exc:  # noqa: BLE001 - a forward that cannot be captured is still timed, and said so
             torch.cuda.synchronize()
             how = f"eager events (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]})"

@@ -22,8 +22,8 @@ from pydantic import Field, field_validator, model_validator
 
 from fusiontune.passes.fusions import FUSION_FLAGS, THRESHOLDS
 
-from .sweep import ClusterSpec, MeasureSpec, ModelSpec, NumTokens, PassConfigFields, Scalar, SweepError, SweepSpec, \
-    _Strict, parse_spec, read_file
+from .sweep import (ClusterSpec, CollectivesSpec, MeasureSpec, ModelSpec, NumTokens, PassConfigFields, Scalar,
+                    SweepError, SweepSpec, _Strict, parse_spec, read_file)
 
 
 class WorkloadSpec(_Strict):
@@ -88,6 +88,7 @@ class TuneSpec(_Strict):
     pass_config: Annotated[dict[str, Scalar], PassConfigFields] = Field(default_factory=dict)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    collectives: CollectivesSpec = Field(default_factory=CollectivesSpec)
     study: StudySpec = Field(default_factory=StudySpec)
 
     @model_validator(mode="after")
@@ -108,7 +109,7 @@ class TuneSpec(_Strict):
         """The sweep this tune measures in: same model, TP size, sizes, measurement and cluster."""
         return SweepSpec(name=self.name, model=self.model, tp=self.tp, num_tokens=self.num_tokens,
                          optimization_level=self.optimization_level, pass_config=dict(self.pass_config),
-                         measure=self.measure, cluster=self.cluster)
+                         measure=self.measure, cluster=self.cluster, collectives=self.collectives)
 
 
 def load_tune(path: str | Path) -> tuple[TuneSpec, str]:

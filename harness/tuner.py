@@ -201,7 +201,7 @@ class Tuner:
         trial = study.ask(self.space)
         fields = trial_fields(self.spec, trial.params)
         planned = plan_config(fields, f"trial {trial.number}: {_searched(trial.params)}", self.spec.tp, self.plan.model,
-                              self.spec.optimization_level, self.platform)
+                              self.spec.optimization_level, self.platform, collectives=self.spec.collectives)
         if isinstance(planned, (Skipped, str)):  # cannot run, or a no-op: tell Optuna and move on
             why = planned.reason if isinstance(planned, Skipped) else planned
             self._tell(study, trial, None, None, why, state=TrialState.FAIL)
@@ -235,7 +235,8 @@ class Tuner:
         for trial in picked.values():
             planned = plan_config(trial_fields(self.spec, trial.params),
                                   f"trial {trial.number}, measured again: {_searched(trial.params)}", self.spec.tp,
-                                  self.plan.model, self.spec.optimization_level, self.platform)
+                                  self.plan.model, self.spec.optimization_level, self.platform,
+                                  collectives=self.spec.collectives)
             queue.append((trial, replace(planned, config_id=f"{planned.config_id}-confirm")))
         confirmed = []
         while queue or pool.pending():

@@ -11,10 +11,13 @@ beside Inductor's cache (``MatchCounts``), and a cache hit reads them back.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
+import signal
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 
+from fusiontune.kernels import symm_mem
 from fusiontune.passes.config import resolve
 from fusiontune.passes.fusions import PASSES
 from fusiontune.passes.manager import PassManager
@@ -55,6 +59,7 @@ class Job:
     profile: bool = False  # a torch.profiler trace and per-kernel times per num_tokens
     reference_only: bool = False  # the all-off outputs for later comparisons; nothing timed (a resumed run)
     compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs
+    collectives: dict[str, str] = field(default_factory=dict)  # symm_mem.CollectiveSettings fields
 
     @property
     def repeat_rule(self) -> Repeats:
@@ -77,8 +82,25 @@ class RankResult:
     active: list[str] = field(default_factory=list)  # the passes that range compiled with
     timing: str = ""  # how the times were taken ("cuda-graph (...)", "eager events (...)", "wall clock")
     gpu: dict[str, float] = field(default_factory=dict)  # timing.gpu_state right after the timed repeats
+    allreduce_used: str = ""  # the all-reduce implementations that ran at this size (symm_mem.take_used)
     kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
     trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
+
+
+def local_gpu_index(rank: int) -> int:
+    """This rank's GPU among those the process sees. Under Ray the actor sees every GPU of its node
+    (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``, which torch's symmetric memory needs: each rank must know its
+    peers' devices) and takes the one Ray assigned it; where Ray did restrict the visible devices, that one is
+    index 0 of them. Outside Ray (torchrun, tests): LOCAL_RANK, else the rank, modulo the GPUs seen."""
+    try:
+        import ray
+    except ImportError:
+        ray = None
+    if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
+        assigned = str(ray.get_gpu_ids()[0])
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        return visible.index(assigned) if assigned in visible else int(assigned)
+    return int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
 
 
 def free_port() -> int:
@@ -91,8 +113,11 @@ class TPWorker:
     def __init__(self, rank: int, world_size: int, num_threads: int | None = None, device: str = "auto"):
         self.rank, self.world_size = rank, world_size
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        # Under Ray each GPU actor sees exactly its own GPU as device 0.
-        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        self.device = torch.device("cuda", local_gpu_index(rank)) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if hasattr(signal, "SIGUSR1"):  # `kill -USR1` prints every thread's stack to stderr: where a hung job waits
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.group_name: str | None = None
@@ -113,7 +138,9 @@ class TPWorker:
     def init_process_group(self, init_method: str) -> str:
         if self.world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+            device_id = self.device if self.device.type == "cuda" else None
+            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
+                                    device_id=device_id)
             self.group = dist.group.WORLD
             self.group_name = self.group.group_name
         return self.device_name()
@@ -163,12 +190,19 @@ class TPWorker:
         return "".join(self.log_lines)
 
     def log(self, message: str) -> None:
-        self.log_lines.append(f"{time.strftime('%H:%M:%S')} rank {self.rank}: {message}\n")
+        """A line of the job's log; also on stderr (Ray keeps it in the node's worker log even when the job hangs
+        and its log never comes back)."""
+        line = f"{time.strftime('%H:%M:%S')} rank {self.rank}: {message}\n"
+        self.log_lines.append(line)
+        print(line, end="", file=sys.stderr, flush=True)
 
     def run(self, job: Job) -> list[RankResult]:
         """Measure every num_tokens of ``job``. A failure to build or compile fails them all; a failure at one
         size (out of memory, a kernel error) fails that size only. Failures are returned, never raised."""
         self.log_lines = []
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the thread that runs this job may not be the one that set it
+        symm_mem.configure(symm_mem.CollectiveSettings(**job.collectives))
         self.log(f"job {job.config_id}: {job.pass_config or 'level defaults'} at O{job.optimization_level}, "
                  f"num_tokens {job.num_tokens}" + (" (reference outputs only)" if job.reference_only else ""))
         try:
@@ -239,6 +273,8 @@ class TPWorker:
         if num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it); size 1 alone
             torch._dynamo.mark_dynamic(x, 0)
         before, traced = manager.snapshot(), counters["stats"]["unique_graphs"]
+        symm_mem.take_used()  # forget what earlier sizes ran
+        self.log(f"num_tokens={num_tokens}: first call")
         t0 = time.perf_counter()
         out = compiled(x)
         result.compile_s = time.perf_counter() - t0
@@ -264,9 +300,11 @@ class TPWorker:
             result.max_abs_err = max_abs_error(out, reference)
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()))
         del out
+        self.log(f"num_tokens={num_tokens}: timing")
         result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
                                                       self.group)
         result.gpu = gpu_state(self.device)
+        result.allreduce_used = symm_mem.take_used()
         if job.profile:
             barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
             result.kernels, trace = profile_forward(lambda: compiled(x), self.device, barrier=barrier)

@@ -3,9 +3,9 @@
 ``all_reduce_fused_add_rms_norm[_quant_fp8_static](x, residual!, weight, eps, [scale,] group_name)``: x is a
 rank's partial sum (a row-parallel GEMM's output); the op all-reduces it over the TP group, adds it to the
 residual (updated in place) and returns the norm of the sum (quantised). The reference is the unfused chain, run
-eagerly (gloo on CPU, NCCL on GPU), so the rewrite is checked under gloo. On CUDA the op runs NCCL's all-reduce and
-then the fused norm kernel: one communication kernel that also normalises (FlashInfer's, or a one-shot all-reduce
-on symmetric memory) is not written yet, so on GPUs this op saves launches, not a pass over memory.
+eagerly (gloo on CPU, NCCL on GPU), so the rewrite is checked under gloo. On CUDA the op is one Triton kernel over
+symmetric memory that reduces, adds, normalises and quantises where the sum is formed (``triton_allreduce_norm``),
+at the sizes where it measured faster than the unfused pair (``symm_mem.fused_method``); the unfused pair at others.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ Keeping each collective a single named node (rather than c10d's functional pair 
 the collective fusions one thing to match, and runs the same under gloo (CPU) and NCCL (GPU). The process group is
 named by its ``group_name`` so the graph stays a pure function of strings and tensors. Every op splits and joins
 along dim 0 (tokens), in rank order.
+
+On CUDA the all-reduce is the one a serving engine runs at that size (``symm_mem``: torch's symmetric-memory
+one-shot or two-shot below their bounds, NCCL above, or as ``collectives.allreduce`` forces); elsewhere the
+process group's own (gloo).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from . import symm_mem
 from .library import define_op
 
 
@@ -30,10 +35,21 @@ def _as_bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduced(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """A new tensor: ``x`` summed over the named process group (eagerly, gloo or NCCL)."""
+    """A new tensor: ``x`` summed over the named process group by its backend (gloo or NCCL), eagerly."""
+    group = process_group(group_name)
     out = x.clone()
-    dist.all_reduce(out, group=process_group(group_name))
+    dist.all_reduce(out, group=group)
+    symm_mem.record(dist.get_backend(group))
     return out
+
+
+def all_reduced_cuda(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """``x`` summed over the group by the all-reduce ``symm_mem.allreduce_method`` picks for its size."""
+    method = symm_mem.allreduce_method(x.numel() * x.element_size(), group_size(group_name))
+    if method == "nccl":
+        return all_reduced(x, group_name)
+    symm_mem.record(f"symm-mem {method}")
+    return symm_mem.symm_mem_all_reduce(x, group_name, method)
 
 
 def reduce_scattered(x: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -84,6 +100,7 @@ def _fake_gathered(x, num_rows, group_name):
 
 all_reduce = define_op("all_reduce", "(Tensor x, str group_name) -> Tensor", all_reduced, _fake_same,
                        category="collective")
+all_reduce.register_kernel("cuda")(all_reduced_cuda)
 reduce_scatter = define_op("reduce_scatter", "(Tensor x, str group_name) -> Tensor", reduce_scattered,
                            _fake_rows_split, category="collective")
 all_gather = define_op("all_gather", "(Tensor x, SymInt num_rows, str group_name) -> Tensor", all_gathered,

@@ -13,11 +13,9 @@ collective, then cuBLASLt's FP8 GEMM): torch's ``fused_*_scaled_matmul`` need a 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from . import collectives
+from . import collectives, symm_mem
 from .collectives import all_gathered, reduce_scattered
 from .library import define_op
 from .linear import scaled_mm
@@ -65,20 +63,13 @@ all_gather_scaled_mm = define_op(
     category="fused gemm+collective")
 
 
-@functools.cache
-def _symmetric_memory_for(group_name: str) -> None:
-    from torch.distributed import _symmetric_memory
-
-    _symmetric_memory.enable_symm_mem_for_group(group_name)
-
-
 def _matmul_reduce_scatter_cuda(a, b, group_name):
-    _symmetric_memory_for(group_name)
+    symm_mem.ensure_group(group_name)
     return torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, group_name)
 
 
 def _all_gather_matmul_cuda(a_shard, b, num_rows, group_name):
-    _symmetric_memory_for(group_name)
+    symm_mem.ensure_group(group_name)
     _, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(a_shard, [b], 0, group_name, return_A=False)
     return out
 

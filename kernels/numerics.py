@@ -11,6 +11,10 @@ Rounding points, chosen to match vLLM's kernels:
   specialisations of one kernel (norm alone, norm + quant) differed in about one FP8 code per million on the H100
   (scripts/diag_fused_vs_unfused.py). Summed in fp64, any order rounds to the same fp32 mean.
 - Residual add rounds the sum to the input dtype before the norm reads it.
+- An all-reduce sums the ranks' partials in fp32, in rank order, and rounds once to their dtype
+  (``all_reduce_sum``): every rank then holds the same bits. That is what fusiontune's fused all-reduce kernel
+  and vLLM's custom all-reduce compute; NCCL's ring sums in the input dtype in an order of its own, which the
+  correctness tolerance covers.
 - SiLU is computed in fp32 and rounded to the input dtype before the multiply.
 - Rotary embedding is computed in fp32 (``x1 * cos - x2 * sin``: two rounded products, then the difference; a GPU
   kernel must not contract it into an FMA) and rounded to the input dtype once.
@@ -39,6 +43,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def residual_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return (x.float() + residual.float()).to(x.dtype)
+
+
+def all_reduce_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of every rank's partial tensor (a list in rank order), as fusiontune's all-reduce computes it."""
+    total = parts[0].float()
+    for part in parts[1:]:
+        total = total + part.float()
+    return total.to(parts[0].dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

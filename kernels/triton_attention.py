@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .numerics import FP8_DTYPE, FP8_MAX
-from .triton_rows import _fp8_codes, _reciprocal
+from .triton_rows import fp8_codes, reciprocal
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _store_output(out_at, o, row_mask, quant_scale_ptr, OUT_FP8: tl.constexpr, F
     """Rows already normalised and rounded to the activation dtype: stored as they are, or (the fused op) quantised
     with the static scale first."""
     if OUT_FP8:
-        o = _fp8_codes(o.to(tl.float32), _reciprocal(tl.load(quant_scale_ptr)), FP8_MAX_C)
+        o = fp8_codes(o.to(tl.float32), reciprocal(tl.load(quant_scale_ptr)), FP8_MAX_C)
     tl.store(out_at, o, mask=row_mask[:, None])
 
 

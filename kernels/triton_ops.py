@@ -1,18 +1,19 @@
 """CUDA implementations: every norm / activation / quant op, unfused and fused, dispatches to the one Triton row
-kernel on CUDA tensors, and the rotary embedding ops to the per-head kernel (the reference stays the CPU
-implementation)."""
+kernel on CUDA tensors, the rotary embedding ops to the per-head kernel, and the fused all-reduce + norm ops to
+the symmetric-memory kernel (the reference stays the CPU implementation)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import triton_attention, triton_heads
+from . import symm_mem, triton_attention, triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
 from .allreduce_norm import ALLREDUCE_NORM_QUANTS, allreduce_norm_name
-from .collectives import all_reduced
+from .collectives import all_reduced, all_reduced_cuda, group_size
 from .library import NAMESPACE
 from .norm_quant import rms_norm_quant_name
 from .quant import QUANT_SCHEMES, QuantScheme
+from .triton_allreduce_norm import allreduce_add_rms_norm
 from .triton_rows import INPUT_ADD_RESIDUAL, INPUT_PLAIN, INPUT_SILU_MUL, run_rows
 
 
@@ -22,6 +23,21 @@ def _quant_kwargs(scheme: QuantScheme, extras) -> dict:
     if scheme.name == "fp8-per-group":
         return {"quant": scheme.name, "group_size": extras[0]}
     return {"quant": scheme.name}
+
+
+def _allreduce_norm(x, residual, weight, eps, *rest, quant: str | None):
+    """The fused all-reduce + add + norm (+ quant): fusiontune's one-kernel form (one-shot) where
+    ``symm_mem.fused_method`` takes it, else an all-reduce (NCCL's with ``allreduce_backend: nccl``, the size's
+    best otherwise) and then the fused add + norm kernel."""
+    scale, group_name = (rest[0] if quant else None), rest[-1]
+    method = symm_mem.fused_method(x.numel() * x.element_size(), group_size(group_name), quant is not None)
+    if method != "unfused":
+        symm_mem.record(f"fusiontune {method}")
+        return allreduce_add_rms_norm(x, residual, weight, eps, scale, group_name, two_shot=False)
+    reduce = all_reduced if symm_mem.SETTINGS.allreduce_backend == "nccl" else all_reduced_cuda
+    symm_mem.record("all-reduce, then the norm kernel")
+    return run_rows(reduce(x, group_name), input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps,
+                    **({"quant": quant, "scale": scale} if quant else {}))
 
 
 def _register(name: str, kernel) -> None:
@@ -41,10 +57,8 @@ def _register_all() -> None:
             x, input_mode=INPUT_PLAIN, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
         _register(rms_norm_quant_name(scheme, True), lambda x, residual, weight, eps, *extras, s=scheme: run_rows(
             x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
-    for quant in ALLREDUCE_NORM_QUANTS:  # NCCL's all-reduce, then the fused norm kernel (see allreduce_norm)
-        _register(allreduce_norm_name(quant), lambda x, residual, weight, eps, *rest, q=quant: run_rows(
-            all_reduced(x, rest[-1]), input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps,
-            **({"quant": q, "scale": rest[0]} if q else {})))
+    for quant in ALLREDUCE_NORM_QUANTS:
+        _register(allreduce_norm_name(quant), lambda *args, q=quant: _allreduce_norm(*args, quant=q))
     _register("rotary_embedding", triton_heads.rotary_embedding)
     _register("qk_norm_rope", triton_heads.qk_norm_rope)
     _register("reshape_and_cache", triton_heads.reshape_and_cache)

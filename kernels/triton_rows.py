@@ -28,16 +28,26 @@ QUANT_CODES = {None: 0, "fp8-static": 1, "fp8-per-token": 2, "fp8-per-group": 3}
 
 
 @triton.jit
-def _reciprocal(scale):
+def reciprocal(scale):
     """IEEE 1 / scale (Triton's fp32 ``/`` is approximate), once per scale: elements then only multiply."""
     return tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
 
 
 @triton.jit
-def _fp8_codes(values, inv_scale, FP8_MAX_C: tl.constexpr):
+def fp8_codes(values, inv_scale, FP8_MAX_C: tl.constexpr):
     """FP8 e4m3 codes of fp32 ``values`` as ``numerics`` defines them: times the reciprocal scale, clamped to
     +-448, rounded to nearest even. Every Triton kernel that writes FP8 quantises here."""
     return tl.clamp(values * inv_scale, -FP8_MAX_C, FP8_MAX_C).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def rms_normalized(v, H, eps):
+    """A row's values over their root mean square, in the row's dtype (before the weight multiply). Squares are
+    summed in fp64 and the mean rounded to fp32 once: the result does not depend on the summation order, which
+    Triton derives from each specialisation's layout (see numerics.rms_norm). Masked columns must be zeros."""
+    vd = v.to(tl.float64)
+    variance = (tl.sum(vd * vd, axis=0) / H).to(tl.float32)
+    return (v.to(tl.float32) * tl.rsqrt(variance + eps)).to(v.dtype)
 
 
 @triton.jit
@@ -76,12 +86,7 @@ def _row_kernel(
             tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
     dtype = v.dtype
     if NORM:
-        vf = v.to(tl.float32)
-        # Squares summed in fp64, the mean rounded to fp32 once: the result does not depend on the summation
-        # order, which Triton derives from each specialisation's layout (see numerics.rms_norm).
-        vd = v.to(tl.float64)
-        variance = (tl.sum(vd * vd, axis=0) / H).to(tl.float32)
-        normed = (vf * tl.rsqrt(variance + eps)).to(dtype)
+        normed = rms_normalized(v, H, eps)
         if not PREFETCH:  # many rows: holding the weight through the reduction costs occupancy (up to 20%)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
@@ -97,7 +102,7 @@ def _row_kernel(
             amax = tl.max(tl.where(mask, tl.abs(vf), 0.0), axis=0)
             scale = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
             tl.store(scales_ptr + row * scales_row_stride, scale)
-        tl.store(out_row + offs, _fp8_codes(vf, _reciprocal(scale), FP8_MAX_C), mask=mask)
+        tl.store(out_row + offs, fp8_codes(vf, reciprocal(scale), FP8_MAX_C), mask=mask)
     else:  # per token-group of GROUP: one scale per group, stored where the scales tensor's strides say
         NUM_GROUPS: tl.constexpr = BLOCK // GROUP
         vg = tl.reshape(v.to(tl.float32), (NUM_GROUPS, GROUP))
@@ -107,7 +112,7 @@ def _row_kernel(
         groups = tile * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
         scales_at = scales_ptr + row * scales_row_stride + groups * scales_group_stride
         tl.store(scales_at, scales, mask=groups < H // GROUP)
-        q = tl.reshape(_fp8_codes(vg, _reciprocal(scales)[:, None], FP8_MAX_C), (BLOCK,))
+        q = tl.reshape(fp8_codes(vg, reciprocal(scales)[:, None], FP8_MAX_C), (BLOCK,))
         tl.store(out_row + offs, q, mask=mask)
 
 

@@ -211,24 +211,6 @@ PASSES: tuple[PassSpec, ...] = (
         quant_schemes=("fp8-static", "fp8-per-group"),
     ),
     PassSpec(
-        flag="fuse_allreduce_rms",
-        title="AllReduce + RMSNorm",
-        fuses="All-reduce -> RMSNorm (+residual add) (-> FP8 static quant)",
-        token_range="low",
-        default=from_level(2, allreduce_rms_condition),
-        thresholds=(
-            Threshold(
-                "fi_allreduce_fusion_max_size_mb",
-                float,
-                "largest all-reduced tensor (MB) that takes the fused kernel",
-                fi_allreduce_max_size,
-            ),
-        ),
-        needs_tp=True,
-        implementation="allreduce_rms:AllReduceRMSFusionPass",
-        quant_schemes=("none", "fp8-static"),
-    ),
-    PassSpec(
         flag="fuse_attn_quant",
         title="Attention + Quant",
         fuses="Attention output -> FP8 static quant",
@@ -290,6 +272,26 @@ PASSES: tuple[PassSpec, ...] = (
         needs_tp=True,
         splits_tokens=True,
         implementation="gemm_comms:GemmCommsFusionPass",
+    ),
+    # After SP and AsyncTP, as vLLM orders them: where both apply, sequence parallelism takes the all-reduces
+    # (ranges.compile_ranges switches this pass off there, so a range never counts it as enabled and unfired).
+    PassSpec(
+        flag="fuse_allreduce_rms",
+        title="AllReduce + RMSNorm",
+        fuses="All-reduce -> RMSNorm (+residual add) (-> FP8 static quant)",
+        token_range="low",
+        default=from_level(2, allreduce_rms_condition),
+        thresholds=(
+            Threshold(
+                "fi_allreduce_fusion_max_size_mb",
+                float,
+                "largest all-reduced tensor (MB) that takes the fused kernel",
+                fi_allreduce_max_size,
+            ),
+        ),
+        needs_tp=True,
+        implementation="allreduce_rms:AllReduceRMSFusionPass",
+        quant_schemes=("none", "fp8-static"),
     ),
     PassSpec(
         flag="fuse_act_padding",

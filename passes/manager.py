@@ -3,6 +3,13 @@ order ``fusions.PASSES`` declares and counts matches per pass.
 
 Inductor folds ``uuid()`` into its cache key. Ours hashes the resolved config and the source of every pass module,
 so a graph compiled under other passes (or an older version of a pass) is never served from the cache.
+
+Every fusiontune op is registered with Inductor as an explicit fallback (``register_fallbacks``) before the first
+compile. Without that, Inductor creates an implicit fallback at the op's first use and logs the op with its inputs;
+torch 2.11 formats that line eagerly, stringifying each input's whole IR provenance, and for an op at the end of a
+large graph (the final all-reduce + norm of an 8-layer Llama-3.1-8B shape) that ran for minutes before it was
+killed (2 and 4 x H200, 2026-11-28; the stack dump showed ``ir.py __str__`` nested to the graph's depth). torch
+2.13 formats it lazily. vLLM patches the same path for its own ops.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from pathlib import Path
 
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from fusiontune.kernels.library import CATEGORIES, overload
 
 from .config import ResolvedPassConfig
 from .fusions import PASSES, PassSpec
@@ -37,8 +46,31 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
+_FALLBACKS_REGISTERED = False
+
+
+def register_fallbacks() -> None:
+    """Every fusiontune op as an explicit Inductor fallback, with the layout constraint the implicit fallback would
+    give it (see the module doc), once per process."""
+    global _FALLBACKS_REGISTERED
+    if _FALLBACKS_REGISTERED:
+        return
+    from torch._inductor import lowering
+
+    for name in CATEGORIES:
+        op = overload(name)
+        if op in lowering.lowerings:
+            continue
+        constraint = None
+        if hasattr(lowering, "get_layout_constraint_tag") and hasattr(lowering, "tag_to_layout_constraint"):
+            constraint = lowering.tag_to_layout_constraint(lowering.get_layout_constraint_tag(op, with_default=True))
+        lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+    _FALLBACKS_REGISTERED = True
+
+
 class PassManager(CustomGraphPass):
     def __init__(self, config: ResolvedPassConfig):
+        register_fallbacks()
         self.config = config
         self.passes = [(spec.flag, load_pass(spec, config)) for spec in PASSES if config.values[spec.flag]]
         self.matches: Counter[str] = Counter({spec.flag: 0 for spec in PASSES})

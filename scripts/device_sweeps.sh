@@ -3,6 +3,7 @@
 # file: tune-*.yaml) into results/<name>, resuming what an earlier call left there (carry results/<name> back in),
 # within BUDGET seconds in all (default 540): a run stopped at the budget keeps every config it finished. Each run
 # folder comes back as $OUT/<name>.tar.gz without its traces (8 files come back at most; traces stay out of git).
+# CONFIG_TIMEOUT (seconds) caps one config of a sweep (fusiontune run --config-timeout).
 # Usage there:  BUDGET=540 bash scripts/device_sweeps.sh sweeps/A.yaml sweeps/tune-B.yaml ...
 source "$(dirname "$0")/device_setup.sh"
 budget=${BUDGET:-540}
@@ -13,7 +14,7 @@ for file in "$@"; do
   echo "== $name: ${left}s left"
   case "$(basename "$file")" in
     tune-*) cmd=(fusiontune tune "$file" --out "results/$name") ;;
-    *) cmd=(fusiontune run "$file" --out "results/$name" --resume) ;;
+    *) cmd=(fusiontune run "$file" --out "results/$name" --resume ${CONFIG_TIMEOUT:+--config-timeout "$CONFIG_TIMEOUT"}) ;;
   esac
   timeout -s INT -k 20 "$left" "${cmd[@]}" 2>&1 | grep -v "^[│┃┏┡└]"
   [ -d "results/$name" ] && fusiontune report "results/$name" >/dev/null 2>&1

@@ -45,3 +45,29 @@ def test_a_size_that_does_not_split_over_tp_runs_its_range_without_sp():
     assert not {"enable_sp", "fuse_gemm_comms"} & set(odd.active) and "fuse_norm_quant" in odd.active
     assert odd.config.reasons["enable_sp"] == "num_tokens=4097 does not split over TP=4"
     assert range_for(ranges, 7, tp_size=4) is ranges[0]  # no SP in the low range: nothing to switch off
+
+
+def test_sequence_parallelism_takes_the_allreduces_where_both_apply():
+    """vLLM runs SP before the all-reduce fusion: in a range where both apply SP rewrites every all-reduce, so the
+    range compiles without the all-reduce fusion (not counted as an enabled pass that never fired). A size there
+    that does not split over TP runs without SP, and with the all-reduce fusion back."""
+    config = resolve({"fuse_allreduce_rms": True, "fi_allreduce_fusion_max_size_mb": 64, "enable_sp": True,
+                      "sp_min_token_num": 1024}, 2, HOPPER_TP4)
+    ranges = compile_ranges(config)  # 64 MB of 8192 bf16 = 4096 tokens
+    low, both, high = ranges
+    assert [r.label for r in ranges] == ["1-1023", "1024-4096", ">=4097"]
+    assert "fuse_allreduce_rms" in low.active and "enable_sp" not in low.active
+    assert "enable_sp" in both.active and "fuse_allreduce_rms" not in both.active
+    assert "enable_sp takes its matches" in both.config.reasons["fuse_allreduce_rms"]
+    assert "outside its num_tokens range" in high.config.reasons["fuse_allreduce_rms"]
+    odd = range_for(ranges, 1026, tp_size=4)
+    assert "fuse_allreduce_rms" in odd.active and "enable_sp" not in odd.active
+    assert odd.config.reasons["enable_sp"] == "num_tokens=1026 does not split over TP=4"
+
+
+def test_the_pass_manager_runs_sp_and_asynctp_before_the_allreduce_fusion():
+    from fusiontune.passes.fusions import PASSES
+
+    order = [spec.flag for spec in PASSES]
+    assert order.index("enable_sp") < order.index("fuse_gemm_comms") < order.index("fuse_allreduce_rms")
+    assert order.index("fuse_norm_quant") < order.index("enable_sp")  # both match the fused norm + quant op

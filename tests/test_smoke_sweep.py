@@ -45,8 +45,12 @@ def test_every_config_ran_fused_and_agreed_with_all_off(smoke_run):
             <= 2 * 0.005 * table.loc[table["settled"], "latency_ms"]).all()
     again = table[table["baseline_repeat"]]
     assert len(again) == 6 and (again["max_abs_err"] == 0).all()  # the same forward twice: bit-identical
-    for column in ("fuse_allreduce_rms", "sp_min_token_num", "fi_allreduce_fusion_max_size_mb", "error"):
+    for column in ("fuse_allreduce_rms", "sp_min_token_num", "fi_allreduce_fusion_max_size_mb", "error", "allreduce",
+                   "allreduce_backend"):
         assert column in table
+    # what ran: gloo's all-reduce at TP=2, no collective at TP=1
+    assert set(table.loc[table["tp"] == 2, "allreduce_used"]) == {"gloo"}
+    assert set(table.loc[table["tp"] == 1, "allreduce_used"]) == {""}
     assert "TP=2 fuse_norm_quant=on fuse_act_quant=on: ok" in log
 
 

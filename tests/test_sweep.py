@@ -106,6 +106,27 @@ def test_every_fusion_has_a_pass_that_loads():
     assert [flag for flag, _ in manager.passes] == [spec.flag for spec in PASSES]
 
 
+def test_every_fusiontune_op_is_an_explicit_inductor_fallback_once_a_manager_exists():
+    """So Inductor never takes its implicit-fallback path, whose log line torch 2.11 formats eagerly (minutes for
+    an op at the end of a large graph: passes/manager.py). In a fresh process: compiles elsewhere in the suite
+    register implicit fallbacks too."""
+    import subprocess
+    import sys
+
+    script = (
+        "from torch._inductor import lowering\n"
+        "from fusiontune.kernels.library import CATEGORIES, overload\n"
+        "from fusiontune.passes.config import resolve\n"
+        "from fusiontune.passes.manager import PassManager\n"
+        "from fusiontune.passes.platform import Platform\n"
+        "PassManager(resolve({}, 0, Platform()))\n"
+        "print(sorted(n for n in CATEGORIES if overload(n) not in lowering.lowerings))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -119,6 +140,9 @@ def test_every_fusion_has_a_pass_that_loads():
         ({"measure": {"repeats": 0}}, "measure.repeats: Input should be greater than or equal to 1"),
         ({"name": "../escape"}, "name: String should match pattern"),
         ({"colour": "red"}, "colour: unknown key; allowed keys here: name, model, tp"),
+        ({"collectives": {"allreduce": "mpi"}}, "collectives.allreduce: Input should be 'auto', 'symm-mem' or 'nccl'"),
+        ({"collectives": {"backend": "nccl"}}, "collectives.backend: unknown key; allowed keys here: allreduce, "
+                                               "allreduce_backend"),
     ],
 )
 def test_validation_errors_name_the_key_and_the_allowed_values(change, message):
@@ -214,3 +238,26 @@ def test_the_issue_8_sweeps_plan_every_collective_fusion_at_tp_2_4_8_on_an_h200_
             assert len(configs) == 6, (name, tp)  # all-off, 4 variants, all-off again
             everything = configs[-2].resolved
             assert everything["fuse_allreduce_rms"] and everything["enable_sp"] and everything["fuse_gemm_comms"]
+
+
+def test_the_collective_implementations_are_part_of_a_tp_config_but_not_of_tp_1():
+    """Two runs with another all-reduce measured other things at TP > 1 (compare must not match them); at TP=1 there
+    is no collective, and the single-GPU results keep their ids."""
+    ids = {}
+    for allreduce in ("auto", "nccl"):
+        plan = expand(parse_sweep(sweep(tp=[1, 2], collectives={"allreduce": allreduce})))
+        ids[allreduce] = {c.tp: c.config_id for c in plan.configs if c.is_baseline}
+    assert ids["auto"][1] == ids["nccl"][1] and ids["auto"][2] != ids["nccl"][2]
+
+
+def test_the_collectives_check_sweep_plans_the_fused_allreduce_and_asynctp_at_tp_2_and_4():
+    spec, _ = load_sweep("sweeps/gpu-check-collectives.yaml")
+    plan = expand(spec, Platform(vendor="cuda", capability=90))
+    assert not plan.skipped and not plan.dropped
+    for tp in (2, 4):
+        labels = [c.label for c in plan.configs_for(tp)]
+        assert labels[0] == "all fusions off (baseline)" and labels[-1].endswith(", again") and len(labels) == 5
+        fused = [c.resolved for c in plan.configs_for(tp)[1:4]]
+        assert [r["fuse_allreduce_rms"] for r in fused] == [False, True, False]
+        assert [r["fuse_gemm_comms"] for r in fused] == [False, False, True] and fused[2]["enable_sp"]
+        assert all(r["fuse_norm_quant"] and r["fuse_act_quant"] for r in fused)

@@ -1,0 +1,222 @@
+"""The fused all-reduce + add + RMSNorm (+ FP8 static quant) kernel against ``numerics``' unfused chain.
+
+On CPU the kernel runs in Triton's interpreter, one process holding every simulated rank's workspace: each phase
+(copy, reduce, gather) runs for every rank in turn, which is the order the meetings enforce on GPUs (the meetings
+themselves need several GPUs). Ranks 2 to 8, one-shot and two-shot, odd row counts and hidden sizes (rows that do
+not split evenly over the ranks, a hidden size that is no power of two), outputs poisoned before the run. The
+result must equal ``numerics`` bit for bit except for what test_triton_kernels.py names (the rsqrt last bit on a
+GPU; the interpreter's e4m3 dropped carry on CPU, where inputs are fp32 because its bf16 cast truncates), and
+every rank must hold the same bits.
+
+With two or more GPUs the real thing runs: one process per GPU, NCCL, the workspaces in torch's symmetric
+memory, the meetings included; also under CUDA graph capture and replay, and the unfused symmetric-memory
+all-reduces and AsyncTP's fused ops against their decompositions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fusiontune.kernels import numerics  # noqa: E402
+from fusiontune.kernels.triton_allreduce_norm import (  # noqa: E402
+    PHASE_COPY, PHASE_GATHER, PHASE_REDUCE, launch, workspace_bytes)
+from test_triton_kernels import assert_codes, assert_values, poisoned  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+EPS = 1e-6
+GPUS = torch.cuda.device_count() if ON_GPU else 0
+
+
+def chain(parts, residual, weight, scale):
+    """The unfused chain: all-reduce, residual add, RMSNorm, quant (the new residual and the output)."""
+    new_residual = numerics.residual_add(numerics.all_reduce_sum(parts), residual)
+    out = numerics.rms_norm(new_residual, weight, EPS)
+    return new_residual, numerics.quant_fp8_static(out, scale) if scale is not None else out
+
+
+def check_output(got, want):
+    if want.dtype == numerics.FP8_DTYPE:
+        assert_codes(got, want)
+    else:
+        assert_values(got, want)
+
+
+def make_inputs(world, rows, hidden, quant, seed, device=DEVICE, dtype=DTYPE):
+    g = torch.Generator(device=device).manual_seed(seed)
+    parts = [torch.randn(rows, hidden, generator=g, device=device).to(dtype) for _ in range(world)]
+    residual = torch.randn(rows, hidden, generator=g, device=device).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g, device=device)).to(dtype)
+    scale = torch.tensor([0.05], device=device) if quant else None
+    return parts, residual, weight, scale
+
+
+@pytest.mark.parametrize("world,rows,hidden", [(2, 1, 2880), (2, 7, 256), (3, 10, 200), (4, 3, 64), (4, 65, 128),
+                                               (8, 9, 96)])
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+@pytest.mark.parametrize("quant", [False, True], ids=["norm", "fp8-static"])
+def test_simulated_ranks_match_the_unfused_chain(world, rows, hidden, two_shot, quant):
+    parts, residual, weight, scale = make_inputs(world, rows, hidden, quant, seed=world * 1000 + rows * 10 + hidden)
+    nbytes = workspace_bytes(rows, hidden, DTYPE, quant, two_shot)
+    workspaces = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
+    table = torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
+    residuals = [residual.clone() for _ in range(world)]
+    outs = [poisoned((rows, hidden), numerics.FP8_DTYPE if quant else DTYPE) for _ in range(world)]
+    for phase in range(PHASE_COPY, (PHASE_GATHER if two_shot else PHASE_REDUCE) + 1):
+        for rank in range(world):
+            launch(parts[rank], residuals[rank], weight, EPS, scale, outs[rank], table, None, rank, world, two_shot,
+                   phases=(phase, phase), sync=False)
+    want_residual, want = chain(parts, residual, weight, scale)
+    for rank in range(world):
+        assert torch.equal(residuals[rank], want_residual), f"rank {rank}: residual differs"
+        check_output(outs[rank], want)
+        assert torch.equal(outs[rank].view(torch.uint8), outs[0].view(torch.uint8)), f"rank {rank} differs from 0"
+
+
+def test_two_shot_writes_only_its_rows_before_the_gather():
+    """After the reduce phase a rank has its own rows and nothing else: the gather is what brings the others."""
+    world, rows, hidden = 2, 4, 64
+    parts, residual, weight, _ = make_inputs(world, rows, hidden, False, seed=5)
+    workspaces = [torch.zeros(workspace_bytes(rows, hidden, DTYPE, False, True), dtype=torch.uint8, device=DEVICE)
+                  for _ in range(world)]
+    table = torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
+    outs = [poisoned((rows, hidden), DTYPE) for _ in range(world)]
+    residuals = [residual.clone() for _ in range(world)]
+    for phase in (PHASE_COPY, PHASE_REDUCE):
+        for rank in range(world):
+            launch(parts[rank], residuals[rank], weight, EPS, None, outs[rank], table, None, rank, world, True,
+                   phases=(phase, phase), sync=False)
+    assert torch.isfinite(outs[0][:2]).all() and torch.isnan(outs[0][2:]).all()
+    assert torch.isnan(outs[1][:2]).all() and torch.isfinite(outs[1][2:]).all()
+
+
+# -- several GPUs: the kernel with its meetings, in torch's symmetric memory ----------------------------------------
+
+GPU_ROWS = [1, 5, 64, 300, 2049]
+GPU_HIDDEN = [4096, 2880]
+
+
+def _gpu_rank(rank, world, port, queue):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device)
+    from fusiontune.kernels import symm_mem
+    from fusiontune.kernels.collectives import all_reduced_cuda
+    from fusiontune.kernels.triton_allreduce_norm import allreduce_add_rms_norm
+
+    group = dist.group.WORLD.group_name
+    failures = []
+
+    def expect(condition, what):
+        if not condition:
+            failures.append(f"rank {rank}: {what}")
+
+    def same_on_every_rank(t):
+        gathered = [torch.empty_like(t.view(torch.uint8)) for _ in range(world)]
+        dist.all_gather(gathered, t.contiguous().view(torch.uint8))
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    try:
+        for rows in GPU_ROWS:
+            for hidden in GPU_HIDDEN:
+                for quant in (False, True):
+                    for two_shot in (False, True):
+                        parts, residual, weight, scale = make_inputs(world, rows, hidden, quant,
+                                                                     seed=rows * 7 + hidden, device=device)
+                        want_residual, want = chain(parts, residual, weight, scale)
+                        mine = residual.clone()
+                        got = allreduce_add_rms_norm(parts[rank], mine, weight, EPS, scale, group, two_shot)
+                        case = f"rows={rows} H={hidden} quant={quant} two_shot={two_shot}"
+                        try:
+                            check_output(got, want)
+                            expect(torch.equal(mine, want_residual), f"{case}: residual differs")
+                        except AssertionError as exc:
+                            failures.append(f"rank {rank}: {case}: {exc}")
+                        expect(same_on_every_rank(got) and same_on_every_rank(mine), f"{case}: ranks differ")
+        # the op as the model calls it, captured in a CUDA graph with 3 calls and replayed twice
+        for quant in (False, True):
+            sets = [make_inputs(world, 33, 4096, quant, seed=100 + k, device=device) for k in range(3)]
+            residuals = [s[1].clone() for s in sets]
+            op = torch.ops.fusiontune.all_reduce_fused_add_rms_norm_quant_fp8_static if quant else \
+                torch.ops.fusiontune.all_reduce_fused_add_rms_norm
+            call = (lambda k: op(sets[k][0][rank], residuals[k], sets[k][2], EPS, sets[k][3], group)) if quant else \
+                (lambda k: op(sets[k][0][rank], residuals[k], sets[k][2], EPS, group))
+            for k in range(3):  # eager once: the workspace is made outside capture
+                call(k)
+            graph, outs = torch.cuda.CUDAGraph(), []
+            with torch.cuda.graph(graph):
+                outs = [call(k) for k in range(3)]
+            for replay in range(2):
+                for k in range(3):
+                    residuals[k].copy_(sets[k][1])
+                graph.replay()
+                torch.cuda.synchronize()
+                for k in range(3):
+                    want_residual, want = chain(sets[k][0], sets[k][1], sets[k][2], sets[k][3])
+                    try:
+                        check_output(outs[k], want)
+                    except AssertionError as exc:
+                        failures.append(f"rank {rank}: graph replay {replay} call {k} quant={quant}: {exc}")
+                    expect(torch.equal(residuals[k], want_residual), f"graph replay {replay} call {k}: residual")
+        # the unfused all-reduce each method gives: the sum within an ulp of the fp32 one
+        for method in ("one-shot", "two-shot", "nccl"):
+            symm_mem.configure(symm_mem.CollectiveSettings(allreduce="nccl" if method == "nccl" else "symm-mem"))
+            for rows in (1, 64, 4096):
+                parts, *_ = make_inputs(world, rows, 4096, False, seed=rows, device=device)
+                got = (all_reduced_cuda(parts[rank], group) if method == "nccl" else
+                       symm_mem.symm_mem_all_reduce(parts[rank], group, method))
+                want = numerics.all_reduce_sum(parts).float()
+                # a sum of world terms in bf16, in any order: within world roundings of the terms' magnitudes
+                bound = world * torch.finfo(torch.bfloat16).eps * sum(p.float().abs() for p in parts)
+                excess = ((got.float() - want).abs() - bound).max().item()
+                expect(excess <= 0, f"{method} rows={rows}: off the fp32 sum by {excess:.3g} past the bound")
+        symm_mem.configure(symm_mem.CollectiveSettings())
+        # AsyncTP's fused ops against their decompositions
+        ops = torch.ops.fusiontune
+        from fusiontune.kernels.collectives import all_gathered, reduce_scattered
+
+        for rows in (world * 4, world * 256):
+            g = torch.Generator(device=device).manual_seed(rows + rank)
+            a = torch.randn(rows // world, 512, generator=g, device=device).to(torch.bfloat16)
+            b = (torch.randn(512, 384, generator=g, device=device) / 22.6).to(torch.bfloat16)
+            fused, plain = ops.all_gather_matmul(a, b, rows, group), all_gathered(a, rows, group) @ b
+            relative = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
+            expect(relative < 1e-2, f"all_gather_matmul rows={rows}: relative error {relative:.2e}")
+            a2 = torch.randn(rows, 384, generator=g, device=device).to(torch.bfloat16)
+            b2 = (torch.randn(384, 512, generator=g, device=device) / 19.6).to(torch.bfloat16)
+            fused, plain = ops.matmul_reduce_scatter(a2, b2, group), reduce_scattered(a2 @ b2, group)
+            relative = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
+            expect(relative < 1e-2, f"matmul_reduce_scatter rows={rows}: relative error {relative:.2e}")
+    except Exception as exc:  # noqa: BLE001 - reported to the test, not lost in a child process
+        failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+    queue.put((rank, failures))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two or more CUDA GPUs")
+@pytest.mark.parametrize("world", sorted({2, GPUS}) if GPUS >= 2 else [2])
+def test_on_several_gpus(world):
+    import torch.multiprocessing as mp
+
+    from fusiontune.harness.worker import free_port
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_gpu_rank, args=(rank, world, port, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    failures = [f for rank in sorted(results) for f in results[rank]]
+    assert not failures, "\n".join(failures[:20])

@@ -1,0 +1,69 @@
+"""Which all-reduce runs at which size (kernels/symm_mem.py), and which GPU a TP rank takes (harness/worker.py):
+the choices that make the all-off baseline the one a serving engine runs, and let symmetric memory see peers."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from fusiontune.harness.worker import local_gpu_index
+from fusiontune.kernels import symm_mem
+from fusiontune.kernels.symm_mem import MiB, CollectiveSettings, allreduce_method, fused_method
+
+
+def test_auto_takes_one_shot_then_two_shot_then_nccl_by_size():
+    one, two = symm_mem.SYMM_MEM_ALLREDUCE_BOUNDS[2]
+    assert [allreduce_method(n, 2) for n in (8 * 1024, one, one + 2, two, two + 2)] == \
+        ["one-shot", "one-shot", "two-shot", "two-shot", "nccl"]
+    assert allreduce_method(64 * MiB, 16) == allreduce_method(64 * MiB, 8)  # a TP size not listed: the next below
+
+
+def test_forced_choices():
+    assert allreduce_method(1024, 4, CollectiveSettings(allreduce="nccl")) == "nccl"
+    forced = CollectiveSettings(allreduce="symm-mem")
+    assert allreduce_method(symm_mem.SYMM_MEM_ALLREDUCE_BOUNDS[4][1] * 2, 4, forced) == "two-shot"
+    assert allreduce_method(symm_mem.SYMM_MEM_MAX_BYTES * 2, 4, forced) == "nccl"  # beyond any workspace
+
+
+def test_the_fused_op_takes_its_kernel_where_it_measured_faster():
+    bound = symm_mem.FUSED_MAX_BYTES[4]
+    assert [fused_method(n, 4, quant=False) for n in (1024, bound["none"], bound["none"] + 2)] == \
+        ["one-shot", "one-shot", "unfused"]
+    assert fused_method(bound["fp8"] + 2, 4, quant=True) == "unfused"
+    forced = CollectiveSettings(allreduce_backend="fusiontune")
+    assert fused_method(symm_mem.SYMM_MEM_MAX_BYTES, 4, True, forced) == "one-shot"
+    assert fused_method(symm_mem.SYMM_MEM_MAX_BYTES + 2, 4, True, forced) == "unfused"  # beyond the workspace
+    assert fused_method(1024, 2, False, CollectiveSettings(allreduce_backend="nccl")) == "unfused"
+
+
+def test_a_bad_choice_names_the_field():
+    with pytest.raises(ValueError, match="collectives.allreduce_backend must be one of auto, fusiontune, nccl"):
+        CollectiveSettings(allreduce_backend="flashinfer")
+
+
+def test_used_implementations_are_taken_once():
+    symm_mem.take_used()
+    symm_mem.record("nccl")
+    symm_mem.record("fusiontune one-shot")
+    symm_mem.record("nccl")
+    assert symm_mem.take_used() == "fusiontune one-shot,nccl" and symm_mem.take_used() == ""
+
+
+@pytest.mark.parametrize("visible, expected", [("2,3", 1), ("", 3), ("3", 0)])
+def test_a_ray_rank_takes_the_gpu_ray_assigned_among_those_it_sees(monkeypatch, visible, expected):
+    """With every GPU visible (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES) the assigned id is the index; where
+    CUDA_VISIBLE_DEVICES lists GPUs, its position there."""
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True, get_gpu_ids=lambda: ["3"])
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert local_gpu_index(rank=0) == expected
+
+
+def test_ray_workers_see_every_gpu_and_never_multicast():
+    from fusiontune.harness.launcher import WORKER_ENV
+
+    assert WORKER_ENV["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
+    assert WORKER_ENV["NCCL_NVLS_ENABLE"] == "0" and WORKER_ENV["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert WORKER_ENV["NVSHMEM_DISABLE_NVLS"] == "1"
