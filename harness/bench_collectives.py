@@ -152,7 +152,7 @@ def _input_sets(tokens: int, hidden: int) -> int:
 
 def measure_rank(rank: int, world: int, port: int, hidden_sizes, num_tokens, names, csv_path: str | None) -> None:
     """One rank's part of the benchmark (every rank runs every case in the same order; rank 0 writes)."""
-    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+    os.environ.update(symm_mem.MULTICAST_OFF)
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

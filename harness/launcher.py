@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import ray
 
+from fusiontune.kernels.symm_mem import MULTICAST_OFF
 from fusiontune.passes.fusions import PASSES
 
 from .groups import GroupPool, Outcome, groups_to_use
@@ -27,19 +28,17 @@ from .sweep import Plan, PlannedConfig
 from .timing import combine_ranks, summarize
 from .worker import Job, RankResult, TPWorker
 
-# Never let NCCL, torch symmetric memory or NVSHMEM create NVLink multicast objects on shared hosts.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Every GPU actor sees all GPUs of its node and selects the one Ray assigned it (worker.local_gpu_index): torch's
 # symmetric memory (the fused all-reduce, AsyncTP) maps the peers' memory by device, which fails when every rank
 # calls its GPU cuda:0. vLLM's Ray executor does the same.
-WORKER_ENV = {**SAFE_ENV, "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+WORKER_ENV = {**MULTICAST_OFF, "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
 def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    for key, value in SAFE_ENV.items():
+    for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)

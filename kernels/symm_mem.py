@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 
 MiB = 1024 * 1024
+# NVLink multicast off in NCCL, torch's symmetric memory and NVSHMEM, in every process that runs collectives:
+# multicast objects can take a shared host's GPUs out of service.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 ALLREDUCE_CHOICES = ("auto", "symm-mem", "nccl")
 ALLREDUCE_BACKEND_CHOICES = ("auto", "fusiontune", "nccl")

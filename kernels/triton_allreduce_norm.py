@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import symm_mem
 from .numerics import FP8_DTYPE, FP8_MAX
 from .triton_rows import _warps, fp8_codes, reciprocal, rms_normalized
 
@@ -207,8 +208,6 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
 def allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                            scale: torch.Tensor | None, group_name: str, two_shot: bool) -> torch.Tensor:
     """The fused op on a CUDA process group: this rank's result, its residual updated in place."""
-    from . import symm_mem
-
     x = x.contiguous()
     num_rows, hidden = x.shape
     quant = scale is not None

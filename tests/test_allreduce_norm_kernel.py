@@ -105,12 +105,13 @@ def _gpu_rank(rank, world, port, queue):
 
     import torch.distributed as dist
 
-    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+    from fusiontune.kernels import symm_mem
+
+    os.environ.update(symm_mem.MULTICAST_OFF)
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=device)
-    from fusiontune.kernels import symm_mem
     from fusiontune.kernels.collectives import all_reduced_cuda
     from fusiontune.kernels.triton_allreduce_norm import allreduce_add_rms_norm
 
