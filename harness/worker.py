@@ -82,7 +82,7 @@ class RankResult:
     active: list[str] = field(default_factory=list)  # the passes that range compiled with
     timing: str = ""  # how the times were taken ("cuda-graph (...)", "eager events (...)", "wall clock")
     gpu: dict[str, float] = field(default_factory=dict)  # timing.gpu_state right after the timed repeats
-    allreduce_used: str = ""  # the all-reduce implementations that ran at this size (symm_mem.take_used)
+    allreduce_used: str = ""  # the collective implementations that ran at this size (symm_mem.take_used)
     kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
     trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
 
@@ -298,7 +298,8 @@ class TPWorker:
             result.error = "no baseline output to compare with (the all-off config failed at this size)"
         else:
             result.max_abs_err = max_abs_error(out, reference)
-            result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()))
+            result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()),
+                                         self.world_size)
         del out
         self.log(f"num_tokens={num_tokens}: timing")
         result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,

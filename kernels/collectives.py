@@ -64,6 +64,7 @@ def reduce_scattered(x: torch.Tensor, group_name: str) -> torch.Tensor:
         return all_reduced(x, group_name).chunk(tp)[dist.get_rank(group)].clone()
     out = x.new_empty((x.shape[0] // tp, *x.shape[1:]))
     dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    symm_mem.record(f"reduce-scatter {dist.get_backend(group)}")
     return out
 
 
@@ -73,7 +74,9 @@ def all_gathered(x: torch.Tensor, num_rows: int, group_name: str) -> torch.Tenso
     if x.shape[0] * tp != num_rows:
         raise ValueError(f"all_gather: {x.shape[0]} rows x TP={tp} != num_rows={num_rows}")
     out = x.new_empty((num_rows, *x.shape[1:]))
-    dist.all_gather_into_tensor(_as_bytes(out), _as_bytes(x.contiguous()), group=process_group(group_name))
+    group = process_group(group_name)
+    dist.all_gather_into_tensor(_as_bytes(out), _as_bytes(x.contiguous()), group=group)
+    symm_mem.record(f"all-gather {dist.get_backend(group)}")
     return out
 
 

@@ -65,11 +65,13 @@ all_gather_scaled_mm = define_op(
 
 def _matmul_reduce_scatter_cuda(a, b, group_name):
     symm_mem.ensure_group(group_name)
+    symm_mem.record("symm-mem matmul + reduce-scatter")
     return torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, group_name)
 
 
 def _all_gather_matmul_cuda(a_shard, b, num_rows, group_name):
     symm_mem.ensure_group(group_name)
+    symm_mem.record("symm-mem all-gather + matmul")
     _, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(a_shard, [b], 0, group_name, return_A=False)
     return out
 

@@ -38,14 +38,14 @@ SYMM_MEM_ALLREDUCE_BOUNDS: dict[int, tuple[int, int]] = {
     2: (1 * MiB, 64 * MiB),
     4: (512 * 1024, 32 * MiB),
 }
-# fusiontune's fused all-reduce + norm kernel (one-shot form), by TP size and output: the largest tensor it takes;
-# the unfused pair above, where it was not faster (same run): at TP=2 the bf16 form was 1.3-2.2x the best unfused
-# pair from 2 to 64 MB and within its spread below, the FP8 form paid up to 0.5 MB and lost from 8 MB; at TP=4 it
-# matched the pair up to 0.5 MB (FP8: 64 kB) and lost above. Its two-shot form was slower than the unfused pair
-# at every size, so ``auto`` never picks it (bench-kernels --tp still times it).
-FUSED_MAX_BYTES: dict[int, dict[str, int]] = {
-    2: {"none": 64 * MiB, "fp8": 512 * 1024},
-    4: {"none": 512 * 1024, "fp8": 64 * 1024},
+# fusiontune's fused all-reduce + norm kernel, by TP size and output ("none": the norm, "fp8": its FP8 codes): the
+# largest tensor its one-shot form takes, and the largest its two-shot form takes; the unfused pair above.
+# Measured with bench-kernels --tp on 2 and 4 x H200 (NVLink, 2026-11-28, docs/benchmarks.md): at TP=2 the kernel
+# was faster than the best unfused pair at every size to 64 MB (one-shot best for the norm, two-shot from 32 MB
+# for FP8); at TP=4 it was faster up to 0.5 MB and slower from 1 MB (either form).
+FUSED_BOUNDS: dict[int, dict[str, tuple[int, int]]] = {
+    2: {"none": (64 * MiB, 64 * MiB), "fp8": (16 * MiB, 64 * MiB)},
+    4: {"none": (512 * 1024, 512 * 1024), "fp8": (512 * 1024, 512 * 1024)},
 }
 # The largest tensor a symmetric-memory path takes (a fused workspace holds two halves of up to three of them).
 SYMM_MEM_MAX_BYTES = 64 * MiB
@@ -157,15 +157,18 @@ def allreduce_method(nbytes: int, world: int, settings: CollectiveSettings | Non
 
 
 def fused_method(nbytes: int, world: int, quant: bool, settings: CollectiveSettings | None = None) -> str:
-    """Which fused all-reduce + norm (``quant``: + FP8 quant) a tensor of ``nbytes`` takes: "one-shot"
-    (fusiontune's kernel, where it measured at least as fast), or "unfused" (the all-reduce op, then the norm
-    kernel). ``allreduce_backend: fusiontune`` takes the kernel up to the workspace bound."""
+    """Which fused all-reduce + norm (``quant``: + FP8 quant) a tensor of ``nbytes`` takes: "one-shot" or
+    "two-shot" (fusiontune's kernel, where that form measured fastest), or "unfused" (the all-reduce op, then the
+    norm kernel). ``allreduce_backend: fusiontune`` takes the kernel up to the workspace bound."""
     settings = settings or SETTINGS
     if settings.allreduce_backend == "nccl" or nbytes > SYMM_MEM_MAX_BYTES:
         return "unfused"
-    if settings.allreduce_backend == "fusiontune":
+    one_shot_max, two_shot_max = _by_tp(FUSED_BOUNDS, world)["fp8" if quant else "none"]
+    if nbytes <= one_shot_max:
         return "one-shot"
-    return "one-shot" if nbytes <= _by_tp(FUSED_MAX_BYTES, world)["fp8" if quant else "none"] else "unfused"
+    if settings.allreduce_backend == "fusiontune" or nbytes <= two_shot_max:
+        return "two-shot"
+    return "unfused"
 
 
 def symm_mem_all_reduce(x: torch.Tensor, group_name: str, method: str) -> torch.Tensor:

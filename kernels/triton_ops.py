@@ -26,14 +26,14 @@ def _quant_kwargs(scheme: QuantScheme, extras) -> dict:
 
 
 def _allreduce_norm(x, residual, weight, eps, *rest, quant: str | None):
-    """The fused all-reduce + add + norm (+ quant): fusiontune's one-kernel form (one-shot) where
+    """The fused all-reduce + add + norm (+ quant): fusiontune's kernel (one-shot or two-shot) where
     ``symm_mem.fused_method`` takes it, else an all-reduce (NCCL's with ``allreduce_backend: nccl``, the size's
     best otherwise) and then the fused add + norm kernel."""
     scale, group_name = (rest[0] if quant else None), rest[-1]
     method = symm_mem.fused_method(x.numel() * x.element_size(), group_size(group_name), quant is not None)
     if method != "unfused":
         symm_mem.record(f"fusiontune {method}")
-        return allreduce_add_rms_norm(x, residual, weight, eps, scale, group_name, two_shot=False)
+        return allreduce_add_rms_norm(x, residual, weight, eps, scale, group_name, two_shot=method == "two-shot")
     reduce = all_reduced if symm_mem.SETTINGS.allreduce_backend == "nccl" else all_reduced_cuda
     symm_mem.record("all-reduce, then the norm kernel")
     return run_rows(reduce(x, group_name), input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps,

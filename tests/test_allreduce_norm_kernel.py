@@ -1,7 +1,7 @@
 """The fused all-reduce + add + RMSNorm (+ FP8 static quant) kernel against ``numerics``' unfused chain.
 
 On CPU the kernel runs in Triton's interpreter, one process holding every simulated rank's workspace: each phase
-(copy, reduce, gather) runs for every rank in turn, which is the order the meetings enforce on GPUs (the meetings
+(push, reduce, gather) runs for every rank in turn, which is the order the meetings enforce on GPUs (the meetings
 themselves need several GPUs). Ranks 2 to 8, one-shot and two-shot, odd row counts and hidden sizes (rows that do
 not split evenly over the ranks, a hidden size that is no power of two), outputs poisoned before the run. The
 result must equal ``numerics`` bit for bit except for what test_triton_kernels.py names (the rsqrt last bit on a
@@ -9,8 +9,9 @@ GPU; the interpreter's e4m3 dropped carry on CPU, where inputs are fp32 because 
 every rank must hold the same bits.
 
 With two or more GPUs the real thing runs: one process per GPU, NCCL, the workspaces in torch's symmetric
-memory, the meetings included; also under CUDA graph capture and replay, and the unfused symmetric-memory
-all-reduces and AsyncTP's fused ops against their decompositions.
+memory, the meetings included; also under CUDA graph capture and replay (grids of every size mixed in one graph),
+and the unfused symmetric-memory all-reduces and AsyncTP's fused ops against their decompositions. A CPU test
+compiles every form for sm_90, which the interpreter does not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from fusiontune.kernels import numerics  # noqa: E402
 from fusiontune.kernels.triton_allreduce_norm import (  # noqa: E402
@@ -61,7 +62,7 @@ def make_inputs(world, rows, hidden, quant, seed, device=DEVICE, dtype=DTYPE):
 @pytest.mark.parametrize("quant", [False, True], ids=["norm", "fp8-static"])
 def test_simulated_ranks_match_the_unfused_chain(world, rows, hidden, two_shot, quant):
     parts, residual, weight, scale = make_inputs(world, rows, hidden, quant, seed=world * 1000 + rows * 10 + hidden)
-    nbytes = workspace_bytes(rows, hidden, DTYPE, quant, two_shot)
+    nbytes = workspace_bytes(rows, hidden, DTYPE, quant, two_shot, world)
     workspaces = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
     table = torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
     residuals = [residual.clone() for _ in range(world)]
@@ -81,8 +82,8 @@ def test_two_shot_writes_only_its_rows_before_the_gather():
     """After the reduce phase a rank has its own rows and nothing else: the gather is what brings the others."""
     world, rows, hidden = 2, 4, 64
     parts, residual, weight, _ = make_inputs(world, rows, hidden, False, seed=5)
-    workspaces = [torch.zeros(workspace_bytes(rows, hidden, DTYPE, False, True), dtype=torch.uint8, device=DEVICE)
-                  for _ in range(world)]
+    nbytes = workspace_bytes(rows, hidden, DTYPE, False, True, world)
+    workspaces = [torch.zeros(nbytes, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
     table = torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
     outs = [poisoned((rows, hidden), DTYPE) for _ in range(world)]
     residuals = [residual.clone() for _ in range(world)]
@@ -144,7 +145,9 @@ def _gpu_rank(rank, world, port, queue):
                         except AssertionError as exc:
                             failures.append(f"rank {rank}: {case}: {exc}")
                         expect(same_on_every_rank(got) and same_on_every_rank(mine), f"{case}: ranks differ")
-        # the op as the model calls it, captured in a CUDA graph with 3 calls and replayed twice
+        # the op as the model calls it, captured in a CUDA graph with 3 calls and replayed twice (the kernel at
+        # every size: ``auto`` may take the unfused pair, whose all-reduce sums in another order at TP > 2)
+        symm_mem.configure(symm_mem.CollectiveSettings(allreduce_backend="fusiontune"))
         for quant in (False, True):
             sets = [make_inputs(world, 33, 4096, quant, seed=100 + k, device=device) for k in range(3)]
             residuals = [s[1].clone() for s in sets]
@@ -169,6 +172,35 @@ def _gpu_rank(rank, world, port, queue):
                     except AssertionError as exc:
                         failures.append(f"rank {rank}: graph replay {replay} call {k} quant={quant}: {exc}")
                     expect(torch.equal(residuals[k], want_residual), f"graph replay {replay} call {k}: residual")
+        symm_mem.configure(symm_mem.CollectiveSettings())
+        # grids of every size one after another, one-shot and two-shot mixed, in one CUDA graph replayed three
+        # times: the call counter and the workspace halves stay in step on every rank whatever the grid
+        schedule = [(1, False), (300, True), (5, False), (2049, False), (2, True), (64, False), (1, True)]
+        for quant in (False, True):
+            sets = [make_inputs(world, rows, 4096, quant, seed=200 + k, device=device)
+                    for k, (rows, _) in enumerate(schedule)]
+            residuals = [s[1].clone() for s in sets]
+
+            def run_schedule():
+                return [allreduce_add_rms_norm(sets[k][0][rank], residuals[k], sets[k][2], EPS, sets[k][3], group,
+                                               two_shot) for k, (_, two_shot) in enumerate(schedule)]
+
+            run_schedule()  # eager: the workspace is made outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = run_schedule()
+            for replay in range(3):
+                for k in range(len(schedule)):
+                    residuals[k].copy_(sets[k][1])
+                graph.replay()
+            torch.cuda.synchronize()
+            for k, (rows, two_shot) in enumerate(schedule):
+                want_residual, want = chain(sets[k][0], sets[k][1], sets[k][2], sets[k][3])
+                try:
+                    check_output(outs[k], want)
+                except AssertionError as exc:
+                    failures.append(f"rank {rank}: schedule call {k} rows={rows} two_shot={two_shot}: {exc}")
+                expect(torch.equal(residuals[k], want_residual), f"schedule call {k}: residual differs")
         # the unfused all-reduce each method gives: the sum within an ulp of the fp32 one
         for method in ("one-shot", "two-shot", "nccl"):
             symm_mem.configure(symm_mem.CollectiveSettings(allreduce="nccl" if method == "nccl" else "symm-mem"))
@@ -221,3 +253,44 @@ def test_on_several_gpus(world):
         p.join(timeout=60)
     failures = [f for rank in sorted(results) for f in results[rank]]
     assert not failures, "\n".join(failures[:20])
+
+
+
+_COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusiontune.kernels.numerics import FP8_MAX
+from fusiontune.kernels.triton_allreduce_norm import _allreduce_norm_kernel
+for world in (2, 4):
+    for two_shot in (False, True):
+        for quant in (False, True):
+            signature = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16",
+                         "out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "buffers": "i64",
+                         "pads": "i64", "rank": "i32", "M": "constexpr", "H": "i32", "eps": "fp32",
+                         "GATHER_RES": "i64", "GATHER_OUT": "i64", "HALF_BYTES": "i64", "COUNTER": "i32"}
+            constants = {"M": 1, "WORLD": world, "TWO_SHOT": two_shot, "QUANT": quant, "BLOCK": 4096,
+                         "ALIGNED": True, "PHASE_FIRST": 0, "PHASE_LAST": 2, "SYNC": True, "FP8_MAX_C": FP8_MAX}
+            kept = _allreduce_norm_kernel.do_not_specialize  # names or indices, by Triton version
+            if not {"rank", _allreduce_norm_kernel.arg_names.index("rank")} & set(kept):
+                constants["rank"] = 1  # what Triton does with an integer argument equal to 1
+            signature.update({name: "constexpr" for name in constants})
+            compiled = triton.compile(ASTSource(_allreduce_norm_kernel, signature, constants),
+                                      target=GPUTarget("cuda", 90, 32))
+            assert "st.release.sys" in compiled.asm["ptx"], (world, two_shot, quant)
+print("compiled")
+"""
+
+
+def test_compiles_for_hopper_as_launched():
+    """The interpreter runs no compiler: compile every form (world 2 and 4, one-shot and two-shot, norm and FP8)
+    for sm_90 as a GPU launch specialises it (addresses as integers, one row: Triton turns arguments equal to 1
+    into constants), in a process without the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -28,12 +28,15 @@ def test_forced_choices():
 
 
 def test_the_fused_op_takes_its_kernel_where_it_measured_faster():
-    bound = symm_mem.FUSED_MAX_BYTES[4]
-    assert [fused_method(n, 4, quant=False) for n in (1024, bound["none"], bound["none"] + 2)] == \
-        ["one-shot", "one-shot", "unfused"]
-    assert fused_method(bound["fp8"] + 2, 4, quant=True) == "unfused"
+    one_shot, two_shot = symm_mem.FUSED_BOUNDS[2]["fp8"]
+    assert [fused_method(n, 2, quant=True) for n in (1024, one_shot, one_shot + 2, two_shot, two_shot + 2)] == \
+        ["one-shot", "one-shot", "two-shot", "two-shot", "unfused"]
+    one_shot, two_shot = symm_mem.FUSED_BOUNDS[4]["none"]
+    assert fused_method(two_shot + 2, 4, quant=False) == "unfused"
+    assert fused_method(two_shot + 2, 8, quant=False) == "unfused"  # a TP size not listed: the next below
     forced = CollectiveSettings(allreduce_backend="fusiontune")
-    assert fused_method(symm_mem.SYMM_MEM_MAX_BYTES, 4, True, forced) == "one-shot"
+    assert fused_method(1024, 4, True, forced) == "one-shot"
+    assert fused_method(symm_mem.SYMM_MEM_MAX_BYTES, 4, True, forced) == "two-shot"
     assert fused_method(symm_mem.SYMM_MEM_MAX_BYTES + 2, 4, True, forced) == "unfused"  # beyond the workspace
     assert fused_method(1024, 2, False, CollectiveSettings(allreduce_backend="nccl")) == "unfused"
 

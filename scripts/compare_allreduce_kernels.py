@@ -1,0 +1,117 @@
+"""Device probe: the fused all-reduce + norm kernel's variants side by side on one machine (one process per GPU,
+the bench-kernels timer), with torch's symmetric-memory one-shot / two-shot + our norm kernel beside them, and the
+compiled kernels' registers and spills. An earlier form of the kernel runs beside the current one where it is saved
+as scripts/_old_allreduce_norm.py (not kept in git; for the pull form: ``git show
+d91d490:kernels/triton_allreduce_norm.py``, its relative imports made absolute and its workspace purpose renamed so
+that the two never share a signal pad). Usage there: python3 scripts/compare_allreduce_kernels.py TP [CSV]"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fusiontune.harness import bench_collectives as bench
+from fusiontune.harness.timing import slowest_rank, time_per_call
+from fusiontune.kernels import symm_mem
+from fusiontune.kernels import triton_allreduce_norm as new
+from fusiontune.kernels.triton_rows import INPUT_ADD_RESIDUAL, run_rows
+
+OLD_PATH = Path(__file__).with_name("_old_allreduce_norm.py")
+TOKENS = (1, 2, 8, 32, 64, 256, 1024, 4096)
+HIDDEN = (4096, 8192)
+
+
+def _old():
+    if not OLD_PATH.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("old_allreduce_norm", OLD_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compiled(kernel):
+    out = []
+    for caches in getattr(kernel, "device_caches", {}).values():
+        for compiled in caches[0].values():
+            try:
+                compiled._init_handles()
+                out.append((compiled.n_regs, compiled.n_spills, compiled.metadata.num_warps))
+            except Exception:  # noqa: BLE001
+                pass
+    return out
+
+
+def main(rank, world, port, csv_path):
+    os.environ.update(symm_mem.MULTICAST_OFF)
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device)
+    group = dist.group.WORLD
+    name = group.group_name
+    old = _old()
+    rows_out = []
+    for quant in (None, "fp8-static"):
+        def norm(reduced, i, quant=quant):
+            extra = {"quant": quant, "scale": i["scale"]} if quant else {}
+            return run_rows(reduced, input_mode=INPUT_ADD_RESIDUAL, residual=i["residual"], weight=i["weight"],
+                            eps=bench.EPS, **extra)
+
+        peers = {
+            "push_one_shot": lambda i: new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS,
+                                                                  i["scale"], name, two_shot=False),
+            "push_two_shot": lambda i: new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS,
+                                                                  i["scale"], name, two_shot=True),
+            "one_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], name, "one-shot"), i),
+            "two_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], name, "two-shot"), i),
+        }
+        if old:
+            peers["pull_one_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
+                                                                          bench.EPS, i["scale"], name, two_shot=False)
+            peers["pull_two_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
+                                                                          bench.EPS, i["scale"], name, two_shot=True)
+        for hidden in HIDDEN:
+            for tokens in TOKENS:
+                sets = bench._input_sets(tokens, hidden)
+                inputs = [bench._norm_inputs(tokens, hidden, rank, world, s, quant) for s in range(sets)]
+                row = {"tp": world, "quant": quant or "none", "hidden": hidden, "num_tokens": tokens,
+                       "mb": round(tokens * hidden * 2 / 2**20, 4)}
+                for peer, fn in peers.items():
+                    times = slowest_rank(time_per_call(fn, inputs, replays=30, barrier=group), device, group)
+                    deciles = statistics.quantiles(times, n=10, method="inclusive")
+                    row[peer] = round(statistics.median(times), 2)
+                    row[peer + "_p10"], row[peer + "_p90"] = round(deciles[0], 2), round(deciles[-1], 2)
+                rows_out.append(row)
+                if rank == 0:
+                    print(" ".join(f"{k}={v}" for k, v in row.items() if not k.endswith(("_p10", "_p90"))),
+                          flush=True)
+                del inputs
+                torch.cuda.empty_cache()
+    if rank == 0:
+        print("push kernel (regs, spills, warps):", _compiled(new._allreduce_norm_kernel))
+        if old:
+            print("pull kernel (regs, spills, warps):", _compiled(old._allreduce_norm_kernel))
+        if csv_path:
+            with open(csv_path, "w", newline="") as sink:
+                writer = csv.DictWriter(sink, fieldnames=list(rows_out[0]))
+                writer.writeheader()
+                writer.writerows(rows_out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    from fusiontune.harness.worker import free_port
+
+    tp = int(sys.argv[1])
+    mp.spawn(main, args=(tp, free_port(), sys.argv[2] if len(sys.argv) > 2 else None), nprocs=tp, join=True)
