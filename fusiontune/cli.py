@@ -399,11 +399,12 @@ def compare_cmd(
     run_a: Path = typer.Argument(..., help="The earlier run folder (the reference)."),
     run_b: Path = typer.Argument(..., help="The later run folder."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the whole comparison as CSV."),
-    fail: bool = typer.Option(True, "--fail/--no-fail", help="Exit 1 when a config got slower beyond noise, broke, "
-                              "or a fusion stopped firing (for CI)."),
+    fail: bool = typer.Option(True, "--fail/--no-fail", help="Exit 1 when a config's speedup fell outside both runs' "
+                              "intervals, a config broke, or a fusion stopped firing (for CI)."),
 ):
-    """Configs measured in both runs: which got slower or faster beyond the noise floor, which broke or were fixed,
-    which fusions stopped firing."""
+    """Configs measured in both runs, judged on their speedups (each run over its own all-off, so another machine
+    of the same kind compares): which got slower or faster beyond both intervals, which broke or were fixed, which
+    fusions stopped firing. How far all-off itself moved is printed apart."""
     from fusiontune.harness.compare import compare, regressions
 
     for run in (run_a, run_b):
@@ -418,16 +419,26 @@ def compare_cmd(
     if result.empty:
         console.print("[yellow]no config, TP size and num_tokens was measured in both runs[/yellow]")
         raise typer.Exit(2)
-    table = Table(title=f"{run_b} against {run_a}")
-    for column in ("config", "TP", "num_tokens", "A ms", "B ms", "change", "noise floor", "verdict"):
+    table = Table(title=f"{run_b} against {run_a}: speedups, each over its own all-off")
+    for column in ("config", "TP", "num_tokens", "A speedup", "B speedup", "latency change", "verdict"):
         table.add_column(column)
-    shown = result[result["verdict"] != "within noise"]
+
+    def speed(value, low, high):
+        return "-" if value != value else f"{value:.3f}x [{low:.3f}-{high:.3f}]"
+
+    shown = result[~result["verdict"].isin(["within noise", "baseline", "no speedup"])]
     for row in shown.itertuples():
-        floor = f"{row.noise_floor:.2%}" if row.noise_floor == row.noise_floor else "-"
         colour = "red" if row.verdict.startswith(("slower", "broke", "stopped")) else "green"
-        table.add_row(row.label, str(row.tp), str(row.num_tokens), f"{row.latency_ms_a:.4f}", f"{row.latency_ms_b:.4f}",
-                      f"{row.change:+.2%}", floor, f"[{colour}]{row.verdict}[/{colour}]")
+        change = f"{row.change:+.2%}" if row.change == row.change else "-"
+        table.add_row(row.label, str(row.tp), str(row.num_tokens), speed(row.speedup_a, row.ci_low_a, row.ci_high_a),
+                      speed(row.speedup_b, row.ci_low_b, row.ci_high_b), change,
+                      f"[{colour}]{row.verdict}[/{colour}]")
     console.print(table)
+    moved = result[(result["verdict"] == "baseline") & result["change"].notna()]
+    if len(moved):
+        console.print(f"all-off latency moved by {moved['change'].min():+.2%} to {moved['change'].max():+.2%} "
+                      "between the runs (the machine, not a fusion: speedups are judged each against its own "
+                      "all-off)")
     console.print(f"{len(result)} rows in both runs: " + ", ".join(
         f"{count} {verdict}" for verdict, count in result["verdict"].value_counts().items()))
     if csv_path:

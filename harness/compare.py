@@ -1,10 +1,13 @@
 """Two runs of the same configs, side by side: which got slower or faster beyond noise, and which broke.
 
-Rows are matched by (config_id, tp, num_tokens): the same resolved PassConfig on the same model shape. A change
-counts only beyond the noise floor: the larger of the two runs' floors at that TP size and num_tokens (see
-``report.noise_floor``; a run without a repeated baseline contributes its median's CI). A config that was ``ok``
-and is now ``failed`` or ``incorrect`` is a regression whatever its speed, and so is a fusion that fired in A and
-no longer fires in B (its speed would mean something else).
+Rows are matched by (config_id, tp, num_tokens): the same resolved PassConfig on the same model shape. Each run's
+speedups are judged against its own all-off baseline (``report.speedups``): two machines of one kind, or one
+machine on two days, differ in absolute latency (clocks, power caps, neighbours) by more than any fusion's gain,
+while a speedup measured against the baseline beside it carries over. So a config is "slower" only when its
+speedup in B lies below A's interval and A's lies above B's, "faster" the other way round, and "within noise"
+otherwise. How far the absolute latency moved is shown apart (``change``; the all-off rows say how far the machine
+moved). A config that was ``ok`` and is now ``failed`` or ``incorrect`` is a regression whatever its speed, and so
+is a fusion that fired in A and no longer fires in B (its speed would mean something else).
 """
 
 from __future__ import annotations
@@ -15,33 +18,31 @@ import pandas as pd
 
 from fusiontune.passes.fusions import FUSION_FLAGS
 
-from .report import noise_floor
+from .report import speedups
 from .results import RunFolder
 
 KEY = ["config_id", "tp", "num_tokens"]
+JUDGED = ["label", "status", "latency_ms", "speedup", "ci_low", "ci_high", "verdict", "noise_floor", "is_baseline",
+          "baseline_repeat"]
 
 
 def compare(run_a: str | Path, run_b: str | Path) -> pd.DataFrame:
-    """One row per config, TP size and num_tokens in both runs: the two medians, the change, the floor, and a
-    verdict (slower, faster, within noise, broke, fixed, stopped firing)."""
+    """One row per config, TP size and num_tokens in both runs: both speedups with their intervals, the change in
+    absolute latency, and a verdict (slower, faster, within noise, too noisy, broke, fixed, stopped firing;
+    "baseline" for the all-off rows, "no speedup" where neither run has one)."""
     a, b = RunFolder(run_a).table(), RunFolder(run_b).table()
     for name, table in (("A", a), ("B", b)):
         if table.empty:
             raise ValueError(f"run {name} holds no results")
-    floors = pd.merge(_floors(a), _floors(b), on=["tp", "num_tokens"], how="outer", suffixes=("_a", "_b"))
-    floors["noise_floor"] = floors[["noise_floor_a", "noise_floor_b"]].max(axis=1, skipna=True)
-    columns = KEY + ["label", "status", "latency_ms"] + [f"matches_{f}" for f in FUSION_FLAGS if f"matches_{f}" in a]
-    merged = pd.merge(a[[c for c in columns if c in a]], b[[c for c in columns if c in b]], on=KEY,
-                      suffixes=("_a", "_b"))
-    merged = merged.merge(floors[["tp", "num_tokens", "noise_floor"]], on=["tp", "num_tokens"], how="left")
+    judged_a, judged_b = speedups(a), speedups(b)
+    columns = KEY + JUDGED + [f"matches_{f}" for f in FUSION_FLAGS if f"matches_{f}" in a]
+    merged = pd.merge(judged_a[[c for c in columns if c in judged_a]], judged_b[[c for c in columns if c in judged_b]],
+                      on=KEY, suffixes=("_a", "_b"))
+    merged["noise_floor"] = merged[["noise_floor_a", "noise_floor_b"]].max(axis=1, skipna=True)
     merged["change"] = merged["latency_ms_b"] / merged["latency_ms_a"] - 1
     merged["verdict"] = [_verdict(row) for _, row in merged.iterrows()]
     merged = merged.rename(columns={"label_a": "label"}).drop(columns=["label_b"])
     return merged.sort_values(["verdict", "tp", "label", "num_tokens"]).reset_index(drop=True)
-
-
-def _floors(table: pd.DataFrame) -> pd.DataFrame:
-    return noise_floor(table)[["tp", "num_tokens", "noise_floor"]]
 
 
 def _verdict(row) -> str:
@@ -54,10 +55,17 @@ def _verdict(row) -> str:
     stopped = [f for f in FUSION_FLAGS if row.get(f"matches_{f}_a", 0) and not row.get(f"matches_{f}_b", 0)]
     if stopped:
         return f"stopped firing ({', '.join(stopped)})"
-    floor = row["noise_floor"] if pd.notna(row["noise_floor"]) else 0.0
-    if row["change"] > floor:
+    if not row["verdict_a"] and not row["verdict_b"]:
+        baseline = bool(row["is_baseline_a"]) or row.get("baseline_repeat_a") is True
+        return "baseline" if baseline else "no speedup"
+    if "too noisy" in (row["verdict_a"], row["verdict_b"]):
+        return "too noisy"
+    a, b = row["speedup_a"], row["speedup_b"]
+    if pd.isna(a) or pd.isna(b):
+        return "no speedup"
+    if b < row["ci_low_a"] and a > row["ci_high_b"]:
         return "slower"
-    if row["change"] < -floor:
+    if b > row["ci_high_a"] and a < row["ci_low_b"]:
         return "faster"
     return "within noise"
 

@@ -15,8 +15,9 @@ import pandas as pd  # noqa: E402
 
 
 def speedup_heatmap(data: pd.DataFrame, path: Path, title: str) -> Path | None:
-    """Speedup per config (rows) and num_tokens (columns), one panel per TP size. A cell within noise is marked
-    with "~", an empty cell had no meaningful speedup (failed, incorrect, did not fire)."""
+    """Speedup per config (rows) and num_tokens (columns), one panel per TP size. A cell not claimed (within
+    noise, too noisy) is marked with "~", an empty cell had no meaningful speedup (failed, incorrect, did not
+    fire)."""
     configs = data[~data["is_baseline"].astype(bool)]
     if configs.empty:
         return None
@@ -33,21 +34,22 @@ def speedup_heatmap(data: pd.DataFrame, path: Path, title: str) -> Path | None:
         here = configs[configs["tp"] == tp]
         grid = here.pivot_table(index="label", columns="num_tokens", values="speedup", aggfunc="first")
         grid = grid.reindex(columns=sizes)
-        notes = here.pivot_table(index="label", columns="num_tokens", values="note", aggfunc="first").reindex(
+        verdicts = here.pivot_table(index="label", columns="num_tokens", values="verdict", aggfunc="first").reindex(
             index=grid.index, columns=sizes)
         image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu", vmin=1 - spread, vmax=1 + spread, aspect="auto")
         for i, label in enumerate(grid.index):
             for j, size in enumerate(sizes):
                 value = grid.iat[i, j]
                 if pd.notna(value):
-                    noisy = isinstance(notes.iat[i, j], str) and notes.iat[i, j].startswith("within noise")
+                    noisy = verdicts.iat[i, j] in ("within noise", "too noisy")
                     ax.text(j, i, f"{'~' if noisy else ''}{value:.3f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(sizes)), [str(int(s)) for s in sizes], fontsize=8)
         ax.set_yticks(range(len(grid.index)), [_short(label, 64) for label in grid.index], fontsize=7)
         ax.set_title(f"TP={tp}", fontsize=9)
         ax.set_xlabel("num_tokens", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
-    fig.suptitle(f"{title}: speedup over all-off\n(~: within noise; blank: no meaningful speedup)", fontsize=9)
+    fig.suptitle(f"{title}: speedup over all-off\n(~: within noise or too noisy; blank: no meaningful speedup)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long config labels: keep them whole
     plt.close(fig)

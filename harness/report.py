@@ -7,7 +7,13 @@ enables actually fired (nonzero match count). Otherwise the cell says why there 
 
 The noise floor at a num_tokens is the larger of two things: how far the baseline's two measurements (first and
 last in the sweep) disagree, and the half-width of the baseline median's 95% confidence interval, both relative.
-A speedup within it of 1.0 is labelled "within noise".
+
+A speedup is claimed ("faster", "slower") only when its interval excludes 1 and it is beyond the floor. The
+interval comes from the two medians' 95% confidence intervals (baseline's low over the config's high, and the
+reverse), widened by the baseline's drift between its two measurements: what the same config moved by during the
+run. Otherwise the verdict is "within noise". A config or baseline whose repeats scatter by more than
+``NOISY_CV`` (a machine under load) is "too noisy", never claimed, whatever its median says. A config that ran at
+lower SM clocks than its baseline says so.
 """
 
 from __future__ import annotations
@@ -60,9 +66,19 @@ def _flag(frame: pd.DataFrame, name: str) -> pd.Series:
     return _column(frame, name, False).fillna(False).astype(bool)
 
 
+# Repeats scattering more than this (coefficient of variation) mean a machine under load: no speedup is claimed.
+NOISY_CV = 0.10
+# An SM clock this much below the baseline's at the same size is reported beside the speedup.
+CLOCK_DROP = 0.03
+VERDICTS = ("faster", "slower", "within noise", "too noisy")
+# speedups.parquet: one row per config (not all-off), TP size and num_tokens that has a speedup
+SPEEDUP_COLUMNS = ("config_id", "label", "tp", "num_tokens", "speedup", "ci_low", "ci_high", "verdict", "note")
+
+
 def speedups(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (config, tp, num_tokens) with ``speedup`` (NaN where not meaningful), ``note`` and the
-    ``noise_floor`` it is judged against."""
+    """One row per (config, tp, num_tokens) with ``speedup`` (NaN where not meaningful), its interval
+    (``ci_low``, ``ci_high``), its ``verdict`` (one of ``VERDICTS``, or empty where there is no speedup), ``note``
+    and the ``noise_floor`` it is judged against."""
     measured = table[table["status"] != "skipped"].copy()
     merged = measured.merge(noise_floor(table), on=["tp", "num_tokens"], how="left")
     notes, values = [], []
@@ -87,15 +103,59 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
         else:
             note = f"{why_off}: {', '.join(out_of_range)}" if out_of_range else ""
             value = row["baseline_ms"] / row["latency_ms"]
-            if pd.notna(row["noise_floor"]) and abs(value - 1) <= row["noise_floor"] and not row["is_baseline"]:
-                note = "; ".join(filter(None, [f"within noise (+/-{row['noise_floor']:.1%})", note]))
         notes.append(note)
         values.append(value)
     merged["speedup"], merged["note"] = values, notes
-    # The config's own spread, as speedups: baseline median over the config's p90 (low) and p10 (high).
-    merged["speedup_low"] = merged["speedup"] * merged["latency_ms"] / merged["latency_ms_p90"]
-    merged["speedup_high"] = merged["speedup"] * merged["latency_ms"] / merged["latency_ms_p10"]
+    _judge(merged)
     return merged
+
+
+def _judge(merged: pd.DataFrame) -> None:
+    """Add each speedup's interval and verdict, and the notes that go with them (see the module doc)."""
+    base_ci = merged[["tp", "num_tokens"]].merge(_baseline_ci(merged), on=["tp", "num_tokens"], how="left")
+    config_low = _column(merged, "latency_ms_ci_low").fillna(merged["latency_ms"])
+    config_high = _column(merged, "latency_ms_ci_high").fillna(merged["latency_ms"])
+    base_low = base_ci["base_ci_low"].fillna(merged["baseline_ms"]).values
+    base_high = base_ci["base_ci_high"].fillna(merged["baseline_ms"]).values
+    drift = 1 + _column(merged, "drift_rel").fillna(0.0)
+    merged["ci_low"] = (base_low / config_high / drift).where(merged["speedup"].notna())
+    merged["ci_high"] = (base_high / config_low * drift).where(merged["speedup"].notna())
+    scatter = pd.concat([_column(merged, "latency_ms_cv"), base_ci["base_cv"].set_axis(merged.index)], axis=1)
+    worst_cv = scatter.max(axis=1, skipna=True)
+    floor = merged["noise_floor"].fillna(0.0)
+    verdicts, notes = [], []
+    for i, row in merged.iterrows():
+        verdict, note = "", row["note"]
+        if pd.notna(row["speedup"]) and not row["is_baseline"] and not _flag(merged.loc[[i]], "baseline_repeat").iat[0]:
+            if worst_cv[i] > NOISY_CV:
+                verdict, extra = "too noisy", f"too noisy to claim (CV {worst_cv[i]:.0%})"
+            elif row["ci_low"] > 1 and row["speedup"] - 1 > floor[i]:
+                verdict, extra = "faster", ""
+            elif row["ci_high"] < 1 and 1 - row["speedup"] > floor[i]:
+                verdict, extra = "slower", ""
+            else:
+                inside = abs(row["speedup"] - 1) <= floor[i]
+                verdict, extra = "within noise", (f"within noise (+/-{floor[i]:.1%})" if inside else
+                                                  "within noise (its interval covers 1)")
+            clock, base_clock = row.get("gpu_sm_clock_mhz"), row.get("baseline_clock")
+            if pd.notna(clock) and pd.notna(base_clock) and clock < base_clock * (1 - CLOCK_DROP):
+                extra = "; ".join(filter(None, [extra, f"lower SM clock than all-off ({clock:.0f} against "
+                                                       f"{base_clock:.0f} MHz)"]))
+            note = "; ".join(filter(None, [extra, note]))
+        elif pd.notna(row["speedup"]) and _flag(merged.loc[[i]], "baseline_repeat").iat[0]:
+            note = f"the A/A check: all-off again, {abs(row['speedup'] - 1):.1%} off the first"
+        verdicts.append(verdict)
+        notes.append(note)
+    merged["verdict"], merged["note"] = verdicts, notes
+
+
+def _baseline_ci(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (tp, num_tokens): the first baseline measurement's median CI and CV."""
+    first = table[table["is_baseline"].astype(bool) & (table["status"] == "ok")]
+    return pd.DataFrame({"tp": first["tp"], "num_tokens": first["num_tokens"],
+                         "base_ci_low": _column(first, "latency_ms_ci_low"),
+                         "base_ci_high": _column(first, "latency_ms_ci_high"),
+                         "base_cv": _column(first, "latency_ms_cv")}).drop_duplicates(["tp", "num_tokens"])
 
 
 def pooled_runs(data: pd.DataFrame) -> pd.DataFrame:
@@ -179,7 +239,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     lines += [f"Device: {device}. Speedup = all-off median latency / config median latency (same TP, "
               "num_tokens); shown only for configs that ran, matched the baseline's output within tolerance, "
               "and whose enabled fusions all fired (a fusion outside its num_tokens range at a size is named, "
-              "not counted as unfired). A speedup closer to 1 than the noise floor is labelled within noise.", ""]
+              "not counted as unfired). Beside it, its 95% interval (both medians' confidence intervals, widened "
+              "by the baseline's drift). A speedup is claimed only when that interval excludes 1 and it is beyond "
+              "the noise floor; otherwise it is labelled within noise, or too noisy where the repeats scatter by "
+              f"more than {NOISY_CV:.0%}. The same as data: speedups.parquet.", ""]
     floors = noise_floor(table)
     for tp, by_tp in data.groupby("tp"):
         lines += [f"## TP={tp}", ""] + _noise_lines(floors[floors["tp"] == tp])
@@ -188,7 +251,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         order = by_tp.assign(_first=~by_tp["is_baseline"].astype(bool))
         for _, row in order.sort_values(["_first", "label", "num_tokens"]).iterrows():
             speed = f"{row['speedup']:.3f}x" if pd.notna(row["speedup"]) else (row["note"] or "-")
-            if pd.notna(row["speedup"]) and row["note"]:  # within noise, or a fusion outside its range here
+            if row["verdict"] and round(row["ci_low"], 3) != round(row["ci_high"], 3):
+                speed += f" [{row['ci_low']:.3f}-{row['ci_high']:.3f}]"
+            if pd.notna(row["speedup"]) and row["note"]:  # within noise, too noisy, clocks, a fusion out of range
                 speed += f" ({row['note']})"
             latency = (f"{row['latency_ms']:.3f} ({row['latency_ms_p10']:.3f}-{row['latency_ms_p90']:.3f})"
                        if pd.notna(row.get("latency_ms")) else "-")
@@ -226,6 +291,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                   f"![time per category]({kernels_png.name})", ""] + _category_tables(kernels, table)
     md_path.write_text("\n".join(lines))
     (folder.path / "report.html").write_text(to_html(lines, folder.path, name))
+    records = data[data["verdict"] != ""]
+    records[list(SPEEDUP_COLUMNS)].reset_index(drop=True).to_parquet(folder.path / "speedups.parquet", index=False)
     return md_path, png_path
 
 
@@ -362,7 +429,8 @@ def _plot(data: pd.DataFrame, floors: pd.DataFrame, path: Path, title: str) -> N
                      & ~_flag(data, "baseline_repeat")]
         for label, rows in by_tp.groupby("label"):
             rows = rows.sort_values("num_tokens")
-            spread = [rows["speedup"] - rows["speedup_low"], rows["speedup_high"] - rows["speedup"]]
+            spread = [(rows["speedup"] - rows["ci_low"]).clip(lower=0),
+                      (rows["ci_high"] - rows["speedup"]).clip(lower=0)]
             ax.errorbar(rows["num_tokens"], rows["speedup"], yerr=spread, marker="o", capsize=3, label=label)
         band = floors[floors["tp"] == tp].sort_values("num_tokens").dropna(subset=["noise_floor"])
         if len(band):
@@ -379,7 +447,7 @@ def _plot(data: pd.DataFrame, floors: pd.DataFrame, path: Path, title: str) -> N
     handles, labels = axes[0][-1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
-    fig.suptitle(f"{title}: speedup against num_tokens, bars = the config's p10-p90, grey = noise floor\n"
+    fig.suptitle(f"{title}: speedup against num_tokens, bars = its 95% interval, grey = noise floor\n"
                  "(missing points: failed, incorrect or did not fire)", fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     fig.savefig(path, dpi=120)

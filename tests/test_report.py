@@ -200,3 +200,64 @@ def test_a_fusion_with_no_pattern_for_the_model_is_not_counted_as_unfired():
     fp8 = [{**r, "model_quant": "fp8-static"} for r in bf16]
     table = speedups(pd.DataFrame(fp8)).set_index(["label", "num_tokens"])
     assert pd.isna(table.loc[("fused", 1), "speedup"]) and "did not fire" in table.loc[("fused", 1), "note"]
+
+
+def with_ci(r, half=0.001, cv=0.005):
+    return {**r, "latency_ms_ci_low": r["latency_ms"] * (1 - half), "latency_ms_ci_high": r["latency_ms"] * (1 + half),
+            "latency_ms_cv": cv}
+
+
+def test_a_speedup_is_claimed_only_when_its_interval_excludes_one():
+    base = [with_ci(row("base", n, 2.0, baseline=True)) for n in (1, 8)]
+    again = [with_ci({**row("base, again", n, 2.0), "baseline_repeat": True}) for n in (1, 8)]
+    tight = with_ci(row("fused", 1, 2.0 / 1.03, norm=True, matches=4))  # 3% faster, CI +/-0.1%
+    wide = with_ci(row("fused", 8, 2.0 / 1.03, norm=True, matches=4), half=0.05)  # 3% faster, CI +/-5%
+    table = speedups(pd.DataFrame(base + again + [tight, wide])).set_index(["label", "num_tokens"])
+    assert table.loc[("fused", 1), "verdict"] == "faster"
+    assert table.loc[("fused", 1), "ci_low"] > 1.02 and table.loc[("fused", 1), "ci_high"] < 1.04
+    assert table.loc[("fused", 8), "verdict"] == "within noise"
+    assert table.loc[("fused", 8), "ci_low"] < 1 < table.loc[("fused", 8), "ci_high"]
+    assert table.loc[("fused", 8), "note"] == "within noise (its interval covers 1)"
+    assert table.loc[("base", 1), "verdict"] == "" and table.loc[("base, again", 1), "verdict"] == ""
+    slow = with_ci(row("fused", 1, 2.0 * 1.03, norm=True, matches=4))
+    assert speedups(pd.DataFrame(base + again + [slow])).set_index("label").loc["fused", "verdict"] == "slower"
+
+
+def test_a_machine_under_load_claims_nothing_and_lower_clocks_are_said():
+    """The CPU smoke sweep on a busy machine: repeats scattering by 50-160% (CV) are no evidence of a 13x speedup."""
+    base = [with_ci(row("base", 1, 13.0, baseline=True), half=0.4, cv=1.6)]
+    fused = with_ci(row("fused", 1, 1.0, norm=True, matches=4), half=0.2, cv=0.5)
+    table = speedups(pd.DataFrame(base + [fused])).set_index("label")
+    assert table.loc["fused", "verdict"] == "too noisy" and table.loc["fused", "note"] == "too noisy to claim (CV 160%)"
+    base = [{**with_ci(row("base", 1, 2.0, baseline=True)), "gpu_sm_clock_mhz": 1980.0}]
+    hot = {**with_ci(row("fused", 1, 1.8, norm=True, matches=4)), "gpu_sm_clock_mhz": 1700.0}
+    note = speedups(pd.DataFrame(base + [hot])).set_index("label").loc["fused", "note"]
+    assert note == "lower SM clock than all-off (1700 against 1980 MHz)"
+
+
+def test_speedups_are_written_as_data_beside_the_report(tmp_path):
+    RunFolder(tmp_path).append(noisy_sweep(again_1=2.1, again_8=4.0))
+    write_report(tmp_path)
+    data = pd.read_parquet(tmp_path / "speedups.parquet").set_index("num_tokens")
+    assert list(data.columns) == ["config_id", "label", "tp", "speedup", "ci_low", "ci_high", "verdict", "note"]
+    assert set(data["label"]) == {"fused"}  # all-off has no speedup of its own
+    assert data.loc[1, "verdict"] == "within noise" and data.loc[8, "verdict"] == "faster"
+
+
+def test_compare_judges_speedups_so_another_machine_of_the_kind_compares(tmp_path):
+    """Run B on a machine 10% slower throughout: every latency moved, no speedup did. Exit 0."""
+    import subprocess
+
+    from fusiontune.harness.compare import compare, regressions
+
+    before = [with_ci(r) for r in noisy_sweep(again_1=2.0, again_8=4.0)]
+    after = [{**r, "latency_ms": r["latency_ms"] * 1.1, "latency_ms_ci_low": r["latency_ms_ci_low"] * 1.1,
+              "latency_ms_ci_high": r["latency_ms_ci_high"] * 1.1} for r in before]
+    for name, rows in (("a", before), ("b", after)):
+        RunFolder(tmp_path / name).append(rows)
+    result = compare(tmp_path / "a", tmp_path / "b").set_index(["label", "num_tokens"])
+    assert set(result["verdict"]) == {"within noise", "baseline"} and regressions(result.reset_index()).empty
+    assert ((result["change"] - 0.1).abs() < 1e-9).all()
+    cli = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
+                         text=True, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert cli.returncode == 0 and "all-off latency moved by +10.00% to +10.00%" in cli.stdout
