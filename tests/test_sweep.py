@@ -232,10 +232,13 @@ def test_the_issue_8_sweeps_plan_every_collective_fusion_at_tp_2_4_8_on_an_h200_
     for name in ("llama8b-bf16", "llama8b-fp8-static", "llama70b-bf16", "llama70b-fp8-static"):
         spec, _ = load_sweep(f"sweeps/multi-gpu-{name}.yaml")
         plan = expand(spec, h200)
-        assert not plan.skipped and not plan.dropped, (name, plan.skipped, plan.dropped)
+        # {} (the level's single-GPU fusions alone) is all-off itself in a bf16 model: dropped as a duplicate there
+        bf16 = name.endswith("bf16")
+        assert not plan.skipped and [d[0] for d in plan.dropped] == (["as configured"] * 3 if bf16 else []), \
+            (name, plan.skipped, plan.dropped)
         for tp in (2, 4, 8):
             configs = plan.configs_for(tp)
-            assert len(configs) == 6, (name, tp)  # all-off, 4 variants, all-off again
+            assert len(configs) == (6 if bf16 else 7), (name, tp)  # all-off, ({},) 4 variants, all-off again
             everything = configs[-2].resolved
             assert everything["fuse_allreduce_rms"] and everything["enable_sp"] and everything["fuse_gemm_comms"]
 
