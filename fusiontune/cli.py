@@ -7,11 +7,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Benchmark and tune vLLM-style torch.compile fusion passes on your model, GPUs and batch sizes.")
+                  help="Benchmark and tune vLLM-style torch.compile fusion passes on your model, GPUs and batch sizes.",
+                  epilog="Exit codes: 0 ok; 1 some configs failed or were incorrect, or a regression (compare); 2 bad "
+                         "input; 130 interrupted (run --resume continues).")
 console = Console()
 
 
@@ -43,12 +46,16 @@ def run(
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
-    from fusiontune.harness.results import RunFolder, completed_configs
+    from fusiontune.harness.results import RunFolder, completed_configs, torn_tail
 
     run_dir = out or Path("results") / spec.name
     if resume:
         folder = RunFolder(run_dir)
-        done = completed_configs(folder.rows())
+        _check_same_sweep(folder, spec, sweep_file)
+        if torn_tail(folder.rows_path):
+            console.print(f"{folder.rows_path}: its last row was cut short (a crash mid-write); it is dropped and "
+                          "its config runs again")
+        done = completed_configs(folder.rows(), spec.num_tokens)
         plan = plan.without(done)
         to_run = [c for c in plan.configs if not c.reference_only]
         console.print(f"resuming {run_dir}: {len(done)} configs already measured, {len(to_run)} to run"
@@ -80,14 +87,54 @@ def run(
             progress.console.print(f"TP={config.tp} {config.label}: {', '.join(statuses)}")
             progress.advance(task)
 
-        run_plan(plan, folder, address=address, config_timeout_s=config_timeout, on_config=done)
+        try:
+            run_plan(plan, folder, address=address, config_timeout_s=config_timeout, on_config=done)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: every config measured so far is in {folder.path}; "
+                          f"`fusiontune run {sweep_file} --out {folder.path} --resume` continues")
+            raise typer.Exit(130)
     folder.update_manifest(finished=True)
     console.print(f"results: {folder.parquet_path}")
     if report:
         from fusiontune.harness.report import write_report
 
         md, png = write_report(folder.path)
-        console.print(f"report: {md} and {png}")
+        console.print(f"report: {md}" + (f" and {png}" if png.exists() else ""))
+    broken = _broken_configs(folder)
+    if broken:
+        console.print(f"[red]{len(broken)} config(s) failed or were incorrect:[/red] " + escape(", ".join(broken)))
+        raise typer.Exit(1)
+
+
+def _check_same_sweep(folder, spec, sweep_file: Path) -> None:
+    """Refuse to resume a run folder with a sweep whose rows would not compare with the rows there."""
+    import json
+
+    from fusiontune.harness.sweep import SweepError, identity_differences, parse_sweep
+
+    if not folder.manifest_path.exists():
+        return
+    manifest = json.loads(folder.manifest_path.read_text())
+    try:
+        earlier = parse_sweep(manifest.get("sweep", ""), manifest.get("sweep_file", "the earlier sweep"))
+    except SweepError:
+        return  # a manifest from before this check, or hand-edited: nothing to compare against
+    differences = identity_differences(earlier, spec)
+    if differences or earlier.name != spec.name:
+        what = ", ".join(differences) or "name"
+        console.print(f"--resume: {folder.path} holds a run of {earlier.name} ({manifest.get('sweep_file')}); "
+                      f"{sweep_file} ({spec.name}) differs in {what}, so their rows would mix. Use another --out, "
+                      "or run without --resume (the earlier run is set aside).", markup=False)
+        raise typer.Exit(2)
+
+
+def _broken_configs(folder) -> list[str]:
+    """The configs whose latest rows include a failed or incorrect size."""
+    table = folder.table()
+    if table.empty or "status" not in table:
+        return []
+    bad = table[table["status"].isin(["failed", "incorrect"])]
+    return sorted({f"TP={row.tp} {row.label}" for row in bad.itertuples()})
 
 
 @app.command()
@@ -136,7 +183,7 @@ def tune(
             value = f"{trial['value']:.4f}" if trial["value"] is not None else "-"
             progress.console.print(f"trial {trial['trial']}: {trial['state'].lower()} {value} "
                                    f"{'(same config as before) ' if not trial['measured'] else ''}{trial['params']}"
-                                   + (f" [{trial['note'][:120]}]" if trial["note"] else ""))
+                                   + escape(f" [{trial['note'][:200]}]" if trial["note"] else ""))
             progress.advance(task)
 
         tuner.on_trial = told
@@ -202,8 +249,12 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by 'fu
     if not (run_dir / "rows.jsonl").exists() and not (run_dir / "results.parquet").exists():
         console.print(f"[red]{run_dir} is not a run folder (no rows.jsonl or results.parquet)[/red]")
         raise typer.Exit(2)
-    md, png = write_report(run_dir)
-    console.print(f"report: {md} and {png}")
+    try:
+        md, png = write_report(run_dir)
+    except ValueError as exc:
+        console.print(str(exc), markup=False)
+        raise typer.Exit(2)
+    console.print(f"report: {md}" + (f" and {png}" if png.exists() else ""))
 
 
 def _platform(vendor: str, capability: Optional[int], tp: int, hidden_size: int, quant: str,
@@ -347,15 +398,18 @@ def bench_kernels(
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by 'fusiontune tune'."),
     out: Path = typer.Option(Path("thresholds"), "--out", help="Root of the thresholds tree."),
+    force: bool = typer.Option(False, "--force", help="Export even a pick that does not beat all fusions off "
+                               "beyond the noise floor."),
 ):
     """Write the tuned PassConfig as thresholds/<device>/tp<N>-hidden<H>-<quant>.json, with its evidence and the
-    same config as vLLM's --compilation-config JSON and -O/-cc.pass_config flags."""
+    same config as vLLM's --compilation-config JSON and -O/-cc.pass_config flags. A pick that does not beat all
+    fusions off beyond the noise floor is refused unless --force."""
     from fusiontune.harness.export import ExportError, export_tuned
 
     try:
-        path = export_tuned(run_dir, out)
+        path = export_tuned(run_dir, out, force=force)
     except ExportError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(str(exc), style="red", markup=False)
         raise typer.Exit(2)
     import json
 

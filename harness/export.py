@@ -54,7 +54,11 @@ def vllm_flags(level: int, fields: dict[str, Any]) -> str:
     return " ".join([f"-O{level}"] + [f"-cc.pass_config.{k}={v}" for k, v in fields.items()])
 
 
-def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds") -> Path:
+def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force: bool = False) -> Path:
+    """Write the tune run's pick; refused (unless ``force``) where it does not beat all fusions off beyond the
+    noise floor: such a file would tell a deployment to turn on what measured no faster."""
+    if not Path(run_dir).is_dir():
+        raise ExportError(f"{run_dir}: no such run folder")
     folder = RunFolder(run_dir)
     summary_path = folder.path / "tune.json"
     if not summary_path.exists():
@@ -107,6 +111,12 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds") -> Pa
         },
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    expected, floor = payload["evidence"]["expected_speedup"], summary.get("noise_floor") or 0.0
+    if not force and (expected is None or expected - 1 <= floor):
+        shown = f"{expected:.3f}x" if expected is not None else "unknown"
+        raise ExportError(f"{folder.path}: the tuned config's expected speedup is {shown} (noise floor {floor:.2%}): it "
+                          "does not beat all fusions off beyond noise, so nothing was exported (--force writes it "
+                          "anyway)")
     path = Path(out_root) / device_dir(device) / file_name(tp, hidden, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(redact(json.dumps(payload, indent=2, default=_plain)) + "\n")

@@ -23,7 +23,7 @@ from fusiontune.kernels.symm_mem import MULTICAST_OFF
 from fusiontune.passes.fusions import PASSES
 
 from .groups import GroupPool, Outcome, groups_to_use
-from .results import RunFolder
+from .results import RESUMABLE_SKIP, RunFolder
 from .sweep import Plan, PlannedConfig
 from .timing import combine_ranks, summarize
 from .worker import Job, RankResult, TPWorker
@@ -135,7 +135,8 @@ def device_for(tp: int, wanted: str) -> tuple[bool, str]:
     if wanted == "cpu" or (wanted == "auto" and gpus == 0):
         return False, ""
     if gpus < tp:
-        return True, f"TP={tp} needs {tp} GPUs; the Ray cluster has {gpus} (use cluster.device: cpu to run on CPUs)"
+        return True, (f"TP={tp} needs {tp} GPUs; the Ray cluster has {gpus} (cluster.device: cpu runs it on CPUs; "
+                      f"{RESUMABLE_SKIP})")
     return True, ""
 
 

@@ -35,7 +35,7 @@ from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG  # noqa: E402
 from fusiontune.passes.ranges import INDIVISIBLE  # noqa: E402
 
 from .figures import pareto_plot, speedup_heatmap, tune_figures  # noqa: E402
-from .results import RunFolder  # noqa: E402
+from .results import KEY_COLUMNS, RunFolder  # noqa: E402
 
 
 def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
@@ -231,6 +231,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     table = folder.table()
     if table.empty:
         raise ValueError(f"{folder.path} holds no results yet")
+    missing = [c for c in KEY_COLUMNS if c not in table]
+    if missing:
+        raise ValueError(f"{folder.path} is not a fusiontune run: its rows lack {', '.join(missing)}")
     data = speedups(table)
     md_path, png_path = folder.path / "report.md", folder.path / "speedup.png"
     name = table["sweep"].iloc[0]
@@ -272,8 +275,12 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         lines += ["## Failed or incorrect", ""]
         lines += [f"- TP={r.tp}, {r.label}: {r.status}: {str(r.error).splitlines()[0] if r.error else ''}"
                   for r in failed.itertuples()] + [""]
-    lines += [f"![speedup against num_tokens]({png_path.name})", ""]
-    _plot(data, floors, png_path, name)
+    if data.empty:  # every config skipped: nothing to plot (and no figure of an earlier run left to mislead)
+        png_path.unlink(missing_ok=True)
+        lines += ["No config was measured: every one was skipped (see above).", ""]
+    else:
+        lines += [f"![speedup against num_tokens]({png_path.name})", ""]
+        _plot(data, floors, png_path, name)
     heatmap = speedup_heatmap(data, folder.path / "heatmap.png", name)
     if heatmap:
         lines += [f"![speedup heatmap, configs x num_tokens]({heatmap.name})", ""]
@@ -437,8 +444,9 @@ def _plot(data: pd.DataFrame, floors: pd.DataFrame, path: Path, title: str) -> N
             ax.fill_between(band["num_tokens"], 1 - band["noise_floor"], 1 + band["noise_floor"], color="grey",
                             alpha=0.2, label="noise floor")
         ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-        ax.set_xscale("log", base=2)
         sizes = sorted(data["num_tokens"].unique())
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)  # set before the log scale: a run with no speedup plots none
+        ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(int(n)) for n in sizes])
         ax.set_xlabel("num_tokens")
         ax.set_title(f"TP={tp}")

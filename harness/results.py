@@ -82,19 +82,30 @@ class RunFolder:
         return path
 
     def table(self) -> pd.DataFrame:
+        """The run's rows as a table: ``results.parquet``, rebuilt from ``rows.jsonl`` (the durable log) where it
+        is missing, unreadable or holds fewer rows than the log."""
+        rows = self.rows()
         if self.parquet_path.exists():
-            return pd.read_parquet(self.parquet_path)
-        return _to_frame(self.rows())
+            try:
+                table = pd.read_parquet(self.parquet_path)
+            except Exception:  # noqa: BLE001 - a torn or foreign file: the log says what was measured
+                table = None
+            if table is not None and (not rows or len(table) >= len(latest_rows(rows))):
+                return _to_frame(table.to_dict("records")) if not table.empty else table
+        if rows:
+            self.write_parquet()
+        return _to_frame(rows)
 
     def set_aside(self) -> Path:
-        """Move an earlier run's files into ``earlier/<time>/`` so that a new run starts clean."""
-        stamp = datetime.fromtimestamp(self.rows_path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+        """Move everything an earlier run wrote (rows, tables, reports, figures, a tune's summary and study, logs,
+        traces) into ``earlier/<time>/``, so that nothing stale sits beside the new run."""
+        marker = self.rows_path if self.rows_path.exists() else self.path
+        stamp = datetime.fromtimestamp(marker.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
         kept = self.path / "earlier" / stamp
         kept.mkdir(parents=True, exist_ok=True)
-        for name in ("rows.jsonl", "results.parquet", "kernels.jsonl", "kernels.parquet", "manifest.json",
-                     "report.md", "speedup.png", "kernels.png", "logs", "traces"):
-            if (self.path / name).exists():
-                (self.path / name).rename(kept / name)
+        for item in self.path.iterdir():
+            if item.name != "earlier":
+                item.rename(kept / item.name)
         return kept
 
     def write_parquet(self) -> None:
@@ -130,24 +141,40 @@ def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-def completed_configs(rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
-    """(config_id, tp) pairs whose every row ended in a status a re-run would not change (not 'failed')."""
-    status: dict[tuple[str, int], set[str]] = {}
+# A config skipped for want of GPUs says this: a resume on a larger cluster runs it.
+RESUMABLE_SKIP = "--resume on a cluster with enough GPUs runs it"
+
+
+def completed_configs(rows: list[dict[str, Any]], num_tokens: Iterable[int] | None = None) -> set[tuple[str, int]]:
+    """(config_id, tp) pairs a resume need not run again: a row for every size of ``num_tokens`` (a row lost to a
+    torn last line leaves its config incomplete), none of them ``failed``, none skipped for want of GPUs."""
+    sizes: dict[tuple[str, int], set[int]] = {}
+    final: dict[tuple[str, int], bool] = {}
     for row in latest_rows(rows):
         if row.get("config_id"):
-            status.setdefault((row["config_id"], row["tp"]), set()).add(row["status"])
-    return {key for key, seen in status.items() if "failed" not in seen}
+            key = (row["config_id"], row["tp"])
+            sizes.setdefault(key, set()).add(row.get("num_tokens"))
+            settled = row["status"] != "failed" and RESUMABLE_SKIP not in str(row.get("error") or "")
+            final[key] = final.get(key, True) and settled
+    wanted = set(num_tokens) if num_tokens is not None else None
+    return {key for key, ok in final.items() if ok and (wanted is None or wanted <= sizes[key])}
+
+
+def torn_tail(path: Path) -> bool:
+    """Whether the file's last line was cut short (a crash mid-write)."""
+    if not path.exists() or not path.stat().st_size:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _append_lines(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    torn = False
-    if path.exists() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
+    if torn_tail(path):  # a line a crash cut short holds no row: drop it, so the next row starts a line of its own
+        data = path.read_bytes()
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
     with path.open("a") as f:
-        if torn:  # a line a crash cut short: end it, so the next row starts a line of its own
-            f.write("\n")
         for row in rows:
             f.write(json.dumps(row, default=_json_default) + "\n")
         f.flush()
@@ -173,8 +200,22 @@ def _write_atomically(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+# Columns every analysis reads; a run whose configs were all skipped or failed lacks the measured ones.
+MEASURED_COLUMNS = ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_ms_ci_low", "latency_ms_ci_high",
+                    "latency_ms_cv", "repeats", "max_abs_err")
+# What makes a row one of ours: a file without these is not a fusiontune run.
+KEY_COLUMNS = ("config_id", "label", "tp", "num_tokens", "status")
+
+
 def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(latest_rows(rows))
+    if frame.empty:
+        return frame
+    for column in MEASURED_COLUMNS:
+        if column not in frame:
+            frame[column] = float("nan")
+    for column in ("is_baseline", "baseline_repeat"):
+        frame[column] = frame[column].fillna(False).astype(bool) if column in frame else False
     for column in PASS_COLUMNS:
         if column in frame and frame[column].dtype == object:
             frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in THRESHOLDS else frame[column]

@@ -206,6 +206,20 @@ def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
     return parse_spec(text, source, SweepSpec, "sweep", "name:, model:, tp:, num_tokens:, ...")
 
 
+# What makes two sweeps' rows comparable: a resume may add TP sizes, num_tokens and variants (a larger machine, more
+# sizes), never change these.
+IDENTITY_FIELDS = ("model", "optimization_level", "pass_config", "collectives")
+
+
+def identity_differences(earlier: SweepSpec, later: SweepSpec) -> list[str]:
+    """The identity fields in which two sweeps differ (empty: a resume of one with the other keeps rows apart)."""
+    def value(spec, name):
+        field_value = getattr(spec, name)
+        return field_value.model_dump() if isinstance(field_value, BaseModel) else field_value
+
+    return [name for name in IDENTITY_FIELDS if value(earlier, name) != value(later, name)]
+
+
 def target_platform(model: ModelConfig, tp: int, platform: Platform | None = None) -> Platform:
     """The platform a TP group of ``tp`` ranks resolves PassConfig on: ``platform`` (default: this machine) with
     the group's size and the model's shape."""

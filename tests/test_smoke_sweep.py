@@ -107,14 +107,15 @@ def test_an_interrupted_run_resumes_without_repeating_or_duplicating(smoke_run, 
     (run / "rows.jsonl").write_text("\n".join(lines[:6]) + '\n{"config_id": "torn')
     first_two = {json.loads(line)["config_id"] for line in lines[:6]}
     log = fusiontune("run", SWEEP, "--out", str(run), "--resume", "--no-report")
+    assert "its last row was cut short (a crash mid-write); it is dropped and its config runs again" in log
     # TP=1 recomputes its baseline's outputs to check the rest against, untimed and without rows.
     assert "2 configs already measured, 8 to run (and the all-off outputs recomputed" in log
     table = pd.read_parquet(run / "results.parquet")
     assert len(table) == 30 and not table.duplicated(["config_id", "tp", "num_tokens"]).any()
     assert (table["status"] == "ok").all()
     lines = (run / "rows.jsonl").read_text().splitlines()
-    assert len(lines) == 6 + 1 + 8 * 3  # the torn line stays alone on its line; no row is written twice
-    rerun_ids = {json.loads(line)["config_id"] for line in lines[7:]}
+    assert len(lines) == 6 + 8 * 3  # the torn line is gone; no row is written twice
+    rerun_ids = {json.loads(line)["config_id"] for line in lines[6:]}
     assert not first_two & rerun_ids
     nothing_left = fusiontune("run", SWEEP, "--out", str(run), "--resume", "--dry-run")
     assert "10 configs already measured, 0 to run" in nothing_left

@@ -143,9 +143,16 @@ def test_export_writes_thresholds_for_the_device_and_shape_and_vllm_flags(tuned,
     from fusiontune.passes.config import PassConfig
 
     _, folder, _, resumed, _, _ = tuned
-    path = export_tuned(folder.path, tmp_path / "thresholds")
+    try:  # a pick that does not beat all-off beyond the noise floor is refused, unless forced
+        export_tuned(folder.path, tmp_path / "thresholds")
+        refused = ""
+    except ExportError as exc:
+        refused = str(exc)
+    path = export_tuned(folder.path, tmp_path / "thresholds", force=True)
     assert path == tmp_path / "thresholds" / "cpu" / "tp1-hidden256-fp8-static.json"
     data = json.loads(path.read_text())
+    beats = data["evidence"]["expected_speedup"] - 1 > (data["evidence"]["noise_floor"] or 0)
+    assert (not refused) == beats and (beats or "does not beat all fusions off beyond noise" in refused)
     assert set(data["pass_config"]) <= set(PassConfig.model_fields)  # only names vLLM's PassConfig accepts
     assert data["vllm"]["compilation_config"] == {"pass_config": data["pass_config"]}
     flags = data["vllm"]["flags"].split()
@@ -165,6 +172,9 @@ def test_export_writes_thresholds_for_the_device_and_shape_and_vllm_flags(tuned,
         find_thresholds("NVIDIA H100 80GB HBM3", 1, 4096, "fp8-static", tmp_path / "thresholds")
     with pytest.raises(ExportError, match="not a tune run"):
         export_tuned(tmp_path, tmp_path / "thresholds")
+    with pytest.raises(ExportError, match="no such run folder"):
+        export_tuned(tmp_path / "missing", tmp_path / "thresholds")
+    assert not (tmp_path / "missing").exists()  # nothing created on the way to failing
 
 
 def test_the_report_of_a_tune_run_shows_the_study(tuned):

@@ -1,0 +1,124 @@
+"""The run folder keeps every row through crashes, resumes and new runs (issue 20's "nothing lost")."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from fusiontune.cli import app
+from fusiontune.harness.results import RESUMABLE_SKIP, RunFolder, completed_configs, torn_tail
+
+
+def rows(config_id, sizes, status="ok", tp=1, error=""):
+    return [{"config_id": config_id, "label": config_id, "tp": tp, "num_tokens": n, "status": status, "error": error,
+             "latency_ms": 1.0, "is_baseline": config_id == "base", "sweep": "s"} for n in sizes]
+
+
+def test_a_row_cut_short_leaves_its_config_to_run_again(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append(rows("base", (1, 8, 64)) + rows("a", (1, 8, 64)))
+    text = folder.rows_path.read_text()
+    folder.rows_path.write_text(text[: len(text) - 25])  # the last row, half written
+    assert torn_tail(folder.rows_path)
+    assert completed_configs(folder.rows(), [1, 8, 64]) == {("base", 1)}  # "a" lost its 64: it runs again
+    folder.append(rows("a", (1, 8, 64)))
+    assert not torn_tail(folder.rows_path)
+    assert all(json.loads(line) for line in folder.rows_path.read_text().splitlines())  # the torn line is gone
+    assert completed_configs(folder.rows(), [1, 8, 64]) == {("base", 1), ("a", 1)}
+    assert len(folder.table()) == 6
+
+
+def test_failed_sizes_and_a_skip_for_want_of_gpus_run_again_on_resume():
+    done = rows("base", (1, 8), tp=2) + rows("a", (1,), tp=2) + rows("a", (8,), "failed", tp=2)
+    done += rows("b", (1, 8), "skipped", tp=4, error=f"TP=4 needs 4 GPUs; the Ray cluster has 2 ({RESUMABLE_SKIP})")
+    done += rows("c", (1, 8), "skipped", tp=2, error="invalid PassConfig: nothing to do with GPUs")
+    assert completed_configs(done, [1, 8]) == {("base", 2), ("c", 2)}
+
+
+def test_a_new_run_sets_aside_everything_the_earlier_one_wrote(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append(rows("base", (1,)))
+    for name in ("report.md", "report.html", "heatmap.png", "speedups.parquet", "tune.json", "study.db"):
+        (tmp_path / name).write_text("stale")
+    (tmp_path / "logs").mkdir()
+    kept = folder.set_aside()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]
+    assert (kept / "tune.json").exists() and (kept / "rows.jsonl").exists() and (kept / "logs").is_dir()
+
+
+def test_the_table_is_rebuilt_from_the_rows_when_the_parquet_is_corrupt(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append(rows("base", (1, 8)) + rows("a", (1, 8)))
+    folder.parquet_path.write_bytes(b"PAR1 not really")
+    assert len(folder.table()) == 4
+    assert len(pd.read_parquet(folder.parquet_path)) == 4  # written again
+
+
+def test_resume_with_another_sweep_is_refused_naming_both(tmp_path):
+    sweep = tmp_path / "a.yaml"
+    sweep.write_text("name: a\nmodel: {preset: tiny}\nnum_tokens: [1]\n")
+    other = tmp_path / "b.yaml"
+    other.write_text("name: a\nmodel: {preset: tiny, quant: fp8-static}\nnum_tokens: [1]\n")
+    folder = RunFolder(tmp_path / "run")
+    folder.write_manifest(sweep.read_text(), str(sweep), {})
+    result = CliRunner().invoke(app, ["run", str(other), "--out", str(folder.path), "--resume", "--dry-run"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert f"holds a run of a ({sweep})" in result.output and "differs in model" in result.output
+    same = CliRunner().invoke(app, ["run", str(sweep), "--out", str(folder.path), "--resume", "--dry-run"])
+    assert same.exit_code == 0, same.output
+
+
+def write_sweep(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nmodel: {preset: tiny}\nnum_tokens: [1, 8]\nvariants: [{fuse_norm_quant: true}]\n")
+    return sweep
+
+
+def test_exit_codes_say_what_happened(tmp_path, monkeypatch):
+    """0: every config ok; 1: some failed (after the report); 130: interrupted, with how to continue."""
+    import fusiontune.harness.launcher as launcher
+
+    sweep = write_sweep(tmp_path)
+
+    def measured(status):
+        def fake_run_plan(plan, folder, **_):
+            folder.append(rows("base", (1, 8)) + rows("a", (1, 8), status))
+        return fake_run_plan
+
+    monkeypatch.setattr(launcher, "run_plan", measured("ok"))
+    assert CliRunner().invoke(app, ["run", str(sweep), "--out", str(tmp_path / "ok")]).exit_code == 0
+    monkeypatch.setattr(launcher, "run_plan", measured("failed"))
+    failed = CliRunner().invoke(app, ["run", str(sweep), "--out", str(tmp_path / "bad")], env={"COLUMNS": "200"})
+    assert failed.exit_code == 1 and "1 config(s) failed or were incorrect: TP=1 a" in failed.output
+    assert (tmp_path / "bad" / "report.md").exists()
+
+    def interrupted(plan, folder, **_):
+        folder.append(rows("base", (1, 8)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher, "run_plan", interrupted)
+    stopped = CliRunner().invoke(app, ["run", str(sweep), "--out", str(tmp_path / "cut")], env={"COLUMNS": "300"})
+    assert stopped.exit_code == 130 and "--resume` continues" in stopped.output
+    assert len(RunFolder(tmp_path / "cut").rows()) == 2
+
+
+def test_reports_of_runs_that_measured_nothing_and_of_foreign_files(tmp_path):
+    from fusiontune.harness.compare import compare
+    from fusiontune.harness.report import write_report
+
+    skipped = RunFolder(tmp_path / "skipped")
+    skipped.append([{k: v for k, v in r.items() if k != "latency_ms"} for r in rows("a", (1, 8), "skipped")])
+    md, png = write_report(skipped.path)
+    assert "No config was measured: every one was skipped" in md.read_text() and not png.exists()
+    assert compare(skipped.path, skipped.path).empty  # nothing to judge (the CLI says so, exit 2)
+    failed = RunFolder(tmp_path / "failed")
+    failed.append(rows("base", (1, 8), "failed") + rows("a", (1, 8), "failed"))
+    assert "## Failed or incorrect" in write_report(failed.path)[0].read_text()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "rows.jsonl").write_text('{"a": 1}\n')
+    result = CliRunner().invoke(app, ["report", str(foreign)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "is not a fusiontune run: its rows lack config_id" in result.output
