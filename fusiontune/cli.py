@@ -18,18 +18,35 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"fusiontune {version('fusiontune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      metavar="", help="Print fusiontune's version and exit.")):
+    """Benchmark and tune vLLM-style torch.compile fusion passes on your model, GPUs and batch sizes."""
+
+
 @app.command()
 def run(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML (see sweeps/smoke-cpu.yaml)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: results/<sweep name>)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://host:10001'); "
                                           "overrides the sweep's cluster.address. Default: a local Ray."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan (and what was dropped) and exit."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder: configs that "
-                                "finished are kept, failed and missing ones run (with their TP size's baseline)."),
-    report: bool = typer.Option(True, "--report/--no-report", help="Write report.md and speedup.png at the end."),
-    config_timeout: float = typer.Option(3600, help="Seconds one config (all its num_tokens) may take; past it the "
-                                         "config is recorded failed, its workers are replaced, the sweep goes on."),
+    dry_run: bool = typer.Option(False, "--dry-run", metavar="",
+                                 help="Print the expanded plan (and what was dropped) and exit."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the run in the output folder: configs "
+                                "that finished are kept, failed and missing ones run (with their TP size's baseline)."),
+    report: bool = typer.Option(True, "--report/--no-report", metavar="",
+                                help="Write report.md and speedup.png at the end."),
+    config_timeout: float = typer.Option(3600, min=1, help="Seconds one config (all its num_tokens) may take; past "
+                                         "it the config is recorded failed, its workers are replaced, the sweep goes "
+                                         "on."),
     groups: Optional[str] = typer.Option(None, "--groups", help="TP groups measuring at once: 'auto' or a number; "
                                          "overrides the sweep's cluster.groups."),
     num_runs: Optional[int] = typer.Option(None, "--num-runs", min=1, help="Measure every config this many times "
@@ -142,16 +159,16 @@ def tune(
     tune_file: Path = typer.Argument(..., help="Tune YAML (see sweeps/tune-cpu.yaml)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: results/<tune name>); the study is "
                                        "kept there (study.db) unless study.storage names another."),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Trials in all (the study's, resumed ones included); "
-                                         "overrides study.trials."),
-    grid: bool = typer.Option(False, "--grid", help="Evaluate every combination (a study of its own): the reference "
-                              "the tuner is judged against."),
-    max_evaluations: Optional[int] = typer.Option(None, "--max-evaluations", help="Measure at most this many "
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Trials in all (the study's, resumed ones "
+                                         "included); overrides study.trials."),
+    grid: bool = typer.Option(False, "--grid", metavar="", help="Evaluate every combination (a study of its own): "
+                              "the reference the tuner is judged against."),
+    max_evaluations: Optional[int] = typer.Option(None, "--max-evaluations", min=1, help="Measure at most this many "
                                                   "configs; overrides study.max_evaluations."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join; default: a local Ray."),
     groups: Optional[str] = typer.Option(None, "--groups", help="TP groups running trials at once: 'auto' or a "
                                          "number; overrides cluster.groups."),
-    config_timeout: float = typer.Option(3600, help="Seconds one trial's job may take before it is failed."),
+    config_timeout: float = typer.Option(3600, min=1, help="Seconds one trial's job may take before it is failed."),
 ):
     """Search fusion enables and thresholds with Optuna for the lowest expected latency under a workload's
     num_tokens distribution; trials run on TP groups through Ray, the study resumes from its storage."""
@@ -272,15 +289,15 @@ def _platform(vendor: str, capability: Optional[int], tp: int, hidden_size: int,
 
 VENDOR_OPTION = typer.Option("detect", help="cuda, rocm, cpu, or detect (this machine).")
 CAPABILITY_OPTION = typer.Option(None, help="Compute capability as 90 (sm90), 100 (sm100).")
-TP_OPTION = typer.Option(1, help="Tensor-parallel size.")
-HIDDEN_OPTION = typer.Option(4096, help="Model hidden size.")
+TP_OPTION = typer.Option(1, min=1, help="Tensor-parallel size.")
+HIDDEN_OPTION = typer.Option(4096, min=1, help="Model hidden size.")
 QUANT_OPTION = typer.Option("none", help="Model quant scheme (none, fp8-static, fp8-per-token, fp8-per-group).")
 FLASHINFER_OPTION = typer.Option(None, help="Whether FlashInfer is installed (default: detect).")
 
 
 @app.command("resolve")
 def resolve_cmd(
-    level: int = typer.Option(2, "-O", "--level", help="Optimization level 0-3."),
+    level: int = typer.Option(2, "-O", "--level", min=0, max=3, help="Optimization level 0-3."),
     vendor: str = VENDOR_OPTION,
     capability: Optional[int] = CAPABILITY_OPTION,
     tp: int = TP_OPTION,
@@ -398,8 +415,8 @@ def bench_kernels(
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by 'fusiontune tune'."),
     out: Path = typer.Option(Path("thresholds"), "--out", help="Root of the thresholds tree."),
-    force: bool = typer.Option(False, "--force", help="Export even a pick that does not beat all fusions off "
-                               "beyond the noise floor."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Export even a pick that does not beat all fusions "
+                               "off beyond the noise floor."),
 ):
     """Write the tuned PassConfig as thresholds/<device>/tp<N>-hidden<H>-<quant>.json, with its evidence and the
     same config as vLLM's --compilation-config JSON and -O/-cc.pass_config flags. A pick that does not beat all
@@ -453,8 +470,8 @@ def compare_cmd(
     run_a: Path = typer.Argument(..., help="The earlier run folder (the reference)."),
     run_b: Path = typer.Argument(..., help="The later run folder."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the whole comparison as CSV."),
-    fail: bool = typer.Option(True, "--fail/--no-fail", help="Exit 1 when a config's speedup fell outside both runs' "
-                              "intervals, a config broke, or a fusion stopped firing (for CI)."),
+    fail: bool = typer.Option(True, "--fail/--no-fail", metavar="", help="Exit 1 when a config's speedup fell "
+                              "outside both runs' intervals, a config broke, or a fusion stopped firing (for CI)."),
 ):
     """Configs measured in both runs, judged on their speedups (each run over its own all-off, so another machine
     of the same kind compares): which got slower or faster beyond both intervals, which broke or were fixed, which

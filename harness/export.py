@@ -114,9 +114,9 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
     expected, floor = payload["evidence"]["expected_speedup"], summary.get("noise_floor") or 0.0
     if not force and (expected is None or expected - 1 <= floor):
         shown = f"{expected:.3f}x" if expected is not None else "unknown"
-        raise ExportError(f"{folder.path}: the tuned config's expected speedup is {shown} (noise floor {floor:.2%}): it "
-                          "does not beat all fusions off beyond noise, so nothing was exported (--force writes it "
-                          "anyway)")
+        raise ExportError(f"{folder.path}: the tuned config's expected speedup is {shown} (noise floor "
+                          f"{floor:.2%}): it does not beat all fusions off beyond noise, so nothing was exported "
+                          "(--force writes it anyway)")
     path = Path(out_root) / device_dir(device) / file_name(tp, hidden, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(redact(json.dumps(payload, indent=2, default=_plain)) + "\n")

@@ -181,11 +181,31 @@ def read_file(path: str | Path, kind: str) -> str:
         raise SweepError(f"cannot read {kind} file {path}: {exc.strerror}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (plain safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_yaml(text: str) -> Any:
+    """``text`` parsed as YAML safely (no tags that build Python objects), every key once per mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_spec(text: str, source: str, root: type[BaseModel], kind: str, keys: str) -> Any:
     """A YAML file read safely and validated as ``root``; errors name the key, and for an unknown key the keys
     allowed at that place (``kind``: "sweep", "tune"; ``keys``: the top-level keys, for a file that is no mapping)."""
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as exc:
         raise SweepError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

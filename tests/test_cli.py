@@ -82,3 +82,22 @@ def test_installed_layout_has_no_bare_top_level_modules(tmp_path):
     assert out.stdout.splitlines()[1].endswith("kernels/__init__.py")
     console = subprocess.run(["fusiontune", "--help"], capture_output=True, text=True)
     assert console.returncode == 0 and "run" in console.stdout
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: x\nmodel: {preset: tiny}\nnum_tokens: [1]\nnum_tokens: [8]\n")
+    result = runner.invoke(app, ["run", str(twice), "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "key 'num_tokens' given twice (lines 3 and 4)" in result.output
+
+
+def test_version_ranges_and_flags_without_placeholders():
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("fusiontune ")
+    level = runner.invoke(app, ["resolve", "-O", "5"], env={"COLUMNS": "200"})
+    assert level.exit_code == 2 and "less than or equal to 3" in level.output
+    for command in (["run", "--config-timeout", "0", "sweeps/smoke-cpu.yaml"], ["resolve", "--tp", "0"]):
+        assert runner.invoke(app, command).exit_code == 2, command
+    text = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
+    dry_run = next(line for line in text.splitlines() if "--dry-run" in line)
+    assert "<bool>" not in dry_run
