@@ -36,7 +36,7 @@ class SweepError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no silent coercion ("2" for 2, 1 for true)
 
 
 class ModelSpec(_Strict):

@@ -264,3 +264,13 @@ def test_the_collectives_check_sweep_plans_the_fused_allreduce_and_asynctp_at_tp
         assert [r["fuse_allreduce_rms"] for r in fused] == [False, True, False]
         assert [r["fuse_gemm_comms"] for r in fused] == [False, False, True] and fused[2]["enable_sp"]
         assert all(r["fuse_norm_quant"] and r["fuse_act_quant"] for r in fused)
+
+
+def test_values_a_user_did_not_mean_are_refused_not_coerced():
+    for text, field in (('tp: "2"', "tp"), ("model: {preset: tiny, num_layers: 2.5}", "model.num_layers"),
+                        ("measure: {profile: 1}", "measure.profile"),
+                        ('pass_config: {fuse_norm_quant: "yes"}', "pass_config.fuse_norm_quant")):
+        lines = {"name": "name: x", "model": "model: {preset: tiny}", "num_tokens": "num_tokens: [1]"}
+        lines[text.split(":")[0]] = text
+        with pytest.raises(SweepError, match=field.replace(".", r"\.")):
+            parse_sweep("\n".join(lines.values()) + "\n")
