@@ -148,10 +148,21 @@ class SweepSpec(_Strict):
 
 
 
+# pydantic names each alternative of a union as a last location part: one line per field instead
+_UNION_BRANCHES = re.compile(r"^(bool|int|float|str|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-after\[.*\])$",
+                             re.IGNORECASE)
+
+
 def _format_validation_error(error: ValidationError, source: str, root: type[BaseModel], kind: str) -> str:
     lines = [f"{source}: invalid {kind} file"]
+    unions: dict[str, tuple[object, list[str]]] = {}
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = [str(part) for part in item["loc"]]
+        if len(loc) > 1 and _UNION_BRANCHES.match(loc[-1]):
+            field = ".".join(loc[:-1])
+            unions.setdefault(field, (item.get("input"), []))[1].append(loc[-1])
+            continue
+        where = ".".join(loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             parent = _model_at(root, item["loc"][:-1])
@@ -160,7 +171,24 @@ def _format_validation_error(error: ValidationError, source: str, root: type[Bas
         elif item["type"] == "missing":
             message = "required key is missing"
         lines.append(f"  {where}: {message}")
+    for field, (value, branches) in unions.items():
+        lines.append(f"  {field}: {value!r} is not a valid value (allowed: {_readable(branches)})")
     return "\n".join(lines)
+
+
+def _readable(branches: list[str]) -> str:
+    """pydantic's union branch names as a reader says them: "int or a list" for ["int", "list[int]"]."""
+    names = []
+    for branch in branches:
+        lower = branch.lower()
+        if lower.startswith("literal["):
+            names.append(branch[len("literal["):-1])
+        elif lower.startswith("list["):
+            names.append("a list of these")
+        else:
+            names.append(lower.split("[")[0])
+    names = list(dict.fromkeys(names))
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _model_at(root: type[BaseModel], loc) -> type[BaseModel] | None:
@@ -174,11 +202,20 @@ def _model_at(root: type[BaseModel], loc) -> type[BaseModel] | None:
     return model
 
 
+MAX_SPEC_BYTES = 1024 * 1024  # a sweep or tune file is a page of YAML; anything larger is the wrong file
+
+
 def read_file(path: str | Path, kind: str) -> str:
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SweepError(f"{path}: {size} bytes; a {kind} file is at most {MAX_SPEC_BYTES} bytes of YAML (is this "
+                             "the right file?)")
         return Path(path).read_text()
     except OSError as exc:
         raise SweepError(f"cannot read {kind} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SweepError(f"{path}: not a text file; a {kind} file is YAML") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -274,3 +274,13 @@ def test_values_a_user_did_not_mean_are_refused_not_coerced():
         lines[text.split(":")[0]] = text
         with pytest.raises(SweepError, match=field.replace(".", r"\.")):
             parse_sweep("\n".join(lines.values()) + "\n")
+
+
+def test_a_union_field_gets_one_line_and_a_file_too_large_is_refused(tmp_path):
+    with pytest.raises(SweepError) as info:
+        parse_sweep('name: x\nmodel: {preset: tiny}\nnum_tokens: [1]\ncluster: {groups: "many"}\n')
+    assert str(info.value).splitlines()[1:] == ["  cluster.groups: 'many' is not a valid value (allowed: 'auto' or int)"]
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
+    with pytest.raises(SweepError, match="a sweep file is at most 1048576 bytes"):
+        load_sweep(huge)
