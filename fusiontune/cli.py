@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Benchmark and tune vLLM-style torch.compile fusion passes on your model, GPUs and batch sizes.",
                   epilog="Exit codes: 0 ok; 1 some configs failed or were incorrect, or a regression (compare); 2 bad "
                          "input; 130 interrupted (run --resume continues).")
 console = Console()

@@ -150,13 +150,20 @@ def _input_sets(tokens: int, hidden: int) -> int:
     return max(2, min(8, math.ceil(4 * l2 / (tokens * hidden * 2))))
 
 
-def measure_rank(rank: int, world: int, port: int, hidden_sizes, num_tokens, names, csv_path: str | None) -> None:
-    """One rank's part of the benchmark (every rank runs every case in the same order; rank 0 writes)."""
+def join_gpu_group(rank: int, world: int, port: int) -> torch.device:
+    """This process as rank ``rank`` of an NCCL group of ``world`` processes on this host, one per GPU, on GPU
+    ``rank``, NVLink multicast off (bench-kernels --tp, the collective kernel tests, the kernel probes)."""
     os.environ.update(symm_mem.MULTICAST_OFF)
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=device)
+    return device
+
+
+def measure_rank(rank: int, world: int, port: int, hidden_sizes, num_tokens, names, csv_path: str | None) -> None:
+    """One rank's part of the benchmark (every rank runs every case in the same order; rank 0 writes)."""
+    device = join_gpu_group(rank, world, port)
     group = dist.group.WORLD
 
     writer, sink = None, None

@@ -39,7 +39,9 @@ from .results import KEY_COLUMNS, RunFolder  # noqa: E402
 
 
 def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (tp, num_tokens): the baseline's two medians, their relative drift, its CI half-width, the floor."""
+    """Per (tp, num_tokens): the baseline's two medians, their relative drift, its CI half-width, the floor; and
+    the first baseline measurement's median CI (``base_ci_low``, ``base_ci_high``) and CV (``base_cv``), which a
+    speedup's interval is made from."""
     ok = table[table["status"] == "ok"]
     first = ok[ok["is_baseline"].astype(bool)]
     again = ok[_flag(ok, "baseline_repeat")]
@@ -48,6 +50,9 @@ def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
     floor["baseline_clock"] = _column(first, "gpu_sm_clock_mhz").values
     half_width = (_column(first, "latency_ms_ci_high") - _column(first, "latency_ms_ci_low")) / 2
     floor["ci_rel"] = (half_width / first["latency_ms"]).values
+    floor["base_ci_low"] = _column(first, "latency_ms_ci_low").values
+    floor["base_ci_high"] = _column(first, "latency_ms_ci_high").values
+    floor["base_cv"] = _column(first, "latency_ms_cv").values
     again = again.assign(again_clock=_column(again, "gpu_sm_clock_mhz"))
     floor = floor.merge(again[keys + ["latency_ms", "again_clock"]].rename(columns={"latency_ms": "again_ms"}),
                         on=keys, how="left")
@@ -112,21 +117,20 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
 
 def _judge(merged: pd.DataFrame) -> None:
     """Add each speedup's interval and verdict, and the notes that go with them (see the module doc)."""
-    base_ci = merged[["tp", "num_tokens"]].merge(_baseline_ci(merged), on=["tp", "num_tokens"], how="left")
     config_low = _column(merged, "latency_ms_ci_low").fillna(merged["latency_ms"])
     config_high = _column(merged, "latency_ms_ci_high").fillna(merged["latency_ms"])
-    base_low = base_ci["base_ci_low"].fillna(merged["baseline_ms"]).values
-    base_high = base_ci["base_ci_high"].fillna(merged["baseline_ms"]).values
+    base_low = merged["base_ci_low"].fillna(merged["baseline_ms"])
+    base_high = merged["base_ci_high"].fillna(merged["baseline_ms"])
     drift = 1 + _column(merged, "drift_rel").fillna(0.0)
     merged["ci_low"] = (base_low / config_high / drift).where(merged["speedup"].notna())
     merged["ci_high"] = (base_high / config_low * drift).where(merged["speedup"].notna())
-    scatter = pd.concat([_column(merged, "latency_ms_cv"), base_ci["base_cv"].set_axis(merged.index)], axis=1)
-    worst_cv = scatter.max(axis=1, skipna=True)
+    worst_cv = pd.concat([_column(merged, "latency_ms_cv"), merged["base_cv"]], axis=1).max(axis=1, skipna=True)
     floor = merged["noise_floor"].fillna(0.0)
+    again = _flag(merged, "baseline_repeat")
     verdicts, notes = [], []
     for i, row in merged.iterrows():
         verdict, note = "", row["note"]
-        if pd.notna(row["speedup"]) and not row["is_baseline"] and not _flag(merged.loc[[i]], "baseline_repeat").iat[0]:
+        if pd.notna(row["speedup"]) and not row["is_baseline"] and not again[i]:
             if worst_cv[i] > NOISY_CV:
                 verdict, extra = "too noisy", f"too noisy to claim (CV {worst_cv[i]:.0%})"
             elif row["ci_low"] > 1 and row["speedup"] - 1 > floor[i]:
@@ -142,20 +146,11 @@ def _judge(merged: pd.DataFrame) -> None:
                 extra = "; ".join(filter(None, [extra, f"lower SM clock than all-off ({clock:.0f} against "
                                                        f"{base_clock:.0f} MHz)"]))
             note = "; ".join(filter(None, [extra, note]))
-        elif pd.notna(row["speedup"]) and _flag(merged.loc[[i]], "baseline_repeat").iat[0]:
+        elif pd.notna(row["speedup"]) and again[i]:
             note = f"the A/A check: all-off again, {abs(row['speedup'] - 1):.1%} off the first"
         verdicts.append(verdict)
         notes.append(note)
     merged["verdict"], merged["note"] = verdicts, notes
-
-
-def _baseline_ci(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (tp, num_tokens): the first baseline measurement's median CI and CV."""
-    first = table[table["is_baseline"].astype(bool) & (table["status"] == "ok")]
-    return pd.DataFrame({"tp": first["tp"], "num_tokens": first["num_tokens"],
-                         "base_ci_low": _column(first, "latency_ms_ci_low"),
-                         "base_ci_high": _column(first, "latency_ms_ci_high"),
-                         "base_cv": _column(first, "latency_ms_cv")}).drop_duplicates(["tp", "num_tokens"])
 
 
 def pooled_runs(data: pd.DataFrame) -> pd.DataFrame:

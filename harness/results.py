@@ -91,7 +91,7 @@ class RunFolder:
             except Exception:  # noqa: BLE001 - a torn or foreign file: the log says what was measured
                 table = None
             if table is not None and (not rows or len(table) >= len(latest_rows(rows))):
-                return _to_frame(table.to_dict("records")) if not table.empty else table
+                return _with_all_columns(table)
         if rows:
             self.write_parquet()
         return _to_frame(rows)
@@ -207,8 +207,9 @@ MEASURED_COLUMNS = ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_m
 KEY_COLUMNS = ("config_id", "label", "tp", "num_tokens", "status")
 
 
-def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(latest_rows(rows))
+def _with_all_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the measured columns (NaN) and the baseline flags (False) that a run which measured nothing,
+    or rows from before a column existed, lack."""
     if frame.empty:
         return frame
     for column in MEASURED_COLUMNS:
@@ -216,6 +217,11 @@ def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             frame[column] = float("nan")
     for column in ("is_baseline", "baseline_repeat"):
         frame[column] = frame[column].fillna(False).astype(bool) if column in frame else False
+    return frame
+
+
+def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = _with_all_columns(pd.DataFrame(latest_rows(rows)))
     for column in PASS_COLUMNS:
         if column in frame and frame[column].dtype == object:
             frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in THRESHOLDS else frame[column]

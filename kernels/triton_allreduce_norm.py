@@ -197,20 +197,23 @@ def _allreduce_norm_kernel(
             tl.store(own_pad + COUNTER, call + 1)
 
 
+def _half_layout(num_rows: int, hidden: int, dtype: torch.dtype, quant: bool, two_shot: bool,
+                 world: int) -> tuple[int, int, int]:
+    """One half of a rank's workspace, in bytes: (where the two-shot gather area's residual rows start, where its
+    output rows start, the end). First come world - 1 slots of the peers' partial rows (two-shot: of the rows the
+    rank owns); a two-shot half then holds the gather area (new residual rows, then output rows)."""
+    slot_rows = -(-num_rows // world) if two_shot else num_rows
+    gather_res = (world - 1) * slot_rows * hidden * dtype.itemsize
+    if not two_shot:
+        return gather_res, gather_res, gather_res
+    gather_out = gather_res + num_rows * hidden * dtype.itemsize
+    return gather_res, gather_out, gather_out + num_rows * hidden * (1 if quant else dtype.itemsize)
+
+
 def workspace_bytes(num_rows: int, hidden: int, dtype: torch.dtype, quant: bool, two_shot: bool,
                     world: int) -> int:
-    """What one half of a rank's workspace must hold: world - 1 slots of the peers' partial rows (two-shot: of
-    the rows it owns), and for two-shot the gather area (new residual and output rows)."""
-    if not two_shot:
-        return (world - 1) * num_rows * hidden * dtype.itemsize
-    slots = (world - 1) * -(-num_rows // world) * hidden * dtype.itemsize
-    return slots + num_rows * hidden * (dtype.itemsize + (1 if quant else dtype.itemsize))
-
-
-def _gather_offsets(num_rows: int, hidden: int, dtype: torch.dtype, world: int) -> tuple[int, int]:
-    """Byte offsets of the two-shot gather area's residual rows and output rows within a half."""
-    residual = workspace_bytes(num_rows, hidden, dtype, False, True, world) - 2 * num_rows * hidden * dtype.itemsize
-    return residual, residual + num_rows * hidden * dtype.itemsize
+    """What one half of a rank's workspace must hold (see ``_half_layout``)."""
+    return _half_layout(num_rows, hidden, dtype, quant, two_shot, world)[2]
 
 
 def pad_layout(signal_pad_bytes: int, world: int) -> tuple[int, int]:
@@ -242,7 +245,7 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
     quant = scale is not None
     block = max(16, triton.next_power_of_2(hidden))
     programs = programs_for(num_rows, world, two_shot, x.device, signal_pad_bytes)
-    gather_res, gather_out = _gather_offsets(num_rows, hidden, x.dtype, world)
+    gather_res, gather_out, _ = _half_layout(num_rows, hidden, x.dtype, quant, two_shot, world)
     _allreduce_norm_kernel[(programs,)](
         x, residual, weight, out, scale if quant else x, buffers, pads if pads is not None else buffers,
         rank, num_rows, hidden, eps, gather_res, gather_out, half_bytes, pad_layout(signal_pad_bytes, world)[1],

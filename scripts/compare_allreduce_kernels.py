@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -50,11 +49,7 @@ def _compiled(kernel):
 
 
 def main(rank, world, port, csv_path):
-    os.environ.update(symm_mem.MULTICAST_OFF)
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=device)
+    device = bench.join_gpu_group(rank, world, port)
     group = dist.group.WORLD
     name = group.group_name
     old = _old()

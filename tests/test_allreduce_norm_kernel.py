@@ -102,17 +102,12 @@ GPU_HIDDEN = [4096, 2880]
 
 
 def _gpu_rank(rank, world, port, queue):
-    import os
-
     import torch.distributed as dist
 
+    from fusiontune.harness.bench_collectives import join_gpu_group
     from fusiontune.kernels import symm_mem
 
-    os.environ.update(symm_mem.MULTICAST_OFF)
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=device)
+    device = join_gpu_group(rank, world, port)
     from fusiontune.kernels.collectives import all_reduced_cuda
     from fusiontune.kernels.triton_allreduce_norm import allreduce_add_rms_norm
 
