@@ -179,7 +179,7 @@ def tune(
         spec = _override(spec, "cluster", groups=_groups(groups))
         spec = _override(spec, "study", max_evaluations=max_evaluations)
         from fusiontune.harness.results import RunFolder
-        from fusiontune.harness.tuner import Tuner, grid_size, prepare_folder
+        from fusiontune.harness.tuner import Tuner, grid_size, parameters, prepare_folder
 
         folder = RunFolder(out or Path("results") / spec.name)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
@@ -188,8 +188,9 @@ def tune(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
     prepare_folder(spec, text, str(tune_file), folder, grid)
-    console.print(f"tune {spec.name}: {'grid of' if grid else 'up to'} {tuner.trials} trials over "
-                  f"{', '.join(tuner.space)} (grid size {grid_size(spec)}); workload weights "
+    searched = ", ".join(name for name, _ in parameters(spec))
+    console.print(f"tune {spec.name}: {'grid of' if grid else 'up to'} {tuner.trials} trials over {searched} "
+                  f"(grid size {grid_size(spec)}); workload weights "
                   + ", ".join(f"{n}: {w:.2f}" for n, w in tuner.weights.items() if w > 0))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
@@ -379,7 +380,8 @@ def bench_kernels(
 ):
     """Time every row-wise kernel (fused and unfused) under CUDA graphs against its unfused chain, Inductor and
     FlashInfer; print achieved GB/s as a fraction of the measured copy bandwidth. With --tp N, time the collective
-    fusions against NCCL and torch's symmetric-memory all-reduce and say where each stops paying. Needs CUDA GPUs."""
+    fusions against NCCL, torch's symmetric-memory all-reduce and FlashInfer's fused all-reduce (where installed),
+    and say where each stops paying. Needs CUDA GPUs."""
     import torch
 
     if not torch.cuda.is_available():

@@ -7,7 +7,9 @@ Cases, and the peers each is timed against:
   (``fused``: the kernel where ``symm_mem.fused_method`` takes it, the unfused pair elsewhere); against NCCL's
   all-reduce then our fused add + norm kernel (``nccl_norm``), and torch's symmetric-memory one-shot / two-shot
   all-reduce then the same kernel (``one_shot_norm``, ``two_shot_norm``). The best of the three unfused pairs is
-  the baseline a serving engine would run (``best_unfused``).
+  the baseline a serving engine would run (``best_unfused``). Where flashinfer-python is installed, FlashInfer's
+  fused kernel (``flashinfer``, the one vLLM runs) is timed beside them; ``speedup_vs_flashinfer`` is ours
+  against it.
 - ``all_gather+gemm`` (a column-parallel GEMM's gathered input, gate_up shape) and ``gemm+reduce_scatter`` (a
   row-parallel GEMM's output, down_proj shape): torch's symmetric-memory fused ops (AsyncTP) against the NCCL
   collective then the GEMM.
@@ -32,7 +34,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from fusiontune.kernels import symm_mem
+from fusiontune.kernels import flashinfer_allreduce, symm_mem
 from fusiontune.kernels.collectives import all_gathered, all_reduced, reduce_scattered
 
 from .timing import slowest_rank, time_per_call
@@ -92,13 +94,17 @@ def _allreduce_norm_case(quant: str | None) -> CollectiveCase:
             "nccl_norm": lambda i: norm(all_reduced(i["x"], group), i),
             "one_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], group, "one-shot"), i),
             "two_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], group, "two-shot"), i),
+            **({"flashinfer": lambda i: flashinfer_allreduce.allreduce_add_rms_norm(
+                i["x"], i["residual"], i["weight"], EPS, i["scale"], group)}
+               if flashinfer_allreduce.available() else {}),
         }
 
     name = "allreduce+add+rms_norm" + (f"->{quant}" if quant else "")
     return CollectiveCase(name, peers, ("nccl_norm", "one_shot_norm", "two_shot_norm"), ("fused_one_shot",
                                                                                           "fused_two_shot"),
                           lambda t, h, r, w, s: _norm_inputs(t, h, r, w, s, quant),
-                          symmetric=("fused_one_shot", "fused_two_shot", "one_shot_norm", "two_shot_norm"))
+                          symmetric=("fused_one_shot", "fused_two_shot", "one_shot_norm", "two_shot_norm",
+                                     "flashinfer"))
 
 
 def _intermediate(hidden: int) -> int:
@@ -136,12 +142,12 @@ def cases() -> list[CollectiveCase]:
     ]
 
 
-PEERS = ("fused", "fused_one_shot", "fused_two_shot", "nccl_norm", "one_shot_norm", "two_shot_norm",
+PEERS = ("fused", "fused_one_shot", "fused_two_shot", "nccl_norm", "one_shot_norm", "two_shot_norm", "flashinfer",
          "nccl_then_gemm", "gemm_then_nccl")
 FIELDS = (["device", "tp", "op", "hidden", "num_tokens", "tensor_mb", "input_sets"]
           + [f"{p}_{k}" for p in PEERS for k in ("us", "p10_us", "p90_us")]
           + ["kernel", "kernel_us", "best_unfused", "best_unfused_us", "speedup_vs_best_unfused", "speedup_vs_nccl",
-             "errors"])
+             "speedup_vs_flashinfer", "errors"])
 
 
 def _input_sets(tokens: int, hidden: int) -> int:
@@ -176,7 +182,9 @@ def measure_rank(rank: int, world: int, port: int, hidden_sizes, num_tokens, nam
         name = torch.cuda.get_device_name(device)
         if rank == 0:
             print(f"{name} x {world}: {', '.join(c.name for c in selected)}; hidden {list(hidden_sizes)}, "
-                  f"num_tokens {list(num_tokens)}; FlashInfer: not installed (no peer column)", flush=True)
+                  f"num_tokens {list(num_tokens)}; FlashInfer: "
+                  + ("a peer of the all-reduce + norm cases" if flashinfer_allreduce.available() else
+                     "not installed (no peer column)"), flush=True)
         rows = []
         for case in selected:
             peers = case.peers(group.group_name)
@@ -231,6 +239,8 @@ def _measure(case: CollectiveCase, peers: dict, tokens: int, hidden: int, rank: 
         reference = "nccl_norm" if "nccl_norm" in case.unfused else case.unfused[0]
         if row.get(f"{reference}_us"):
             row["speedup_vs_nccl"] = round(row[f"{reference}_us"] / row[f"{kernel}_us"], 3)
+        if row.get("flashinfer_us"):
+            row["speedup_vs_flashinfer"] = round(row["flashinfer_us"] / row[f"{kernel}_us"], 3)
     row["errors"] = "; ".join(errors)
     del inputs
     return row
@@ -271,6 +281,8 @@ def _line(row: dict) -> str:
     text = " | ".join(f"{p} {us(p)}" for p in peers)
     verdict = (f" -> {row['kernel']} x{row['speedup_vs_best_unfused']} vs {row['best_unfused']}"
                if row.get("best_unfused") else "")
+    if row.get("speedup_vs_flashinfer"):
+        verdict += f", x{row['speedup_vs_flashinfer']} vs flashinfer"
     kernel = row.get("kernel")
     spread = f" ({kernel} p10-p90 {row[f'{kernel}_p10_us']:.1f}-{row[f'{kernel}_p90_us']:.1f})" if kernel else ""
     errors = f" [errors: {row['errors']}]" if row.get("errors") else ""

@@ -29,18 +29,17 @@ more than its timing.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from fusiontune.passes.fusions import THRESHOLDS
+from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG, THRESHOLDS
 
 from .groups import GroupPool, groups_to_use
 from .launcher import Recorder, device_for, init_ray, job_for
@@ -64,14 +63,55 @@ def _searched(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={_show(v)}" for k, v in params.items())
 
 
-def search_space(spec: TuneSpec) -> dict[str, CategoricalDistribution]:
-    space = {flag: CategoricalDistribution([False, True]) for flag in spec.search.fusions}
-    space.update({name: CategoricalDistribution(list(choices)) for name, choices in spec.search.thresholds.items()})
-    return space
+def parameters(spec: TuneSpec) -> list[tuple[str, list[Any]]]:
+    """The searched parameters in the order a trial draws them: fusions in pass order (a pass before those that
+    require it), then thresholds."""
+    fusions = sorted(spec.search.fusions, key=FUSION_FLAGS.index)
+    return [(flag, [False, True]) for flag in fusions] + [(n, list(c)) for n, c in spec.search.thresholds.items()]
+
+
+def _matters(name: str, known: dict[str, Any], spec: TuneSpec) -> bool:
+    """Whether parameter ``name`` changes the config, given the values ``known`` so far: a fusion whose required
+    pass is off cannot run (PassConfig refuses it), and a threshold of fusions that are all off means nothing. A
+    flag neither known nor fixed is the level's to decide, so it may be on."""
+    def may_be_on(flag: str) -> bool:
+        value = known.get(flag, spec.pass_config.get(flag))
+        return value is None or bool(value)
+
+    if name in THRESHOLDS:
+        return any(may_be_on(p.flag) for p in PASSES if any(t.name == name for t in p.thresholds))
+    return all(may_be_on(flag) for flag in PASSES_BY_FLAG[name].requires)
+
+
+def _points(spec: TuneSpec, choose: Callable[[str, list[Any]], list[Any]]) -> list[dict[str, Any]]:
+    """The points ``choose`` picks (one value or all of each parameter's choices), drawing a parameter only where
+    it matters; a fusion not drawn is off, and so known to the parameters after it."""
+    walks: list[tuple[dict[str, Any], dict[str, Any]]] = [({}, {})]  # (point, known)
+    for name, choices in parameters(spec):
+        grown = []
+        for point, known in walks:
+            if _matters(name, known, spec):
+                grown += [({**point, name: value}, {**known, name: value}) for value in choose(name, choices)]
+            else:
+                grown.append((point, {**known, name: False} if name in FUSION_FLAGS else known))
+        walks = grown
+    return [point for point, _ in walks]
+
+
+def suggest(trial: optuna.trial.Trial, spec: TuneSpec) -> dict[str, Any]:
+    """A trial's point, drawn parameter by parameter; one that cannot matter is not drawn. So no trial is spent
+    on a config PassConfig refuses (AsyncTP without sequence parallelism), nor on a threshold of a fusion that is
+    off, and the sampler learns over the configs that exist."""
+    return _points(spec, lambda name, choices: [trial.suggest_categorical(name, choices)])[0]
+
+
+def grid_points(spec: TuneSpec) -> list[dict[str, Any]]:
+    """Every point ``suggest`` can draw: the grid, without the combinations that cannot run or mean the same."""
+    return _points(spec, lambda name, choices: choices)
 
 
 def grid_size(spec: TuneSpec) -> int:
-    return math.prod(len(d.choices) for d in search_space(spec).values())
+    return len(grid_points(spec))
 
 
 class Tuner:
@@ -81,7 +121,6 @@ class Tuner:
         self.spec, self.folder, self.grid, self.on_trial, self.worker_cls = spec, folder, grid, on_trial, worker_cls
         self.address, self.timeout_s = address, timeout_s
         self.weights = workload_weights(spec, base_dir)
-        self.space = search_space(spec)
         self.trials = grid_size(spec) if grid else (trials or spec.study.trials)
         self.plan: Plan = expand(spec.as_sweep())  # the baseline and its repeat (and the fixed config)
         if not any(c.is_baseline for c in self.plan.configs):
@@ -102,15 +141,18 @@ class Tuner:
         name = (spec.study_name or self.spec.name) + ("-grid" if self.grid else "")
         # The grid is enqueued point by point (Optuna's GridSampler stops the study from inside, which only an
         # optimize() loop allows, not ask-and-tell).
-        sampler = (optuna.samplers.RandomSampler(seed=spec.seed) if self.grid else
-                   optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials, multivariate=True))
+        with warnings.catch_warnings():  # multivariate and group are "experimental" in Optuna's words
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = (optuna.samplers.RandomSampler(seed=spec.seed) if self.grid else
+                       optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials,
+                                                  multivariate=True, group=True))  # group: ``suggest`` is conditional
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
                   if spec.prune and not self.grid else optuna.pruners.NopPruner())
         study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
         if self.grid and not study.trials:
-            for values in itertools.product(*(d.choices for d in self.space.values())):
-                study.enqueue_trial(dict(zip(self.space, values)))
+            for point in grid_points(self.spec):
+                study.enqueue_trial(point)
         elif not self.grid and self.spec.study.start_all_on:
             start = self.all_on()
             if not any(start in (t.params, t.system_attrs.get("fixed_params")) for t in study.trials):
@@ -120,11 +162,11 @@ class Tuner:
     def all_on(self) -> dict[str, Any]:
         """Every searched fusion on, each threshold at its PassConfig default where that is a choice (else the
         middle choice): the reference page's expectation, tried first so the study starts from it."""
-        point: dict[str, Any] = {flag: True for flag in self.spec.search.fusions}
-        for name, choices in self.spec.search.thresholds.items():
-            default = THRESHOLDS[name].default(self.platform)[0]
-            point[name] = default if default in choices else choices[len(choices) // 2]
-        return point
+        def start(name: str, choices: list[Any]) -> list[Any]:
+            default = THRESHOLDS[name].default(self.platform)[0] if name in THRESHOLDS else True
+            return [default if default in choices else choices[len(choices) // 2]]
+
+        return _points(self.spec, start)[0]
 
     def run(self) -> dict[str, Any]:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -198,8 +240,8 @@ class Tuner:
                 self._tell(study, stage.trial, stage.config, value)
 
     def _ask(self, study: optuna.Study, pool: GroupPool, first: int) -> None:
-        trial = study.ask(self.space)
-        fields = trial_fields(self.spec, trial.params)
+        trial = study.ask()
+        fields = trial_fields(self.spec, suggest(trial, self.spec))
         planned = plan_config(fields, f"trial {trial.number}: {_searched(trial.params)}", self.spec.tp, self.plan.model,
                               self.spec.optimization_level, self.platform, collectives=self.spec.collectives)
         if isinstance(planned, (Skipped, str)):  # cannot run, or a no-op: tell Optuna and move on

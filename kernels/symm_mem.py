@@ -5,7 +5,8 @@ A serving engine does not call NCCL for a small all-reduce: vLLM runs its custom
 same, or every collective fusion is measured against a baseline slower than any deployment's. So the unfused
 ``all_reduce`` op on CUDA picks, by size and TP size, torch's ``symm_mem`` one-shot, its two-shot, or NCCL
 (``allreduce: auto``); ``symm-mem`` and ``nccl`` force one kind. The fused all-reduce + norm op picks fusiontune's
-Triton kernel (``allreduce_backend: auto | fusiontune``) or NCCL followed by the norm kernel (``nccl``).
+Triton kernel (``allreduce_backend: auto | fusiontune``), FlashInfer's (``flashinfer``, as vLLM runs it) or NCCL
+followed by the norm kernel (``nccl``).
 
 Workspaces are symmetric buffers made once per process group and purpose and kept for the life of the process:
 rendezvous is a collective and costly, and a CUDA graph captured over a buffer keeps its addresses. A workspace
@@ -27,7 +28,7 @@ MiB = 1024 * 1024
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 ALLREDUCE_CHOICES = ("auto", "symm-mem", "nccl")
-ALLREDUCE_BACKEND_CHOICES = ("auto", "fusiontune", "nccl")
+ALLREDUCE_BACKEND_CHOICES = ("auto", "fusiontune", "flashinfer", "nccl")
 
 # Where each unfused all-reduce is the fastest, by TP size: the largest tensor (bytes) torch's symmetric-memory
 # one-shot takes, and the largest its two-shot takes; NCCL above. Measured with bench-kernels --tp on 4 x H200
@@ -57,7 +58,8 @@ class CollectiveSettings:
 
     allreduce: str = "auto"  # the unfused all-reduce: auto | symm-mem | nccl
     # the fused all-reduce + norm: auto (fusiontune's kernel where it measured faster, else the unfused pair),
-    # fusiontune (the kernel at every size it holds), nccl (NCCL's all-reduce, then the norm kernel)
+    # fusiontune (the kernel at every size it holds), flashinfer (FlashInfer's kernel up to its workspace bound),
+    # nccl (NCCL's all-reduce, then the norm kernel)
     allreduce_backend: str = "auto"
 
     def __post_init__(self):
@@ -158,11 +160,14 @@ def allreduce_method(nbytes: int, world: int, settings: CollectiveSettings | Non
 
 def fused_method(nbytes: int, world: int, quant: bool, settings: CollectiveSettings | None = None) -> str:
     """Which fused all-reduce + norm (``quant``: + FP8 quant) a tensor of ``nbytes`` takes: "one-shot" or
-    "two-shot" (fusiontune's kernel, where that form measured fastest), or "unfused" (the all-reduce op, then the
-    norm kernel). ``allreduce_backend: fusiontune`` takes the kernel up to the workspace bound."""
+    "two-shot" (fusiontune's kernel, where that form measured fastest), "flashinfer" (FlashInfer's kernel, with
+    ``allreduce_backend: flashinfer``), or "unfused" (the all-reduce op, then the norm kernel).
+    ``allreduce_backend: fusiontune`` takes our kernel, and ``flashinfer`` FlashInfer's, up to the workspace bound."""
     settings = settings or SETTINGS
     if settings.allreduce_backend == "nccl" or nbytes > SYMM_MEM_MAX_BYTES:
         return "unfused"
+    if settings.allreduce_backend == "flashinfer":
+        return "flashinfer"
     one_shot_max, two_shot_max = _by_tp(FUSED_BOUNDS, world)["fp8" if quant else "none"]
     if nbytes <= one_shot_max:
         return "one-shot"

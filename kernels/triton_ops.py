@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import symm_mem, triton_attention, triton_heads
+from . import flashinfer_allreduce, symm_mem, triton_attention, triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
 from .allreduce_norm import ALLREDUCE_NORM_QUANTS, allreduce_norm_name
 from .collectives import all_reduced, all_reduced_cuda, group_size
@@ -26,11 +26,14 @@ def _quant_kwargs(scheme: QuantScheme, extras) -> dict:
 
 
 def _allreduce_norm(x, residual, weight, eps, *rest, quant: str | None):
-    """The fused all-reduce + add + norm (+ quant): fusiontune's kernel (one-shot or two-shot) where
+    """The fused all-reduce + add + norm (+ quant): fusiontune's kernel (one-shot or two-shot) or FlashInfer's where
     ``symm_mem.fused_method`` takes it, else an all-reduce (NCCL's with ``allreduce_backend: nccl``, the size's
     best otherwise) and then the fused add + norm kernel."""
     scale, group_name = (rest[0] if quant else None), rest[-1]
     method = symm_mem.fused_method(x.numel() * x.element_size(), group_size(group_name), quant is not None)
+    if method == "flashinfer":
+        symm_mem.record("flashinfer")
+        return flashinfer_allreduce.allreduce_add_rms_norm(x, residual, weight, eps, scale, group_name)
     if method != "unfused":
         symm_mem.record(f"fusiontune {method}")
         return allreduce_add_rms_norm(x, residual, weight, eps, scale, group_name, two_shot=method == "two-shot")

@@ -209,6 +209,10 @@ def _gpu_rank(rank, world, port, queue):
                 excess = ((got.float() - want).abs() - bound).max().item()
                 expect(excess <= 0, f"{method} rows={rows}: off the fp32 sum by {excess:.3g} past the bound")
         symm_mem.configure(symm_mem.CollectiveSettings())
+        from fusiontune.kernels import flashinfer_allreduce
+
+        if flashinfer_allreduce.available():  # FlashInfer's kernel, the peer bench-kernels times, and as the op runs it
+            failures += _check_flashinfer(rank, world, group, device)
         # AsyncTP's fused ops against their decompositions
         ops = torch.ops.fusiontune
         from fusiontune.kernels.collectives import all_gathered, reduce_scattered
@@ -229,6 +233,55 @@ def _gpu_rank(rank, world, port, queue):
         failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
     queue.put((rank, failures))
     dist.destroy_process_group()
+
+
+def _check_flashinfer(rank, world, group, device):
+    """FlashInfer's fused op against the unfused chain, eagerly and as the model's op under a CUDA graph. It sums
+    and scales in its own order (x * (1 / scale) for FP8), so values are held to the harness tolerance for bf16 at
+    this TP size, and FP8 codes to the adjacent code (a last-bit difference before the cast moves a value across a
+    rounding boundary, never further)."""
+    from fusiontune.harness.correctness import tolerance
+    from fusiontune.kernels import flashinfer_allreduce, symm_mem
+
+    failures = []
+
+    def close(got, want, fp8, what):
+        if fp8:
+            got, want = got.float(), want.float()
+            step = torch.maximum(got.abs(), want.abs()) * 2 ** -3 + 2 ** -9  # one e4m3 code at that magnitude
+            bad = ((got - want).abs() > step).sum().item()
+        else:
+            limit = tolerance(torch.bfloat16, False, want.float().abs().max().item(), world)
+            bad = ((got.float() - want.float()).abs() > limit).sum().item()
+        if bad:
+            failures.append(f"rank {rank}: flashinfer {what}: {bad} elements beyond the tolerance")
+
+    for rows in (1, 5, 300, 2049):
+        for quant in (False, True):
+            parts, residual, weight, scale = make_inputs(world, rows, 4096, quant, seed=rows + 11, device=device)
+            want_residual, want = chain(parts, residual, weight, scale)
+            mine = residual.clone()
+            got = flashinfer_allreduce.allreduce_add_rms_norm(parts[rank], mine, weight, EPS, scale, group)
+            close(got, want, quant, f"rows={rows} quant={quant}: output")
+            close(mine, want_residual, False, f"rows={rows} quant={quant}: residual")
+    symm_mem.configure(symm_mem.CollectiveSettings(allreduce_backend="flashinfer"))
+    symm_mem.take_used()
+    parts, residual, weight, _ = make_inputs(world, 33, 4096, False, seed=5, device=device)
+    mine = residual.clone()
+    torch.ops.fusiontune.all_reduce_fused_add_rms_norm(parts[rank], mine, weight, EPS, group)  # eager: workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.fusiontune.all_reduce_fused_add_rms_norm(parts[rank], mine, weight, EPS, group)
+    mine.copy_(residual)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_residual, want = chain(parts, residual, weight, None)
+    close(out, want, False, "graph replay: output")
+    close(mine, want_residual, False, "graph replay: residual")
+    if symm_mem.take_used() != "flashinfer":
+        failures.append(f"rank {rank}: allreduce_backend flashinfer did not run FlashInfer's kernel")
+    symm_mem.configure(symm_mem.CollectiveSettings())
+    return failures
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two or more CUDA GPUs")

@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from fusiontune.harness.worker import local_gpu_index
 from fusiontune.kernels import symm_mem
@@ -39,11 +40,35 @@ def test_the_fused_op_takes_its_kernel_where_it_measured_faster():
     assert fused_method(symm_mem.SYMM_MEM_MAX_BYTES, 4, True, forced) == "two-shot"
     assert fused_method(symm_mem.SYMM_MEM_MAX_BYTES + 2, 4, True, forced) == "unfused"  # beyond the workspace
     assert fused_method(1024, 2, False, CollectiveSettings(allreduce_backend="nccl")) == "unfused"
+    flashinfer = CollectiveSettings(allreduce_backend="flashinfer")  # FlashInfer's kernel up to its workspace bound
+    assert [fused_method(n, 4, True, flashinfer) for n in (1024, symm_mem.SYMM_MEM_MAX_BYTES,
+                                                           symm_mem.SYMM_MEM_MAX_BYTES + 2)] == \
+        ["flashinfer", "flashinfer", "unfused"]
 
 
 def test_a_bad_choice_names_the_field():
-    with pytest.raises(ValueError, match="collectives.allreduce_backend must be one of auto, fusiontune, nccl"):
-        CollectiveSettings(allreduce_backend="flashinfer")
+    with pytest.raises(ValueError, match="collectives.allreduce_backend must be one of auto, fusiontune, flashinfer, "
+                                         "nccl, got 'trtllm'"):
+        CollectiveSettings(allreduce_backend="trtllm")
+
+
+def test_flashinfer_missing_is_one_clear_error(monkeypatch):
+    """Without flashinfer-python the FlashInfer backend says what to install (a row's error), not an ImportError
+    from deep inside."""
+    import builtins
+
+    from fusiontune.kernels import flashinfer_allreduce
+
+    real_import = builtins.__import__
+
+    def no_flashinfer(name, *args, **kwargs):
+        if name.startswith("flashinfer"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flashinfer)
+    with pytest.raises(RuntimeError, match="allreduce_backend: flashinfer needs flashinfer-python"):
+        flashinfer_allreduce.allreduce_add_rms_norm(torch.ones(2, 8), torch.ones(2, 8), torch.ones(8), 1e-6, None, "0")
 
 
 def test_used_implementations_are_taken_once():

@@ -67,7 +67,43 @@ def test_expected_ratio_weighs_sizes_by_steps_and_their_baseline_time():
 
 
 def test_grid_size():
-    assert grid_size(TuneSpec(**BASE)) == 2 * 2 * 2
+    # the threshold matters only with RoPE + KV cache on: 2 x (off, on at 1, on at 256)
+    assert grid_size(TuneSpec(**BASE)) == 2 * 3
+
+
+def test_the_search_draws_only_configs_that_can_run_and_differ(tmp_path):
+    """The collective tune: AsyncTP requires sequence parallelism, and each threshold matters only with its
+    fusion on. Every point the study can draw plans to a config, and no two points plan to the same one."""
+    from fusiontune.harness.sweep import PlannedConfig, plan_config
+    from fusiontune.harness.tuner import grid_points, suggest
+    from fusiontune.harness.tune import trial_fields
+
+    spec, _ = load_tune("sweeps/tune-multi-gpu-llama8b-bf16.yaml")
+    points = grid_points(spec)
+    # all-reduce fusion (off, or on at 4 bounds) x (SP off, or on at 4 starts with AsyncTP off or on)
+    assert len(points) == 5 * (1 + 4 * 2)
+    tuner = Tuner(spec, RunFolder(tmp_path / "run"))
+    effective = set()
+    for point in points:
+        assert point.get("fuse_gemm_comms") is None or point["enable_sp"]
+        assert ("sp_min_token_num" in point) == point["enable_sp"]
+        assert ("fi_allreduce_fusion_max_size_mb" in point) == point["fuse_allreduce_rms"]
+        planned = plan_config(trial_fields(spec, point), "p", spec.tp, tuner.plan.model, spec.optimization_level,
+                              tuner.platform, collectives=spec.collectives)
+        assert isinstance(planned, PlannedConfig), (point, planned)
+        effective.add(planned.effective)
+    assert len(effective) == len(points)
+    # the sampler draws the same way: 40 random trials, every one a grid point
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(40):
+        trial = study.ask()
+        assert suggest(trial, spec) in points
+        study.tell(trial, 1.0)
+    # a fusion whose required pass is fixed off is not drawn at all
+    fixed = TuneSpec(**{**spec.model_dump(), "pass_config": {"enable_sp": False},
+                        "search": {"fusions": ["fuse_gemm_comms", "fuse_allreduce_rms"],
+                                   "thresholds": {"sp_min_token_num": [256]}}})
+    assert grid_points(fixed) == [{"fuse_allreduce_rms": False}, {"fuse_allreduce_rms": True}]
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +162,15 @@ def test_a_second_run_resumes_the_study_from_its_storage(tuned):
     assert study.best_value <= summary["best"]["study_value"]  # more trials, never a worse best value
     # each run picks among its own re-measurements, whatever the study's values from earlier runs say
     assert resumed["best"]["expected_ratio"] == resumed["confirmed"][0]["expected_ratio"]
-    # 9 trials over 6 distinct effective configs (the threshold means nothing with RoPE + KV cache off), the
-    # all-off one being the baseline: at least 3 trials reuse a value instead of measuring.
+    # 9 trials over 6 distinct configs (the threshold is drawn only with RoPE + KV cache on), the all-off one
+    # being the baseline: at least 3 trials reuse a value instead of measuring.
     assert resumed["evaluations"] <= 5 and sum(not t["measured"] for t in told) >= 3
 
 
 def test_the_grid_runs_every_point_and_measures_each_distinct_config_once(tuned):
     _, _, _, _, _, grid = tuned
-    # 8 points; RoPE + KV cache off makes its threshold moot, and all-off is the baseline: 5 configs to measure.
-    assert grid["mode"] == "grid" and grid["trials"] == 8 and grid["evaluations"] == 5
+    # 6 points (the threshold is drawn only with RoPE + KV cache on); all-off is the baseline: 5 to measure.
+    assert grid["mode"] == "grid" and grid["trials"] == 6 and grid["evaluations"] == 5
     assert grid["pruned"] == 0 and grid["failed"] == 0 and grid["noise_floor"] is not None
 
 

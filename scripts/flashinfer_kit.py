@@ -1,0 +1,89 @@
+"""Build ``.whl/``: the wheels a device call needs to run FlashInfer's fused all-reduce, small enough to carry
+(a call carries 64 MiB; flashinfer-python's wheel alone is 62 MB).
+
+What is kept of flashinfer-python: its Python files, the headers its communication kernels include (data/include,
+data/cccl, data/spdlog, the top-level headers of data/csrc) and the three sources of its ``trtllm_comm`` JIT module;
+not its other kernel sources, cutlass, or prebuilt kernels. Beside it: the packages ``import flashinfer.comm``
+needs (apache-tvm-ffi, cuda-bindings, nvidia-ml-py, ninja, ...), and pydantic for fusiontune itself (the call
+carries no ``.carry``). The device setup (scripts/device_setup.sh) installs ``.whl/*.whl``.
+
+Usage here:  python scripts/flashinfer_kit.py [--python 3.12]   (downloads with pip; writes .whl/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+FLASHINFER = "flashinfer-python==0.7.2.post1"
+DEPENDENCIES = ["apache-tvm-ffi<0.2,>=0.1.11", "cuda-bindings>=13,<14", "cuda-pathfinder", "nvidia-ml-py", "einops",
+                "tabulate", "ninja", "click", "tqdm", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types",
+                "typing-inspection"]
+COMM_SOURCES = {"trtllm_allreduce.cu", "trtllm_allreduce_fusion.cu", "trtllm_moe_allreduce_fusion.cu"}
+
+
+def kept(name: str) -> bool:
+    """Whether a file of the flashinfer-python wheel goes into the trimmed one."""
+    if ".dist-info/" in name:
+        return not name.endswith("RECORD")
+    if not name.startswith("flashinfer/"):
+        return False
+    if name.startswith("flashinfer/data/"):
+        rest = name[len("flashinfer/data/"):]
+        if rest.startswith(("include/", "spdlog/", "cccl/")):
+            return True
+        if rest.startswith("csrc/"):
+            leaf = rest[len("csrc/"):]
+            return "/" not in leaf and (leaf in COMM_SOURCES or leaf.endswith((".h", ".cuh")))
+        return False
+    return name.endswith((".py", ".pyi", ".json", ".typed"))
+
+
+def trim(wheel: Path, out: Path) -> None:
+    """Write the trimmed wheel with a RECORD that matches its files (pip checks it)."""
+    records, dist_info = [], None
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.is_dir() or not kept(info.filename):
+                continue
+            data = src.read(info.filename)
+            dst.writestr(info.filename, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{info.filename},sha256={digest},{len(data)}")
+            if ".dist-info/" in info.filename:
+                dist_info = info.filename.split("/")[0]
+        dst.writestr(f"{dist_info}/RECORD", "\n".join(records + [f"{dist_info}/RECORD,,"]) + "\n")
+
+
+def download(requirements: list[str], python: str, dest: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", python, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(dest),
+                    *requirements], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default="3.12", help="the device's Python (default 3.12)")
+    parser.add_argument("--out", type=Path, default=Path(".whl"))
+    args = parser.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        download([FLASHINFER], args.python, Path(tmp))
+        wheel = next(Path(tmp).glob("flashinfer_python-*.whl"))
+        trim(wheel, args.out / wheel.name)
+    download(DEPENDENCIES, args.python, args.out)
+    total = sum(f.stat().st_size for f in args.out.iterdir())
+    print(f"{args.out}: {len(list(args.out.iterdir()))} wheels, {total / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
