@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,7 @@ def run(
     from fusiontune.harness.results import RunFolder, completed_configs, torn_tail
 
     run_dir = out or Path("results") / spec.name
+    _writable(run_dir, "--out")
     if resume:
         folder = RunFolder(run_dir)
         _check_same_sweep(folder, spec, sweep_file)
@@ -181,6 +183,7 @@ def tune(
         from fusiontune.harness.results import RunFolder
         from fusiontune.harness.tuner import Tuner, grid_size, parameters, prepare_folder
 
+        _writable(out or Path("results") / spec.name, "--out")
         folder = RunFolder(out or Path("results") / spec.name)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
                       base_dir=tune_file.parent)
@@ -226,6 +229,23 @@ def _groups(groups: Optional[str]):
     if not (groups.isdigit() and int(groups) > 0):
         raise SweepError(f"--groups takes 'auto' or a number >= 1, got {groups!r}")
     return int(groups)
+
+
+def _writable(path: Path, option: str, folder: bool = True) -> None:
+    """Refuse, in one line and before any work, an output that cannot be written: a file where a folder must go
+    (or a folder where a file must), a file on the way to it, or a place this user cannot write."""
+    if path.exists() and path.is_dir() != folder:
+        _bad(f"{option} {path}: a {'file' if folder else 'folder'} is there; name a {'folder' if folder else 'file'}")
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
+    if not existing.is_dir():
+        _bad(f"{option} {path}: {existing} is a file, so nothing can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _bad(f"{option} {path}: {existing} is not writable by this user; name a place you can write")
+
+
+def _bad(message: str) -> None:
+    console.print(message, style="red", markup=False)
+    raise typer.Exit(2)
 
 
 def _override(spec, section: str, **fields):
@@ -390,6 +410,7 @@ def bench_kernels(
     if dtype not in ("bfloat16", "float16"):
         console.print(f"[red]--dtype must be bfloat16 or float16, got {dtype!r}[/red]")
         raise typer.Exit(2)
+    _writable(csv_path, "--csv", folder=False)
     if tp > 1:
         from fusiontune.harness import bench_collectives as bench
     else:
@@ -424,6 +445,7 @@ def export(
     fusions off beyond the noise floor is refused unless --force."""
     from fusiontune.harness.export import ExportError, export_tuned
 
+    _writable(out, "--out")
     try:
         path = export_tuned(run_dir, out, force=force)
     except ExportError as exc:

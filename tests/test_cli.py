@@ -101,3 +101,27 @@ def test_version_ranges_and_flags_without_placeholders():
     text = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
     dry_run = next(line for line in text.splitlines() if "--dry-run" in line)
     assert "<bool>" not in dry_run
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "sweeps/smoke-cpu.yaml", "--dry-run", "--out"],
+    ["tune", "sweeps/tune-cpu.yaml", "--out"],
+    ["export", "results/tune-multi-gpu-llama8b-bf16", "--out"],
+])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, monkeypatch, command):
+    """A file where the run folder goes, a file on the way to it, or a place this user cannot write: one line
+    naming the option and the place, exit 2, nothing created (it was a traceback after the work)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    for out, says in ((blocker, "a file is there; name a folder"),
+                      (blocker / "run", f"{blocker} is a file, so nothing can be made under it")):
+        result = runner.invoke(app, [*command, str(out)], env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else
+                        real_access(path, mode))  # root may write anywhere: a read-only folder, as a user has it
+    result = runner.invoke(app, [*command, str(tmp_path / "new")], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "is not writable by this user" in result.output, result.output
+    assert not (tmp_path / "new").exists()
