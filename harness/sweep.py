@@ -117,7 +117,21 @@ def _known_pass_config(values: dict) -> dict:
             close = [k for k in known if k.split("_")[-1] == name.split("_")[-1] or name[:6] == k[:6]]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"unknown PassConfig field {name!r}{hint}; allowed: {', '.join(known)}")
+        if isinstance(values[name], list) and not values[name]:
+            raise ValueError(f"{name}: an empty list sweeps nothing; give a value or a list of values")
+        for value in values[name] if isinstance(values[name], list) else [values[name]]:
+            check_pass_config_value(name, value)
     return values
+
+
+def check_pass_config_value(name: str, value: Any) -> None:
+    """Refuse, when the file is read, a value PassConfig would refuse in every config (a negative threshold, a
+    fraction of a token): found later, it would skip the whole sweep with pydantic's multi-line report."""
+    try:
+        PassConfig.model_validate({name: value})
+    except ValidationError as exc:
+        raise ValueError(f"{name}: {value!r} is not allowed ({exc.errors()[0]['msg'][0].lower()}"
+                         f"{exc.errors()[0]['msg'][1:]})") from None
 
 
 # The measured sizes, and PassConfig fields by name: shared by sweep and tune files.

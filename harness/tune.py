@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fusiontune.passes.fusions import FUSION_FLAGS, THRESHOLDS
 
-from .sweep import (ClusterSpec, CollectivesSpec, MeasureSpec, ModelSpec, NumTokens, PassConfigFields, Scalar,
+from .sweep import (ClusterSpec, check_pass_config_value, CollectivesSpec, MeasureSpec, ModelSpec, NumTokens, PassConfigFields, Scalar,
                     SweepError, SweepSpec, _Strict, parse_spec, read_file)
 
 
@@ -60,6 +60,8 @@ class SearchSpec(_Strict):
                 raise ValueError(f"unknown threshold {name!r}; allowed: {', '.join(THRESHOLDS)}")
             if not choices:
                 raise ValueError(f"{name}: give at least one value to try")
+            for choice in choices:
+                check_pass_config_value(name, choice)
         return values
 
 

@@ -143,6 +143,14 @@ def test_every_fusiontune_op_is_an_explicit_inductor_fallback_once_a_manager_exi
         ({"collectives": {"allreduce": "mpi"}}, "collectives.allreduce: Input should be 'auto', 'symm-mem' or 'nccl'"),
         ({"collectives": {"backend": "nccl"}}, "collectives.backend: unknown key; allowed keys here: allreduce, "
                                                "allreduce_backend"),
+        # values PassConfig refuses in every config: refused as the file is read, not a sweep of skipped configs
+        ({"pass_config": {"fuse_norm_quant": []}}, "fuse_norm_quant: an empty list sweeps nothing"),
+        ({"pass_config": {"sp_min_token_num": -5}}, "sp_min_token_num: -5 is not allowed (input should be greater "
+                                                    "than 0)"),
+        ({"pass_config": {"fi_allreduce_fusion_max_size_mb": [1, 0]}}, "fi_allreduce_fusion_max_size_mb: 0 is not"),
+        ({"pass_config": {"rope_kvcache_fusion_max_token_num": 1.5}}, "rope_kvcache_fusion_max_token_num: 1.5 is "
+                                                                      "not allowed (input should be a valid integer"),
+        ({"variants": [{"sp_min_token_num": 0}]}, "variants.0: Value error, sp_min_token_num: 0 is not allowed"),
     ],
 )
 def test_validation_errors_name_the_key_and_the_allowed_values(change, message):

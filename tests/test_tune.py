@@ -43,6 +43,8 @@ def write(tmp_path, **changes):
     ({"study": {"trials": 0}}, "study.trials"),
     ({"study": {"trails": 5}}, "study.trails: unknown key; allowed keys here: trials, seed, storage"),
     ({"pass_config": {"fuse_norm_qaunt": True}}, "unknown PassConfig field 'fuse_norm_qaunt' (did you mean"),
+    ({"search": {"thresholds": {"rope_kvcache_fusion_max_token_num": [64, -1]}}},
+     "rope_kvcache_fusion_max_token_num: -1 is not allowed (input should be greater than 0)"),
 ])
 def test_bad_tune_files_name_the_key(tmp_path, change, message):
     with pytest.raises(SweepError) as error:
