@@ -309,6 +309,9 @@ def _platform(vendor: str, capability: Optional[int], tp: int, hidden_size: int,
 
 VENDOR_OPTION = typer.Option("detect", help="cuda, rocm, cpu, or detect (this machine).")
 CAPABILITY_OPTION = typer.Option(None, help="Compute capability as 90 (sm90), 100 (sm100).")
+VLLM_VERSION_OPTION = typer.Option(None, "--vllm-version", help="The vLLM release the flags are for, e.g. 0.33 "
+                                   "(default: the newest in passes/vllm_versions.py); only fields it accepts are "
+                                   "written.")
 TP_OPTION = typer.Option(1, min=1, help="Tensor-parallel size.")
 HIDDEN_OPTION = typer.Option(4096, min=1, help="Model hidden size.")
 QUANT_OPTION = typer.Option("none", help="Model quant scheme (none, fp8-static, fp8-per-token, fp8-per-group).")
@@ -439,15 +442,17 @@ def export(
     out: Path = typer.Option(Path("thresholds"), "--out", help="Root of the thresholds tree."),
     force: bool = typer.Option(False, "--force", metavar="", help="Export even a pick that does not beat all fusions "
                                "off beyond the noise floor."),
+    vllm_version: str = VLLM_VERSION_OPTION,
 ):
     """Write the tuned PassConfig as thresholds/<device>/tp<N>-hidden<H>-<quant>.json, with its evidence and the
     same config as vLLM's --compilation-config JSON and -O/-cc.pass_config flags. A pick that does not beat all
     fusions off beyond the noise floor is refused unless --force."""
     from fusiontune.harness.export import ExportError, export_tuned
+    from fusiontune.passes.vllm_versions import NEWEST
 
     _writable(out, "--out")
     try:
-        path = export_tuned(run_dir, out, force=force)
+        path = export_tuned(run_dir, out, force=force, vllm_version=vllm_version or NEWEST)
     except ExportError as exc:
         console.print(str(exc), style="red", markup=False)
         raise typer.Exit(2)
@@ -455,7 +460,13 @@ def export(
 
     data = json.loads(path.read_text())
     console.print(f"wrote {path}")
-    console.print(f"vLLM flags: {data['vllm']['flags']}")
+    cannot = data["vllm"].get("cannot_run")
+    if cannot:
+        console.print(f"vLLM {data['vllm']['version']} cannot run the tuned pick (it turns on "
+                      f"{', '.join(cannot['fusions'])}: {cannot['why']}); written instead: the best measured config it "
+                      f"can run, {cannot['expected_speedup']:.3f}x against the pick's "
+                      f"{cannot['tuned_expected_speedup']:.3f}x ({cannot['cost']})", markup=False)
+    console.print(f"vLLM {data['vllm']['version']} flags: {data['vllm']['flags']}", markup=False)
     console.print(f"--compilation-config '{json.dumps(data['vllm']['compilation_config'])}'")
 
 
@@ -467,10 +478,12 @@ def thresholds(
     device: Optional[str] = typer.Option(None, "--device", help="Device name as torch reports it (default: this "
                                          "machine's GPU, or cpu)."),
     root: Path = typer.Option(Path("thresholds"), "--root", help="Root of the thresholds tree."),
+    vllm_version: str = VLLM_VERSION_OPTION,
 ):
     """Find the tuned thresholds for a device, TP size and quant scheme (nearest hidden size), and print the vLLM
     flags they give."""
-    from fusiontune.harness.export import ExportError, find_thresholds
+    from fusiontune.harness.export import ExportError, find_thresholds, flags_for
+    from fusiontune.passes.vllm_versions import NEWEST
 
     if device is None:
         import torch
@@ -478,13 +491,14 @@ def thresholds(
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     try:
         path, data, note = find_thresholds(device, tp, hidden_size, quant, root)
+        flags = flags_for(data, path, vllm_version or NEWEST)
     except ExportError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(str(exc), style="red", markup=False)
         raise typer.Exit(2)
     console.print(note)
     console.print(f"expected speedup {data['evidence']['expected_speedup']:.3f}x (noise floor "
                   f"{(data['evidence']['noise_floor'] or 0):.2%}), from run {data['evidence']['run']}")
-    console.print(data["vllm"]["flags"])
+    console.print(f"vLLM {vllm_version or NEWEST}: {flags}", markup=False)
 
 
 

@@ -12,6 +12,7 @@ use is written out.
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,10 +21,12 @@ from typing import Any
 import pandas as pd
 
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, THRESHOLDS
+from fusiontune.passes.vllm_versions import NEWEST, RELEASES, fit, release
 
 from .per_range import for_tune_run
 from .report import noise_floor
 from .results import RunFolder, redact
+from .tune import expected_ratio
 
 
 class ExportError(ValueError):
@@ -54,9 +57,16 @@ def vllm_flags(level: int, fields: dict[str, Any]) -> str:
     return " ".join([f"-O{level}"] + [f"-cc.pass_config.{k}={v}" for k, v in fields.items()])
 
 
-def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force: bool = False) -> Path:
-    """Write the tune run's pick; refused (unless ``force``) where it does not beat all fusions off beyond the
-    noise floor: such a file would tell a deployment to turn on what measured no faster."""
+def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force: bool = False,
+                 vllm_version: str = NEWEST) -> Path:
+    """Write the tune run's pick for ``vllm_version``; refused (unless ``force``) where it does not beat all fusions
+    off beyond the noise floor: such a file would tell a deployment to turn on what measured no faster. Where that
+    vLLM cannot run the pick (a fusion it removed), the best measured config it can run is written instead, with
+    what the difference costs; where the run measured none, the export is refused."""
+    try:
+        target = release(vllm_version)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     if not Path(run_dir).is_dir():
         raise ExportError(f"{run_dir}: no such run folder")
     folder = RunFolder(run_dir)
@@ -82,6 +92,25 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
     level = int(first["optimization_level"])
     measured = {k: first[k] for k in list(FUSION_FLAGS) + list(THRESHOLDS) if k in first}
     fields = vllm_fields({**measured, **plan["pass_config"]} if composed else measured)
+    config_id = best["config_id"]
+    expected = 1 / plan["expected_ratio"] if composed else best.get("expected_speedup")
+    fields, blocked = fit(fields, target.version)
+    cannot = None
+    if blocked:  # this vLLM cannot run the pick: the best measured config it can run, and what that costs
+        alternative = _best_runnable(table, summary, target.version)
+        if alternative is None:
+            raise ExportError(f"{folder.path}: vLLM {target.version} cannot run the tuned pick: it turns on "
+                              f"{', '.join(blocked)} ({target.why}), and the run measured no other config without "
+                              "them at every size. Tune with those fusions fixed off, or export for a vLLM that has "
+                              f"them (--vllm-version {_newest_with(blocked)})")
+        config_id, ratio = alternative
+        cannot = {"fusions": blocked, "why": target.why, "tuned_config_id": best["config_id"],
+                  "tuned_expected_speedup": expected, "expected_speedup": 1 / ratio,
+                  "cost": f"{expected * ratio - 1:.2%} more expected forward time than the tuned pick"}
+        first = table[(table["config_id"] == config_id) & (table["status"] == "ok")].iloc[0]
+        measured = {k: first[k] for k in list(FUSION_FLAGS) + list(THRESHOLDS) if k in first}
+        fields, _ = fit(vllm_fields(measured), target.version)
+        composed, expected = False, 1 / ratio
     manifest = json.loads(folder.manifest_path.read_text()) if folder.manifest_path.exists() else {}
     payload = {
         "device": device,
@@ -90,7 +119,8 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
         "quant": quant,
         "optimization_level": level,
         "pass_config": fields,
-        "vllm": {"compilation_config": {"pass_config": fields}, "flags": vllm_flags(level, fields)},
+        "vllm": {"version": target.version, "compilation_config": {"pass_config": fields},
+                 "flags": vllm_flags(level, fields), "cannot_run": cannot},
         "evidence": {
             "run": folder.path.name,
             "run_created": manifest.get("created"),
@@ -101,13 +131,13 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
             "configs_measured": summary.get("evaluations"),
             "trial": best.get("trial"),
             "source": ("per-range plan: each size's fastest measured config, composed (its sizes were measured, "
-                       "not this PassConfig as one run)" if composed else f"measured config {best['config_id']}"),
-            "expected_speedup": 1 / plan["expected_ratio"] if composed else best.get("expected_speedup"),
+                       "not this PassConfig as one run)" if composed else f"measured config {config_id}"),
+            "expected_speedup": expected,
             "best_single_expected_speedup": best.get("expected_speedup"),
             "per_range": plan,
             "noise_floor": summary.get("noise_floor"),
             "workload_weights": summary.get("weights"),
-            "per_num_tokens": _per_size(table, best["config_id"], tp),
+            "per_num_tokens": _per_size(table, config_id, tp),
         },
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -121,6 +151,30 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(redact(json.dumps(payload, indent=2, default=_plain)) + "\n")
     return path
+
+
+def _best_runnable(table: pd.DataFrame, summary: dict[str, Any], version: str) -> tuple[str, float] | None:
+    """The measured config (all-off aside) with the lowest expected forward time under the tune's workload among
+    those ``version`` can run, and that expected ratio to all-off; None where there is none."""
+    weights = {int(n): w for n, w in (summary.get("weights") or {}).items() if w > 0}
+    baseline = {int(n): ms for n, ms in (summary.get("baseline_ms") or {}).items()}
+    all_off = table["is_baseline"].fillna(False).astype(bool) | table["baseline_repeat"].fillna(False).astype(bool)
+    ok = table[(table["status"] == "ok") & ~all_off]
+    best = None
+    for config_id, rows in ok.groupby("config_id"):
+        first = rows.iloc[0]
+        flags = {k: bool(first[k]) for k in FUSION_FLAGS if k in first and not pd.isna(first[k])}
+        if fit(flags, version)[1]:
+            continue
+        ratio = expected_ratio(rows.set_index("num_tokens")["latency_ms"].to_dict(), baseline, weights)
+        if math.isfinite(ratio) and (best is None or ratio < best[1]):
+            best = (str(config_id), ratio)
+    return best
+
+
+def _newest_with(fields: list[str]) -> str:
+    return max((r.version for r in RELEASES.values() if not set(fields) & r.removed),
+               key=lambda v: tuple(int(p) for p in v.split(".")))
 
 
 def _composed(plan: dict[str, Any] | None, floor: float | None) -> bool:
@@ -170,6 +224,21 @@ def find_thresholds(device: str, tp: int, hidden: int, quant: str,
     note = (f"took {path} (tuned at hidden {took}, the exact size)" if distance == 0 else
             f"took {path}: tuned at hidden {took}, the nearest to {hidden} of {len(candidates)} file(s)")
     return path, json.loads(path.read_text()), note
+
+
+def flags_for(data: dict[str, Any], path: Path, version: str = NEWEST) -> str:
+    """A thresholds file's vLLM flags for the release the user runs: a field it removed that is off is dropped;
+    one that is on means the file's pick cannot run there, which is an error naming the way out."""
+    try:
+        target = release(version)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    fields, blocked = fit(data["pass_config"], target.version)
+    if blocked:
+        raise ExportError(f"{path}: its pick turns on {', '.join(blocked)}, which vLLM {target.version} cannot run "
+                          f"({target.why}). Exporting its tune run ({data['evidence']['run']}) with --vllm-version "
+                          f"{target.version} writes the best measured config that vLLM can run, where there is one")
+    return vllm_flags(int(data["optimization_level"]), fields)
 
 
 def _plain(value: Any) -> Any:

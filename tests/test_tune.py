@@ -192,6 +192,9 @@ def test_export_writes_thresholds_for_the_device_and_shape_and_vllm_flags(tuned,
     beats = data["evidence"]["expected_speedup"] - 1 > (data["evidence"]["noise_floor"] or 0)
     assert (not refused) == beats and (beats or "does not beat all fusions off beyond noise" in refused)
     assert set(data["pass_config"]) <= set(PassConfig.model_fields)  # only names vLLM's PassConfig accepts
+    from fusiontune.passes.vllm_versions import NEWEST, release
+
+    assert data["vllm"]["version"] == NEWEST and not set(data["pass_config"]) & release(NEWEST).removed
     assert data["vllm"]["compilation_config"] == {"pass_config": data["pass_config"]}
     flags = data["vllm"]["flags"].split()
     assert flags[0] == "-O0" and f"-cc.pass_config.fuse_norm_quant={data['pass_config']['fuse_norm_quant']}" in flags
