@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 from fusiontune.kernels import flashinfer_allreduce, symm_mem
+from fusiontune.passes.fusions import (FI_ALLREDUCE_FUSION_MAX_SIZE_MB, FI_ALLREDUCE_ONE_SHOT_MAX_SIZE_MB,
+                                       VLLM_TABLES)
 from fusiontune.kernels.collectives import all_gathered, all_reduced, reduce_scattered
 
 from .timing import slowest_rank, time_per_call
@@ -44,10 +46,6 @@ DEFAULT_HIDDEN = (4096, 8192)
 INTERMEDIATE = {4096: 14336, 8192: 28672}  # Llama-3.1-8B / -70B MLP widths (others: 3.5 x hidden)
 EPS = 1e-6
 REPLAYS = 30
-# vLLM's hand table for sm90 (vllm/compilation/passes/fusion/allreduce_rms_fusion.py, 0.33): fused all-reduce
-# size bound and the one-shot bound, MB, by TP size
-VLLM_SM90_FUSED_MB = {2: 64, 4: 2, 8: 0.5}
-VLLM_SM90_ONE_SHOT_MB = {2: 32, 4: 2, 8: 0.5}
 
 
 @dataclass(frozen=True)
@@ -267,10 +265,18 @@ def crossovers(rows: list[dict], world: int) -> list[str]:
             if first_loss:
                 text += f", not at {first_loss['tensor_mb']:g} MB ({first_loss['num_tokens']} tokens)"
             if op.startswith("allreduce"):
-                text += (f"; vLLM sm90 TP={world}: fused up to {VLLM_SM90_FUSED_MB.get(world, '-')} MB, one-shot "
-                         f"up to {VLLM_SM90_ONE_SHOT_MB.get(world, '-')} MB")
+                text += "; " + _vllm_bounds(world)
             lines.append(f"crossover {op} H={hidden} TP={world}: {text}")
     return lines
+
+
+def _vllm_bounds(world: int) -> str:
+    """vLLM's hand bounds for this GPU and TP size, to set beside the measured crossover."""
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    cap = 10 * major + minor
+    fused = FI_ALLREDUCE_FUSION_MAX_SIZE_MB.get(cap, {}).get(world, "-")
+    one_shot = FI_ALLREDUCE_ONE_SHOT_MAX_SIZE_MB.get(cap, {}).get(world, "-")
+    return f"vLLM {VLLM_TABLES} sm{cap} TP={world}: fused up to {fused} MB, one-shot up to {one_shot} MB"
 
 
 def _line(row: dict) -> str:

@@ -262,6 +262,14 @@ class TPWorker:
                            options={"post_grad_custom_post_pass": manager, "fx_graph_cache": cache})
         return fn, manager
 
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank of the group (a collective: every rank calls it at the same point)."""
+        if self.group is None:
+            return flag
+        shared = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(shared.item())
+
     @torch.no_grad()
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,
                  last_matches: dict[str, int]) -> dict[str, int]:
@@ -283,10 +291,16 @@ class TPWorker:
         if after["graphs"] > before["graphs"]:  # this size compiled a graph: its counts are this graph's
             last_matches = {spec.flag: after[spec.flag] - before[spec.flag] for spec in PASSES}
             recorded.save(last_matches)
-        elif counters["stats"]["unique_graphs"] > traced:  # compiled, but served from Inductor's cache
-            last_matches = recorded.load()
-            self.log(f"num_tokens={num_tokens}: graph from Inductor's cache; match counts as recorded when it "
-                     f"was compiled ({recorded.path.name})")
+        unrecorded = None
+        if after["graphs"] <= before["graphs"] and counters["stats"]["unique_graphs"] > traced:  # from the cache
+            try:  # a sibling rank compiling the same graph saves its counts moments after its first call
+                last_matches = recorded.load(wait_s=30.0 if self.group is not None else 0.0)
+                self.log(f"num_tokens={num_tokens}: graph from Inductor's cache; match counts as recorded when it "
+                         f"was compiled ({recorded.path.name})")
+            except UnrecordedCacheHit as exc:
+                unrecorded = exc
+        if self._on_any_rank(unrecorded is not None):  # every rank compiles afresh, or none does: in step
+            raise unrecorded or UnrecordedCacheHit("another rank found a cached graph without match counts")
         result.matches = dict(last_matches)
         key = (self._model_key, num_tokens)
         if job.is_baseline or job.reference_only:
@@ -329,12 +343,18 @@ class MatchCounts:
         tmp.write_text(json.dumps(matches))
         tmp.replace(self.path)
 
-    def load(self) -> dict[str, int]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            raise UnrecordedCacheHit("Inductor served this graph from its cache, but no match counts were recorded "
-                                     "when it was compiled") from None
+    def load(self, wait_s: float = 0.0) -> dict[str, int]:
+        """The recorded counts; ``wait_s``: how long to wait for them to appear (another rank of the group may be
+        saving them)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                if time.monotonic() >= deadline:
+                    raise UnrecordedCacheHit("Inductor served this graph from its cache, but no match counts were "
+                                             "recorded when it was compiled") from None
+                time.sleep(0.05)
 
 
 class UnrecordedCacheHit(RuntimeError):

@@ -128,8 +128,9 @@ def custom_kernel_in_use(*ops: str, nvfp4_too: bool = False) -> Callable[[Platfo
 
 
 def allreduce_rms_condition(platform: Platform) -> tuple[bool, str]:
-    if not platform.is_hopper_or_blackwell:
-        return False, "needs NVIDIA Hopper (sm90) or Blackwell (sm100)"
+    if platform.vendor != "cuda" or platform.capability not in FI_ALLREDUCE_FUSION_MAX_SIZE_MB:
+        return False, f"needs a GPU vLLM {VLLM_TABLES} has a fused all-reduce table for (sm" + \
+            ", sm".join(map(str, FI_ALLREDUCE_FUSION_MAX_SIZE_MB)) + ")"
     if platform.tp_size <= 1:
         return False, "needs TP > 1"
     if not platform.flashinfer:
@@ -155,8 +156,25 @@ def act_padding_condition(platform: Platform) -> tuple[bool, str]:
 
 
 # vLLM's tables (compute capability -> TP size -> MB) for the FlashInfer all-reduce fusion size limit.
-FI_ALLREDUCE_FUSION_MAX_SIZE_MB: dict[int, dict[int, float]] = {90: {2: 64, 4: 2, 8: 1}, 100: {2: 64, 4: 32, 8: 1}}
-# Sequence parallelism: smallest hidden size, and the per-GPU tensor size above which SP starts, per capability.
+# vLLM's hand tables (vllm/compilation/passes/fusion/allreduce_rms_fusion.py in vLLM 0.33.0): the largest tensor
+# (MB) that takes the fused all-reduce + norm, and the separate bound of its one-shot form, by compute capability
+# and TP size. A TP size a capability does not list gets no default (vLLM leaves the fusion off there).
+VLLM_TABLES = "0.33"
+FI_ALLREDUCE_FUSION_MAX_SIZE_MB: dict[int, dict[int, float]] = {
+    90: {2: 64, 4: 2, 8: 0.5},
+    100: {2: 64, 4: 32, 8: 1, 16: 64},
+    103: {2: 64, 4: 64, 8: 4, 16: 64},
+    107: {2: 64, 4: 64, 8: 2},
+}
+FI_ALLREDUCE_ONE_SHOT_MAX_SIZE_MB: dict[int, dict[int, float]] = {
+    90: {2: 32, 4: 2, 8: 0.5},
+    100: {2: 32, 4: 4, 8: 1},
+    103: {2: 32, 4: 4, 8: 2},
+    107: {2: 32, 4: 4, 8: 2},
+}
+# Sequence parallelism's start, from vLLM 0.31 (its last release with SP): the smallest hidden size, and the
+# per-GPU tensor size above which SP starts, per capability.
+SP_TABLES = "0.31"
 SP_MIN_HIDDEN_SIZE: dict[int, int] = {90: 8192, 100: 8192}
 SP_MIN_PER_GPU_SIZE_MB: dict[int, float] = {90: 8, 100: 32}
 
@@ -165,18 +183,18 @@ def fi_allreduce_max_size(platform: Platform) -> tuple[float | None, str]:
     by_tp = FI_ALLREDUCE_FUSION_MAX_SIZE_MB.get(platform.capability or -1, {})
     if platform.vendor != "cuda" or platform.tp_size not in by_tp:
         return None, f"no default for {platform.describe()}"
-    return by_tp[platform.tp_size], f"vLLM's table for sm{platform.capability}, TP={platform.tp_size}"
+    return by_tp[platform.tp_size], f"vLLM {VLLM_TABLES}'s table for sm{platform.capability}, TP={platform.tp_size}"
 
 
 def sp_min_tokens(platform: Platform) -> tuple[int | None, str]:
     cap = platform.capability or -1
     if platform.vendor != "cuda" or cap not in SP_MIN_HIDDEN_SIZE:
-        return None, f"no default for {platform.describe()} (vLLM autoconfigures sm90/sm100 only)"
+        return None, f"no default for {platform.describe()} (vLLM {SP_TABLES} autoconfigured sm90/sm100 only)"
     if platform.hidden_size < SP_MIN_HIDDEN_SIZE[cap]:
         return None, f"hidden size {platform.hidden_size} < {SP_MIN_HIDDEN_SIZE[cap]}, too small for SP on sm{cap}"
     total_bytes = SP_MIN_PER_GPU_SIZE_MB[cap] * MiB * platform.tp_size
     tokens = int(total_bytes // (platform.hidden_size * platform.dtype_bytes))
-    return tokens, f"{SP_MIN_PER_GPU_SIZE_MB[cap]:g} MB per GPU x TP={platform.tp_size} on sm{cap}"
+    return tokens, f"{SP_MIN_PER_GPU_SIZE_MB[cap]:g} MB per GPU x TP={platform.tp_size} on sm{cap} (vLLM {SP_TABLES})"
 
 
 SP_MIN_TOKEN_NUM = Threshold("sp_min_token_num", int, "num_tokens from which SP / AsyncTP apply", sp_min_tokens)

@@ -30,9 +30,6 @@ class Platform:
     aiter: bool = False  # ROCm AITER kernels enabled
     aiter_triton_gemm: bool = False
 
-    @property
-    def is_hopper_or_blackwell(self) -> bool:
-        return self.vendor == "cuda" and self.capability in (90, 100)
 
     def describe(self) -> str:
         cap = f" sm{self.capability}" if self.capability else ""

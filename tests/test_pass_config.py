@@ -77,10 +77,22 @@ def test_user_fields_win_over_level_defaults():
     assert resolve({"fi_allreduce_fusion_max_size_mb": 3.5}, 2, H100_TP2).fi_allreduce_fusion_max_size_mb == 3.5
 
 
+@pytest.mark.parametrize("capability, bounds", [(90, {2: 64, 4: 2, 8: 0.5}), (100, {2: 64, 4: 32, 8: 1})])
+def test_the_fused_bound_is_vllm_0_33s_and_says_so(capability, bounds):
+    """vLLM 0.33's hand table (allreduce_rms_fusion.py) for SM90 and SM100 at TP 2 / 4 / 8."""
+    for tp, mb in bounds.items():
+        resolved = resolve({}, 2, H100_TP2.with_(capability=capability, tp_size=tp))
+        assert resolved.fi_allreduce_fusion_max_size_mb == mb
+        assert resolved.reasons["fi_allreduce_fusion_max_size_mb"].startswith(f"vLLM 0.33's table for sm{capability}")
+    assert resolve({}, 2, H100_TP2.with_(capability=100, tp_size=16)).fi_allreduce_fusion_max_size_mb == 64
+    assert resolve({}, 2, H100_TP2.with_(capability=90, tp_size=16)).fi_allreduce_fusion_max_size_mb is None
+
+
 def test_thresholds_follow_vllms_tables():
     assert resolve({}, 2, H100_TP2).fi_allreduce_fusion_max_size_mb == 64
     assert resolve({}, 2, H100_TP2.with_(tp_size=4)).fi_allreduce_fusion_max_size_mb == 2
     assert resolve({}, 2, H100_TP2.with_(capability=100, tp_size=4)).fi_allreduce_fusion_max_size_mb == 32
+    assert "(vLLM 0.31)" in resolve({}, 2, H100_TP2).reasons["sp_min_token_num"]
     # 8 MiB per GPU x TP over (hidden x 2 bytes): 16 MiB / 16 KiB = 1024 tokens.
     assert resolve({}, 2, H100_TP2).sp_min_token_num == 1024
     assert resolve({}, 2, H100_TP2.with_(tp_size=4)).sp_min_token_num == 2048

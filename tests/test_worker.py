@@ -108,3 +108,47 @@ def test_a_graph_from_inductors_cache_keeps_its_match_counts(worker, tmp_path, m
     uncached = worker.run(Job("fused", ON, 2, cfg, [1, 6], warmup=1, repeats=2, compile_cache=False))
     assert "Inductor's cache" not in worker.job_log()
     assert all(not r.error and r.matches["fuse_norm_quant"] == 2 for r in uncached)
+
+
+def test_match_counts_wait_for_a_sibling_rank_to_save_them(tmp_path, monkeypatch):
+    """Two ranks compile the same graph at once: one compiles it, the other gets it from Inductor's cache a moment
+    before the first has saved its match counts. The second waits for them instead of recompiling alone."""
+    import threading
+
+    from fusiontune.harness.worker import MatchCounts, UnrecordedCacheHit
+
+    counts = MatchCounts.__new__(MatchCounts)
+    counts.path = tmp_path / "counts.json"
+    with pytest.raises(UnrecordedCacheHit):
+        counts.load()
+    writer = threading.Timer(0.3, lambda: counts.save({"fuse_norm_quant": 2}))
+    writer.start()
+    assert counts.load(wait_s=10) == {"fuse_norm_quant": 2}
+    writer.join()
+
+
+def _agree(rank, port, queue):
+    worker = TPWorker(rank, 2, num_threads=1, device="cpu")
+    worker.init_process_group(f"tcp://127.0.0.1:{port}")
+    try:
+        queue.put((rank, worker._on_any_rank(rank == 1), worker._on_any_rank(False)))
+    finally:
+        worker.shutdown()
+
+
+def test_a_cache_miss_on_one_rank_is_every_ranks():
+    """The recompile after a cached graph without counts is decided by the group: a rank that decided alone
+    would run other collectives than its peer, and both would hang (seen once in CI at TP=2)."""
+    import multiprocessing as mp
+
+    from fusiontune.harness.worker import free_port
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_agree, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [(0, True, False), (1, True, False)]
