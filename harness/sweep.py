@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusiontune.kernels import symm_mem
 from fusiontune.passes.config import PassConfig, PassConfigError, resolve
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG
 from fusiontune.passes.platform import Platform
 
+from .hf_config import read_hf_config
 from .model import DTYPES, PRESETS, QUANT_CHOICES, ModelConfig, build_model_config
 
 
@@ -40,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    preset: Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+    preset: Optional[Literal[tuple(PRESETS)]] = None  # type: ignore[valid-type]
     quant: Literal[QUANT_CHOICES] = "none"  # type: ignore[valid-type]
     group_size: Literal[64, 128] = 128
     hidden_size: Optional[int] = Field(None, gt=0)
@@ -56,9 +57,20 @@ class ModelSpec(_Strict):
     max_position: Optional[int] = Field(None, gt=0)
     # > 0: each forward is a decode step of num_tokens sequences with this many tokens already cached
     decode_context: Optional[int] = Field(None, ge=0)
+    # instead of a preset: a Hugging Face config.json (harness/hf_config.py), relative to where fusiontune runs
+    hf_config: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.preset is None) == (self.hf_config is None):
+            raise ValueError("give the model as exactly one of preset: NAME or hf_config: path/to/config.json")
+        return self
 
     def build(self) -> ModelConfig:
-        return build_model_config(**self.model_dump(exclude_none=True))
+        """The model's shape: the preset's or the config.json's, the other keys laid over it."""
+        fields = self.model_dump(exclude_none=True)
+        path = fields.pop("hf_config", None)
+        return read_hf_config(path).with_overrides(**fields) if path else build_model_config(**fields)
 
 
 class MeasureSpec(_Strict):
