@@ -107,6 +107,8 @@ def run(
 
         try:
             run_plan(plan, folder, address=address, config_timeout_s=config_timeout, on_config=done)
+        except ConnectionError as exc:
+            _bad(f"--address / cluster.address: {exc}".splitlines()[0])
         except KeyboardInterrupt:
             console.print(f"interrupted: every config measured so far is in {folder.path}; "
                           f"`fusiontune run {sweep_file} --out {folder.path} --resume` continues")
@@ -209,6 +211,8 @@ def tune(
         tuner.on_trial = told
         try:
             summary = tuner.run()
+        except ConnectionError as exc:
+            _bad(f"--address / cluster.address: {exc}".splitlines()[0])
         except SweepError as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1)

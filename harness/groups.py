@@ -30,6 +30,7 @@ class TPGroup:
         self.tp = tp
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+        self.placed = self.pg.ready()
         actor_cls = ray.remote(worker_cls)
         self.actors = [
             actor_cls.options(
@@ -41,8 +42,12 @@ class TPGroup:
         ]
         self.devices: list[str] = []
 
+    def formed(self) -> bool:
+        """Whether Ray has placed the group (without waiting: a node may have left, and it may never be)."""
+        return bool(ray.wait([self.placed], timeout=0)[0])
+
     def ready(self, timeout_s: float = 600) -> "TPGroup":
-        ray.get(self.pg.ready(), timeout=timeout_s)
+        ray.get(self.placed, timeout=timeout_s)
         init_method = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout_s)
         self.devices = ray.get([a.init_process_group.remote(init_method) for a in self.actors], timeout=timeout_s)
         return self
@@ -110,7 +115,7 @@ class GroupPool:
         """Run ``job`` alone on one group while the other groups' actors start; if it is the baseline (or a
         reference-only baseline), its outputs seed every group formed from then on."""
         self.submit(job, tag)
-        self.starting = [TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls) for _ in range(self.size - 1)]
+        self.starting += [TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls) for _ in range(self.size - 1)]
         outcome = self.next_done()
         if (job.is_baseline or job.reference_only) and self.idle:
             # Copied out of the worker, so that a lost group does not take the reference with it.
@@ -120,7 +125,12 @@ class GroupPool:
         return outcome
 
     def has_room(self) -> bool:
-        return len(self.busy) < self.size
+        """Whether a job can start now: an idle group, a group Ray has placed, or nothing running (then waiting for
+        a group to form is all there is to do). A group that cannot be placed (its node left the cluster, or a
+        torn-down group's replacement waits for room) never stalls the groups that can work."""
+        if len(self.busy) >= self.size:
+            return False
+        return bool(self.idle) or not self.busy or any(group.formed() for group in self.starting)
 
     def pending(self) -> bool:
         return bool(self.busy or self.ended)
@@ -134,11 +144,20 @@ class GroupPool:
         self.busy.append(_InFlight(group, tag, group.submit(job), time.monotonic()))
 
     def _new_group(self) -> TPGroup:
-        group = (self.starting.pop() if self.starting else
-                 TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls)).ready()
+        formed = [g for g in self.starting if g.formed()]
+        if formed or self.starting:
+            group = formed[0] if formed else self.starting[0]
+            self.starting.remove(group)
+        else:
+            group = TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls)
+        try:
+            group.ready()
+            if self.baseline_ref is not None:
+                group.load_baseline(self.baseline_job, self.baseline_ref)
+        except Exception:
+            group.shutdown()  # or its placement, once Ray makes it, holds a node's room for a group never used
+            raise
         self.devices.update(group.devices)
-        if self.baseline_ref is not None:
-            group.load_baseline(self.baseline_job, self.baseline_ref)
         return group
 
     def next_done(self) -> Outcome:
@@ -172,6 +191,7 @@ class GroupPool:
                 error = f"{type(exc).__name__}: {exc}"[:2000]
         if per_rank is None:  # its actors may be dead or stuck in a collective: replace the group
             item.group.shutdown()
+            self.starting.append(TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls))  # forms meanwhile
             log = "(no worker log: the group was torn down)\n"
         else:
             log = item.group.logs()

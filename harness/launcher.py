@@ -41,7 +41,10 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+        except ConnectionError as exc:  # the CLI makes this one line (exit 2)
+            raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
         return
     ray.init(
         num_cpus=max(os.cpu_count() or 1, min_cpus),

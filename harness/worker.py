@@ -204,7 +204,8 @@ class TPWorker:
             torch.cuda.set_device(self.device)  # the thread that runs this job may not be the one that set it
         symm_mem.configure(symm_mem.CollectiveSettings(**job.collectives))
         self.log(f"job {job.config_id}: {job.pass_config or 'level defaults'} at O{job.optimization_level}, "
-                 f"num_tokens {job.num_tokens}" + (" (reference outputs only)" if job.reference_only else ""))
+                 f"num_tokens {job.num_tokens}" + (" (reference outputs only)" if job.reference_only else "")
+                 + _where())
         try:
             cfg, resolved, parts, compiled = self._prepare(job)
         except Exception as exc:
@@ -355,6 +356,18 @@ class MatchCounts:
                     raise UnrecordedCacheHit("Inductor served this graph from its cache, but no match counts were "
                                              "recorded when it was compiled") from None
                 time.sleep(0.05)
+
+
+def _where() -> str:
+    """Which Ray node this rank runs on (a cluster's logs then say where each group ran); nothing outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"; node {ray.get_runtime_context().get_node_id()[:12]} ({ray.util.get_node_ip_address()})"
+    except Exception:  # noqa: BLE001 - a log detail, never a failure
+        pass
+    return ""
 
 
 class UnrecordedCacheHit(RuntimeError):
