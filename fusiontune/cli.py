@@ -298,11 +298,21 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by 'fu
     console.print(f"report: {md}" + (f" and {png}" if png.exists() else ""))
 
 
+def _check_quant(quant: str) -> None:
+    from fusiontune.harness.model import QUANT_CHOICES
+
+    if quant not in QUANT_CHOICES:
+        _bad(f"--quant {quant!r}: choose one of {', '.join(QUANT_CHOICES)}")
+
+
 def _platform(vendor: str, capability: Optional[int], tp: int, hidden_size: int, quant: str,
               flashinfer: Optional[bool]):
     """This machine (``vendor='detect'``) or the one the options describe."""
     from fusiontune.passes.platform import Platform
 
+    if vendor not in VENDORS:
+        _bad(f"--vendor {vendor!r}: choose one of {', '.join(VENDORS)}")
+    _check_quant(quant)
     platform = Platform.detect(tp, hidden_size, quant=quant)
     if vendor != "detect":
         platform = platform.with_(vendor=vendor, capability=capability)
@@ -311,8 +321,9 @@ def _platform(vendor: str, capability: Optional[int], tp: int, hidden_size: int,
     return platform
 
 
+VENDORS = ("detect", "cuda", "rocm", "cpu")
 VENDOR_OPTION = typer.Option("detect", help="cuda, rocm, cpu, or detect (this machine).")
-CAPABILITY_OPTION = typer.Option(None, help="Compute capability as 90 (sm90), 100 (sm100).")
+CAPABILITY_OPTION = typer.Option(None, min=10, max=199, help="Compute capability as 90 (sm90), 100 (sm100).")
 VLLM_VERSION_OPTION = typer.Option(None, "--vllm-version", help="The vLLM release the flags are for, e.g. 0.33 "
                                    "(default: the newest in passes/vllm_versions.py); only fields it accepts are "
                                    "written.")
@@ -394,9 +405,9 @@ def passes_cmd(
 
 @app.command("bench-kernels")
 def bench_kernels(
-    hidden: list[int] = typer.Option([], "--hidden", help="Hidden sizes (repeatable) (default: 2880 4096 8192 14336; "
+    hidden: list[int] = typer.Option([], "--hidden", min=1, help="Hidden sizes (repeatable) (default: 2880 4096 8192 14336; "
                                      "with --tp: 4096 8192)."),
-    tokens: list[int] = typer.Option([], "--tokens", help="num_tokens values (repeatable) (default: 1 16 64 512 4096 "
+    tokens: list[int] = typer.Option([], "--tokens", min=1, help="num_tokens values (repeatable) (default: 1 16 64 512 4096 "
                                      "16384; with --tp: 1 8 64 256 1024 4096 16384)."),
     op: list[str] = typer.Option([], "--op", help="Only these ops (repeatable), e.g. rms_norm->fp8-static, or with "
                                  "--tp allreduce+add+rms_norm."),
@@ -489,6 +500,7 @@ def thresholds(
     from fusiontune.harness.export import ExportError, find_thresholds, flags_for
     from fusiontune.passes.vllm_versions import NEWEST
 
+    _check_quant(quant)
     if device is None:
         import torch
 

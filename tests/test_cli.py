@@ -125,3 +125,15 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, 
     result = runner.invoke(app, [*command, str(tmp_path / "new")], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "is not writable by this user" in result.output, result.output
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command, says", [
+    (["resolve", "--vendor", "nvidia"], "--vendor 'nvidia': choose one of detect, cuda, rocm, cpu"),
+    (["resolve", "--vendor", "cuda", "--capability", "-3"], "Invalid value for '--capability'"),
+    (["passes", "--quant", "int3"], "--quant 'int3': choose one of none, fp8-static"),
+    (["thresholds", "--quant", "int3"], "--quant 'int3': choose one of none, fp8-static"),
+    (["bench-kernels", "--tp", "2", "--tokens", "0"], "Invalid value for '--tokens'"),
+])
+def test_platform_and_shape_options_are_checked(command, says):
+    result = runner.invoke(app, command, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and says in result.output, result.output
