@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, THRESHOLDS
-from fusiontune.passes.vllm_versions import NEWEST, RELEASES, fit, release
+from fusiontune.passes.vllm_versions import NEWEST, fit, newest_with, release
 
 from .per_range import for_tune_run
 from .report import noise_floor
@@ -90,7 +90,7 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
         raise ExportError(f"{folder.path}: the rows do not say which device they were measured on")
     tp, hidden, quant = int(first["tp"]), int(first["model_hidden_size"]), str(first["model_quant"])
     level = int(first["optimization_level"])
-    measured = {k: first[k] for k in list(FUSION_FLAGS) + list(THRESHOLDS) if k in first}
+    measured = _pass_fields(first)
     fields = vllm_fields({**measured, **plan["pass_config"]} if composed else measured)
     config_id = best["config_id"]
     expected = 1 / plan["expected_ratio"] if composed else best.get("expected_speedup")
@@ -102,13 +102,13 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
             raise ExportError(f"{folder.path}: vLLM {target.version} cannot run the tuned pick: it turns on "
                               f"{', '.join(blocked)} ({target.why}), and the run measured no other config without "
                               "them at every size. Tune with those fusions fixed off, or export for a vLLM that has "
-                              f"them (--vllm-version {_newest_with(blocked)})")
+                              f"them (--vllm-version {newest_with(blocked)})")
         config_id, ratio = alternative
         cannot = {"fusions": blocked, "why": target.why, "tuned_config_id": best["config_id"],
                   "tuned_expected_speedup": expected, "expected_speedup": 1 / ratio,
                   "cost": f"{expected * ratio - 1:.2%} more expected forward time than the tuned pick"}
         first = table[(table["config_id"] == config_id) & (table["status"] == "ok")].iloc[0]
-        measured = {k: first[k] for k in list(FUSION_FLAGS) + list(THRESHOLDS) if k in first}
+        measured = _pass_fields(first)
         fields, _ = fit(vllm_fields(measured), target.version)
         composed, expected = False, 1 / ratio
     manifest = json.loads(folder.manifest_path.read_text()) if folder.manifest_path.exists() else {}
@@ -153,6 +153,11 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
     return path
 
 
+def _pass_fields(row: pd.Series) -> dict[str, Any]:
+    """A row's resolved fusion flags and thresholds."""
+    return {k: row[k] for k in list(FUSION_FLAGS) + list(THRESHOLDS) if k in row}
+
+
 def _best_runnable(table: pd.DataFrame, summary: dict[str, Any], version: str) -> tuple[str, float] | None:
     """The measured config (all-off aside) with the lowest expected forward time under the tune's workload among
     those ``version`` can run, and that expected ratio to all-off; None where there is none."""
@@ -170,11 +175,6 @@ def _best_runnable(table: pd.DataFrame, summary: dict[str, Any], version: str) -
         if math.isfinite(ratio) and (best is None or ratio < best[1]):
             best = (str(config_id), ratio)
     return best
-
-
-def _newest_with(fields: list[str]) -> str:
-    return max((r.version for r in RELEASES.values() if not set(fields) & r.removed),
-               key=lambda v: tuple(int(p) for p in v.split(".")))
 
 
 def _composed(plan: dict[str, Any] | None, floor: float | None) -> bool:

@@ -32,7 +32,18 @@ RELEASES: dict[str, VllmRelease] = {r.version: r for r in (
     VllmRelease("0.32", SEQUENCE_PARALLEL_FIELDS, "vLLM 0.32 removed sequence parallelism and AsyncTP"),
     VllmRelease("0.33", SEQUENCE_PARALLEL_FIELDS, "vLLM 0.32 removed sequence parallelism and AsyncTP"),
 )}
-NEWEST = max(RELEASES, key=lambda v: tuple(int(p) for p in v.split(".")))
+
+
+def _order(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+NEWEST = max(RELEASES, key=_order)
+
+
+def newest_with(fields: list[str]) -> str:
+    """The newest release that still has ``fields``."""
+    return max((r.version for r in RELEASES.values() if not set(fields) & r.removed), key=_order)
 
 
 def release(version: str) -> VllmRelease:

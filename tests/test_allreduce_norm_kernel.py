@@ -101,6 +101,22 @@ GPU_ROWS = [1, 5, 64, 300, 2049]
 GPU_HIDDEN = [4096, 2880]
 
 
+def graph_replays(run, sets, residuals, replays):
+    """``run()`` (a list of calls) once eagerly, so that workspaces are made outside capture, then captured in one
+    CUDA graph and replayed ``replays`` times, each residual reset to its input before each replay; yields (replay,
+    the captured outputs) after each."""
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for replay in range(replays):
+        for residual, inputs in zip(residuals, sets):
+            residual.copy_(inputs[1])
+        graph.replay()
+        torch.cuda.synchronize()
+        yield replay, outs
+
+
 def _gpu_rank(rank, world, port, queue):
     import torch.distributed as dist
 
@@ -117,6 +133,15 @@ def _gpu_rank(rank, world, port, queue):
     def expect(condition, what):
         if not condition:
             failures.append(f"rank {rank}: {what}")
+
+    def check_calls(outs, sets, residuals, what):
+        for k, out in enumerate(outs):
+            want_residual, want = chain(*sets[k])
+            try:
+                check_output(out, want)
+            except AssertionError as exc:
+                failures.append(f"rank {rank}: {what}, call {k}: {exc}")
+            expect(torch.equal(residuals[k], want_residual), f"{what}, call {k}: residual differs")
 
     def same_on_every_rank(t):
         gathered = [torch.empty_like(t.view(torch.uint8)) for _ in range(world)]
@@ -150,23 +175,8 @@ def _gpu_rank(rank, world, port, queue):
                 torch.ops.fusiontune.all_reduce_fused_add_rms_norm
             call = (lambda k: op(sets[k][0][rank], residuals[k], sets[k][2], EPS, sets[k][3], group)) if quant else \
                 (lambda k: op(sets[k][0][rank], residuals[k], sets[k][2], EPS, group))
-            for k in range(3):  # eager once: the workspace is made outside capture
-                call(k)
-            graph, outs = torch.cuda.CUDAGraph(), []
-            with torch.cuda.graph(graph):
-                outs = [call(k) for k in range(3)]
-            for replay in range(2):
-                for k in range(3):
-                    residuals[k].copy_(sets[k][1])
-                graph.replay()
-                torch.cuda.synchronize()
-                for k in range(3):
-                    want_residual, want = chain(sets[k][0], sets[k][1], sets[k][2], sets[k][3])
-                    try:
-                        check_output(outs[k], want)
-                    except AssertionError as exc:
-                        failures.append(f"rank {rank}: graph replay {replay} call {k} quant={quant}: {exc}")
-                    expect(torch.equal(residuals[k], want_residual), f"graph replay {replay} call {k}: residual")
+            for replay, outs in graph_replays(lambda: [call(k) for k in range(3)], sets, residuals, replays=2):
+                check_calls(outs, sets, residuals, f"graph replay {replay} quant={quant}")
         symm_mem.configure(symm_mem.CollectiveSettings())
         # grids of every size one after another, one-shot and two-shot mixed, in one CUDA graph replayed three
         # times: the call counter and the workspace halves stay in step on every rank whatever the grid
@@ -180,22 +190,8 @@ def _gpu_rank(rank, world, port, queue):
                 return [allreduce_add_rms_norm(sets[k][0][rank], residuals[k], sets[k][2], EPS, sets[k][3], group,
                                                two_shot) for k, (_, two_shot) in enumerate(schedule)]
 
-            run_schedule()  # eager: the workspace is made outside capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = run_schedule()
-            for replay in range(3):
-                for k in range(len(schedule)):
-                    residuals[k].copy_(sets[k][1])
-                graph.replay()
-            torch.cuda.synchronize()
-            for k, (rows, two_shot) in enumerate(schedule):
-                want_residual, want = chain(sets[k][0], sets[k][1], sets[k][2], sets[k][3])
-                try:
-                    check_output(outs[k], want)
-                except AssertionError as exc:
-                    failures.append(f"rank {rank}: schedule call {k} rows={rows} two_shot={two_shot}: {exc}")
-                expect(torch.equal(residuals[k], want_residual), f"schedule call {k}: residual differs")
+            *_, (_, outs) = graph_replays(run_schedule, sets, residuals, replays=3)
+            check_calls(outs, sets, residuals, f"schedule {schedule}")
         # the unfused all-reduce each method gives: the sum within an ulp of the fp32 one
         for method in ("one-shot", "two-shot", "nccl"):
             symm_mem.configure(symm_mem.CollectiveSettings(allreduce="nccl" if method == "nccl" else "symm-mem"))
@@ -266,18 +262,13 @@ def _check_flashinfer(rank, world, group, device):
             close(mine, want_residual, False, f"rows={rows} quant={quant}: residual")
     symm_mem.configure(symm_mem.CollectiveSettings(allreduce_backend="flashinfer"))
     symm_mem.take_used()
-    parts, residual, weight, _ = make_inputs(world, 33, 4096, False, seed=5, device=device)
-    mine = residual.clone()
-    torch.ops.fusiontune.all_reduce_fused_add_rms_norm(parts[rank], mine, weight, EPS, group)  # eager: workspace
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = torch.ops.fusiontune.all_reduce_fused_add_rms_norm(parts[rank], mine, weight, EPS, group)
-    mine.copy_(residual)
-    graph.replay()
-    torch.cuda.synchronize()
-    want_residual, want = chain(parts, residual, weight, None)
-    close(out, want, False, "graph replay: output")
-    close(mine, want_residual, False, "graph replay: residual")
+    sets = [make_inputs(world, 33, 4096, False, seed=5, device=device)]
+    (parts, residual, weight, _), mine = sets[0], [sets[0][1].clone()]
+    op = torch.ops.fusiontune.all_reduce_fused_add_rms_norm
+    for _, (out,) in graph_replays(lambda: [op(parts[rank], mine[0], weight, EPS, group)], sets, mine, replays=1):
+        want_residual, want = chain(parts, residual, weight, None)
+        close(out, want, False, "graph replay: output")
+        close(mine[0], want_residual, False, "graph replay: residual")
     if symm_mem.take_used() != "flashinfer":
         failures.append(f"rank {rank}: allreduce_backend flashinfer did not run FlashInfer's kernel")
     symm_mem.configure(symm_mem.CollectiveSettings())
