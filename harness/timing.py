@@ -10,8 +10,9 @@ and the row says so. On CPU, ``perf_counter`` around each call.
 
 How many repeats: batches of ``min_repeats`` until the median's 95% confidence interval (order statistics, no
 assumption about the distribution) is within ``settle`` of the median, or ``max_repeats`` is reached; the row
-records the count and whether it settled. With TP > 1 every rank starts each repeat after a barrier, a repeat
-lasts as long as its slowest rank, and the ranks share those times before deciding, so all stop together.
+records the count and whether it settled. With TP > 1 every rank starts each repeat after a barrier (on the GPU
+too: see ``GraphTimer.sample``), a repeat lasts as long as its slowest rank, and the ranks share those times before
+deciding, so all stop together.
 """
 
 from __future__ import annotations
@@ -82,13 +83,18 @@ class GraphTimer:
 
     def sample(self, replays: int, barrier=None) -> list[float]:
         """Microseconds per call, one value per replay (``barrier``: a process group whose ranks start each
-        replay together)."""
+        replay together). With a group, the ranks' GPUs leave the spin through a one-element all-reduce, so every
+        rank's start event fires within that collective's skew: a host barrier alone leaves the ranks tens of
+        microseconds apart, and the early rank's kernels then wait for the late one inside the timed span."""
         times = []
+        aligner = torch.zeros(1, device="cuda") if barrier is not None else None
         for _ in range(replays):
             if barrier is not None:
                 dist.barrier(group=barrier)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(SPIN_CYCLES)  # keeps the GPU busy while the host queues what follows
+            if aligner is not None:
+                dist.all_reduce(aligner, group=barrier)
             start.record()
             self.graph.replay()
             end.record()

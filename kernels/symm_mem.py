@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,11 +42,12 @@ SYMM_MEM_ALLREDUCE_BOUNDS: dict[int, tuple[int, int]] = {
 }
 # fusiontune's fused all-reduce + norm kernel, by TP size and output ("none": the norm, "fp8": its FP8 codes): the
 # largest tensor its one-shot form takes, and the largest its two-shot form takes; the unfused pair above.
-# Measured with bench-kernels --tp on 2 and 4 x H200 (NVLink, 2026-11-28, docs/benchmarks.md): at TP=2 the kernel
-# was faster than the best unfused pair at every size to 64 MB (one-shot best for the norm, two-shot from 32 MB
-# for FP8); at TP=4 it was faster up to 0.5 MB and slower from 1 MB (either form).
+# TP=2: measured with scripts/compare_allreduce_kernels.py on 2 x H200 (NVLink, 2026-11-28, ninth session,
+# docs/benchmarks.md): the one-shot (flags in the data) fastest to 4 MB, the two-shot from 8 MB, both faster than
+# the best unfused pair at every size to 64 MB. TP=4: bench-kernels --tp 4 on 4 x H200 (seventh session, the
+# kernel before both forms were reworked): faster up to 0.5 MB and slower from 1 MB (either form).
 FUSED_BOUNDS: dict[int, dict[str, tuple[int, int]]] = {
-    2: {"none": (64 * MiB, 64 * MiB), "fp8": (16 * MiB, 64 * MiB)},
+    2: {"none": (4 * MiB, 64 * MiB), "fp8": (4 * MiB, 64 * MiB)},
     4: {"none": (512 * 1024, 512 * 1024), "fp8": (512 * 1024, 512 * 1024)},
 }
 # The largest tensor a symmetric-memory path takes (a fused workspace holds two halves of up to three of them).
@@ -128,9 +130,11 @@ class Workspace:
 _WORKSPACES: dict[tuple[str, str], list[Workspace]] = {}
 
 
-def workspace(group_name: str, purpose: str, nbytes: int) -> Workspace:
+def workspace(group_name: str, purpose: str, nbytes: int,
+              prepare: Callable[[torch.Tensor], None] | None = None) -> Workspace:
     """A symmetric buffer of at least ``nbytes`` for ``purpose`` on this group (collective on first use and when
-    it grows). Separate purposes get separate buffers, so their signal pads never mix."""
+    it grows). Separate purposes get separate buffers, so their signal pads never mix. ``prepare`` fills a new
+    buffer before any peer can write into it: every rank has finished its fill when the rendezvous returns."""
     held = _WORKSPACES.setdefault((group_name, purpose), [])
     if held and held[-1].nbytes >= nbytes:
         return held[-1]
@@ -142,6 +146,9 @@ def workspace(group_name: str, purpose: str, nbytes: int) -> Workspace:
     ensure_group(group_name)
     size = max(MiB, 1 << (max(nbytes, 1) - 1).bit_length())
     buffer = _symmetric_memory.empty(size, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+    if prepare is not None:
+        prepare(buffer)
+        torch.cuda.current_stream().synchronize()
     handle = _symmetric_memory.rendezvous(buffer, group_name)
     held.append(Workspace(buffer, handle))  # the older ones stay: graphs captured over them may replay
     return held[-1]

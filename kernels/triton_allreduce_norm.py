@@ -6,37 +6,47 @@ the norm and the quant happen where the sum is formed: no all-reduced tensor is 
 one launch instead of two. Every transfer between GPUs is a store (NVLink writes are posted; a read would wait a
 round trip), and every read of the sum is local.
 
-- **One-shot** (small tensors): every rank stores its partial rows into a slot of every peer's workspace; the
-  ranks meet; every rank sums every row over its own partial rows and the slots, in rank order, adds the
-  residual, normalises and quantises it.
-- **Two-shot** (larger tensors): rank r owns rows [r S, (r + 1) S), S = ceil(M / world). Each rank stores the
-  rows each peer owns into that peer's slots; after a meeting each rank reduces, normalises and quantises only its
-  own rows and stores the results (new residual rows and output rows) into every peer's gather area; after a
-  second meeting every rank copies the other ranks' rows out of its own gather area. Each rank sends the tensor
-  once instead of world - 1 times.
+- **One-shot** (small tensors, ``_one_shot_kernel``): every rank stores its partial rows into a slot of every
+  peer's workspace, then sums every row over its own partial rows and the slots, in rank order, adds the residual,
+  normalises and quantises it. No meeting: a slot's elements hold an *empty mark* until a peer's value lands there
+  (the bits of -0.0, which a pushed value never has: -0.0 is pushed as +0.0, and a sum that starts from +0.0 does
+  not see the difference). A rank reads each peer row until no element holds the mark, then marks it empty again,
+  so each element crosses NVLink once and nothing waits for more than the data it needs. This is the Lamport
+  scheme of TensorRT-LLM's one-shot kernel (FlashInfer's ``allreduce_fusion``), here with the clear right after
+  the read.
+- **Two-shot** (larger tensors, ``_two_shot_kernel``): rank r owns rows [r S, (r + 1) S), S = ceil(M / world).
+  Each rank stores the rows each peer owns into that peer's slots; after a meeting each rank reduces, normalises
+  and quantises only its own rows and stores their new residual rows into every peer's gather area; after a second
+  meeting every rank copies the other ranks' residual rows out of its own gather area and normalises and quantises
+  them itself (the same bits: the same row, the same code). Each rank sends the tensor once instead of world - 1
+  times, and the output never crosses NVLink.
 
 Numerics are ``numerics``' (``all_reduce_sum``, ``residual_add``, ``rms_norm``, ``quant_fp8_static``): the sum is
 taken in fp32 in rank order and rounded once, so every rank holds the same bits, and one-shot and two-shot agree.
 
-**Meetings.** Program p of a rank meets program p of every rank (``_meet``): it stores a number into a flag of
-each peer's signal pad (slot p x world + rank, a release store at system scope, which does not wait for an
+**The call counter and the workspace halves.** Calls alternate between the two halves of a workspace by the
+parity of a call counter kept in the signal pad. Every program reads it first; the last program to finish (an
+arrival count, acq_rel atomics) advances it, so the next call on this rank reads the next value whatever its grid,
+and a captured CUDA graph replays as it is. A rank writes into a peer's half again two calls later, by which time
+the peer has finished the call that read it: the rank could not have finished the call between without the peer's
+rows of that call, which the peer pushed only after its earlier call had ended (one-shot: read and re-marked the
+half; two-shot: copied its gather area out).
+
+**Meetings** (two-shot). Program p of a rank meets program p of every rank (``_meet``): it stores a number into a
+flag of each peer's signal pad (slot p x world + rank, a release store at system scope, which does not wait for an
 answer) and spins until its own flags from every peer hold at least that number (acquire loads). The numbers come
-from a call counter kept in the pad itself (two per call, so they only grow), so nothing is reset and a captured
-CUDA graph replays as it is. Stores before a meeting are visible to the peers' same program after it. Every
-program of a launch is resident at once (at most one per multiprocessor), every rank launches the same grid for
-the same tensor, and program p handles the same rows on every rank, so meeting program for program is enough;
-the grid is as small as the rows allow (one program for a one-token decode step).
+from the call counter (two per call, so they only grow), so nothing is reset. Stores before a meeting are visible
+to the peers' same program after it.
 
-**The call counter.** Every program reads it first; the last program to finish (an arrival count, acq_rel
-atomics) advances it, so the next call on this rank reads the next value whatever its grid.
-
-**No closing meeting.** Calls alternate between the two halves of the workspace (the counter's parity). Before a
-rank writes into a peer's half again, two calls later, it has met that peer in the call between, so the peer has
-finished the call that read that half: one meeting per one-shot call, two per two-shot call.
+Both kernels need every program of a launch resident at once (at most one per multiprocessor): every rank
+launches the same grid for the same tensor, and program p handles the same rows on every rank, so a program only
+ever waits on a peer's program of its own number; the grid is as small as the rows allow (one program for a
+one-token decode step).
 
 ``PHASE_FIRST`` / ``PHASE_LAST`` select which phases (0 push, 1 reduce, 2 gather) a launch runs and ``SYNC``
-whether the ranks meet: on GPUs one launch runs all of them; tests on CPU run each phase for every simulated rank
-in turn in Triton's interpreter, one process holding every rank's workspace (and only its first half).
+whether the call counter and the meetings are used: on GPUs one launch runs all of them; tests on CPU run each
+phase for every simulated rank in turn in Triton's interpreter, one process holding every rank's workspace (and
+only its first half).
 """
 
 from __future__ import annotations
@@ -51,6 +61,23 @@ from .numerics import FP8_DTYPE, FP8_MAX
 from .triton_rows import _warps, fp8_codes, reciprocal, rms_normalized
 
 PHASE_COPY, PHASE_REDUCE, PHASE_GATHER = 0, 1, 2
+# The empty mark of a one-shot slot element, by element size: the bits of -0.0 read as a signed integer.
+_MARK_DTYPES = {2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}
+
+
+def _empty_mark(dtype: torch.dtype) -> tuple[torch.dtype, object, int]:
+    """(the integer torch dtype and Triton dtype of ``dtype``'s width, the bits of -0.0 in it)."""
+    if dtype.itemsize not in _MARK_DTYPES or not dtype.is_floating_point:
+        raise ValueError(f"the fused all-reduce's one-shot form takes 16- and 32-bit floats, not {dtype}")
+    torch_int, triton_int = _MARK_DTYPES[dtype.itemsize]
+    return torch_int, triton_int, torch.iinfo(torch_int).min
+
+
+def mark_empty(buffer: torch.Tensor, dtype: torch.dtype) -> None:
+    """Fill a one-shot workspace (bytes) with the empty mark of ``dtype``: every slot element waits for a value."""
+    torch_int, _, bits = _empty_mark(dtype)
+    usable = buffer.numel() // dtype.itemsize * dtype.itemsize
+    buffer[:usable].view(torch_int).fill_(bits)
 
 
 @triton.jit
@@ -78,6 +105,17 @@ def _meet(send, receive, number, WORLD: tl.constexpr):
 
 
 @triton.jit
+def _take(slot, mask, MARK: tl.constexpr, BLOCK: tl.constexpr):
+    """A peer's row from ``slot`` (bits) once every element has landed (none holds the empty mark any more), its
+    place marked empty again for the call two calls on."""
+    bits = tl.load(slot, mask=mask, other=0, volatile=True)
+    while tl.max((bits == MARK).to(tl.int32), axis=0) > 0:
+        bits = tl.load(slot, mask=mask, other=0, volatile=True)
+    tl.store(slot, tl.full([BLOCK], MARK, slot.dtype.element_ty), mask=mask)
+    return bits
+
+
+@triton.jit
 def _workspace(buffers, rank, dtype: tl.constexpr, byte_offset, ALIGNED: tl.constexpr):
     """Rank ``rank``'s workspace from ``byte_offset`` on, as a pointer to ``dtype``. ``ALIGNED``: the address is a
     multiple of 16 bytes (so loads and stores of rows whose size is one too are vectorised)."""
@@ -94,11 +132,94 @@ def _slot(peer, rank):
     return peer - (peer > rank).to(tl.int32)
 
 
+@triton.jit
+def _own_pad(pads, rank):
+    return tl.load(pads.to(tl.pointer_type(tl.uint64)) + rank).to(tl.pointer_type(tl.int32))
+
+
+@triton.jit
+def _advance(own_pad, COUNTER, call, programs):
+    """The last program out advances the call counter (every program has read it by then)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(own_pad + COUNTER + 1, 1, sem="acq_rel", scope="gpu")
+    if arrived == programs - 1:
+        tl.store(own_pad + COUNTER + 1, 0)
+        tl.store(own_pad + COUNTER, call + 1)
+
+
+@triton.jit
+def _new_residual(total, r, x_dtype: tl.constexpr):
+    """A row's new residual: its fp32 sum rounded once, plus the old residual ``r``."""
+    return (total.to(x_dtype).to(tl.float32) + r.to(tl.float32)).to(x_dtype)
+
+
+@triton.jit
+def _output(v, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr):
+    """The normalised row of new residual ``v`` (its FP8 codes with ``QUANT``)."""
+    y = (rms_normalized(v, H, eps).to(tl.float32) * w.to(tl.float32)).to(v.dtype)
+    if QUANT:
+        y = fp8_codes(y.to(tl.float32), inverse, FP8_MAX_C)
+    return y
+
+
 @triton.jit(do_not_specialize=["rank"])  # one compiled kernel for every rank (rank 1 would become a constant)
-def _allreduce_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads,
-    rank, M, H, eps, GATHER_RES, GATHER_OUT, HALF_BYTES, COUNTER,
-    WORLD: tl.constexpr, TWO_SHOT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+def _one_shot_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, COUNTER,
+    WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
+    BITS: tl.constexpr, MARK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x_dtype = x_ptr.dtype.element_ty
+    x_bits = x_ptr.to(tl.pointer_type(BITS))
+    half = 0
+    if SYNC:
+        own_pad = _own_pad(pads, rank)
+        call = tl.load(own_pad + COUNTER, volatile=True)
+        half = call & 1
+    base = half * HALF_BYTES
+
+    if PHASE_FIRST <= 0 and PHASE_LAST >= 0:  # push this rank's partial rows into every peer's slot
+        for i in range(pid, M, programs):
+            row = tl.cast(i, tl.int64)
+            bits = tl.load(x_bits + row * H + offs, mask=mask)
+            bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # -0.0 -> +0.0: never the empty mark
+            for peer in tl.static_range(WORLD):
+                if peer != rank:
+                    slots = _workspace(buffers, peer, BITS, base, ALIGNED)
+                    tl.store(slots + (_slot(rank, peer) * M + row) * H + offs, bits, mask=mask)
+
+    if PHASE_FIRST <= 1 and PHASE_LAST >= 1:  # reduce every row as its partial rows land, add, normalise, quantise
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        inverse = 1.0
+        if QUANT:
+            inverse = reciprocal(tl.load(scale_ptr))
+        mine = _workspace(buffers, rank, BITS, base, ALIGNED)
+        for i in range(pid, M, programs):
+            row = tl.cast(i, tl.int64)
+            r = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+            for peer in tl.static_range(WORLD):  # rank order: every rank forms the same sum
+                if peer == rank:
+                    bits = tl.load(x_bits + row * H + offs, mask=mask, other=0)
+                    bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # as the peers have it
+                else:
+                    bits = _take(mine + (_slot(peer, rank) * M + row) * H + offs, mask, MARK, BLOCK)
+                total += bits.to(x_dtype, bitcast=True).to(tl.float32)
+            v = _new_residual(total, r, x_dtype)
+            tl.store(res_ptr + row * H + offs, v, mask=mask)
+            tl.store(out_ptr + row * H + offs, _output(v, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+    if SYNC:
+        _advance(own_pad, COUNTER, call, programs)
+
+
+@triton.jit(do_not_specialize=["rank"])
+def _two_shot_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, GATHER, HALF_BYTES, COUNTER,
+    WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -106,18 +227,13 @@ def _allreduce_norm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     x_dtype = x_ptr.dtype.element_ty
-    out_dtype = out_ptr.dtype.element_ty
-    if TWO_SHOT:
-        shard = tl.cdiv(M, WORLD)  # rows per rank
-        own_first = rank * shard
-    else:
-        shard = M
-        own_first = 0
+    shard = tl.cdiv(M, WORLD)  # rows per rank
+    own_first = rank * shard
     half = 0
     if SYNC:  # this call's number (from the pad's call counter) and the workspace half it uses
         table = pads.to(tl.pointer_type(tl.uint64))
         peers = tl.arange(0, WORLD)
-        own_pad = tl.load(table + rank).to(tl.pointer_type(tl.int32))
+        own_pad = _own_pad(pads, rank)
         send = tl.load(table + peers).to(tl.pointer_type(tl.int32)) + pid * WORLD + rank
         receive = own_pad + pid * WORLD + peers
         call = tl.load(own_pad + COUNTER, volatile=True)
@@ -125,30 +241,22 @@ def _allreduce_norm_kernel(
         number = 2 * call
     base = half * HALF_BYTES
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    inverse = 1.0
     if QUANT:
         inverse = reciprocal(tl.load(scale_ptr))
 
-    if PHASE_FIRST <= 0 and PHASE_LAST >= 0:  # push this rank's partial rows into the peers' slots
+    if PHASE_FIRST <= 0 and PHASE_LAST >= 0:  # push the rows each peer owns into that peer's slots
         for i in range(pid, shard, programs):
-            for owner in tl.static_range(WORLD if TWO_SHOT else 1):
+            for owner in tl.static_range(WORLD):
                 row = (owner * shard + i).to(tl.int64)
-                if row < M:
-                    if TWO_SHOT:
-                        if owner != rank:
-                            values = tl.load(x_ptr + row * H + offs, mask=mask)
-                            slots = _workspace(buffers, owner, x_dtype, base, ALIGNED)
-                            tl.store(slots + (_slot(rank, owner) * shard + i).to(tl.int64) * H + offs, values,
-                                     mask=mask)
-                    else:
-                        values = tl.load(x_ptr + row * H + offs, mask=mask)
-                        for peer in tl.static_range(WORLD):
-                            if peer != rank:
-                                slots = _workspace(buffers, peer, x_dtype, base, ALIGNED)
-                                tl.store(slots + (_slot(rank, peer) * shard + row) * H + offs, values, mask=mask)
+                if (owner != rank) & (row < M):
+                    values = tl.load(x_ptr + row * H + offs, mask=mask)
+                    slots = _workspace(buffers, owner, x_dtype, base, ALIGNED)
+                    tl.store(slots + (_slot(rank, owner) * shard + i).to(tl.int64) * H + offs, values, mask=mask)
         if SYNC:
             _meet(send, receive, number + 1, WORLD)
 
-    if PHASE_FIRST <= 1 and PHASE_LAST >= 1:  # reduce this rank's rows, add, normalise, quantise
+    if PHASE_FIRST <= 1 and PHASE_LAST >= 1:  # reduce this rank's rows, add, normalise, quantise; send them out
         mine = _workspace(buffers, rank, x_dtype, base, ALIGNED)
         for i in range(pid, shard, programs):
             row = (own_first + i).to(tl.int64)
@@ -162,73 +270,59 @@ def _allreduce_norm_kernel(
                         partial = tl.load(mine + (_slot(peer, rank) * shard + i).to(tl.int64) * H + offs, mask=mask,
                                           other=0.0, cache_modifier=".cg")
                     total += partial.to(tl.float32)
-                v = (total.to(x_dtype).to(tl.float32) + r.to(tl.float32)).to(x_dtype)
+                v = _new_residual(total, r, x_dtype)
                 tl.store(res_ptr + row * H + offs, v, mask=mask)
-                y = (rms_normalized(v, H, eps).to(tl.float32) * w.to(tl.float32)).to(x_dtype)
-                if QUANT:
-                    y = fp8_codes(y.to(tl.float32), inverse, FP8_MAX_C)
-                tl.store(out_ptr + row * H + offs, y, mask=mask)
-                if TWO_SHOT:  # into every peer's gather area
-                    for peer in tl.static_range(WORLD):
-                        if peer != rank:
-                            tl.store(_workspace(buffers, peer, x_dtype, base + GATHER_RES, ALIGNED) + row * H + offs,
-                                     v, mask=mask)
-                            tl.store(_workspace(buffers, peer, out_dtype, base + GATHER_OUT, ALIGNED) + row * H
-                                     + offs, y, mask=mask)
-        if SYNC and TWO_SHOT:
+                tl.store(out_ptr + row * H + offs, _output(v, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+                for peer in tl.static_range(WORLD):  # the new residual row into every peer's gather area
+                    if peer != rank:
+                        tl.store(_workspace(buffers, peer, x_dtype, base + GATHER, ALIGNED) + row * H + offs, v,
+                                 mask=mask)
+        if SYNC:
             _meet(send, receive, number + 2, WORLD)
 
-    if TWO_SHOT and PHASE_FIRST <= 2 and PHASE_LAST >= 2:  # copy the other ranks' rows out of the gather area
-        gathered_res = _workspace(buffers, rank, x_dtype, base + GATHER_RES, ALIGNED)
-        gathered_out = _workspace(buffers, rank, out_dtype, base + GATHER_OUT, ALIGNED)
+    if PHASE_FIRST <= 2 and PHASE_LAST >= 2:  # the other ranks' rows: residual from the gather area, output made here
+        gathered = _workspace(buffers, rank, x_dtype, base + GATHER, ALIGNED)
         for i in range(pid, shard, programs):
             for owner in tl.static_range(WORLD):
                 row = (owner * shard + i).to(tl.int64)
                 if (owner != rank) & (row < M):
-                    v = tl.load(gathered_res + row * H + offs, mask=mask, cache_modifier=".cg")
+                    v = tl.load(gathered + row * H + offs, mask=mask, other=0.0, cache_modifier=".cg")
                     tl.store(res_ptr + row * H + offs, v, mask=mask)
-                    y = tl.load(gathered_out + row * H + offs, mask=mask, cache_modifier=".cg")
-                    tl.store(out_ptr + row * H + offs, y, mask=mask)
-    if SYNC:  # the last program out advances the call counter (every program has read it by then)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(own_pad + COUNTER + 1, 1, sem="acq_rel", scope="gpu")
-        if arrived == programs - 1:
-            tl.store(own_pad + COUNTER + 1, 0)
-            tl.store(own_pad + COUNTER, call + 1)
+                    tl.store(out_ptr + row * H + offs, _output(v, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+    if SYNC:
+        _advance(own_pad, COUNTER, call, programs)
 
 
-def _half_layout(num_rows: int, hidden: int, dtype: torch.dtype, quant: bool, two_shot: bool,
-                 world: int) -> tuple[int, int, int]:
-    """One half of a rank's workspace, in bytes: (where the two-shot gather area's residual rows start, where its
-    output rows start, the end). First come world - 1 slots of the peers' partial rows (two-shot: of the rows the
-    rank owns); a two-shot half then holds the gather area (new residual rows, then output rows)."""
+def _half_layout(num_rows: int, hidden: int, dtype: torch.dtype, two_shot: bool, world: int) -> tuple[int, int]:
+    """One half of a rank's workspace, in bytes: (where the two-shot gather area starts, the end). First come
+    world - 1 slots of the peers' partial rows (two-shot: of the rows the rank owns); a two-shot half then holds
+    the gather area (every row's new residual; each rank normalises the rows it gathers itself)."""
     slot_rows = -(-num_rows // world) if two_shot else num_rows
-    gather_res = (world - 1) * slot_rows * hidden * dtype.itemsize
-    if not two_shot:
-        return gather_res, gather_res, gather_res
-    gather_out = gather_res + num_rows * hidden * dtype.itemsize
-    return gather_res, gather_out, gather_out + num_rows * hidden * (1 if quant else dtype.itemsize)
+    gather = (world - 1) * slot_rows * hidden * dtype.itemsize
+    return gather, gather + (num_rows * hidden * dtype.itemsize if two_shot else 0)
 
 
-def workspace_bytes(num_rows: int, hidden: int, dtype: torch.dtype, quant: bool, two_shot: bool,
-                    world: int) -> int:
+def workspace_bytes(num_rows: int, hidden: int, dtype: torch.dtype, two_shot: bool, world: int) -> int:
     """What one half of a rank's workspace must hold (see ``_half_layout``)."""
-    return _half_layout(num_rows, hidden, dtype, quant, two_shot, world)[2]
+    return _half_layout(num_rows, hidden, dtype, two_shot, world)[1]
 
 
 def pad_layout(signal_pad_bytes: int, world: int) -> tuple[int, int]:
-    """(the most programs the pad holds flags for, the index of its call counter; the arrival count follows)."""
+    """(the most programs the pad holds meeting flags for, the index of its call counter; the arrival count
+    follows)."""
     counter = signal_pad_bytes // 4 - 2
     return counter // world, counter
 
 
 def programs_for(num_rows: int, world: int, two_shot: bool, device: torch.device, signal_pad_bytes: int = 0) -> int:
     """One program per row a rank handles (two-shot: per row it owns), at most one per multiprocessor (every
-    program resident at once) and as many as the signal pad holds flags for. The interpreter runs at most 4."""
+    program resident at once) and, for the two-shot's meetings, as many as the signal pad holds flags for. The
+    interpreter runs at most 4."""
     rows = -(-num_rows // world) if two_shot else num_rows
     if device.type == "cuda":
-        most = min(torch.cuda.get_device_properties(device).multi_processor_count,
-                   pad_layout(signal_pad_bytes, world)[0])
+        most = torch.cuda.get_device_properties(device).multi_processor_count
+        if two_shot:
+            most = min(most, pad_layout(signal_pad_bytes, world)[0])
         return max(1, min(rows, most))
     return max(1, min(rows, 4))
 
@@ -240,18 +334,24 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
     """Run the kernel on contiguous [M, H] ``x`` (this rank's partial sums), ``residual`` (updated in place) and
     ``out`` (the norm, or its FP8 codes with ``scale``). ``buffers`` / ``pads``: every rank's workspace / signal
     pad address, as the device address of an array of them (torch's ``buffer_ptrs_dev``) or an int64 tensor;
-    ``half_bytes``: the offset of the workspace's second half (``sync`` only: the interpreter uses the first)."""
+    a one-shot workspace starts empty-marked (``mark_empty``) and is left so. ``half_bytes``: the offset of the
+    workspace's second half (``sync`` only: the interpreter uses the first)."""
     num_rows, hidden = x.shape
     quant = scale is not None
     block = max(16, triton.next_power_of_2(hidden))
     programs = programs_for(num_rows, world, two_shot, x.device, signal_pad_bytes)
-    gather_res, gather_out, _ = _half_layout(num_rows, hidden, x.dtype, quant, two_shot, world)
-    _allreduce_norm_kernel[(programs,)](
-        x, residual, weight, out, scale if quant else x, buffers, pads if pads is not None else buffers,
-        rank, num_rows, hidden, eps, gather_res, gather_out, half_bytes, pad_layout(signal_pad_bytes, world)[1],
-        WORLD=world, TWO_SHOT=two_shot, QUANT=quant, BLOCK=block, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0,
-        PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX, num_warps=_warps(block),
-    )
+    common = dict(WORLD=world, QUANT=quant, BLOCK=block, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0,
+                  PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX, num_warps=_warps(block))
+    pads = pads if pads is not None else buffers
+    counter = pad_layout(signal_pad_bytes, world)[1]
+    if two_shot:
+        gather = _half_layout(num_rows, hidden, x.dtype, two_shot, world)[0]
+        _two_shot_kernel[(programs,)](x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows,
+                                      hidden, eps, gather, half_bytes, counter, **common)
+    else:
+        _, bits, mark = _empty_mark(x.dtype)
+        _one_shot_kernel[(programs,)](x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows,
+                                      hidden, eps, half_bytes, counter, BITS=bits, MARK=mark, **common)
     return out
 
 
@@ -262,8 +362,12 @@ def allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     num_rows, hidden = x.shape
     quant = scale is not None
     world = group_size(group_name)
-    space = symm_mem.workspace(group_name, "fused all-reduce + norm",
-                               2 * workspace_bytes(num_rows, hidden, x.dtype, quant, two_shot, world))
+    nbytes = 2 * workspace_bytes(num_rows, hidden, x.dtype, two_shot, world)
+    if two_shot:
+        space = symm_mem.workspace(group_name, "fused all-reduce + norm, two-shot", nbytes)
+    else:  # its own workspace, empty-marked for the partial rows of x's dtype
+        space = symm_mem.workspace(group_name, f"fused all-reduce + norm, one-shot, {x.dtype}", nbytes,
+                                   prepare=lambda buffer: mark_empty(buffer, x.dtype))
     handle = space.handle
     res = residual if residual.is_contiguous() else residual.contiguous()
     out = torch.empty((num_rows, hidden), dtype=FP8_DTYPE if quant else x.dtype, device=x.device)

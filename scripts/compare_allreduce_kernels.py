@@ -1,9 +1,10 @@
 """Device probe: the fused all-reduce + norm kernel's variants side by side on one machine (one process per GPU,
-the bench-kernels timer), with torch's symmetric-memory one-shot / two-shot + our norm kernel beside them, and the
-compiled kernels' registers and spills. An earlier form of the kernel runs beside the current one where it is saved
-as scripts/_old_allreduce_norm.py (not kept in git; for the pull form: ``git show
-d91d490:kernels/triton_allreduce_norm.py``, its relative imports made absolute and its workspace purpose renamed so
-that the two never share a signal pad). Usage there: python3 scripts/compare_allreduce_kernels.py TP [CSV]"""
+the bench-kernels timer), with torch's symmetric-memory one-shot / two-shot + our norm kernel beside them,
+FlashInfer's fused kernel where flashinfer-python is installed, and the compiled kernels' registers and spills. An
+earlier form of the kernel runs beside the current one where it is saved as scripts/_old_allreduce_norm.py (not
+kept in git: ``git show REV:kernels/triton_allreduce_norm.py``, its relative imports made absolute and its
+workspace purposes renamed so that the two never share a signal pad). Usage there:
+python3 scripts/compare_allreduce_kernels.py TP [CSV]"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from fusiontune.harness import bench_collectives as bench
 from fusiontune.harness.timing import slowest_rank, time_per_call
-from fusiontune.kernels import symm_mem
+from fusiontune.kernels import flashinfer_allreduce, symm_mem
 from fusiontune.kernels import triton_allreduce_norm as new
 from fusiontune.kernels.triton_rows import INPUT_ADD_RESIDUAL, run_rows
 
@@ -61,18 +62,21 @@ def main(rank, world, port, csv_path):
                             eps=bench.EPS, **extra)
 
         peers = {
-            "push_one_shot": lambda i: new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS,
+            "one_shot": lambda i: new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS,
                                                                   i["scale"], name, two_shot=False),
-            "push_two_shot": lambda i: new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS,
+            "two_shot": lambda i: new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS,
                                                                   i["scale"], name, two_shot=True),
             "one_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], name, "one-shot"), i),
             "two_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], name, "two-shot"), i),
         }
         if old:
-            peers["pull_one_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
+            peers["old_one_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
                                                                           bench.EPS, i["scale"], name, two_shot=False)
-            peers["pull_two_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
+            peers["old_two_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
                                                                           bench.EPS, i["scale"], name, two_shot=True)
+        if flashinfer_allreduce.available():
+            peers["flashinfer"] = lambda i: flashinfer_allreduce.allreduce_add_rms_norm(
+                i["x"], i["residual"], i["weight"], bench.EPS, i["scale"], name)
         for hidden in HIDDEN:
             for tokens in TOKENS:
                 sets = bench._input_sets(tokens, hidden)
@@ -91,9 +95,11 @@ def main(rank, world, port, csv_path):
                 del inputs
                 torch.cuda.empty_cache()
     if rank == 0:
-        print("push kernel (regs, spills, warps):", _compiled(new._allreduce_norm_kernel))
+        for kernel in (new._one_shot_kernel, new._two_shot_kernel):
+            print(f"{kernel.__name__} (regs, spills, warps):", _compiled(kernel))
         if old:
-            print("pull kernel (regs, spills, warps):", _compiled(old._allreduce_norm_kernel))
+            for name in sorted(n for n in vars(old) if n.endswith("_kernel")):
+                print(f"old {name} (regs, spills, warps):", _compiled(getattr(old, name)))
         if csv_path:
             with open(csv_path, "w", newline="") as sink:
                 writer = csv.DictWriter(sink, fieldnames=list(rows_out[0]))

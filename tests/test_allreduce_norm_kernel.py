@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 
 from fusiontune.kernels import numerics  # noqa: E402
 from fusiontune.kernels.triton_allreduce_norm import (  # noqa: E402
-    PHASE_COPY, PHASE_GATHER, PHASE_REDUCE, launch, workspace_bytes)
+    PHASE_COPY, PHASE_GATHER, PHASE_REDUCE, launch, mark_empty, workspace_bytes)
 from test_triton_kernels import assert_codes, assert_values, poisoned  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -56,35 +56,78 @@ def make_inputs(world, rows, hidden, quant, seed, device=DEVICE, dtype=DTYPE):
     return parts, residual, weight, scale
 
 
+def simulated_workspaces(world, rows, hidden, two_shot):
+    """Every simulated rank's workspace (one half) and the table of their addresses: a one-shot workspace starts
+    empty-marked, as ``symm_mem.workspace`` makes it; a two-shot one holds garbage."""
+    nbytes = workspace_bytes(rows, hidden, DTYPE, two_shot, world)
+    workspaces = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
+    if not two_shot:
+        for w in workspaces:
+            mark_empty(w, DTYPE)
+    return workspaces, torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
+
+
+def run_simulated(parts, residual, weight, scale, table, two_shot):
+    """One call of the kernel on every simulated rank, phase by phase: (each rank's residual, each rank's output)."""
+    world, (rows, hidden) = len(parts), parts[0].shape
+    residuals = [residual.clone() for _ in range(world)]
+    outs = [poisoned((rows, hidden), numerics.FP8_DTYPE if scale is not None else DTYPE) for _ in range(world)]
+    for phase in range(PHASE_COPY, (PHASE_GATHER if two_shot else PHASE_REDUCE) + 1):
+        for rank in range(world):
+            launch(parts[rank], residuals[rank], weight, EPS, scale, outs[rank], table, None, rank, world, two_shot,
+                   phases=(phase, phase), sync=False)
+    return residuals, outs
+
+
+def check_ranks(parts, residual, weight, scale, residuals, outs):
+    want_residual, want = chain(parts, residual, weight, scale)
+    for rank in range(len(parts)):
+        assert torch.equal(residuals[rank], want_residual), f"rank {rank}: residual differs"
+        check_output(outs[rank], want)
+        assert torch.equal(outs[rank].view(torch.uint8), outs[0].view(torch.uint8)), f"rank {rank} differs from 0"
+
+
+def assert_empty_marked(workspaces):
+    marked = torch.zeros_like(workspaces[0])
+    mark_empty(marked, DTYPE)
+    for rank, w in enumerate(workspaces):
+        assert torch.equal(w, marked), f"rank {rank}: the one-shot workspace is not all empty marks after the call"
+
+
 @pytest.mark.parametrize("world,rows,hidden", [(2, 1, 2880), (2, 7, 256), (3, 10, 200), (4, 3, 64), (4, 65, 128),
                                                (8, 9, 96)])
 @pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
 @pytest.mark.parametrize("quant", [False, True], ids=["norm", "fp8-static"])
 def test_simulated_ranks_match_the_unfused_chain(world, rows, hidden, two_shot, quant):
     parts, residual, weight, scale = make_inputs(world, rows, hidden, quant, seed=world * 1000 + rows * 10 + hidden)
-    nbytes = workspace_bytes(rows, hidden, DTYPE, quant, two_shot, world)
-    workspaces = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
-    table = torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
-    residuals = [residual.clone() for _ in range(world)]
-    outs = [poisoned((rows, hidden), numerics.FP8_DTYPE if quant else DTYPE) for _ in range(world)]
-    for phase in range(PHASE_COPY, (PHASE_GATHER if two_shot else PHASE_REDUCE) + 1):
-        for rank in range(world):
-            launch(parts[rank], residuals[rank], weight, EPS, scale, outs[rank], table, None, rank, world, two_shot,
-                   phases=(phase, phase), sync=False)
-    want_residual, want = chain(parts, residual, weight, scale)
-    for rank in range(world):
-        assert torch.equal(residuals[rank], want_residual), f"rank {rank}: residual differs"
-        check_output(outs[rank], want)
-        assert torch.equal(outs[rank].view(torch.uint8), outs[0].view(torch.uint8)), f"rank {rank} differs from 0"
+    workspaces, table = simulated_workspaces(world, rows, hidden, two_shot)
+    check_ranks(parts, residual, weight, scale, *run_simulated(parts, residual, weight, scale, table, two_shot))
+    if not two_shot:
+        assert_empty_marked(workspaces)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_shot_takes_negative_zeros_and_leaves_its_workspace_empty(world):
+    """-0.0 is the empty mark of a slot element: a partial sum holding it (whole rows of it, and scattered
+    elements) is pushed as +0.0 and must give the unfused chain's bits; every slot it read is marked empty again,
+    so a second call of another row count on the same workspaces is right too."""
+    hidden = 96
+    workspaces, table = simulated_workspaces(world, 9, hidden, False)
+    for rows, seed in ((9, 1), (4, 2)):
+        parts, residual, weight, scale = make_inputs(world, rows, hidden, False, seed=seed)
+        for k, part in enumerate(parts):
+            part[::3] = -0.0
+            part[:, k::5] = -0.0
+        residual[1::4, :7] = -0.0
+        check_ranks(parts, residual, weight, scale, *run_simulated(parts, residual, weight, scale, table, False))
+        assert_empty_marked(workspaces)
 
 
 def test_two_shot_writes_only_its_rows_before_the_gather():
     """After the reduce phase a rank has its own rows and nothing else: the gather is what brings the others."""
     world, rows, hidden = 2, 4, 64
     parts, residual, weight, _ = make_inputs(world, rows, hidden, False, seed=5)
-    nbytes = workspace_bytes(rows, hidden, DTYPE, False, True, world)
-    workspaces = [torch.zeros(nbytes, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
-    table = torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
+    _, table = simulated_workspaces(world, rows, hidden, True)
     outs = [poisoned((rows, hidden), DTYPE) for _ in range(world)]
     residuals = [residual.clone() for _ in range(world)]
     for phase in (PHASE_COPY, PHASE_REDUCE):
@@ -300,23 +343,29 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fusiontune.kernels.numerics import FP8_MAX
-from fusiontune.kernels.triton_allreduce_norm import _allreduce_norm_kernel
+from fusiontune.kernels.triton_allreduce_norm import _one_shot_kernel, _two_shot_kernel
+import triton.language as tl
 for world in (2, 4):
-    for two_shot in (False, True):
+    for kernel in (_one_shot_kernel, _two_shot_kernel):
         for quant in (False, True):
             signature = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16",
                          "out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "buffers": "i64",
                          "pads": "i64", "rank": "i32", "M": "constexpr", "H": "i32", "eps": "fp32",
-                         "GATHER_RES": "i64", "GATHER_OUT": "i64", "HALF_BYTES": "i64", "COUNTER": "i32"}
-            constants = {"M": 1, "WORLD": world, "TWO_SHOT": two_shot, "QUANT": quant, "BLOCK": 4096,
-                         "ALIGNED": True, "PHASE_FIRST": 0, "PHASE_LAST": 2, "SYNC": True, "FP8_MAX_C": FP8_MAX}
-            kept = _allreduce_norm_kernel.do_not_specialize  # names or indices, by Triton version
-            if not {"rank", _allreduce_norm_kernel.arg_names.index("rank")} & set(kept):
+                         "HALF_BYTES": "i64", "COUNTER": "i32"}
+            constants = {"M": 1, "WORLD": world, "QUANT": quant, "BLOCK": 4096, "ALIGNED": True, "PHASE_FIRST": 0,
+                         "PHASE_LAST": 2, "SYNC": True, "FP8_MAX_C": FP8_MAX}
+            if kernel is _one_shot_kernel:
+                constants.update(BITS=tl.int16, MARK=-32768)
+                wants = "ld.volatile.global"  # the poll for landed rows
+            else:
+                signature.update(GATHER="i64")
+                wants = "st.release.sys"  # the meetings
+            kept = kernel.do_not_specialize  # names or indices, by Triton version
+            if not {"rank", kernel.arg_names.index("rank")} & set(kept):
                 constants["rank"] = 1  # what Triton does with an integer argument equal to 1
             signature.update({name: "constexpr" for name in constants})
-            compiled = triton.compile(ASTSource(_allreduce_norm_kernel, signature, constants),
-                                      target=GPUTarget("cuda", 90, 32))
-            assert "st.release.sys" in compiled.asm["ptx"], (world, two_shot, quant)
+            compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+            assert wants in compiled.asm["ptx"], (world, kernel.__name__, quant)
 print("compiled")
 """
 
