@@ -4,8 +4,9 @@ without copying its shape into overrides by hand.
 Only what the timed model has is read: the hidden size, layer count, attention heads and KV heads, the head size,
 the MLP width, RoPE's base and the norm's epsilon, and what the architecture implies (Qwen3's Q/K norm, gpt-oss's
 padded hidden size). RoPE scaling (Llama 3.1's "llama3" rope_scaling) changes the values in the cos/sin table, not
-the kernels or their shapes, so it is not modelled; nor is ``max_position_embeddings``, which would size the paged
-KV cache for contexts no forward here reaches (``model.max_position`` sets that). A mixture-of-experts model is
+the kernels or their shapes, so it is not modelled. ``max_position_embeddings`` sizes the paged KV cache up to
+``model.DEFAULT_MAX_POSITION`` (a 128k-position cache would size it for contexts no forward here reaches;
+``model.max_position`` overrides either). A mixture-of-experts model is
 timed as a dense one whose MLP is one expert wide. Nothing is downloaded: the path is a file on this machine,
 relative to where fusiontune runs.
 """
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .model import ModelConfig
+from .model import DEFAULT_MAX_POSITION, ModelConfig
 
 # Architectures read, and what each implies beyond the common keys.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -62,6 +63,8 @@ def read_hf_config(path: str | Path) -> ModelConfig:
         head_dim=_positive(data, "head_dim", path) if data.get("head_dim") else None,
         rope_theta=float(data.get("rope_theta", 10000.0)),
         rms_eps=float(data.get("rms_norm_eps", 1e-6)),
+        max_position=min(_positive(data, "max_position_embeddings", path), DEFAULT_MAX_POSITION)
+        if data.get("max_position_embeddings") else DEFAULT_MAX_POSITION,
         **ARCHITECTURES[architecture],
     )
 

@@ -30,6 +30,9 @@ from fusiontune.kernels.numerics import FP8_DTYPE, FP8_MAX
 ops = torch.ops.fusiontune
 QUANT_CHOICES = ("none", *QUANT_SCHEMES)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Positions the paged KV cache holds unless the model has fewer (or model.max_position says otherwise): no forward
+# here reaches further, and a 128k-position cache per layer would only cost memory.
+DEFAULT_MAX_POSITION = 32768
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class ModelConfig:
     hidden_pad_multiple: int = 0
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
-    max_position: int = 32768
+    max_position: int = DEFAULT_MAX_POSITION
     kv_block_size: int = 16  # tokens per block of the paged KV cache (max_position slots per layer)
     # 0: a forward is a prefill of one sequence of num_tokens tokens. > 0: a decode step of num_tokens sequences,
     # each with this many tokens already in the cache and one new token, attending over the cache.
@@ -127,16 +130,6 @@ class ModelConfig:
                         f"{self.group_size}"
                     )
         return problems
-
-
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig("tiny", 256, 2, 4, 2, 512, max_position=8192),
-    "llama-3.1-8b": ModelConfig("llama-3.1-8b", 4096, 32, 32, 8, 14336, rope_theta=500000.0, rms_eps=1e-5),
-    "llama-3.1-70b": ModelConfig("llama-3.1-70b", 8192, 80, 64, 8, 28672, rope_theta=500000.0, rms_eps=1e-5),
-    "qwen3-8b": ModelConfig("qwen3-8b", 4096, 36, 32, 8, 12288, head_dim=128, qk_norm=True, rope_theta=1e6),
-    "gpt-oss-20b": ModelConfig("gpt-oss-20b", 2880, 24, 64, 8, 2880, head_dim=64, rope_theta=150000.0, rms_eps=1e-5,
-                               hidden_pad_multiple=256),
-}
 
 
 class Linear(nn.Module):
@@ -319,9 +312,3 @@ class DecoderStack(nn.Module):
         for m, a in zip(linears, amax):
             m.input_scale.fill_(max(float(a) / FP8_MAX, 1e-12))
             m.calibrating = False
-
-
-def build_model_config(preset: str, **overrides) -> ModelConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[preset].with_overrides(**overrides)

@@ -29,7 +29,8 @@ from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG
 from fusiontune.passes.platform import Platform
 
 from .hf_config import read_hf_config
-from .model import DTYPES, PRESETS, QUANT_CHOICES, ModelConfig, build_model_config
+from .model import DTYPES, QUANT_CHOICES, ModelConfig
+from .presets import PRESETS, build_model_config
 
 
 class SweepError(ValueError):

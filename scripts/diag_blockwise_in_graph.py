@@ -4,7 +4,8 @@ strides each scaled_mm call receives (python3 scripts/diag_blockwise_in_graph.py
 
 import torch
 
-from fusiontune.harness.model import DecoderStack, build_model_config
+from fusiontune.harness.model import DecoderStack
+from fusiontune.harness.presets import build_model_config
 from fusiontune.kernels import linear
 from fusiontune.passes.config import resolve
 from fusiontune.passes.manager import PassManager

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 import fusiontune.kernels  # noqa: F401
-from fusiontune.harness.model import DecoderStack, build_model_config
+from fusiontune.harness.model import DecoderStack
+from fusiontune.harness.presets import build_model_config
 from fusiontune.passes.config import resolve
 from fusiontune.passes.manager import PassManager
 from fusiontune.passes.platform import Platform

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch.multiprocessing as mp
 
-from fusiontune.harness.model import build_model_config
+from fusiontune.harness.presets import build_model_config
 from fusiontune.harness.worker import Job, free_port
 
 OFF = {"fuse_norm_quant": False, "fuse_act_quant": False, "fuse_allreduce_rms": False}

@@ -1,5 +1,6 @@
 """Model shapes from a Hugging Face config.json: written here from public shapes, nothing downloaded. The files
-for the presets' models give the presets' shapes; a sweep runs from one; a bad file is one line naming it."""
+for the presets' models give the presets' shapes, and the presets are such files; a sweep runs from one; a bad
+file is one line naming it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pandas as pd
 import pytest
 
 from fusiontune.harness.hf_config import read_hf_config
-from fusiontune.harness.model import PRESETS
+from fusiontune.harness.model import DEFAULT_MAX_POSITION
+from fusiontune.harness.presets import PRESET_DIR, PRESETS, build_model_config
 from fusiontune.harness.sweep import SweepError, expand, parse_sweep
 
 # The shape keys of public config.json files (their other keys do not matter here)
@@ -78,6 +80,23 @@ def test_a_bad_config_is_one_line_naming_the_file_and_key(tmp_path, data, messag
     with pytest.raises(SweepError, match="model: hf_config .*config.json: ") as error:
         expand(parse_sweep(f"name: m\nmodel: {{hf_config: {path}}}\nnum_tokens: [1]\n"))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_kv_cache_holds_the_models_context_up_to_the_default(tmp_path):
+    for context, slots in ((4096, 4096), (131072, DEFAULT_MAX_POSITION), (None, DEFAULT_MAX_POSITION)):
+        data = {**PUBLIC["Qwen2.5-7B"], "max_position_embeddings": context}
+        assert read_hf_config(write_config(tmp_path, f"ctx-{context}", data)).max_position == slots
+    assert build_model_config("tiny").max_position == 8192  # its file says so
+    path = write_config(tmp_path, "short", {**PUBLIC["Qwen2.5-7B"], "max_position_embeddings": 512})
+    spec = parse_sweep(f"name: m\nmodel: {{hf_config: {path}}}\nnum_tokens: [1024]\n")
+    assert "exceeds the model's max_position=512" in expand(spec).model.cache_problem(1024)
+
+
+def test_every_preset_is_a_config_json_the_package_ships():
+    files = sorted(PRESET_DIR.glob("*.json"))
+    assert [f.stem for f in files] == sorted(PRESETS) and "tiny" in PRESETS
+    for f in files:
+        assert read_hf_config(f) == PRESETS[f.stem] and PRESETS[f.stem].name == f.stem
 
 
 def test_the_model_is_a_preset_or_a_config_not_both(tmp_path):

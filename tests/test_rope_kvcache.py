@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusiontune.harness.model import DecoderStack, build_model_config
+from fusiontune.harness.model import DecoderStack
+from fusiontune.harness.presets import build_model_config
 from fusiontune.kernels import kv_cache
 from fusiontune.passes.config import resolve
 from fusiontune.passes.manager import PassManager

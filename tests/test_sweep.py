@@ -131,7 +131,7 @@ def test_every_fusiontune_op_is_an_explicit_inductor_fallback_once_a_manager_exi
     "change, message",
     [
         ({"model": {"preset": "tiny", "quantt": "fp8-static"}}, "model.quantt: unknown key; allowed keys here: preset, quant"),
-        ({"model": {"preset": "llama"}}, "model.preset: Input should be 'tiny', 'llama-3.1-8b'"),
+        ({"model": {"preset": "llama"}}, "model.preset: Input should be 'gpt-oss-20b', 'llama-3.1-70b', 'llama-3.1-8b', 'qwen3-8b' or 'tiny'"),
         ({"model": {"preset": "tiny", "quant": "int4"}}, "model.quant: Input should be 'none', 'fp8-static'"),
         ({"pass_config": {"fuse_norm_quantt": True}}, "unknown PassConfig field 'fuse_norm_quantt' (did you mean fuse_norm_quant?)"),
         ({"tp": [0, 2]}, "tp: Value error, every TP size must be an integer >= 1"),

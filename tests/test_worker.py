@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fusiontune.harness.model import build_model_config
+from fusiontune.harness.presets import build_model_config
 from fusiontune.harness.worker import Job, TPWorker
 
 ON = {"fuse_norm_quant": True, "fuse_act_quant": True}
