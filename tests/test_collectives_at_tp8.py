@@ -4,12 +4,17 @@ rank builds alike (odd widths, rows that split over 8). The all-reduce sums fp32
 to fp32 rounding over eight terms; every op built on that all-reduce must then equal, bit for bit, its chain run
 on the same all-reduce's result.
 
-The TP=8 plans of the multi-GPU sweeps are checked in test_sweep.py; the Triton kernel's eight simulated ranks in
-test_allreduce_norm_kernel.py.
+Then sweeps/tp8-cpu.yaml end to end through Ray: each collective fusion alone at TP=8, firing where its range
+says and agreeing with all-off. The TP=8 plans of the multi-GPU sweeps are checked in test_sweep.py; the Triton
+kernel's eight simulated ranks in test_allreduce_norm_kernel.py.
 """
 
 from __future__ import annotations
 
+import subprocess
+
+import pandas as pd
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -102,3 +107,24 @@ def test_collective_ops_at_tp8_under_gloo():
     assert sorted(results) == list(range(WORLD))
     failures = [f for rank in sorted(results) for f in results[rank]]
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.slow
+def test_the_tp8_cpu_sweep_fires_each_collective_fusion_and_agrees(tmp_path):
+    done = subprocess.run(["fusiontune", "run", "sweeps/tp8-cpu.yaml", "--out", str(tmp_path / "run"), "--no-report"],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert (table["status"] == "ok").all() and (table["tp"] == 8).all()
+    assert (table["max_abs_err"] <= table["tolerance"]).all()
+    rows = {(label, n): row for label, n, row in zip(table["label"], table["num_tokens"], table.itertuples())}
+    fused = [rows[("fuse_allreduce_rms=on", n)] for n in (3, 16)]
+    assert [r.matches_fuse_allreduce_rms for r in fused] == [2, 2]  # after o_proj and after down_proj
+    for label in ("enable_sp=on", "enable_sp=on fuse_gemm_comms=on"):
+        three, sixteen = rows[(label, 3)], rows[(label, 16)]
+        assert three.compile_range == "1-7" and three.matches_enable_sp == 0  # below SP's start
+        assert sixteen.compile_range == ">=8" and sixteen.matches_enable_sp == 2
+    # GEMM -> reduce-scatter after o_proj and down_proj; all-gather -> GEMM into gate_up (the layer's input is
+    # not yet sharded: SP starts at its first all-reduce)
+    assert rows[("enable_sp=on fuse_gemm_comms=on", 16)].matches_fuse_gemm_comms == 2 + 1
+    assert rows[("enable_sp=on", 16)].matches_fuse_gemm_comms == 0
