@@ -84,6 +84,7 @@ def run(
         return
     from fusiontune.harness.launcher import run_plan
 
+    _cluster_answers(address or spec.cluster.address)
     folder = RunFolder(run_dir)
     if folder.rows_path.exists() and not resume:  # never overwrite results: keep the old run beside
         kept = folder.set_aside()
@@ -186,6 +187,7 @@ def tune(
         from fusiontune.harness.tuner import Tuner, grid_size, parameters, prepare_folder
 
         _writable(out or Path("results") / spec.name, "--out")
+        _cluster_answers(address or spec.cluster.address)
         folder = RunFolder(out or Path("results") / spec.name)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
                       base_dir=tune_file.parent)
@@ -245,6 +247,17 @@ def _writable(path: Path, option: str, folder: bool = True) -> None:
         _bad(f"{option} {path}: {existing} is a file, so nothing can be made under it")
     if not os.access(existing, os.W_OK | os.X_OK):
         _bad(f"{option} {path}: {existing} is not writable by this user; name a place you can write")
+
+
+def _cluster_answers(address: str | None) -> None:
+    """A cluster address where nothing listens: one line before any folder is made or any work starts."""
+    if address:
+        from fusiontune.harness.launcher import answers
+
+        try:
+            answers(address)
+        except ConnectionError as exc:
+            _bad(f"--address / cluster.address: {exc}")
 
 
 def _bad(message: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from typing import Any, Callable
 
@@ -34,6 +35,19 @@ from .worker import Job, RankResult, TPWorker
 WORKER_ENV = {**MULTICAST_OFF, "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
+def answers(address: str, timeout_s: float = 5.0) -> None:
+    """For a ``host:port`` address, a ConnectionError unless something listens there. Ray itself would retry for a
+    minute and then end the whole process with a fatal log, so the CLI's one-line error would never be said."""
+    match = re.fullmatch(r"\[?([^\[\]/]+?)\]?:(\d+)", address)
+    if not match:  # "auto" or "ray://...": Ray says what it cannot find
+        return
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot join the Ray cluster at {address!r}: nothing answers there "
+                              f"({exc.strerror or exc}); is `ray start --head` running on that host and port?") from None
+
+
 def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) -> None:
     if ray.is_initialized():
         return
@@ -41,6 +55,7 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     if address:
+        answers(address)
         try:
             ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
         except ConnectionError as exc:  # the CLI makes this one line (exit 2)

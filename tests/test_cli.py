@@ -137,3 +137,18 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, 
 def test_platform_and_shape_options_are_checked(command, says):
     result = runner.invoke(app, command, env={"COLUMNS": "200"})
     assert result.exit_code == 2 and says in result.output, result.output
+
+
+@pytest.mark.parametrize("command", [["run", "sweeps/smoke-cpu.yaml", "--no-report"], ["tune", "sweeps/tune-cpu.yaml"]])
+def test_a_cluster_that_does_not_answer_is_one_line(tmp_path, command):
+    """An address where no Ray listens: one line naming the option and the address, exit 2, in seconds and before
+    any folder is made (Ray would retry for a minute, then end the process with a fatal log of its own)."""
+    from fusiontune.harness.worker import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "run"), "--address", address],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    line = f"--address / cluster.address: cannot join the Ray cluster at '{address}': nothing answers there"
+    assert result.output.strip().splitlines()[-1].startswith(line), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
