@@ -59,7 +59,7 @@ def run(
         spec, text = load_sweep(sweep_file)
         spec = _override(spec, "cluster", groups=_groups(groups))
         spec = _override(spec, "measure", runs=num_runs)
-        plan = expand(spec)
+        expand(spec)  # a sweep that cannot be planned says so before any cluster is asked
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
@@ -67,6 +67,7 @@ def run(
 
     run_dir = out or Path("results") / spec.name
     _writable(run_dir, "--out")
+    plan = expand(spec, _workers_platform(spec.cluster, address))
     if resume:
         folder = RunFolder(run_dir)
         _check_same_sweep(folder, spec, sweep_file)
@@ -84,13 +85,13 @@ def run(
         return
     from fusiontune.harness.launcher import run_plan
 
-    _cluster_answers(address or spec.cluster.address)
     folder = RunFolder(run_dir)
     if folder.rows_path.exists() and not resume:  # never overwrite results: keep the old run beside
         kept = folder.set_aside()
         console.print(f"an earlier run in {run_dir} was moved to {kept} (use --resume to continue a run instead)")
     if not resume or not folder.manifest_path.exists():
         folder.write_manifest(text, str(sweep_file), {"cluster_address": address or spec.cluster.address,
+                                                      "planned_on": _platform_text(plan.platform),
                                                       "planned": len(plan.configs), "skipped": len(plan.skipped),
                                                       "dropped": [list(d) for d in plan.dropped]})
     else:
@@ -187,10 +188,10 @@ def tune(
         from fusiontune.harness.tuner import Tuner, grid_size, parameters, prepare_folder
 
         _writable(out or Path("results") / spec.name, "--out")
-        _cluster_answers(address or spec.cluster.address)
+        platform = _workers_platform(spec.cluster, address)
         folder = RunFolder(out or Path("results") / spec.name)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
-                      base_dir=tune_file.parent)
+                      base_dir=tune_file.parent, platform=platform)
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
@@ -249,15 +250,23 @@ def _writable(path: Path, option: str, folder: bool = True) -> None:
         _bad(f"{option} {path}: {existing} is not writable by this user; name a place you can write")
 
 
-def _cluster_answers(address: str | None) -> None:
-    """A cluster address where nothing listens: one line before any folder is made or any work starts."""
-    if address:
-        from fusiontune.harness.launcher import answers
+def _workers_platform(cluster, address: str | None):
+    """What the workers run on, to plan for (``launcher.workers_platform``): a cluster is joined and asked; one
+    where nothing answers is one line before any folder is made or any work starts."""
+    address = address or cluster.address
+    from fusiontune.harness.launcher import answers, workers_platform
 
-        try:
+    try:
+        if address and cluster.device != "cpu":
             answers(address)
-        except ConnectionError as exc:
-            _bad(f"--address / cluster.address: {exc}")
+        return workers_platform(cluster.device, address, cluster.dashboard)
+    except ConnectionError as exc:
+        _bad(f"--address / cluster.address: {exc}".splitlines()[0])
+
+
+def _platform_text(platform) -> str:
+    return (f"{platform.vendor}{f' sm{platform.capability}' if platform.capability else ''}"
+            f"{', FlashInfer' if platform.flashinfer else ''}")
 
 
 def _bad(message: str) -> None:
@@ -283,7 +292,8 @@ def _plan_text(config) -> str:
 
 def _print_plan(plan) -> None:
     table = Table(title=f"sweep {plan.spec.name}: {plan.model.name}, quant={plan.model.quant}, "
-                        f"num_tokens={plan.spec.num_tokens}, O{plan.spec.optimization_level}")
+                        f"num_tokens={plan.spec.num_tokens}, O{plan.spec.optimization_level}, planned for "
+                        f"{_platform_text(plan.platform)}")
     for column in ("TP", "config", "id", "plan"):
         table.add_column(column)
     for c in plan.configs:

@@ -22,10 +22,11 @@ import ray
 
 from fusiontune.kernels.symm_mem import MULTICAST_OFF
 from fusiontune.passes.fusions import PASSES
+from fusiontune.passes.platform import Platform
 
 from .groups import GroupPool, Outcome, groups_to_use
 from .results import RESUMABLE_SKIP, RunFolder
-from .sweep import Plan, PlannedConfig
+from .sweep import Plan, PlannedConfig, target_platform
 from .timing import combine_ranks, summarize
 from .worker import Job, RankResult, TPWorker
 
@@ -158,13 +159,33 @@ def device_for(tp: int, wanted: str) -> tuple[bool, str]:
     return True, ""
 
 
+def workers_platform(device: str, address: str | None, dashboard: bool = False) -> Platform:
+    """The hardware the sweep's workers run on, for planning (PassConfig resolves once, on it, and the workers
+    compile exactly that). ``cluster.device: cpu``: CPUs, whatever this machine has. A local run: this machine. A
+    cluster (``address``): one worker is asked, on a GPU where the cluster has any, since the driver's node (often a
+    CPU-only head) says nothing about them."""
+    if device == "cpu":
+        return Platform.detect().on_cpu()
+    if not address:
+        return Platform.detect()
+    init_ray(address, dashboard)
+    on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    ask = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0)(_detect_platform)
+    return ray.get(ask.remote())
+
+
+def _detect_platform() -> Platform:
+    return Platform.detect()
+
+
 def job_for(plan: Plan, config: PlannedConfig, num_tokens: list[int] | None = None) -> Job:
     measure = plan.spec.measure
     return Job(config.config_id, config.pass_config, plan.spec.optimization_level, plan.model.to_dict(),
                list(num_tokens or plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed,
                is_baseline=config.is_baseline, max_repeats=measure.max_repeats, settle=measure.settle,
                profile=measure.profile and not config.reference_only, reference_only=config.reference_only,
-               compile_cache=measure.compile_cache, collectives=plan.spec.collectives.model_dump())
+               compile_cache=measure.compile_cache, collectives=plan.spec.collectives.model_dump(),
+               platform=target_platform(plan.model, config.tp, plan.platform))
 
 
 class Recorder:

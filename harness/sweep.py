@@ -347,6 +347,7 @@ class Plan:
     configs: list[PlannedConfig] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)  # become 'skipped' rows
     dropped: list[tuple[str, int, str]] = field(default_factory=list)  # (label, tp, why): no row
+    platform: Platform | None = None  # the workers' hardware every config was resolved on (the TP size aside)
 
     def configs_for(self, tp: int) -> list[PlannedConfig]:
         return [c for c in self.configs if c.tp == tp]
@@ -360,7 +361,7 @@ class Plan:
             if left and not any(c.is_baseline for c in left):
                 left = [replace(c, reference_only=True) for c in self.configs_for(tp) if c.is_baseline] + left
             remaining += left
-        return Plan(self.spec, self.model, remaining, self.skipped, self.dropped)
+        return Plan(self.spec, self.model, remaining, self.skipped, self.dropped, self.platform)
 
 
 def _label(fields: dict[str, Any], swept: list[str]) -> str:
@@ -383,12 +384,14 @@ def config_id(tp: int, model: ModelConfig, level: int, resolved: dict[str, Any],
 
 
 def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
-    """The plan for this sweep. ``platform`` describes the workers (default: this machine)."""
+    """The plan for this sweep. ``platform`` describes the workers (``launcher.workers_platform``; default: this
+    machine): every config is resolved on it, and the workers compile what was resolved."""
     try:
         model = spec.model.build()
     except (ValueError, TypeError) as exc:
         raise SweepError(f"model: {exc}") from None
-    plan = Plan(spec, model)
+    platform = platform or Platform.detect()
+    plan = Plan(spec, model, platform=platform)
     variants = spec.variants or [{}]
     grids = [v if isinstance(v, list) else [v] for v in spec.pass_config.values()]
     listed = [k for k, v in spec.pass_config.items() if isinstance(v, list)]

@@ -40,6 +40,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG, THRESHOLDS
+from fusiontune.passes.platform import Platform
 
 from .groups import GroupPool, groups_to_use
 from .launcher import Recorder, device_for, init_ray, job_for
@@ -117,17 +118,20 @@ def grid_size(spec: TuneSpec) -> int:
 class Tuner:
     def __init__(self, spec: TuneSpec, folder: RunFolder, grid: bool = False, trials: int | None = None,
                  address: str | None = None, timeout_s: float | None = 3600, base_dir: Path = Path("."),
-                 on_trial: Callable[[dict[str, Any]], None] | None = None, worker_cls: type = TPWorker):
+                 on_trial: Callable[[dict[str, Any]], None] | None = None, worker_cls: type = TPWorker,
+                 platform: Platform | None = None):
         self.spec, self.folder, self.grid, self.on_trial, self.worker_cls = spec, folder, grid, on_trial, worker_cls
         self.address, self.timeout_s = address, timeout_s
         self.weights = workload_weights(spec, base_dir)
         self.trials = grid_size(spec) if grid else (trials or spec.study.trials)
-        self.plan: Plan = expand(spec.as_sweep())  # the baseline and its repeat (and the fixed config)
+        # the baseline and its repeat (and the fixed config), on the workers' platform (default: this machine)
+        self.plan: Plan = expand(spec.as_sweep(), platform)
         if not any(c.is_baseline for c in self.plan.configs):
             reasons = "; ".join(sorted({s.reason for s in self.plan.skipped})) or "nothing to run"
             raise SweepError(f"TP={spec.tp}: {reasons}")
         self.recorder = Recorder(self.plan, folder)
-        self.platform = target_platform(self.plan.model, spec.tp)  # what every trial's PassConfig resolves on
+        # what every trial's PassConfig resolves on
+        self.platform = target_platform(self.plan.model, spec.tp, self.plan.platform)
         self.measured: dict[str, dict[str, Any]] = {}  # effective config -> {"value", "trial", "config_id"}
         self.baseline_ms: dict[int, float] = {}
         self.pruned: set[str] = set()  # effective configs a trial was pruned at

@@ -60,6 +60,8 @@ class Job:
     reference_only: bool = False  # the all-off outputs for later comparisons; nothing timed (a resumed run)
     compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs
     collectives: dict[str, str] = field(default_factory=dict)  # symm_mem.CollectiveSettings fields
+    # the platform the plan resolved PassConfig on (None: this rank's own, for jobs made by hand)
+    platform: Platform | None = None
 
     @property
     def repeat_rule(self) -> Repeats:
@@ -85,6 +87,21 @@ class RankResult:
     allreduce_used: str = ""  # the collective implementations that ran at this size (symm_mem.take_used)
     kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
     trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
+
+
+def planned_platform(planned: Platform | None, here: Platform) -> Platform:
+    """The platform a job resolves PassConfig on: the one it was planned on, so that the config measured is the
+    config planned (its id, label and duplicate check were computed from that resolution). A rank whose hardware
+    differs refuses the job: resolving again here would compile another config under the planned one's name."""
+    if planned is None:
+        return here
+    key = lambda p: (p.vendor, p.capability, p.flashinfer)  # noqa: E731 - what level defaults depend on
+    if key(planned) != key(here):
+        def said(p):
+            return f"{p.vendor}{f' sm{p.capability}' if p.capability else ''}{' with FlashInfer' if p.flashinfer else ''}"
+        raise RuntimeError(f"this config was planned for {said(planned)}, but this rank runs on {said(here)}: plan "
+                           "where the workers run (--address joins their cluster and asks one of them)")
+    return planned
 
 
 def local_gpu_index(rank: int) -> int:
@@ -245,10 +262,10 @@ class TPWorker:
         """The model's config, the resolved PassConfig, its num_tokens ranges, and per range (by label) a compiled
         callable with that range's passes and their manager."""
         cfg = ModelConfig(**job.model)  # head_dim comes resolved: explicit, same shapes
-        platform = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
+        here = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
         if self.device.type == "cpu":
-            platform = platform.with_(vendor="cpu", capability=None)
-        resolved = resolve(job.pass_config, job.optimization_level, platform)
+            here = here.on_cpu()
+        resolved = resolve(job.pass_config, job.optimization_level, planned_platform(job.platform, here))
         model = self.model_for(cfg, job.seed)
         torch._dynamo.reset()
         self._cache = job.compile_cache  # Inductor's fx_graph_cache option governs AOTAutograd's cache too

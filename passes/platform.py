@@ -38,6 +38,11 @@ class Platform:
     def with_(self, **changes) -> "Platform":
         return replace(self, **changes)
 
+    def on_cpu(self) -> "Platform":
+        """The same deployment run on CPUs (``cluster.device: cpu`` on any machine): no GPU kernels, FlashInfer's
+        included."""
+        return replace(self, vendor="cpu", capability=None, flashinfer=False)
+
     @classmethod
     def detect(cls, tp_size: int = 1, hidden_size: int = 4096, dtype_bytes: int = 2, quant: str = "none") -> "Platform":
         vendor: Vendor = "cpu"
@@ -53,5 +58,5 @@ class Platform:
             hidden_size=hidden_size,
             dtype_bytes=dtype_bytes,
             quant=quant,
-            flashinfer=importlib.util.find_spec("flashinfer") is not None,
+            flashinfer=vendor == "cuda" and importlib.util.find_spec("flashinfer") is not None,  # GPU kernels only
         )
