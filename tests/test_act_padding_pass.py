@@ -4,6 +4,8 @@ not a right-side zero padding of a fused add + norm."""
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 import fusiontune.kernels  # noqa: F401
@@ -24,6 +26,7 @@ def compiled(fn, on: bool, dynamic: bool = True):
                                                     "fx_graph_cache": False}), manager
 
 
+@pytest.mark.slow
 def test_gpt_oss_shape_fuses_once_per_layer_bit_exact():
     cfg = build_model_config("gpt-oss-20b", num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256)
     assert cfg.mlp_input_size == 3072

@@ -80,6 +80,7 @@ def test_kernel_reads_heads_split_from_qkv_in_place():
     assert (got.float() - want.float()).abs().max().item() <= bound(v, DTYPES[0])
 
 
+@pytest.mark.slow
 def test_fuse_attn_quant_fires_once_per_layer_bit_exact():
     cfg = build_model_config("tiny", num_layers=2, quant="fp8-static")
     model = DecoderStack(cfg, seed=3)

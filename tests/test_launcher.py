@@ -11,7 +11,6 @@ import time
 import pytest
 import ray
 
-from fusiontune.harness.groups import group_capacity, groups_to_use
 from fusiontune.harness.launcher import run_plan
 from fusiontune.harness.results import RunFolder
 from fusiontune.harness.sweep import expand, parse_sweep
@@ -88,23 +87,3 @@ def test_two_groups_shared_the_work_and_every_config_left_a_log(faulty_run):
     ok_log = next(text for name, text in logs.items() if name.startswith("tp1-fuse_norm_quant=on_fuse_act_quant=on_"
                                                                          "fuse_rope_kvcache=off"))
     assert "num_tokens=8: range" in ok_log and "matches {" in ok_log
-
-
-def test_group_capacity_counts_whole_groups_per_node():
-    nodes = [{"Alive": True, "Resources": {"GPU": 8.0, "CPU": 64.0}},
-             {"Alive": True, "Resources": {"GPU": 6.0, "CPU": 64.0}},
-             {"Alive": False, "Resources": {"GPU": 8.0, "CPU": 64.0}}]
-    assert group_capacity(4, True, nodes) == 2 + 1  # STRICT_PACK: no group spans two nodes
-    assert group_capacity(8, True, nodes) == 1
-    assert group_capacity(2, False, nodes) == 64
-
-
-def test_groups_to_use(monkeypatch):
-    from fusiontune.harness import groups
-
-    monkeypatch.setattr(groups, "group_capacity", lambda tp, use_gpu: 4)
-    assert groups_to_use(1, True, "auto", jobs=10) == 4
-    assert groups_to_use(1, False, "auto", jobs=10) == 1  # CPU groups would share cores: one unless asked
-    assert groups_to_use(1, False, 3, jobs=10) == 3
-    assert groups_to_use(1, True, 8, jobs=10) == 4  # never more than fit
-    assert groups_to_use(1, True, "auto", jobs=2) == 2  # nor more than there is work for

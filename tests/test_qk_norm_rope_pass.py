@@ -26,6 +26,7 @@ def compiled_with_pass(fn, hidden_size=256, on=True):
                                                     "fx_graph_cache": False}), manager
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rope_style", ["neox", "gptj"])
 def test_fuses_once_per_layer_and_matches_the_unfused_model(rope_style):
     cfg = build_model_config("tiny", num_layers=2, qk_norm=True, rope_style=rope_style)
@@ -70,6 +71,7 @@ def test_leaves_incomplete_patterns_alone():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.slow
 def test_with_rope_kvcache_also_on_the_qk_norm_fusion_takes_the_rope_first():
     # Both passes want the same RoPE node. Q/K-norm + RoPE runs first: on the Qwen3-8B shape it pays 2.3-6.6% and
     # RoPE + KV cache nothing (H100, docs/benchmarks.md 2026-11-25); the other fusion then reports 0 matches.

@@ -83,6 +83,7 @@ def compiled_outputs(model, inputs, config):
     return outputs, manager
 
 
+@pytest.mark.slow
 def test_pass_fires_once_per_layer_bit_exact_with_the_same_cache():
     cfg = build_model_config("tiny", num_layers=2, max_position=512)
     model = DecoderStack(cfg, seed=5)
@@ -99,6 +100,7 @@ def test_pass_fires_once_per_layer_bit_exact_with_the_same_cache():
     assert on.graphs_seen >= 1 and on.matches["fuse_rope_kvcache"] == cfg.num_layers * on.graphs_seen
 
 
+@pytest.mark.slow
 def test_decode_step_attends_over_the_cache_and_both_cache_fusions_fire():
     """A decode step (3 and 9 sequences with 37 cached tokens each): RoPE + cache write and paged attention + FP8
     fuse once per layer each, and the output equals the unfused model's bit for bit."""

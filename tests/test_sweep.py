@@ -106,6 +106,7 @@ def test_every_fusion_has_a_pass_that_loads():
     assert [flag for flag, _ in manager.passes] == [spec.flag for spec in PASSES]
 
 
+@pytest.mark.slow
 def test_every_fusiontune_op_is_an_explicit_inductor_fallback_once_a_manager_exists():
     """So Inductor never takes its implicit-fallback path, whose log line torch 2.11 formats eagerly (minutes for
     an op at the end of a large graph: passes/manager.py). In a fresh process: compiles elsewhere in the suite

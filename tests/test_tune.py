@@ -123,6 +123,7 @@ def tuned(tmp_path_factory):
     return spec, folder, summary, resumed, told, grid
 
 
+@pytest.mark.slow
 def test_the_study_measures_each_config_once_and_reports_the_best(tuned):
     spec, folder, summary, _, told, _ = tuned
     first = told[:6]
@@ -156,6 +157,7 @@ def test_the_study_measures_each_config_once_and_reports_the_best(tuned):
     assert table["baseline_repeat"].any()  # the baseline again, last: the noise floor
 
 
+@pytest.mark.slow
 def test_a_second_run_resumes_the_study_from_its_storage(tuned):
     spec, folder, summary, resumed, told, _ = tuned
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder.path / 'study.db'}")
@@ -169,6 +171,7 @@ def test_a_second_run_resumes_the_study_from_its_storage(tuned):
     assert resumed["evaluations"] <= 5 and sum(not t["measured"] for t in told) >= 3
 
 
+@pytest.mark.slow
 def test_the_grid_runs_every_point_and_measures_each_distinct_config_once(tuned):
     _, _, _, _, _, grid = tuned
     # 6 points (the threshold is drawn only with RoPE + KV cache on); all-off is the baseline: 5 to measure.
@@ -176,6 +179,7 @@ def test_the_grid_runs_every_point_and_measures_each_distinct_config_once(tuned)
     assert grid["pruned"] == 0 and grid["failed"] == 0 and grid["noise_floor"] is not None
 
 
+@pytest.mark.slow
 def test_export_writes_thresholds_for_the_device_and_shape_and_vllm_flags(tuned, tmp_path):
     from fusiontune.harness.export import ExportError, export_tuned, find_thresholds
     from fusiontune.passes.config import PassConfig
@@ -218,6 +222,7 @@ def test_export_writes_thresholds_for_the_device_and_shape_and_vllm_flags(tuned,
     assert not (tmp_path / "missing").exists()  # nothing created on the way to failing
 
 
+@pytest.mark.slow
 def test_the_report_of_a_tune_run_shows_the_study(tuned):
     from fusiontune.harness.report import write_report
 

@@ -24,6 +24,7 @@ def run_pair(worker, num_tokens, **model):
     return cfg, base, fused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model, norm_per_layer, act_per_layer",
     [
@@ -46,6 +47,7 @@ def test_compiled_model_fuses_per_layer_and_agrees_with_all_off(worker, model, n
         assert len(f.times_ms) == 3 and all(t > 0 for t in f.times_ms) and f.timing == "wall clock"
 
 
+@pytest.mark.slow
 def test_a_size_beyond_max_position_fails_alone(worker):
     _, base, fused = run_pair(worker, [5, 300], quant="fp8-static", max_position=256, num_layers=1)
     by_size = {r.num_tokens: r for r in fused}
@@ -54,6 +56,7 @@ def test_a_size_beyond_max_position_fails_alone(worker):
     assert not by_size[300].times_ms
 
 
+@pytest.mark.slow
 def test_a_config_that_cannot_resolve_fails_every_size(worker):
     cfg = build_model_config("tiny", num_layers=1).to_dict()
     results = worker.run(Job("bad", {"enable_sp": True}, 2, cfg, [1, 4]))
@@ -61,6 +64,7 @@ def test_a_config_that_cannot_resolve_fails_every_size(worker):
     assert all("PassConfigError" in r.error and "sp_min_token_num" in r.error for r in results)
 
 
+@pytest.mark.slow
 def test_each_num_tokens_range_runs_its_own_compile(worker, monkeypatch):
     """Two ranges split at 8, the Q/K-norm + RoPE fusion only in the lower one (as a "low" pass with a bound
     would be): each size runs its range's graph, with that range's passes, and both agree with all-off."""
@@ -86,6 +90,7 @@ def test_each_num_tokens_range_runs_its_own_compile(worker, monkeypatch):
     assert low.max_abs_err <= low.tolerance and high.max_abs_err <= high.tolerance
 
 
+@pytest.mark.slow
 def test_a_graph_from_inductors_cache_keeps_its_match_counts(worker, tmp_path, monkeypatch):
     """The second run of a config is served from Inductor's cache (its post-grad passes do not run): the counts
     come from the record its first compile left, and without that record the range is compiled afresh."""
@@ -136,6 +141,7 @@ def _agree(rank, port, queue):
         worker.shutdown()
 
 
+@pytest.mark.slow
 def test_a_cache_miss_on_one_rank_is_every_ranks():
     """The recompile after a cached graph without counts is decided by the group: a rank that decided alone
     would run other collectives than its peer, and both would hang (seen once in CI at TP=2)."""
