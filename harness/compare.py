@@ -18,7 +18,7 @@ import pandas as pd
 
 from fusiontune.passes.fusions import FUSION_FLAGS
 
-from .report import speedups
+from .analysis import speedups
 from .results import RunFolder
 
 KEY = ["config_id", "tp", "num_tokens"]

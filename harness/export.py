@@ -24,7 +24,7 @@ from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, THRESHOLDS
 from fusiontune.passes.vllm_versions import NEWEST, fit, newest_with, release
 
 from .per_range import for_tune_run
-from .report import noise_floor
+from .analysis import noise_floor
 from .results import RunFolder, redact
 from .tune import expected_ratio
 

@@ -1,5 +1,6 @@
-"""The report's figures beyond the speedup curves: a heatmap of configs x num_tokens, and a tune study's history
-and parameter importances (Optuna's own matplotlib plots)."""
+"""The report's figures, all of them: speedup against num_tokens with its intervals and the noise floor, a heatmap
+of configs x num_tokens, where the time goes per kernel category, the decode Pareto plot, and a tune study's
+history and parameter importances (Optuna's own matplotlib plots)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from fusiontune.kernels.library import KINDS  # noqa: E402
+
+from .analysis import flag  # noqa: E402
 
 
 def speedup_heatmap(data: pd.DataFrame, path: Path, title: str) -> Path | None:
@@ -137,3 +142,77 @@ def _frontier(points: np.ndarray) -> np.ndarray:
             front.append((x, y))
             best_y = y
     return np.array(front[::-1])
+
+
+def speedup_plot(data: pd.DataFrame, floors: pd.DataFrame, path: Path, title: str) -> None:
+    tps = sorted(data["tp"].unique())
+    fig, axes = plt.subplots(1, len(tps), figsize=(6 * len(tps), 4.2), squeeze=False, sharey=True)
+    for ax, tp in zip(axes[0], tps):
+        by_tp = data[(data["tp"] == tp) & ~data["is_baseline"].astype(bool)
+                     & ~flag(data, "baseline_repeat")]
+        for label, rows in by_tp.groupby("label"):
+            rows = rows.sort_values("num_tokens")
+            spread = [(rows["speedup"] - rows["ci_low"]).clip(lower=0),
+                      (rows["ci_high"] - rows["speedup"]).clip(lower=0)]
+            ax.errorbar(rows["num_tokens"], rows["speedup"], yerr=spread, marker="o", capsize=3, label=label)
+        band = floors[floors["tp"] == tp].sort_values("num_tokens").dropna(subset=["noise_floor"])
+        if len(band):
+            ax.fill_between(band["num_tokens"], 1 - band["noise_floor"], 1 + band["noise_floor"], color="grey",
+                            alpha=0.2, label="noise floor")
+        ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+        sizes = sorted(data["num_tokens"].unique())
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)  # set before the log scale: a run with no speedup plots none
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(int(n)) for n in sizes])
+        ax.set_xlabel("num_tokens")
+        ax.set_title(f"TP={tp}")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("speedup over all fusions off")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
+    fig.suptitle(f"{title}: speedup against num_tokens, bars = its 95% interval, grey = noise floor\n"
+                 "(missing points: failed, incorrect or did not fire)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+def kernel_plot(kernels: pd.DataFrame, table: pd.DataFrame, path: Path, title: str, max_sizes: int = 4) -> None:
+    """Per TP size and num_tokens (up to ``max_sizes``, spread over the sweep's range): a horizontal stacked
+    bar per config of rank 0's time per forward by category, all-off on top."""
+    rank0 = kernels[kernels["rank"] == 0]
+    per = rank0.groupby(["tp", "num_tokens", "config_id", "category"])["us_per_forward"].sum().reset_index()
+    labels = table.drop_duplicates("config_id").set_index("config_id")["label"]
+    baseline_ids = set(table.loc[table["is_baseline"].astype(bool), "config_id"])
+    categories = [c for c in KINDS if c in set(per["category"])]
+    colours = dict(zip(categories, plt.get_cmap("tab20").colors))
+    tps = sorted(per["tp"].unique())
+    sizes = sorted(per["num_tokens"].unique())
+    if len(sizes) > max_sizes:
+        sizes = [sizes[round(i * (len(sizes) - 1) / (max_sizes - 1))] for i in range(max_sizes)]
+    configs = max(1, per["config_id"].nunique())
+    height = len(tps) * (1.2 + 0.35 * configs) + 1.3
+    fig, axes = plt.subplots(len(tps), len(sizes), figsize=(4.5 * len(sizes), height), squeeze=False)
+    for i, tp in enumerate(tps):
+        for j, size in enumerate(sizes):
+            ax = axes[i][j]
+            here = per[(per["tp"] == tp) & (per["num_tokens"] == size)]
+            wide = here.pivot_table(index="config_id", columns="category", values="us_per_forward", aggfunc="sum")
+            wide = wide.reindex(columns=categories).fillna(0.0)
+            wide = wide.loc[sorted(wide.index, key=lambda c: (c not in baseline_ids, str(labels.get(c, c))))][::-1]
+            left = pd.Series(0.0, index=wide.index)
+            for category in categories:
+                ax.barh([_short(labels.get(c, c), 38) for c in wide.index], wide[category], left=left,
+                        color=colours[category], label=category)
+                left += wide[category]
+            ax.set_title(f"TP={tp}, num_tokens={int(size)}", fontsize=9)
+            ax.set_xlabel("us per forward")
+            ax.tick_params(axis="y", labelsize=7)
+            if j:
+                ax.set_yticklabels([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in categories]
+    fig.legend(handles, categories, loc="lower center", ncol=min(6, len(categories)), fontsize=8)
+    fig.suptitle(f"{title}: where the time goes (rank 0, eager profile)", fontsize=10)
+    fig.tight_layout(rect=(0, (0.3 + 0.2 * (len(categories) // 6 + 1)) / height, 1, 1 - 0.4 / height))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

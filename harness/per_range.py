@@ -21,14 +21,15 @@ import pandas as pd
 
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG
 
+from .analysis import flag as flag_column
+from .analysis import is_on, noise_floor
 from .model import DTYPES
-from .report import _flag, _on, noise_floor
 from .tune import expected_ratio
 
 
 def _measured(table: pd.DataFrame, tp: int) -> pd.DataFrame:
     ok = table[(table["status"] == "ok") & (table["tp"] == tp)]
-    return ok[~_flag(ok, "baseline_repeat")]
+    return ok[~flag_column(ok, "baseline_repeat")]
 
 
 def best_single(table: pd.DataFrame, weights: dict[int, float], tp: int) -> tuple[str, float] | None:
@@ -133,14 +134,14 @@ def _as_pass_config(active: dict[int, set[str]], sizes: list[int],
                     notes["thresholds"].append(f"{flag} applies in the lowest compiled range only (no threshold of "
                                                f"its own): the plan has it up to {on[-1]} tokens")
                 continue
-            fields[flag] = _on(single.get(flag))
+            fields[flag] = is_on(single.get(flag))
             notes["inexpressible"].append(
                 f"{flag} pays at num_tokens {', '.join(map(str, on))} only, and vLLM applies it at every size: "
                 f"kept {'on' if fields[flag] else 'off'} as in the best single config")
             continue
         threshold = spec.thresholds[0]
         if (spec.token_range == "low" and not prefix) or (spec.token_range == "high" and not suffix):
-            fields[flag] = _on(single.get(flag))
+            fields[flag] = is_on(single.get(flag))
             notes["inexpressible"].append(f"{flag} pays at num_tokens {', '.join(map(str, on))}, not one "
                                           f"{spec.token_range} range: kept as in the best single config")
             continue
@@ -148,7 +149,7 @@ def _as_pass_config(active: dict[int, set[str]], sizes: list[int],
         value = threshold.from_tokens(bound, int(single["model_hidden_size"]),
                                       DTYPES[str(single["model_dtype"])].itemsize)
         if fields.get(threshold.name, value) != value:  # SP and AsyncTP share sp_min_token_num
-            fields[flag] = _on(single.get(flag))
+            fields[flag] = is_on(single.get(flag))
             notes["inexpressible"].append(f"{flag} pays from {bound} tokens, but {threshold.name} is already "
                                           f"{fields[threshold.name]:g} for another fusion: kept as in the best "
                                           "single config")

@@ -1,19 +1,7 @@
 """Speedup report of a run folder: ``report.md`` and the same as one self-contained ``report.html``, with
-``speedup.png``, ``heatmap.png``, (with profiles) ``kernels.png`` and (for a tune run) the study's figures.
-
-Speedup is the all-off baseline's median latency over the config's, at the same TP size and num_tokens. It is
-shown only where it means something: the config ran (``ok``), matched the baseline's output, and every fusion it
-enables actually fired (nonzero match count). Otherwise the cell says why there is no number.
-
-The noise floor at a num_tokens is the larger of two things: how far the baseline's two measurements (first and
-last in the sweep) disagree, and the half-width of the baseline median's 95% confidence interval, both relative.
-
-A speedup is claimed ("faster", "slower") only when its interval excludes 1 and it is beyond the floor. The
-interval comes from the two medians' 95% confidence intervals (baseline's low over the config's high, and the
-reverse), widened by the baseline's drift between its two measurements: what the same config moved by during the
-run. Otherwise the verdict is "within noise". A config or baseline whose repeats scatter by more than
-``NOISY_CV`` (a machine under load) is "too noisy", never claimed, whatever its median says. A config that ran at
-lower SM clocks than its baseline says so.
+``speedup.png``, ``heatmap.png``, (with profiles) ``kernels.png`` and (for a tune run) the study's figures. The
+numbers come from ``analysis`` (what a speedup is, when it is claimed, the noise floor); this module only renders
+them, and the figures are drawn by ``figures``.
 """
 
 from __future__ import annotations
@@ -24,158 +12,21 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from fusiontune.kernels.library import KINDS
 
-from fusiontune.kernels.library import KINDS  # noqa: E402
-from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG  # noqa: E402
-from fusiontune.passes.ranges import INDIVISIBLE  # noqa: E402
-
-from .figures import pareto_plot, speedup_heatmap, tune_figures  # noqa: E402
-from .results import KEY_COLUMNS, RunFolder  # noqa: E402
+from .analysis import (NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions, noise_floor, pooled_runs,
+                       speedups)
+from .figures import kernel_plot, pareto_plot, speedup_heatmap, speedup_plot, tune_figures
+from .results import KEY_COLUMNS, RunFolder
 
 
-def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (tp, num_tokens): the baseline's two medians, their relative drift, its CI half-width, the floor; and
-    the first baseline measurement's median CI (``base_ci_low``, ``base_ci_high``) and CV (``base_cv``), which a
-    speedup's interval is made from."""
-    ok = table[table["status"] == "ok"]
-    first = ok[ok["is_baseline"].astype(bool)]
-    again = ok[_flag(ok, "baseline_repeat")]
-    keys = ["tp", "num_tokens"]
-    floor = first[keys + ["latency_ms"]].rename(columns={"latency_ms": "baseline_ms"})
-    floor["baseline_clock"] = _column(first, "gpu_sm_clock_mhz").values
-    half_width = (_column(first, "latency_ms_ci_high") - _column(first, "latency_ms_ci_low")) / 2
-    floor["ci_rel"] = (half_width / first["latency_ms"]).values
-    floor["base_ci_low"] = _column(first, "latency_ms_ci_low").values
-    floor["base_ci_high"] = _column(first, "latency_ms_ci_high").values
-    floor["base_cv"] = _column(first, "latency_ms_cv").values
-    again = again.assign(again_clock=_column(again, "gpu_sm_clock_mhz"))
-    floor = floor.merge(again[keys + ["latency_ms", "again_clock"]].rename(columns={"latency_ms": "again_ms"}),
-                        on=keys, how="left")
-    pair = floor[["baseline_ms", "again_ms"]]
-    floor["drift_rel"] = (pair.max(axis=1, skipna=False) / pair.min(axis=1, skipna=False)) - 1
-    floor["noise_floor"] = floor[["drift_rel", "ci_rel"]].max(axis=1, skipna=True)
-    return floor
 
 
-def _column(frame: pd.DataFrame, name: str, default=float("nan")) -> pd.Series:
-    return frame[name] if name in frame else pd.Series(default, index=frame.index)
 
 
-def _flag(frame: pd.DataFrame, name: str) -> pd.Series:
-    """A boolean column that older rows may lack (or hold as missing): missing reads False."""
-    return _column(frame, name, False).fillna(False).astype(bool)
 
-
-# Repeats scattering more than this (coefficient of variation) mean a machine under load: no speedup is claimed.
-NOISY_CV = 0.10
-# An SM clock this much below the baseline's at the same size is reported beside the speedup.
-CLOCK_DROP = 0.03
-VERDICTS = ("faster", "slower", "within noise", "too noisy")
-# speedups.parquet: one row per config (not all-off), TP size and num_tokens that has a speedup
-SPEEDUP_COLUMNS = ("config_id", "label", "tp", "num_tokens", "speedup", "ci_low", "ci_high", "verdict", "note")
-
-
-def speedups(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (config, tp, num_tokens) with ``speedup`` (NaN where not meaningful), its interval
-    (``ci_low``, ``ci_high``), its ``verdict`` (one of ``VERDICTS``, or empty where there is no speedup), ``note``
-    and the ``noise_floor`` it is judged against."""
-    measured = table[table["status"] != "skipped"].copy()
-    merged = measured.merge(noise_floor(table), on=["tp", "num_tokens"], how="left")
-    notes, values = [], []
-    for _, row in merged.iterrows():
-        enabled = _enabled(row)
-        active = _active(row, enabled)
-        unfired = [f for f in active if not row.get(f"matches_{f}", 0)]
-        out_of_range = [f for f in enabled if f not in active]
-        # Off at this size because of its threshold, or (SP, AsyncTP) because num_tokens does not split over TP.
-        why_off = "off, num_tokens does not split over TP" \
-            if str(row.get("compile_range", "")).endswith(f"/{INDIVISIBLE}") else "outside its range"
-        if row["status"] != "ok":
-            note, value = row["status"], float("nan")
-        elif pd.isna(row["baseline_ms"]):
-            note, value = "no baseline", float("nan")
-        elif unfired:
-            note, value = f"did not fire: {', '.join(unfired)}", float("nan")
-        elif enabled and not active:
-            note, value = f"outside the num_tokens range of {', '.join(out_of_range)}", float("nan")
-            if why_off != "outside its range":
-                note = f"{why_off}: {', '.join(out_of_range)}"
-        else:
-            note = f"{why_off}: {', '.join(out_of_range)}" if out_of_range else ""
-            value = row["baseline_ms"] / row["latency_ms"]
-        notes.append(note)
-        values.append(value)
-    merged["speedup"], merged["note"] = values, notes
-    _judge(merged)
-    return merged
-
-
-def _judge(merged: pd.DataFrame) -> None:
-    """Add each speedup's interval and verdict, and the notes that go with them (see the module doc)."""
-    config_low = _column(merged, "latency_ms_ci_low").fillna(merged["latency_ms"])
-    config_high = _column(merged, "latency_ms_ci_high").fillna(merged["latency_ms"])
-    base_low = merged["base_ci_low"].fillna(merged["baseline_ms"])
-    base_high = merged["base_ci_high"].fillna(merged["baseline_ms"])
-    drift = 1 + _column(merged, "drift_rel").fillna(0.0)
-    merged["ci_low"] = (base_low / config_high / drift).where(merged["speedup"].notna())
-    merged["ci_high"] = (base_high / config_low * drift).where(merged["speedup"].notna())
-    worst_cv = pd.concat([_column(merged, "latency_ms_cv"), merged["base_cv"]], axis=1).max(axis=1, skipna=True)
-    floor = merged["noise_floor"].fillna(0.0)
-    again = _flag(merged, "baseline_repeat")
-    verdicts, notes = [], []
-    for i, row in merged.iterrows():
-        verdict, note = "", row["note"]
-        if pd.notna(row["speedup"]) and not row["is_baseline"] and not again[i]:
-            if worst_cv[i] > NOISY_CV:
-                verdict, extra = "too noisy", f"too noisy to claim (CV {worst_cv[i]:.0%})"
-            elif row["ci_low"] > 1 and row["speedup"] - 1 > floor[i]:
-                verdict, extra = "faster", ""
-            elif row["ci_high"] < 1 and 1 - row["speedup"] > floor[i]:
-                verdict, extra = "slower", ""
-            else:
-                inside = abs(row["speedup"] - 1) <= floor[i]
-                verdict, extra = "within noise", (f"within noise (+/-{floor[i]:.1%})" if inside else
-                                                  "within noise (its interval covers 1)")
-            clock, base_clock = row.get("gpu_sm_clock_mhz"), row.get("baseline_clock")
-            if pd.notna(clock) and pd.notna(base_clock) and clock < base_clock * (1 - CLOCK_DROP):
-                extra = "; ".join(filter(None, [extra, f"lower SM clock than all-off ({clock:.0f} against "
-                                                       f"{base_clock:.0f} MHz)"]))
-            note = "; ".join(filter(None, [extra, note]))
-        elif pd.notna(row["speedup"]) and again[i]:
-            note = f"the A/A check: all-off again, {abs(row['speedup'] - 1):.1%} off the first"
-        verdicts.append(verdict)
-        notes.append(note)
-    merged["verdict"], merged["note"] = verdicts, notes
-
-
-def pooled_runs(data: pd.DataFrame) -> pd.DataFrame:
-    """Configs measured in several runs (``measure.runs``), pooled per (config, tp, num_tokens): the median of the
-    runs' medians, the spread between runs (largest over smallest, less 1), and the speedup of the pooled median.
-    Each run compiles and builds the model afresh, so the spread between runs is the noise a user deploying the
-    config meets; one run's floor sees only part of it. Empty when no config ran more than once."""
-    if "run" not in data:
-        return pd.DataFrame()
-    ok = data[(data["status"] == "ok") & ~data["is_baseline"].astype(bool) & ~_flag(data, "baseline_repeat")]
-    ok = ok.assign(base_id=ok["config_id"].str.replace(r"-run\d+$", "", regex=True),
-                   base_label=ok["label"].str.replace(r" \(run \d+\)$", "", regex=True))
-    groups = ok.groupby(["base_id", "base_label", "tp", "num_tokens"])
-    pooled = groups.agg(runs=("latency_ms", "size"), latency_ms=("latency_ms", "median"),
-                        fastest=("latency_ms", "min"), slowest=("latency_ms", "max"),
-                        baseline_ms=("baseline_ms", "first"), noise_floor=("noise_floor", "first"),
-                        fired=("speedup", lambda v: bool(v.notna().all()))).reset_index()
-    pooled = pooled[pooled["runs"] > 1]
-    if pooled.empty:
-        return pooled
-    pooled["run_spread"] = pooled["slowest"] / pooled["fastest"] - 1
-    pooled["speedup"] = (pooled["baseline_ms"] / pooled["latency_ms"]).where(pooled["fired"])
-    band = pooled[["run_spread", "noise_floor"]].max(axis=1)
-    pooled["beyond_noise"] = (pooled["speedup"] - 1).abs() > band
-    return pooled
 
 
 def _pooled_lines(pooled: pd.DataFrame) -> list[str]:
@@ -193,30 +44,12 @@ def _pooled_lines(pooled: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
-def _enabled(row) -> list[str]:
-    """The fusions the row ran with that could match in its model: one with no pattern for the model's quant
-    scheme or TP size (norm + quant in a bf16 model, switched on by the level) cannot fire, so its 0 matches say
-    nothing against the speedup."""
-    quant = row.get("model_quant")
-    return [f for f in FUSION_FLAGS if _on(row.get(f)) and (
-        not isinstance(quant, str) or PASSES_BY_FLAG[f].applicability(quant, int(row["tp"]))[0])]
 
-
-def _active(row, enabled: list[str]) -> list[str]:
-    """The enabled fusions the row's num_tokens range compiled with (all of them in rows from before ranges)."""
-    recorded = row.get("active_passes")
-    if not isinstance(recorded, str):
-        return enabled
-    return [f for f in enabled if f in recorded.split(",")]
-
-
-def _on(value) -> bool:
-    return bool(value) and not (isinstance(value, float) and pd.isna(value))
 
 
 def _matches_text(row) -> str:
-    enabled = _enabled(row)
-    active = _active(row, enabled)
+    enabled = enabled_fusions(row)
+    active = active_fusions(row, enabled)
     parts = [f"{f}={int(row[f'matches_{f}'])}" if f in active else f"{f}=out of range" for f in enabled]
     return ", ".join(parts) or "-"
 
@@ -275,7 +108,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         lines += ["No config was measured: every one was skipped (see above).", ""]
     else:
         lines += [f"![speedup against num_tokens]({png_path.name})", ""]
-        _plot(data, floors, png_path, name)
+        speedup_plot(data, floors, png_path, name)
     heatmap = speedup_heatmap(data, folder.path / "heatmap.png", name)
     if heatmap:
         lines += [f"![speedup heatmap, configs x num_tokens]({heatmap.name})", ""]
@@ -286,7 +119,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     kernels = folder.kernels()
     if not kernels.empty:
         kernels_png = folder.path / "kernels.png"
-        _plot_kernels(kernels, table, kernels_png, name)
+        kernel_plot(kernels, table, kernels_png, name)
         lines += ["## Where the time goes", "",
                   "Per-kernel time per forward on rank 0, filed by what each kernel does (profiled eagerly; the "
                   "table is kernels.parquet, the traces in traces/ open in Perfetto).", "",
@@ -421,82 +254,3 @@ def _noise_lines(floors: pd.DataFrame) -> list[str]:
         clock = f" {row.baseline_clock:.0f} / {row.again_clock:.0f} |" if clocks else ""
         lines.append(f"| {int(row.num_tokens)} | {row.baseline_ms:.4f} | {again} | {drift} | {ci} | {floor} |{clock}")
     return lines + [""]
-
-
-def _plot(data: pd.DataFrame, floors: pd.DataFrame, path: Path, title: str) -> None:
-    tps = sorted(data["tp"].unique())
-    fig, axes = plt.subplots(1, len(tps), figsize=(6 * len(tps), 4.2), squeeze=False, sharey=True)
-    for ax, tp in zip(axes[0], tps):
-        by_tp = data[(data["tp"] == tp) & ~data["is_baseline"].astype(bool)
-                     & ~_flag(data, "baseline_repeat")]
-        for label, rows in by_tp.groupby("label"):
-            rows = rows.sort_values("num_tokens")
-            spread = [(rows["speedup"] - rows["ci_low"]).clip(lower=0),
-                      (rows["ci_high"] - rows["speedup"]).clip(lower=0)]
-            ax.errorbar(rows["num_tokens"], rows["speedup"], yerr=spread, marker="o", capsize=3, label=label)
-        band = floors[floors["tp"] == tp].sort_values("num_tokens").dropna(subset=["noise_floor"])
-        if len(band):
-            ax.fill_between(band["num_tokens"], 1 - band["noise_floor"], 1 + band["noise_floor"], color="grey",
-                            alpha=0.2, label="noise floor")
-        ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-        sizes = sorted(data["num_tokens"].unique())
-        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)  # set before the log scale: a run with no speedup plots none
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(int(n)) for n in sizes])
-        ax.set_xlabel("num_tokens")
-        ax.set_title(f"TP={tp}")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("speedup over all fusions off")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
-    fig.suptitle(f"{title}: speedup against num_tokens, bars = its 95% interval, grey = noise floor\n"
-                 "(missing points: failed, incorrect or did not fire)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_kernels(kernels: pd.DataFrame, table: pd.DataFrame, path: Path, title: str, max_sizes: int = 4) -> None:
-    """Per TP size and num_tokens (up to ``max_sizes``, spread over the sweep's range): a horizontal stacked
-    bar per config of rank 0's time per forward by category, all-off on top."""
-    rank0 = kernels[kernels["rank"] == 0]
-    per = rank0.groupby(["tp", "num_tokens", "config_id", "category"])["us_per_forward"].sum().reset_index()
-    labels = table.drop_duplicates("config_id").set_index("config_id")["label"]
-    baseline_ids = set(table.loc[table["is_baseline"].astype(bool), "config_id"])
-    categories = [c for c in KINDS if c in set(per["category"])]
-    colours = dict(zip(categories, plt.get_cmap("tab20").colors))
-    tps = sorted(per["tp"].unique())
-    sizes = sorted(per["num_tokens"].unique())
-    if len(sizes) > max_sizes:
-        sizes = [sizes[round(i * (len(sizes) - 1) / (max_sizes - 1))] for i in range(max_sizes)]
-    configs = max(1, per["config_id"].nunique())
-    height = len(tps) * (1.2 + 0.35 * configs) + 1.3
-    fig, axes = plt.subplots(len(tps), len(sizes), figsize=(4.5 * len(sizes), height), squeeze=False)
-    for i, tp in enumerate(tps):
-        for j, size in enumerate(sizes):
-            ax = axes[i][j]
-            here = per[(per["tp"] == tp) & (per["num_tokens"] == size)]
-            wide = here.pivot_table(index="config_id", columns="category", values="us_per_forward", aggfunc="sum")
-            wide = wide.reindex(columns=categories).fillna(0.0)
-            wide = wide.loc[sorted(wide.index, key=lambda c: (c not in baseline_ids, str(labels.get(c, c))))][::-1]
-            left = pd.Series(0.0, index=wide.index)
-            for category in categories:
-                ax.barh([_short(labels.get(c, c)) for c in wide.index], wide[category], left=left,
-                        color=colours[category], label=category)
-                left += wide[category]
-            ax.set_title(f"TP={tp}, num_tokens={int(size)}", fontsize=9)
-            ax.set_xlabel("us per forward")
-            ax.tick_params(axis="y", labelsize=7)
-            if j:
-                ax.set_yticklabels([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in categories]
-    fig.legend(handles, categories, loc="lower center", ncol=min(6, len(categories)), fontsize=8)
-    fig.suptitle(f"{title}: where the time goes (rank 0, eager profile)", fontsize=10)
-    fig.tight_layout(rect=(0, (0.3 + 0.2 * (len(categories) // 6 + 1)) / height, 1, 1 - 0.4 / height))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _short(label: str, width: int = 38) -> str:
-    return label if len(label) <= width else label[: width - 3] + "..."

@@ -362,7 +362,7 @@ class Tuner:
 
     def noise_floor(self) -> float | None:
         """The objective's noise floor: each size's floor (the report's) weighted as the objective weighs it."""
-        from .report import noise_floor
+        from .analysis import noise_floor
 
         floors = noise_floor(self.folder.table()).set_index("num_tokens")["noise_floor"]
         used = [n for n, w in self.weights.items() if w > 0 and n in floors and n in self.baseline_ms]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fusiontune.harness.report import speedups, write_report
+from fusiontune.harness.analysis import speedups
+from fusiontune.harness.report import write_report
 from fusiontune.harness.results import RunFolder, redact
 
 
@@ -170,7 +171,7 @@ def test_a_decode_sweep_gets_the_pareto_plot_and_its_frontier(tmp_path):
 
 
 def test_runs_of_a_config_are_pooled_and_their_spread_bounds_what_counts_as_a_speedup(tmp_path):
-    from fusiontune.harness.report import pooled_runs
+    from fusiontune.harness.analysis import pooled_runs
 
     rows = noisy_sweep(again_1=2.0, again_8=4.0)  # a tight floor (0.1%): only the spread between runs is wide
     rows = [{**r, "run": 1} for r in rows]

@@ -1,0 +1,186 @@
+"""The analysis of a run's rows: the noise floor, each speedup with its interval and verdict, and runs pooled.
+Report, compare, export, the per-range plan and the tuner all read these numbers from here; the report only
+renders them.
+
+Speedup is the all-off baseline's median latency over the config's, at the same TP size and num_tokens. It is
+given only where it means something: the config ran (``ok``), matched the baseline's output, and every fusion it
+enables actually fired (nonzero match count). Otherwise the row's note says why there is no number.
+
+The noise floor at a num_tokens is the larger of two things: how far the baseline's two measurements (first and
+last in the sweep) disagree, and the half-width of the baseline median's 95% confidence interval, both relative.
+
+A speedup is claimed ("faster", "slower") only when its interval excludes 1 and it is beyond the floor. The
+interval comes from the two medians' 95% confidence intervals (baseline's low over the config's high, and the
+reverse), widened by the baseline's drift between its two measurements: what the same config moved by during the
+run. Otherwise the verdict is "within noise". A config or baseline whose repeats scatter by more than
+``NOISY_CV`` (a machine under load) is "too noisy", never claimed, whatever its median says. A config that ran at
+lower SM clocks than its baseline says so.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG
+from fusiontune.passes.ranges import INDIVISIBLE
+
+
+def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (tp, num_tokens): the baseline's two medians, their relative drift, its CI half-width, the floor; and
+    the first baseline measurement's median CI (``base_ci_low``, ``base_ci_high``) and CV (``base_cv``), which a
+    speedup's interval is made from."""
+    ok = table[table["status"] == "ok"]
+    first = ok[ok["is_baseline"].astype(bool)]
+    again = ok[flag(ok, "baseline_repeat")]
+    keys = ["tp", "num_tokens"]
+    floor = first[keys + ["latency_ms"]].rename(columns={"latency_ms": "baseline_ms"})
+    floor["baseline_clock"] = column(first, "gpu_sm_clock_mhz").values
+    half_width = (column(first, "latency_ms_ci_high") - column(first, "latency_ms_ci_low")) / 2
+    floor["ci_rel"] = (half_width / first["latency_ms"]).values
+    floor["base_ci_low"] = column(first, "latency_ms_ci_low").values
+    floor["base_ci_high"] = column(first, "latency_ms_ci_high").values
+    floor["base_cv"] = column(first, "latency_ms_cv").values
+    again = again.assign(again_clock=column(again, "gpu_sm_clock_mhz"))
+    floor = floor.merge(again[keys + ["latency_ms", "again_clock"]].rename(columns={"latency_ms": "again_ms"}),
+                        on=keys, how="left")
+    pair = floor[["baseline_ms", "again_ms"]]
+    floor["drift_rel"] = (pair.max(axis=1, skipna=False) / pair.min(axis=1, skipna=False)) - 1
+    floor["noise_floor"] = floor[["drift_rel", "ci_rel"]].max(axis=1, skipna=True)
+    return floor
+
+
+def column(frame: pd.DataFrame, name: str, default=float("nan")) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(default, index=frame.index)
+
+
+def flag(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A boolean column that older rows may lack (or hold as missing): missing reads False."""
+    return column(frame, name, False).fillna(False).astype(bool)
+
+
+# Repeats scattering more than this (coefficient of variation) mean a machine under load: no speedup is claimed.
+NOISY_CV = 0.10
+# An SM clock this much below the baseline's at the same size is reported beside the speedup.
+CLOCK_DROP = 0.03
+VERDICTS = ("faster", "slower", "within noise", "too noisy")
+# speedups.parquet: one row per config (not all-off), TP size and num_tokens that has a speedup
+SPEEDUP_COLUMNS = ("config_id", "label", "tp", "num_tokens", "speedup", "ci_low", "ci_high", "verdict", "note")
+
+
+def speedups(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (config, tp, num_tokens) with ``speedup`` (NaN where not meaningful), its interval
+    (``ci_low``, ``ci_high``), its ``verdict`` (one of ``VERDICTS``, or empty where there is no speedup), ``note``
+    and the ``noise_floor`` it is judged against."""
+    measured = table[table["status"] != "skipped"].copy()
+    merged = measured.merge(noise_floor(table), on=["tp", "num_tokens"], how="left")
+    notes, values = [], []
+    for _, row in merged.iterrows():
+        enabled = enabled_fusions(row)
+        active = active_fusions(row, enabled)
+        unfired = [f for f in active if not row.get(f"matches_{f}", 0)]
+        out_of_range = [f for f in enabled if f not in active]
+        # Off at this size because of its threshold, or (SP, AsyncTP) because num_tokens does not split over TP.
+        why_off = "off, num_tokens does not split over TP" \
+            if str(row.get("compile_range", "")).endswith(f"/{INDIVISIBLE}") else "outside its range"
+        if row["status"] != "ok":
+            note, value = row["status"], float("nan")
+        elif pd.isna(row["baseline_ms"]):
+            note, value = "no baseline", float("nan")
+        elif unfired:
+            note, value = f"did not fire: {', '.join(unfired)}", float("nan")
+        elif enabled and not active:
+            note, value = f"outside the num_tokens range of {', '.join(out_of_range)}", float("nan")
+            if why_off != "outside its range":
+                note = f"{why_off}: {', '.join(out_of_range)}"
+        else:
+            note = f"{why_off}: {', '.join(out_of_range)}" if out_of_range else ""
+            value = row["baseline_ms"] / row["latency_ms"]
+        notes.append(note)
+        values.append(value)
+    merged["speedup"], merged["note"] = values, notes
+    _judge(merged)
+    return merged
+
+
+def _judge(merged: pd.DataFrame) -> None:
+    """Add each speedup's interval and verdict, and the notes that go with them (see the module doc)."""
+    config_low = column(merged, "latency_ms_ci_low").fillna(merged["latency_ms"])
+    config_high = column(merged, "latency_ms_ci_high").fillna(merged["latency_ms"])
+    base_low = merged["base_ci_low"].fillna(merged["baseline_ms"])
+    base_high = merged["base_ci_high"].fillna(merged["baseline_ms"])
+    drift = 1 + column(merged, "drift_rel").fillna(0.0)
+    merged["ci_low"] = (base_low / config_high / drift).where(merged["speedup"].notna())
+    merged["ci_high"] = (base_high / config_low * drift).where(merged["speedup"].notna())
+    worst_cv = pd.concat([column(merged, "latency_ms_cv"), merged["base_cv"]], axis=1).max(axis=1, skipna=True)
+    floor = merged["noise_floor"].fillna(0.0)
+    again = flag(merged, "baseline_repeat")
+    verdicts, notes = [], []
+    for i, row in merged.iterrows():
+        verdict, note = "", row["note"]
+        if pd.notna(row["speedup"]) and not row["is_baseline"] and not again[i]:
+            if worst_cv[i] > NOISY_CV:
+                verdict, extra = "too noisy", f"too noisy to claim (CV {worst_cv[i]:.0%})"
+            elif row["ci_low"] > 1 and row["speedup"] - 1 > floor[i]:
+                verdict, extra = "faster", ""
+            elif row["ci_high"] < 1 and 1 - row["speedup"] > floor[i]:
+                verdict, extra = "slower", ""
+            else:
+                inside = abs(row["speedup"] - 1) <= floor[i]
+                verdict, extra = "within noise", (f"within noise (+/-{floor[i]:.1%})" if inside else
+                                                  "within noise (its interval covers 1)")
+            clock, base_clock = row.get("gpu_sm_clock_mhz"), row.get("baseline_clock")
+            if pd.notna(clock) and pd.notna(base_clock) and clock < base_clock * (1 - CLOCK_DROP):
+                extra = "; ".join(filter(None, [extra, f"lower SM clock than all-off ({clock:.0f} against "
+                                                       f"{base_clock:.0f} MHz)"]))
+            note = "; ".join(filter(None, [extra, note]))
+        elif pd.notna(row["speedup"]) and again[i]:
+            note = f"the A/A check: all-off again, {abs(row['speedup'] - 1):.1%} off the first"
+        verdicts.append(verdict)
+        notes.append(note)
+    merged["verdict"], merged["note"] = verdicts, notes
+
+
+def pooled_runs(data: pd.DataFrame) -> pd.DataFrame:
+    """Configs measured in several runs (``measure.runs``), pooled per (config, tp, num_tokens): the median of the
+    runs' medians, the spread between runs (largest over smallest, less 1), and the speedup of the pooled median.
+    Each run compiles and builds the model afresh, so the spread between runs is the noise a user deploying the
+    config meets; one run's floor sees only part of it. Empty when no config ran more than once."""
+    if "run" not in data:
+        return pd.DataFrame()
+    ok = data[(data["status"] == "ok") & ~data["is_baseline"].astype(bool) & ~flag(data, "baseline_repeat")]
+    ok = ok.assign(base_id=ok["config_id"].str.replace(r"-run\d+$", "", regex=True),
+                   base_label=ok["label"].str.replace(r" \(run \d+\)$", "", regex=True))
+    groups = ok.groupby(["base_id", "base_label", "tp", "num_tokens"])
+    pooled = groups.agg(runs=("latency_ms", "size"), latency_ms=("latency_ms", "median"),
+                        fastest=("latency_ms", "min"), slowest=("latency_ms", "max"),
+                        baseline_ms=("baseline_ms", "first"), noise_floor=("noise_floor", "first"),
+                        fired=("speedup", lambda v: bool(v.notna().all()))).reset_index()
+    pooled = pooled[pooled["runs"] > 1]
+    if pooled.empty:
+        return pooled
+    pooled["run_spread"] = pooled["slowest"] / pooled["fastest"] - 1
+    pooled["speedup"] = (pooled["baseline_ms"] / pooled["latency_ms"]).where(pooled["fired"])
+    band = pooled[["run_spread", "noise_floor"]].max(axis=1)
+    pooled["beyond_noise"] = (pooled["speedup"] - 1).abs() > band
+    return pooled
+
+
+def enabled_fusions(row) -> list[str]:
+    """The fusions the row ran with that could match in its model: one with no pattern for the model's quant
+    scheme or TP size (norm + quant in a bf16 model, switched on by the level) cannot fire, so its 0 matches say
+    nothing against the speedup."""
+    quant = row.get("model_quant")
+    return [f for f in FUSION_FLAGS if is_on(row.get(f)) and (
+        not isinstance(quant, str) or PASSES_BY_FLAG[f].applicability(quant, int(row["tp"]))[0])]
+
+
+def active_fusions(row, enabled: list[str]) -> list[str]:
+    """The enabled fusions the row's num_tokens range compiled with (all of them in rows from before ranges)."""
+    recorded = row.get("active_passes")
+    if not isinstance(recorded, str):
+        return enabled
+    return [f for f in enabled if f in recorded.split(",")]
+
+
+def is_on(value) -> bool:
+    return bool(value) and not (isinstance(value, float) and pd.isna(value))
