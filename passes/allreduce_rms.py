@@ -17,14 +17,15 @@ from torch import fx
 from fusiontune.kernels import QUANT_SCHEMES, overload, rms_norm_quant_name
 from fusiontune.kernels.allreduce_norm import allreduce_norm_name
 
+from .base import GraphPass
 from .functional_calls import as_op_call, emit_replacement, getitem, redirect_results
 
 
-class AllReduceRMSFusionPass:
+class AllReduceRMSFusionPass(GraphPass):
     flag = "fuse_allreduce_rms"
 
     def __init__(self, config=None):
-        self.config = config
+        super().__init__(config)
         norm_static = rms_norm_quant_name(QUANT_SCHEMES["fp8-static"], True)
         self.fused = {
             overload("fused_add_rms_norm"): overload(allreduce_norm_name(None)),

@@ -11,7 +11,7 @@ user gives one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 from .platform import Platform
@@ -54,16 +54,11 @@ class PassSpec:
     kind: Literal["fusion", "cleanup"] = "fusion"
     thresholds: tuple[Threshold, ...] = ()
     requires: tuple[str, ...] = ()  # flags this pass needs on (switched on with it unless the user said no)
-    implementation: str = ""  # "module:Class" under fusiontune.passes
     # Model quant schemes the pass has patterns for (None: any). A pass for another scheme matches nothing.
     quant_schemes: tuple[str, ...] | None = None
     needs_tp: bool = False  # a collective fusion: nothing to match at TP=1
     needs_model: str | None = None  # a ModelConfig flag the model must have for the pattern to exist (qk_norm)
     splits_tokens: bool = False  # shards num_tokens over the TP group: sizes that do not split run without it
-
-    def __post_init__(self):
-        if ":" not in self.implementation:
-            raise ValueError(f"{self.flag}: implementation must name its pass as 'module:Class'")
 
     def token_bound(self, values: dict, platform: Platform) -> int | None:
         """The num_tokens edge of this pass's range under resolved ``values``: the largest num_tokens a "low" pass
@@ -208,7 +203,6 @@ PASSES: tuple[PassSpec, ...] = (
         token_range="always",
         kind="cleanup",
         default=from_level(1, always),
-        implementation="noop_elimination:NoOpEliminationPass",
     ),
     PassSpec(
         flag="fuse_norm_quant",
@@ -216,7 +210,6 @@ PASSES: tuple[PassSpec, ...] = (
         fuses="RMSNorm (+residual add) -> FP8 quant",
         token_range="always",
         default=from_level(1, custom_kernel_in_use("rms_norm", "quant_fp8")),
-        implementation="norm_quant:NormQuantFusionPass",
         quant_schemes=FP8,
     ),
     PassSpec(
@@ -225,7 +218,6 @@ PASSES: tuple[PassSpec, ...] = (
         fuses="SiLU+Mul activation -> FP8 quant",
         token_range="always",
         default=from_level(1, custom_kernel_in_use("silu_and_mul", "quant_fp8", nvfp4_too=True)),
-        implementation="act_quant:ActQuantFusionPass",
         quant_schemes=("fp8-static", "fp8-per-group"),
     ),
     PassSpec(
@@ -236,7 +228,6 @@ PASSES: tuple[PassSpec, ...] = (
         fullgraph=True,
         default=off,
         quant_schemes=("fp8-static",),
-        implementation="attn_quant:AttnQuantFusionPass",
     ),
     # Before RoPE + KV cache: both take the same RoPE node, and the first pass to run takes it. On the Qwen3-8B
     # shape Q/K-norm + RoPE saves 2.3-6.6% and RoPE + KV cache nothing (H100, docs/benchmarks.md, 2026-11-25).
@@ -247,7 +238,6 @@ PASSES: tuple[PassSpec, ...] = (
         fuses="Q/K per-head RMSNorm -> rotary embedding",
         token_range="low",
         default=off,
-        implementation="qk_norm_rope:QKNormRopeFusionPass",
         needs_model="qk_norm",
     ),
     PassSpec(
@@ -264,7 +254,6 @@ PASSES: tuple[PassSpec, ...] = (
                 lambda _p: (256, "vLLM's default"),
             ),
         ),
-        implementation="rope_kvcache:RopeKVCacheFusionPass",
     ),
     PassSpec(
         flag="enable_sp",
@@ -276,7 +265,6 @@ PASSES: tuple[PassSpec, ...] = (
         thresholds=(SP_MIN_TOKEN_NUM,),
         needs_tp=True,
         splits_tokens=True,
-        implementation="sequence_parallel:SequenceParallelPass",
     ),
     PassSpec(
         flag="fuse_gemm_comms",
@@ -289,7 +277,6 @@ PASSES: tuple[PassSpec, ...] = (
         requires=("enable_sp",),
         needs_tp=True,
         splits_tokens=True,
-        implementation="gemm_comms:GemmCommsFusionPass",
     ),
     # After SP and AsyncTP, as vLLM orders them: where both apply, sequence parallelism takes the all-reduces
     # (ranges.compile_ranges switches this pass off there, so a range never counts it as enabled and unfired).
@@ -308,7 +295,6 @@ PASSES: tuple[PassSpec, ...] = (
             ),
         ),
         needs_tp=True,
-        implementation="allreduce_rms:AllReduceRMSFusionPass",
         quant_schemes=("none", "fp8-static"),
     ),
     PassSpec(
@@ -317,7 +303,6 @@ PASSES: tuple[PassSpec, ...] = (
         fuses="Residual add + RMSNorm -> padding of the hidden size",
         token_range="always",
         default=from_level(1, act_padding_condition),
-        implementation="act_padding:ActPaddingFusionPass",
         needs_model="pads_mlp_input",
     ),
 )

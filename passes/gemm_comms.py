@@ -13,6 +13,7 @@ from torch import fx
 
 from fusiontune.kernels import overload
 
+from .base import GraphPass
 from .functional_calls import refresh_meta
 
 MM = torch.ops.aten.mm.default
@@ -22,11 +23,11 @@ def _single_use(node) -> bool:
     return isinstance(node, fx.Node) and len(node.users) == 1
 
 
-class GemmCommsFusionPass:
+class GemmCommsFusionPass(GraphPass):
     flag = "fuse_gemm_comms"
 
     def __init__(self, config=None):
-        self.config = config
+        super().__init__(config)
         self.scaled_mm = overload("scaled_mm")
 
     def _per_tensor(self, gemm: fx.Node) -> bool:

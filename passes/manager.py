@@ -15,7 +15,6 @@ killed (2 and 4 x H200, 2026-11-28; the stack dump showed ``ir.py __str__`` nest
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections import Counter
 from pathlib import Path
 
@@ -24,17 +23,32 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fusiontune.kernels.library import CATEGORIES, overload
 
+from .act_padding import ActPaddingFusionPass
+from .act_quant import ActQuantFusionPass
+from .allreduce_rms import AllReduceRMSFusionPass
+from .attn_quant import AttnQuantFusionPass
+from .base import GraphPass
 from .config import ResolvedPassConfig
 from .fusions import PASSES, PassSpec
+from .gemm_comms import GemmCommsFusionPass
+from .noop_elimination import NoOpEliminationPass
+from .norm_quant import NormQuantFusionPass
+from .qk_norm_rope import QKNormRopeFusionPass
+from .rope_kvcache import RopeKVCacheFusionPass
+from .sequence_parallel import SequenceParallelPass
 
 _PASSES_DIR = Path(__file__).parent
 _KERNELS_DIR = _PASSES_DIR.parent / "kernels"
 
 
-def load_pass(spec: PassSpec, config: ResolvedPassConfig):
-    module_name, class_name = spec.implementation.split(":")
-    module = importlib.import_module(f"fusiontune.passes.{module_name}")
-    return getattr(module, class_name)(config)
+# Each PassConfig flag's pass (its entry in fusions.PASSES says what it fuses, when and with which thresholds).
+PASS_CLASSES: dict[str, type[GraphPass]] = {cls.flag: cls for cls in (
+    NoOpEliminationPass, NormQuantFusionPass, ActQuantFusionPass, AttnQuantFusionPass, QKNormRopeFusionPass,
+    RopeKVCacheFusionPass, SequenceParallelPass, GemmCommsFusionPass, AllReduceRMSFusionPass, ActPaddingFusionPass)}
+
+
+def load_pass(spec: PassSpec, config: ResolvedPassConfig) -> GraphPass:
+    return PASS_CLASSES[spec.flag](config)
 
 
 def _source_hash() -> str:

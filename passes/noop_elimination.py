@@ -7,6 +7,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .base import GraphPass
+
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
@@ -36,11 +38,11 @@ def _is_noop(node: fx.Node) -> bool:
     return node.target is aten.slice.Tensor and _is_full_slice(node)
 
 
-class NoOpEliminationPass:
+class NoOpEliminationPass(GraphPass):
     flag = "eliminate_noops"
 
     def __init__(self, config=None):
-        self.config = config
+        super().__init__(config)
 
     def __call__(self, graph: fx.Graph) -> int:
         count = 0

@@ -16,14 +16,15 @@ from torch import fx
 
 from fusiontune.kernels import overload
 
+from .base import GraphPass
 from .functional_calls import as_op_call, emit_replacement, getitem, redirect_results, result_node
 
 
-class RopeKVCacheFusionPass:
+class RopeKVCacheFusionPass(GraphPass):
     flag = "fuse_rope_kvcache"
 
     def __init__(self, config=None):
-        self.config = config
+        super().__init__(config)
 
     def __call__(self, graph: fx.Graph) -> int:
         count = 0

@@ -22,6 +22,7 @@ from torch import fx
 
 from fusiontune.kernels import QUANT_SCHEMES, overload, rms_norm_quant_name
 
+from .base import GraphPass
 from .functional_calls import OpCall, as_op_call, emit_replacement, getitem, is_view_of_base, refresh_meta, result_node
 
 
@@ -39,11 +40,11 @@ def _rows(value: fx.Node, before: fx.Node):
         return refresh_meta(value.graph.call_function(torch.ops.aten.sym_size.int, (value, 0)))
 
 
-class SequenceParallelPass:
+class SequenceParallelPass(GraphPass):
     flag = "enable_sp"
 
     def __init__(self, config=None):
-        self.config = config
+        super().__init__(config)
         static = QUANT_SCHEMES["fp8-static"]
         self.norms = {overload(name) for name in ("rms_norm", "fused_add_rms_norm", rms_norm_quant_name(static, False),
                                                   rms_norm_quant_name(static, True))}

@@ -104,6 +104,12 @@ def test_every_fusion_has_a_pass_that_loads():
     config = resolve({**{flag: True for flag in FUSION_FLAGS}, "eliminate_noops": True, **thresholds}, 0, CPU)
     manager = PassManager(config)
     assert [flag for flag, _ in manager.passes] == [spec.flag for spec in PASSES]
+    # one class per flag, each a GraphPass naming the flag it implements, and no class without an entry
+    from fusiontune.passes.base import GraphPass
+    from fusiontune.passes.manager import PASS_CLASSES
+
+    assert sorted(PASS_CLASSES) == sorted(spec.flag for spec in PASSES)
+    assert all(issubclass(cls, GraphPass) and cls.flag == flag for flag, cls in PASS_CLASSES.items())
 
 
 @pytest.mark.slow
