@@ -117,7 +117,7 @@ class GroupPool:
         self.submit(job, tag)
         self.starting += [TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls) for _ in range(self.size - 1)]
         outcome = self.next_done()
-        if (job.is_baseline or job.reference_only) and self.idle:
+        if job.is_baseline and self.idle:
             # Copied out of the worker, so that a lost group does not take the reference with it.
             self.baseline_job = job
             self.baseline_ref = ray.put(ray.get(self.idle[0].actors[0].baseline_outputs.remote(job.model, job.seed),

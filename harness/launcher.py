@@ -182,8 +182,8 @@ def job_for(plan: Plan, config: PlannedConfig, num_tokens: list[int] | None = No
     measure = plan.spec.measure
     return Job(config.config_id, config.pass_config, plan.spec.optimization_level, plan.model.to_dict(),
                list(num_tokens or plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed,
-               is_baseline=config.is_baseline, max_repeats=measure.max_repeats, settle=measure.settle,
-               profile=measure.profile and not config.reference_only, reference_only=config.reference_only,
+               role=config.role, max_repeats=measure.max_repeats, settle=measure.settle,
+               profile=measure.profile and not config.reference_only,
                compile_cache=measure.compile_cache, collectives=plan.spec.collectives.model_dump(),
                platform=target_platform(plan.model, config.tp, plan.platform))
 
@@ -247,8 +247,7 @@ def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
     devices_seen: dict[str, list[str]] = {}
     groups_used: dict[str, int] = {}
     for tp in sorted({c.tp for c in plan.configs}):
-        configs = sorted(plan.configs_for(tp), key=lambda c: (not (c.is_baseline or c.reference_only),
-                                                               c.baseline_repeat))
+        configs = sorted(plan.configs_for(tp), key=lambda c: (not c.is_baseline, c.baseline_repeat))
         use_gpu, unrunnable = device_for(tp, plan.spec.cluster.device)
         if unrunnable:
             for config in configs:

@@ -31,6 +31,7 @@ from fusiontune.passes.platform import Platform
 from .hf_config import read_hf_config
 from .model import DTYPES, QUANT_CHOICES, ModelConfig
 from .presets import PRESETS, build_model_config
+from .roles import Role
 
 
 class SweepError(ValueError):
@@ -318,10 +319,20 @@ class PlannedConfig:
     tp: int
     pass_config: dict[str, Any]  # user-set fields (and level defaults with nothing to match, as off)
     resolved: dict[str, Any]
-    is_baseline: bool = False
-    baseline_repeat: bool = False  # all-off measured again, after the rest: the noise floor
+    role: Role = Role.CONFIG
     run: int = 1  # which of measure.runs this is
-    reference_only: bool = False  # a resumed run's baseline: its outputs are needed, its rows exist
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.role.is_baseline
+
+    @property
+    def baseline_repeat(self) -> bool:
+        return self.role is Role.BASELINE_AGAIN
+
+    @property
+    def reference_only(self) -> bool:
+        return self.role is Role.REFERENCE
 
     @property
     def effective(self) -> str:
@@ -359,7 +370,7 @@ class Plan:
         for tp in self.spec.tp:
             left = [c for c in self.configs_for(tp) if (c.config_id, c.tp) not in done]
             if left and not any(c.is_baseline for c in left):
-                left = [replace(c, reference_only=True) for c in self.configs_for(tp) if c.is_baseline] + left
+                left = [replace(c, role=Role.REFERENCE) for c in self.configs_for(tp) if c.is_baseline] + left
             remaining += left
         return Plan(self.spec, self.model, remaining, self.skipped, self.dropped, self.platform)
 
@@ -426,8 +437,8 @@ def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
                              for c in first_runs]
         baseline = next((c for c in plan.configs_for(tp) if c.is_baseline), None)
         if baseline and spec.measure.baseline_twice:
-            plan.configs.append(replace(baseline, config_id=f"{baseline.config_id}-again", is_baseline=False,
-                                        baseline_repeat=True, label=f"{baseline.label}, again"))
+            plan.configs.append(replace(baseline, config_id=f"{baseline.config_id}-again", role=Role.BASELINE_AGAIN,
+                                        label=f"{baseline.label}, again"))
     return plan
 
 
@@ -452,7 +463,7 @@ def plan_config(fields: dict[str, Any], label: str, tp: int, model: ModelConfig,
         return Skipped(label, tp, user, why) if kind == "skip" else why
     cid = config_id(tp, model, level, values, collectives)
     # the workers resolve these fields again: the inert defaults go with them as off, so they compile the plan
-    return PlannedConfig(cid, label, tp, {**user, **inert}, values, is_baseline)
+    return PlannedConfig(cid, label, tp, {**user, **inert}, values, Role.BASELINE if is_baseline else Role.CONFIG)
 
 
 def _inert_defaults(values: dict[str, Any], user: dict[str, Any], model: ModelConfig, tp: int) -> dict[str, bool]:

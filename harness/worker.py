@@ -38,6 +38,7 @@ from fusiontune.passes.ranges import compile_ranges, range_for
 from .correctness import max_abs_error, tolerance
 from .model import DecoderStack, ModelConfig
 from .profile import profile_forward
+from .roles import Role
 from .timing import Repeats, gpu_state, time_forward
 
 
@@ -53,15 +54,22 @@ class Job:
     warmup: int = 3
     repeats: int = 20  # at least this many, then more until the median settles (up to max_repeats)
     seed: int = 0
-    is_baseline: bool = False
+    role: Role = Role.CONFIG  # BASELINE / REFERENCE: its outputs are kept to check the others against
     max_repeats: int | None = None  # None: exactly ``repeats``
     settle: float = 0.005  # stop when the median's 95% CI half-width is within this fraction of it
     profile: bool = False  # a torch.profiler trace and per-kernel times per num_tokens
-    reference_only: bool = False  # the all-off outputs for later comparisons; nothing timed (a resumed run)
     compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs
     collectives: dict[str, str] = field(default_factory=dict)  # symm_mem.CollectiveSettings fields
     # the platform the plan resolved PassConfig on (None: this rank's own, for jobs made by hand)
     platform: Platform | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.role.is_baseline
+
+    @property
+    def reference_only(self) -> bool:  # the all-off outputs for later comparisons; nothing timed (a resumed run)
+        return self.role is Role.REFERENCE
 
     @property
     def repeat_rule(self) -> Repeats:
@@ -321,7 +329,7 @@ class TPWorker:
             raise unrecorded or UnrecordedCacheHit("another rank found a cached graph without match counts")
         result.matches = dict(last_matches)
         key = (self._model_key, num_tokens)
-        if job.is_baseline or job.reference_only:
+        if job.is_baseline:
             self.baseline[key] = out.clone()
         if job.reference_only:
             return last_matches

@@ -8,6 +8,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from fusiontune.harness.presets import build_model_config
+from fusiontune.harness.roles import Role
 from fusiontune.harness.worker import Job, free_port
 
 pytestmark = pytest.mark.slow  # every test here compiles the model in two processes
@@ -45,7 +46,7 @@ def allreduce_runs():
     sizes = [3, 9]
     fused = {"fuse_norm_quant": True, "fuse_allreduce_rms": True, "fi_allreduce_fusion_max_size_mb": 1}
     small = {**fused, "fi_allreduce_fusion_max_size_mb": 4 * 256 * 2 / 2**20}
-    jobs = [Job("base", OFF, 2, cfg, sizes, warmup=1, repeats=2, is_baseline=True),
+    jobs = [Job("base", OFF, 2, cfg, sizes, warmup=1, repeats=2, role=Role.BASELINE),
             Job("fused", fused, 2, cfg, sizes, warmup=1, repeats=2),
             Job("small", small, 2, cfg, sizes, warmup=1, repeats=2)]
     return run_tp2(jobs)
@@ -78,7 +79,7 @@ def sp_runs(request):
     cfg = build_model_config("tiny", num_layers=2, quant=quant).to_dict()
     sizes = [3, 8, 9]
     sp = {"enable_sp": True, "sp_min_token_num": 4, "fuse_norm_quant": quant != "none"}
-    jobs = [Job("base", OFF, 2, cfg, sizes, warmup=1, repeats=2, is_baseline=True),
+    jobs = [Job("base", OFF, 2, cfg, sizes, warmup=1, repeats=2, role=Role.BASELINE),
             Job("sp", {**sp, "fuse_gemm_comms": False}, 2, cfg, sizes, warmup=1, repeats=2),
             Job("asynctp", {**sp, "fuse_gemm_comms": True}, 2, cfg, sizes, warmup=1, repeats=2)]
     return run_tp2(jobs)

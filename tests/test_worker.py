@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fusiontune.harness.presets import build_model_config
+from fusiontune.harness.roles import Role
 from fusiontune.harness.worker import Job, TPWorker
 
 ON = {"fuse_norm_quant": True, "fuse_act_quant": True}
@@ -19,7 +20,7 @@ def worker():
 
 def run_pair(worker, num_tokens, **model):
     cfg = build_model_config("tiny", **model).to_dict()
-    base = worker.run(Job("base", OFF, 2, cfg, num_tokens, warmup=1, repeats=3, is_baseline=True))
+    base = worker.run(Job("base", OFF, 2, cfg, num_tokens, warmup=1, repeats=3, role=Role.BASELINE))
     fused = worker.run(Job("fused", ON, 2, cfg, num_tokens, warmup=1, repeats=3))
     return cfg, base, fused
 
@@ -78,7 +79,7 @@ def test_each_num_tokens_range_runs_its_own_compile(worker, monkeypatch):
     monkeypatch.setattr(worker_module, "compile_ranges", split_at_8)
     cfg = build_model_config("tiny", qk_norm=True, num_layers=2).to_dict()
     off = {**OFF, "enable_qk_norm_rope_fusion": False}
-    worker.run(Job("base", off, 2, cfg, [4, 16], warmup=1, repeats=2, is_baseline=True))
+    worker.run(Job("base", off, 2, cfg, [4, 16], warmup=1, repeats=2, role=Role.BASELINE))
     fused = {r.num_tokens: r for r in worker.run(Job("qk", {"enable_qk_norm_rope_fusion": True}, 2, cfg, [4, 16],
                                                      warmup=1, repeats=2))}
     low, high = fused[4], fused[16]
@@ -96,7 +97,7 @@ def test_a_graph_from_inductors_cache_keeps_its_match_counts(worker, tmp_path, m
     come from the record its first compile left, and without that record the range is compiled afresh."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     cfg = build_model_config("tiny", quant="fp8-static", num_layers=1).to_dict()
-    worker.run(Job("base", OFF, 2, cfg, [1, 6], warmup=1, repeats=2, is_baseline=True))
+    worker.run(Job("base", OFF, 2, cfg, [1, 6], warmup=1, repeats=2, role=Role.BASELINE))
     first = worker.run(Job("fused", ON, 2, cfg, [1, 6], warmup=1, repeats=2))
     again = worker.run(Job("fused", ON, 2, cfg, [1, 6], warmup=1, repeats=2))
     assert "graph from Inductor's cache" in worker.job_log()
