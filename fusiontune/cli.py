@@ -91,7 +91,7 @@ def run(
         console.print(f"an earlier run in {run_dir} was moved to {kept} (use --resume to continue a run instead)")
     if not resume or not folder.manifest_path.exists():
         folder.write_manifest(text, str(sweep_file), {"cluster_address": address or spec.cluster.address,
-                                                      "planned_on": _platform_text(plan.platform),
+                                                      "planned_on": plan.platform.hardware(),
                                                       "planned": len(plan.configs), "skipped": len(plan.skipped),
                                                       "dropped": [list(d) for d in plan.dropped]})
     else:
@@ -253,20 +253,12 @@ def _writable(path: Path, option: str, folder: bool = True) -> None:
 def _workers_platform(cluster, address: str | None):
     """What the workers run on, to plan for (``launcher.workers_platform``): a cluster is joined and asked; one
     where nothing answers is one line before any folder is made or any work starts."""
-    address = address or cluster.address
-    from fusiontune.harness.launcher import answers, workers_platform
+    from fusiontune.harness.launcher import workers_platform
 
     try:
-        if address and cluster.device != "cpu":
-            answers(address)
-        return workers_platform(cluster.device, address, cluster.dashboard)
+        return workers_platform(cluster.device, address or cluster.address, cluster.dashboard)
     except ConnectionError as exc:
         _bad(f"--address / cluster.address: {exc}".splitlines()[0])
-
-
-def _platform_text(platform) -> str:
-    return (f"{platform.vendor}{f' sm{platform.capability}' if platform.capability else ''}"
-            f"{', FlashInfer' if platform.flashinfer else ''}")
 
 
 def _bad(message: str) -> None:
@@ -293,7 +285,7 @@ def _plan_text(config) -> str:
 def _print_plan(plan) -> None:
     table = Table(title=f"sweep {plan.spec.name}: {plan.model.name}, quant={plan.model.quant}, "
                         f"num_tokens={plan.spec.num_tokens}, O{plan.spec.optimization_level}, planned for "
-                        f"{_platform_text(plan.platform)}")
+                        f"{plan.platform.hardware()}")
     for column in ("TP", "config", "id", "plan"):
         table.add_column(column)
     for c in plan.configs:

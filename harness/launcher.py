@@ -163,12 +163,14 @@ def workers_platform(device: str, address: str | None, dashboard: bool = False) 
     """The hardware the sweep's workers run on, for planning (PassConfig resolves once, on it, and the workers
     compile exactly that). ``cluster.device: cpu``: CPUs, whatever this machine has. A local run: this machine. A
     cluster (``address``): one worker is asked, on a GPU where the cluster has any, since the driver's node (often a
-    CPU-only head) says nothing about them."""
+    CPU-only head) says nothing about them. A cluster is joined here, so one that does not answer is said before
+    any work."""
+    if address:
+        init_ray(address, dashboard)
     if device == "cpu":
         return Platform.detect().on_cpu()
     if not address:
         return Platform.detect()
-    init_ray(address, dashboard)
     on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     ask = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0)(_detect_platform)
     return ray.get(ask.remote())

@@ -103,12 +103,10 @@ def planned_platform(planned: Platform | None, here: Platform) -> Platform:
     differs refuses the job: resolving again here would compile another config under the planned one's name."""
     if planned is None:
         return here
-    key = lambda p: (p.vendor, p.capability, p.flashinfer)  # noqa: E731 - what level defaults depend on
-    if key(planned) != key(here):
-        def said(p):
-            return f"{p.vendor}{f' sm{p.capability}' if p.capability else ''}{' with FlashInfer' if p.flashinfer else ''}"
-        raise RuntimeError(f"this config was planned for {said(planned)}, but this rank runs on {said(here)}: plan "
-                           "where the workers run (--address joins their cluster and asks one of them)")
+    if planned.hardware() != here.hardware():
+        raise RuntimeError(f"this config was planned for {planned.hardware()}, but this rank runs on "
+                           f"{here.hardware()}: plan where the workers run (--address joins their cluster and asks "
+                           "one of them)")
     return planned
 
 

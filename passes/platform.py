@@ -32,8 +32,14 @@ class Platform:
 
 
     def describe(self) -> str:
-        cap = f" sm{self.capability}" if self.capability else ""
-        return f"{self.vendor}{cap}, TP={self.tp_size}, hidden={self.hidden_size}, quant={self.quant}"
+        return f"{self._chip()}, TP={self.tp_size}, hidden={self.hidden_size}, quant={self.quant}"
+
+    def hardware(self) -> str:
+        """What the level defaults read off the machine: vendor, compute capability, FlashInfer."""
+        return f"{self._chip()}{' with FlashInfer' if self.flashinfer else ''}"
+
+    def _chip(self) -> str:
+        return f"{self.vendor}{f' sm{self.capability}' if self.capability else ''}"
 
     def with_(self, **changes) -> "Platform":
         return replace(self, **changes)

@@ -59,4 +59,4 @@ def test_the_plan_says_what_it_was_planned_for(on_an_h200_box):
     from fusiontune.cli import app
 
     result = CliRunner().invoke(app, ["run", "sweeps/smoke-cpu.yaml", "--dry-run"], env={"COLUMNS": "250"})
-    assert result.exit_code == 0 and "planned for cuda sm90, FlashInfer" in result.output, result.output
+    assert result.exit_code == 0 and "planned for cuda sm90 with FlashInfer" in result.output, result.output
