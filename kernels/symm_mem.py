@@ -50,7 +50,8 @@ FUSED_BOUNDS: dict[int, dict[str, tuple[int, int]]] = {
     2: {"none": (4 * MiB, 64 * MiB), "fp8": (4 * MiB, 64 * MiB)},
     4: {"none": (512 * 1024, 512 * 1024), "fp8": (512 * 1024, 512 * 1024)},
 }
-# The largest tensor a symmetric-memory path takes (a fused workspace holds two halves of up to three of them).
+# The largest tensor a symmetric-memory path takes (a fused workspace holds two halves, each with the peers' slots
+# of it, and a two-shot half its gather area too).
 SYMM_MEM_MAX_BYTES = 64 * MiB
 
 
