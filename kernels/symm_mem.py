@@ -44,11 +44,12 @@ SYMM_MEM_ALLREDUCE_BOUNDS: dict[int, tuple[int, int]] = {
 # largest tensor its one-shot form takes, and the largest its two-shot form takes; the unfused pair above.
 # TP=2: measured with scripts/compare_allreduce_kernels.py on 2 x H200 (NVLink, 2026-11-28, ninth session,
 # docs/benchmarks.md): the one-shot (flags in the data) fastest to 4 MB, the two-shot from 8 MB, both faster than
-# the best unfused pair at every size to 64 MB. TP=4: bench-kernels --tp 4 on 4 x H200 (seventh session, the
-# kernel before both forms were reworked): faster up to 0.5 MB and slower from 1 MB (either form).
+# the best unfused pair at every size to 64 MB. TP=4: the same probe on 4 x H200 (tenth session, a split row): the
+# one-shot fastest to 1 MB, the two-shot at 2 MB, and from 4 MB the best unfused pair is as fast or faster at some
+# hidden size (4 MB at hidden 8192: 0.90x), so the pair takes over there.
 FUSED_BOUNDS: dict[int, dict[str, tuple[int, int]]] = {
     2: {"none": (4 * MiB, 64 * MiB), "fp8": (4 * MiB, 64 * MiB)},
-    4: {"none": (512 * 1024, 512 * 1024), "fp8": (512 * 1024, 512 * 1024)},
+    4: {"none": (1 * MiB, 2 * MiB), "fp8": (1 * MiB, 2 * MiB)},
 }
 # The largest tensor a symmetric-memory path takes (a fused workspace holds two halves, each with the peers' slots
 # of it, and a two-shot half its gather area too).

@@ -14,6 +14,12 @@ round trip), and every read of the sum is local.
   so each element crosses NVLink once and nothing waits for more than the data it needs. This is the Lamport
   scheme of TensorRT-LLM's one-shot kernel (FlashInfer's ``allreduce_fusion``), here with the clear right after
   the read.
+- **A row split over programs** (one-shot, few rows): ``SPLIT`` programs share a row, each pushing, reducing and
+  normalising one part of it, so a decode step's row is not left to one multiprocessor. The norm needs the whole
+  row's sum of squares: each program stores its part's (fp64, never negative) into the rank's own partials area,
+  which holds the same empty mark (negative as an int64), and reads the row's parts once none is negative. The
+  last program out marks them empty again (every program has read them by then). FlashInfer spreads a row over a
+  cluster of CTAs for the same reason.
 - **Two-shot** (larger tensors, ``_two_shot_kernel``): rank r owns rows [r S, (r + 1) S), S = ceil(M / world).
   Each rank stores the rows each peer owns into that peer's slots; after a meeting each rank reduces, normalises
   and quantises only its own rows and stores their new residual rows into every peer's gather area; after a second
@@ -43,10 +49,11 @@ launches the same grid for the same tensor, and program p handles the same rows 
 ever waits on a peer's program of its own number; the grid is as small as the rows allow (one program for a
 one-token decode step).
 
-``PHASE_FIRST`` / ``PHASE_LAST`` select which phases (0 push, 1 reduce, 2 gather) a launch runs and ``SYNC``
-whether the call counter and the meetings are used: on GPUs one launch runs all of them; tests on CPU run each
-phase for every simulated rank in turn in Triton's interpreter, one process holding every rank's workspace (and
-only its first half).
+``PHASE_FIRST`` / ``PHASE_LAST`` select which phases (0 push, 1 reduce, 2 gather (two-shot) or normalise a split
+row (one-shot), 3 clear the partials (one-shot, without ``SYNC``)) a launch runs and ``SYNC`` whether the call
+counter, the meetings and the last program's clear are used: on GPUs one launch runs all of them; tests on CPU
+run each phase for every simulated rank in turn in Triton's interpreter, one process holding every rank's
+workspace (and only its first half).
 """
 
 from __future__ import annotations
@@ -58,9 +65,14 @@ import triton.language as tl
 from . import symm_mem
 from .collectives import group_size
 from .numerics import FP8_DTYPE, FP8_MAX
-from .triton_rows import _warps, fp8_codes, reciprocal, rms_normalized
+from .triton_rows import _warps, fp8_codes, normalized_by, reciprocal
 
-PHASE_COPY, PHASE_REDUCE, PHASE_GATHER = 0, 1, 2
+PHASE_COPY, PHASE_REDUCE, PHASE_GATHER, PHASE_CLEAR = 0, 1, 2, 3
+PHASE_NORMALISE = PHASE_GATHER  # the one-shot's third phase: a split row's parts normalised
+# The most programs a one-shot row is split over; its partials area keeps this many sums of squares per row.
+MAX_SPLIT = 8
+# The fewest elements one program of a split row takes.
+MIN_PART = 1024
 # The empty mark of a one-shot slot element, by element size: the bits of -0.0 read as a signed integer.
 _MARK_DTYPES = {2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}
 
@@ -71,6 +83,15 @@ def _empty_mark(dtype: torch.dtype) -> tuple[torch.dtype, object, int]:
         raise ValueError(f"the fused all-reduce's one-shot form takes 16- and 32-bit floats, not {dtype}")
     torch_int, triton_int = _MARK_DTYPES[dtype.itemsize]
     return torch_int, triton_int, torch.iinfo(torch_int).min
+
+
+def _partial_mark(dtype: torch.dtype) -> int:
+    """The empty mark of ``dtype``'s elements repeated over 8 bytes, as a signed int64 (negative: its top bit is
+    the mark's sign bit): what a partials entry holds until its program stores a sum of squares."""
+    torch_int, _, bits = _empty_mark(dtype)
+    width = 8 * dtype.itemsize
+    word = sum((bits & ((1 << width) - 1)) << (width * k) for k in range(8 // dtype.itemsize))
+    return word - (1 << 64)
 
 
 def mark_empty(buffer: torch.Tensor, dtype: torch.dtype) -> None:
@@ -116,6 +137,30 @@ def _take(slot, mask, MARK: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sum_of_squares(v):
+    """A row part's fp64 sum of squares (as ``rms_normalized`` forms it; masked columns must be zeros)."""
+    vd = v.to(tl.float64)
+    return tl.sum(vd * vd, axis=0)
+
+
+@triton.jit
+def _landed_sum(partials, SPLIT: tl.constexpr):
+    """The sum of a row's ``SPLIT`` parts' sums of squares once every part is in (none holds a negative mark)."""
+    bits = tl.load(partials + tl.arange(0, SPLIT), volatile=True)
+    while tl.min(bits, axis=0) < 0:
+        bits = tl.load(partials + tl.arange(0, SPLIT), volatile=True)
+    return tl.sum(bits.to(tl.float64, bitcast=True), axis=0)
+
+
+@triton.jit
+def _clear_partials(partials, count, PARTIAL_MARK: tl.constexpr):
+    """Mark the first ``count`` partials entries empty again."""
+    offs = tl.arange(0, 1024)
+    for start in range(0, count, 1024):
+        tl.store(partials + start + offs, tl.full([1024], PARTIAL_MARK, tl.int64), mask=start + offs < count)
+
+
+@triton.jit
 def _workspace(buffers, rank, dtype: tl.constexpr, byte_offset, ALIGNED: tl.constexpr):
     """Rank ``rank``'s workspace from ``byte_offset`` on, as a pointer to ``dtype``. ``ALIGNED``: the address is a
     multiple of 16 bytes (so loads and stores of rows whose size is one too are vectorised)."""
@@ -139,12 +184,15 @@ def _own_pad(pads, rank):
 
 @triton.jit
 def _advance(own_pad, COUNTER, call, programs):
-    """The last program out advances the call counter (every program has read it by then)."""
+    """The last program out advances the call counter (every program has read it by then); whether this one was
+    the last."""
     tl.debug_barrier()
     arrived = tl.atomic_add(own_pad + COUNTER + 1, 1, sem="acq_rel", scope="gpu")
-    if arrived == programs - 1:
+    last = arrived == programs - 1
+    if last:
         tl.store(own_pad + COUNTER + 1, 0)
         tl.store(own_pad + COUNTER, call + 1)
+    return last
 
 
 @triton.jit
@@ -154,9 +202,10 @@ def _new_residual(total, r, x_dtype: tl.constexpr):
 
 
 @triton.jit
-def _output(v, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr):
-    """The normalised row of new residual ``v`` (its FP8 codes with ``QUANT``)."""
-    y = (rms_normalized(v, H, eps).to(tl.float32) * w.to(tl.float32)).to(v.dtype)
+def _output(v, sum_of_squares, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr):
+    """The normalised row (part) of new residual ``v``, whose row's sum of squares is given (its FP8 codes with
+    ``QUANT``)."""
+    y = (normalized_by(v, sum_of_squares, H, eps).to(tl.float32) * w.to(tl.float32)).to(v.dtype)
     if QUANT:
         y = fp8_codes(y.to(tl.float32), inverse, FP8_MAX_C)
     return y
@@ -164,14 +213,15 @@ def _output(v, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr)
 
 @triton.jit(do_not_specialize=["rank"])  # one compiled kernel for every rank (rank 1 would become a constant)
 def _one_shot_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, COUNTER,
-    WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, SLOTS, COUNTER,
+    WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
-    BITS: tl.constexpr, MARK: tl.constexpr,
+    BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
+    first_row, row_programs, part = pid // SPLIT, programs // SPLIT, pid % SPLIT
+    offs = part * BLOCK + tl.arange(0, BLOCK)  # this program's part of each of its rows
     mask = offs < H
     x_dtype = x_ptr.dtype.element_ty
     x_bits = x_ptr.to(tl.pointer_type(BITS))
@@ -181,24 +231,25 @@ def _one_shot_kernel(
         call = tl.load(own_pad + COUNTER, volatile=True)
         half = call & 1
     base = half * HALF_BYTES
+    partials = _workspace(buffers, rank, tl.int64, base, False)  # [M, SPLIT] sums of squares, as int64 bits
 
     if PHASE_FIRST <= 0 and PHASE_LAST >= 0:  # push this rank's partial rows into every peer's slot
-        for i in range(pid, M, programs):
+        for i in range(first_row, M, row_programs):
             row = tl.cast(i, tl.int64)
             bits = tl.load(x_bits + row * H + offs, mask=mask)
             bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # -0.0 -> +0.0: never the empty mark
             for peer in tl.static_range(WORLD):
                 if peer != rank:
-                    slots = _workspace(buffers, peer, BITS, base, ALIGNED)
+                    slots = _workspace(buffers, peer, BITS, base + SLOTS, ALIGNED)
                     tl.store(slots + (_slot(rank, peer) * M + row) * H + offs, bits, mask=mask)
 
-    if PHASE_FIRST <= 1 and PHASE_LAST >= 1:  # reduce every row as its partial rows land, add, normalise, quantise
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        inverse = 1.0
-        if QUANT:
-            inverse = reciprocal(tl.load(scale_ptr))
-        mine = _workspace(buffers, rank, BITS, base, ALIGNED)
-        for i in range(pid, M, programs):
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    inverse = 1.0
+    if QUANT:
+        inverse = reciprocal(tl.load(scale_ptr))
+    if PHASE_FIRST <= 1 and PHASE_LAST >= 1:  # reduce every row as its partial rows land, add (and normalise)
+        mine = _workspace(buffers, rank, BITS, base + SLOTS, ALIGNED)
+        for i in range(first_row, M, row_programs):
             row = tl.cast(i, tl.int64)
             r = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
             total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -211,9 +262,25 @@ def _one_shot_kernel(
                 total += bits.to(x_dtype, bitcast=True).to(tl.float32)
             v = _new_residual(total, r, x_dtype)
             tl.store(res_ptr + row * H + offs, v, mask=mask)
-            tl.store(out_ptr + row * H + offs, _output(v, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+            if SPLIT == 1:
+                tl.store(out_ptr + row * H + offs, _output(v, _sum_of_squares(v), w, inverse, H, eps, QUANT,
+                                                           FP8_MAX_C), mask=mask)
+            else:  # this part's sum of squares, for the row's other programs (abs: a NaN's sign never marks it)
+                tl.store(partials + row * SPLIT + part, tl.abs(_sum_of_squares(v)).to(tl.int64, bitcast=True))
+
+    if SPLIT > 1 and PHASE_FIRST <= 2 and PHASE_LAST >= 2:  # normalise this part once the row's parts are in
+        tl.debug_barrier()  # this program's residual stores before its loads of them
+        for i in range(first_row, M, row_programs):
+            row = tl.cast(i, tl.int64)
+            v = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
+            total = _landed_sum(partials + row * SPLIT, SPLIT)
+            tl.store(out_ptr + row * H + offs, _output(v, total, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
     if SYNC:
-        _advance(own_pad, COUNTER, call, programs)
+        last = _advance(own_pad, COUNTER, call, programs)
+        if SPLIT > 1 and last:
+            _clear_partials(partials, M * SPLIT, PARTIAL_MARK)
+    elif SPLIT > 1 and PHASE_FIRST <= 3 and PHASE_LAST >= 3 and pid == 0:
+        _clear_partials(partials, M * SPLIT, PARTIAL_MARK)
 
 
 @triton.jit(do_not_specialize=["rank"])
@@ -272,7 +339,8 @@ def _two_shot_kernel(
                     total += partial.to(tl.float32)
                 v = _new_residual(total, r, x_dtype)
                 tl.store(res_ptr + row * H + offs, v, mask=mask)
-                tl.store(out_ptr + row * H + offs, _output(v, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+                tl.store(out_ptr + row * H + offs, _output(v, _sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C),
+                         mask=mask)
                 for peer in tl.static_range(WORLD):  # the new residual row into every peer's gather area
                     if peer != rank:
                         tl.store(_workspace(buffers, peer, x_dtype, base + GATHER, ALIGNED) + row * H + offs, v,
@@ -288,23 +356,27 @@ def _two_shot_kernel(
                 if (owner != rank) & (row < M):
                     v = tl.load(gathered + row * H + offs, mask=mask, other=0.0, cache_modifier=".cg")
                     tl.store(res_ptr + row * H + offs, v, mask=mask)
-                    tl.store(out_ptr + row * H + offs, _output(v, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+                    tl.store(out_ptr + row * H + offs,
+                             _output(v, _sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
     if SYNC:
         _advance(own_pad, COUNTER, call, programs)
 
 
-def _half_layout(num_rows: int, hidden: int, dtype: torch.dtype, two_shot: bool, world: int) -> tuple[int, int]:
-    """One half of a rank's workspace, in bytes: (where the two-shot gather area starts, the end). First come
-    world - 1 slots of the peers' partial rows (two-shot: of the rows the rank owns); a two-shot half then holds
-    the gather area (every row's new residual; each rank normalises the rows it gathers itself)."""
+def _half_layout(num_rows: int, hidden: int, dtype: torch.dtype, two_shot: bool, world: int) -> tuple[int, int, int]:
+    """One half of a rank's workspace, in bytes: (where the peers' slots start, where the two-shot gather area
+    starts, the end). A one-shot half starts with the partials area (``MAX_SPLIT`` sums of squares per row, for a
+    split row's programs); then come world - 1 slots of the peers' partial rows (two-shot: of the rows the rank
+    owns); a two-shot half then holds the gather area (every row's new residual; each rank normalises the rows it
+    gathers itself)."""
+    slots = 0 if two_shot else num_rows * MAX_SPLIT * 8
     slot_rows = -(-num_rows // world) if two_shot else num_rows
-    gather = (world - 1) * slot_rows * hidden * dtype.itemsize
-    return gather, gather + (num_rows * hidden * dtype.itemsize if two_shot else 0)
+    gather = slots + (world - 1) * slot_rows * hidden * dtype.itemsize
+    return slots, gather, gather + (num_rows * hidden * dtype.itemsize if two_shot else 0)
 
 
 def workspace_bytes(num_rows: int, hidden: int, dtype: torch.dtype, two_shot: bool, world: int) -> int:
     """What one half of a rank's workspace must hold (see ``_half_layout``)."""
-    return _half_layout(num_rows, hidden, dtype, two_shot, world)[1]
+    return _half_layout(num_rows, hidden, dtype, two_shot, world)[2]
 
 
 def pad_layout(signal_pad_bytes: int, world: int) -> tuple[int, int]:
@@ -314,44 +386,59 @@ def pad_layout(signal_pad_bytes: int, world: int) -> tuple[int, int]:
     return counter // world, counter
 
 
-def programs_for(num_rows: int, world: int, two_shot: bool, device: torch.device, signal_pad_bytes: int = 0) -> int:
-    """One program per row a rank handles (two-shot: per row it owns), at most one per multiprocessor (every
-    program resident at once) and, for the two-shot's meetings, as many as the signal pad holds flags for. The
-    interpreter runs at most 4."""
-    rows = -(-num_rows // world) if two_shot else num_rows
-    if device.type == "cuda":
-        most = torch.cuda.get_device_properties(device).multi_processor_count
-        if two_shot:
-            most = min(most, pad_layout(signal_pad_bytes, world)[0])
-        return max(1, min(rows, most))
-    return max(1, min(rows, 4))
+def most_programs(device: torch.device, world: int, two_shot: bool, signal_pad_bytes: int = 0) -> int:
+    """At most one program per multiprocessor (every program resident at once) and, for the two-shot's meetings,
+    as many as the signal pad holds flags for. The interpreter runs at most 4."""
+    if device.type != "cuda":
+        return 4
+    most = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(most, pad_layout(signal_pad_bytes, world)[0]) if two_shot else most
+
+
+def row_split(num_rows: int, hidden: int, most: int) -> int:
+    """How many programs share a one-shot row: the most (a power of two, at most ``MAX_SPLIT``) that leaves every
+    program ``MIN_PART`` elements or more and every row's programs resident at once."""
+    split = 1
+    while (split * 2 <= MAX_SPLIT and num_rows * split * 2 <= most
+           and triton.next_power_of_2(hidden) // (split * 2) >= MIN_PART):
+        split *= 2
+    return split
 
 
 def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor | None,
            out: torch.Tensor, buffers, pads, rank: int, world: int, two_shot: bool,
-           phases: tuple[int, int] = (PHASE_COPY, PHASE_GATHER), sync: bool = True, half_bytes: int = 0,
-           signal_pad_bytes: int = 0) -> torch.Tensor:
+           phases: tuple[int, int] = (PHASE_COPY, PHASE_CLEAR), sync: bool = True, half_bytes: int = 0,
+           signal_pad_bytes: int = 0, split: int | None = None) -> torch.Tensor:
     """Run the kernel on contiguous [M, H] ``x`` (this rank's partial sums), ``residual`` (updated in place) and
     ``out`` (the norm, or its FP8 codes with ``scale``). ``buffers`` / ``pads``: every rank's workspace / signal
     pad address, as the device address of an array of them (torch's ``buffer_ptrs_dev``) or an int64 tensor;
     a one-shot workspace starts empty-marked (``mark_empty``) and is left so. ``half_bytes``: the offset of the
-    workspace's second half (``sync`` only: the interpreter uses the first)."""
+    workspace's second half (``sync`` only: the interpreter uses the first). ``split``: the programs per one-shot
+    row (``row_split``'s choice by default; the two-shot gives each program whole rows)."""
     num_rows, hidden = x.shape
     quant = scale is not None
     block = max(16, triton.next_power_of_2(hidden))
-    programs = programs_for(num_rows, world, two_shot, x.device, signal_pad_bytes)
-    common = dict(WORLD=world, QUANT=quant, BLOCK=block, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0,
-                  PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX, num_warps=_warps(block))
+    most = most_programs(x.device, world, two_shot, signal_pad_bytes)
     pads = pads if pads is not None else buffers
     counter = pad_layout(signal_pad_bytes, world)[1]
+    slots, gather, _ = _half_layout(num_rows, hidden, x.dtype, two_shot, world)
+    common = dict(WORLD=world, QUANT=quant, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0,
+                  PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX)
     if two_shot:
-        gather = _half_layout(num_rows, hidden, x.dtype, two_shot, world)[0]
+        programs = max(1, min(-(-num_rows // world), most))  # one per row the rank owns
         _two_shot_kernel[(programs,)](x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows,
-                                      hidden, eps, gather, half_bytes, counter, **common)
+                                      hidden, eps, gather, half_bytes, counter, BLOCK=block, num_warps=_warps(block),
+                                      **common)
     else:
+        split = split or row_split(num_rows, hidden, most)
+        if split & (split - 1) or not 1 <= split <= min(MAX_SPLIT, block):
+            raise ValueError(f"split must be a power of two from 1 to {min(MAX_SPLIT, block)}, not {split}")
+        programs = max(1, min(num_rows, most // split)) * split  # split programs per row
         _, bits, mark = _empty_mark(x.dtype)
         _one_shot_kernel[(programs,)](x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows,
-                                      hidden, eps, half_bytes, counter, BITS=bits, MARK=mark, **common)
+                                      hidden, eps, half_bytes, slots, counter, BLOCK=block // split, SPLIT=split,
+                                      BITS=bits, MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype),
+                                      num_warps=_warps(block // split), **common)
     return out
 
 

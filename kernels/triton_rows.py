@@ -46,7 +46,14 @@ def rms_normalized(v, H, eps):
     summed in fp64 and the mean rounded to fp32 once: the result does not depend on the summation order, which
     Triton derives from each specialisation's layout (see numerics.rms_norm). Masked columns must be zeros."""
     vd = v.to(tl.float64)
-    variance = (tl.sum(vd * vd, axis=0) / H).to(tl.float32)
+    return normalized_by(v, tl.sum(vd * vd, axis=0), H, eps)
+
+
+@triton.jit
+def normalized_by(v, sum_of_squares, H, eps):
+    """``rms_normalized`` given the row's fp64 sum of squares (a kernel that splits a row over several programs
+    adds their parts)."""
+    variance = (sum_of_squares / H).to(tl.float32)
     return (v.to(tl.float32) * tl.rsqrt(variance + eps)).to(v.dtype)
 
 

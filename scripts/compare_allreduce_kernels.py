@@ -3,13 +3,15 @@ the bench-kernels timer), with torch's symmetric-memory one-shot / two-shot + ou
 FlashInfer's fused kernel where flashinfer-python is installed, and the compiled kernels' registers and spills. An
 earlier form of the kernel runs beside the current one where it is saved as scripts/_old_allreduce_norm.py (not
 kept in git: ``git show REV:kernels/triton_allreduce_norm.py``, its relative imports made absolute and its
-workspace purposes renamed so that the two never share a signal pad). Usage there:
-python3 scripts/compare_allreduce_kernels.py TP [CSV]"""
+workspace purposes renamed so that the two never share a signal pad). ``SPLITS=1,2,4,8`` adds the one-shot with
+each fixed number of programs per row beside ``row_split``'s choice; ``TOKENS=1,8,64`` narrows the sizes. Usage
+there: python3 scripts/compare_allreduce_kernels.py TP [CSV]"""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -18,13 +20,15 @@ import torch
 import torch.distributed as dist
 
 from fusiontune.harness import bench_collectives as bench
+from fusiontune.kernels.collectives import all_reduced
 from fusiontune.harness.timing import slowest_rank, time_per_call
 from fusiontune.kernels import flashinfer_allreduce, symm_mem
 from fusiontune.kernels import triton_allreduce_norm as new
 from fusiontune.kernels.triton_rows import INPUT_ADD_RESIDUAL, run_rows
 
 OLD_PATH = Path(__file__).with_name("_old_allreduce_norm.py")
-TOKENS = (1, 2, 8, 32, 64, 256, 1024, 4096)
+TOKENS = tuple(int(t) for t in (os.environ.get("TOKENS") or "1,2,8,32,64,256,1024,4096").split(","))
+SPLITS = tuple(int(s) for s in os.environ["SPLITS"].split(",")) if os.environ.get("SPLITS") else ()
 HIDDEN = (4096, 8192)
 
 
@@ -66,9 +70,24 @@ def main(rank, world, port, csv_path):
                                                                   i["scale"], name, two_shot=False),
             "two_shot": lambda i: new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS,
                                                                   i["scale"], name, two_shot=True),
+            "nccl_norm": lambda i: norm(all_reduced(i["x"], name), i),
             "one_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], name, "one-shot"), i),
             "two_shot_norm": lambda i: norm(symm_mem.symm_mem_all_reduce(i["x"], name, "two-shot"), i),
         }
+        rule = new.row_split
+
+        def with_split(split):
+            def run(i):
+                new.row_split = lambda *_: split
+                try:
+                    return new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS, i["scale"], name,
+                                                      two_shot=False)
+                finally:
+                    new.row_split = rule
+            return run
+
+        for split in SPLITS:
+            peers[f"one_shot_s{split}"] = with_split(split)
         if old:
             peers["old_one_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
                                                                           bench.EPS, i["scale"], name, two_shot=False)
@@ -83,6 +102,15 @@ def main(rank, world, port, csv_path):
                 inputs = [bench._norm_inputs(tokens, hidden, rank, world, s, quant) for s in range(sets)]
                 row = {"tp": world, "quant": quant or "none", "hidden": hidden, "num_tokens": tokens,
                        "mb": round(tokens * hidden * 2 / 2**20, 4)}
+                if SPLITS and tokens <= 256:  # every split gives the bits of a whole row in one program
+                    first = None
+                    for split in SPLITS:
+                        residual = inputs[0]["residual"].clone()
+                        out = with_split(split)({**inputs[0], "residual": residual})
+                        got = (out.view(torch.uint8), residual)
+                        first = first or got
+                        if not (torch.equal(got[0], first[0]) and torch.equal(got[1], first[1])):
+                            print(f"MISMATCH rank {rank} split {split} {row}", flush=True)
                 for peer, fn in peers.items():
                     times = slowest_rank(time_per_call(fn, inputs, replays=30, barrier=group), device, group)
                     deciles = statistics.quantiles(times, n=10, method="inclusive")

@@ -10,6 +10,13 @@ export PYTHONPATH=/tmp/site
 if [ -d .carry ]; then bash .carry/carry-install.sh .carry || exit 1; fi
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  # FlashInfer modules built on an earlier call (.whl/aot/NAME.so, from device_compare_allreduce.sh's $OUT): where
+  # FlashInfer looks for prebuilt modules first, so it loads them instead of compiling for minutes
+  for so in .whl/aot/*.so; do
+    [ -e "$so" ] || continue
+    name=$(basename "$so" .so); mkdir -p "/tmp/site/flashinfer/data/aot/$name"; cp "$so" "/tmp/site/flashinfer/data/aot/$name/"
+    export FLASHINFER_DISABLE_JIT=1  # a module that does not load fails at once instead of compiling for minutes
+  done
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 date -u

@@ -5,7 +5,10 @@ What is kept of flashinfer-python: its Python files, the headers its communicati
 data/cccl, data/spdlog, the top-level headers of data/csrc) and the three sources of its ``trtllm_comm`` JIT module;
 not its other kernel sources, cutlass, or prebuilt kernels. Beside it: the packages ``import flashinfer.comm``
 needs (apache-tvm-ffi, cuda-bindings, nvidia-ml-py, ninja, ...), and pydantic for fusiontune itself (the call
-carries no ``.carry``). The device setup (scripts/device_setup.sh) installs ``.whl/*.whl``.
+carries no ``.carry``). The device setup (scripts/device_setup.sh) installs ``.whl/*.whl``, and any module
+FlashInfer built on an earlier call (``.whl/aot/NAME.so``, 12 MB for ``trtllm_comm``, sent back by
+scripts/device_compare_allreduce.sh) where FlashInfer loads prebuilt modules instead of compiling (235-480 s).
+Rebuilding the kit keeps ``.whl/aot/``.
 
 Usage here:  python scripts/flashinfer_kit.py [--python 3.12]   (downloads with pip; writes .whl/)
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,15 +76,16 @@ def main() -> None:
     parser.add_argument("--python", default="3.12", help="the device's Python (default 3.12)")
     parser.add_argument("--out", type=Path, default=Path(".whl"))
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
+    for old in args.out.glob("*.whl"):  # .whl/aot/ (modules built on a GPU machine) stays
+        old.unlink()
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         download([FLASHINFER], args.python, Path(tmp))
         wheel = next(Path(tmp).glob("flashinfer_python-*.whl"))
         trim(wheel, args.out / wheel.name)
     download(DEPENDENCIES, args.python, args.out)
-    total = sum(f.stat().st_size for f in args.out.iterdir())
-    print(f"{args.out}: {len(list(args.out.iterdir()))} wheels, {total / 2**20:.1f} MiB")
+    total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"{args.out}: {len(list(args.out.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB in all")
 
 
 if __name__ == "__main__":

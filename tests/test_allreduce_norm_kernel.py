@@ -23,7 +23,8 @@ triton = pytest.importorskip("triton")
 
 from fusiontune.kernels import numerics  # noqa: E402
 from fusiontune.kernels.triton_allreduce_norm import (  # noqa: E402
-    PHASE_COPY, PHASE_GATHER, PHASE_REDUCE, launch, mark_empty, workspace_bytes)
+    MAX_SPLIT, PHASE_CLEAR, PHASE_COPY, PHASE_GATHER, PHASE_REDUCE, _partial_mark, launch, mark_empty, row_split,
+    workspace_bytes)
 from test_triton_kernels import assert_codes, assert_values, poisoned  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -67,15 +68,15 @@ def simulated_workspaces(world, rows, hidden, two_shot):
     return workspaces, torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
 
 
-def run_simulated(parts, residual, weight, scale, table, two_shot):
+def run_simulated(parts, residual, weight, scale, table, two_shot, split=None):
     """One call of the kernel on every simulated rank, phase by phase: (each rank's residual, each rank's output)."""
     world, (rows, hidden) = len(parts), parts[0].shape
     residuals = [residual.clone() for _ in range(world)]
     outs = [poisoned((rows, hidden), numerics.FP8_DTYPE if scale is not None else DTYPE) for _ in range(world)]
-    for phase in range(PHASE_COPY, (PHASE_GATHER if two_shot else PHASE_REDUCE) + 1):
+    for phase in range(PHASE_COPY, (PHASE_GATHER if two_shot else PHASE_CLEAR) + 1):
         for rank in range(world):
             launch(parts[rank], residuals[rank], weight, EPS, scale, outs[rank], table, None, rank, world, two_shot,
-                   phases=(phase, phase), sync=False)
+                   phases=(phase, phase), sync=False, split=split)
     return residuals, outs
 
 
@@ -104,6 +105,33 @@ def test_simulated_ranks_match_the_unfused_chain(world, rows, hidden, two_shot, 
     check_ranks(parts, residual, weight, scale, *run_simulated(parts, residual, weight, scale, table, two_shot))
     if not two_shot:
         assert_empty_marked(workspaces)
+
+
+@pytest.mark.parametrize("world,rows,hidden,split", [(2, 1, 2880, 4), (2, 3, 2880, 8), (3, 5, 200, 2),
+                                                     (4, 2, 96, 8)])
+@pytest.mark.parametrize("quant", [False, True], ids=["norm", "fp8-static"])
+def test_one_shot_rows_split_over_programs(world, rows, hidden, split, quant):
+    """Several programs per row, each normalising its part with the row's sum of squares gathered from the others
+    (parts wholly beyond the hidden size included: 2880 over 8 parts of 512), then a second call on the same
+    workspaces, with another split: the partials were marked empty again, so it waits for its own."""
+    workspaces, table = simulated_workspaces(world, rows, hidden, False)
+    for seed, this_split in ((1, split), (2, max(2, split // 2))):
+        parts, residual, weight, scale = make_inputs(world, rows, hidden, quant, seed=seed + split)
+        check_ranks(parts, residual, weight, scale,
+                    *run_simulated(parts, residual, weight, scale, table, False, split=this_split))
+        assert_empty_marked(workspaces)
+
+
+def test_row_split_gives_few_rows_several_programs():
+    """A decode step's row of 8192 goes to 8 programs; more rows, fewer each; never below 1024 elements a program
+    or beyond the multiprocessors; and an empty partials entry is negative, whatever the element type."""
+    assert [row_split(rows, 8192, 132) for rows in (1, 16, 32, 64, 100, 256)] == [8, 8, 4, 2, 1, 1]
+    assert [row_split(1, hidden, 132) for hidden in (1024, 2048, 2880, 4096)] == [1, 2, 4, 4]
+    assert row_split(1, 8192, 4) == 4 and MAX_SPLIT == 8
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        marked = torch.empty(16, dtype=torch.uint8)
+        mark_empty(marked, dtype)
+        assert marked.view(torch.int64).tolist() == [_partial_mark(dtype)] * 2 and _partial_mark(dtype) < 0
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -353,10 +381,13 @@ for world in (2, 4):
                          "pads": "i64", "rank": "i32", "M": "constexpr", "H": "i32", "eps": "fp32",
                          "HALF_BYTES": "i64", "COUNTER": "i32"}
             constants = {"M": 1, "WORLD": world, "QUANT": quant, "BLOCK": 4096, "ALIGNED": True, "PHASE_FIRST": 0,
-                         "PHASE_LAST": 2, "SYNC": True, "FP8_MAX_C": FP8_MAX}
+                         "PHASE_LAST": 3, "SYNC": True, "FP8_MAX_C": FP8_MAX}
             if kernel is _one_shot_kernel:
-                constants.update(BITS=tl.int16, MARK=-32768)
-                wants = "ld.volatile.global"  # the poll for landed rows
+                split = 1 if quant else 4  # a whole row, and a row in parts
+                signature.update(SLOTS="i64")
+                constants.update(BITS=tl.int16, MARK=-32768, PARTIAL_MARK=-9223231297218904064, SPLIT=split,
+                                 BLOCK=4096 // split)
+                wants = "ld.volatile.global"  # the poll for landed rows (and parts)
             else:
                 signature.update(GATHER="i64")
                 wants = "st.release.sys"  # the meetings
