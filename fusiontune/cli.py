@@ -86,18 +86,12 @@ def run(
     from fusiontune.harness.launcher import run_plan
 
     folder = RunFolder(run_dir)
-    if folder.rows_path.exists() and not resume:  # never overwrite results: keep the old run beside
-        kept = folder.set_aside()
-        console.print(f"an earlier run in {run_dir} was moved to {kept} (use --resume to continue a run instead)")
-    if not resume or not folder.manifest_path.exists():
-        folder.write_manifest(text, str(sweep_file), {"cluster_address": address or spec.cluster.address,
-                                                      "planned_on": plan.platform.hardware(),
-                                                      "planned": len(plan.configs), "skipped": len(plan.skipped),
-                                                      "dropped": [list(d) for d in plan.dropped]})
-    else:
-        from datetime import datetime, timezone
-
-        folder.update_manifest(resumed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    moved = folder.begin(text, str(sweep_file), "sweep", resume,  # never overwrites results: an old run is kept
+                         {"cluster_address": address or spec.cluster.address, "planned_on": plan.platform.hardware(),
+                          "planned": len(plan.configs), "skipped": len(plan.skipped),
+                          "dropped": [list(d) for d in plan.dropped]})
+    if moved:
+        console.print(f"{moved} (use --resume to continue a run instead)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("configs", total=len([c for c in plan.configs if not c.reference_only]))
@@ -130,13 +124,11 @@ def run(
 
 def _check_same_sweep(folder, spec, sweep_file: Path) -> None:
     """Refuse to resume a run folder with a sweep whose rows would not compare with the rows there."""
-    import json
-
     from fusiontune.harness.sweep import SweepError, identity_differences, parse_sweep
 
     if not folder.manifest_path.exists():
         return
-    manifest = json.loads(folder.manifest_path.read_text())
+    manifest = folder.manifest()
     try:
         earlier = parse_sweep(manifest.get("sweep", ""), manifest.get("sweep_file", "the earlier sweep"))
     except SweepError:
@@ -178,16 +170,17 @@ def tune(
     """Search fusion enables and thresholds with Optuna for the lowest expected latency under a workload's
     num_tokens distribution; trials run on TP groups through Ray, the study resumes from its storage."""
     from fusiontune.harness.sweep import SweepError
-    from fusiontune.harness.tune import load_tune
+    from fusiontune.harness.tune_spec import load_tune
 
     try:
         spec, text = load_tune(tune_file)
         spec = _override(spec, "cluster", groups=_groups(groups))
         spec = _override(spec, "study", max_evaluations=max_evaluations)
         from fusiontune.harness.results import RunFolder
-        from fusiontune.harness.tuner import Tuner, grid_size, parameters, prepare_folder
+        from fusiontune.harness.tuner import Tuner, check, grid_size, parameters
 
         _writable(out or Path("results") / spec.name, "--out")
+        check(spec, tune_file.parent)  # a tune that cannot be planned says so before any cluster is asked
         platform = _workers_platform(spec.cluster, address)
         folder = RunFolder(out or Path("results") / spec.name)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
@@ -195,7 +188,9 @@ def tune(
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
-    prepare_folder(spec, text, str(tune_file), folder, grid)
+    moved = folder.begin(text, str(tune_file), "tune-grid" if grid else "tune", True, {})
+    if moved:
+        console.print(moved)
     searched = ", ".join(name for name, _ in parameters(spec))
     console.print(f"tune {spec.name}: {'grid of' if grid else 'up to'} {tuner.trials} trials over {searched} "
                   f"(grid size {grid_size(spec)}); workload weights "

@@ -70,8 +70,8 @@ def _norm_inputs(tokens, hidden, rank, world, seed, quant):
             "scale": torch.tensor([0.05], device="cuda") if quant else None}
 
 
-def _allreduce_norm_case(quant: str | None) -> CollectiveCase:
-    from fusiontune.kernels.triton_allreduce_norm import allreduce_add_rms_norm
+def _allreduce_rms_case(quant: str | None) -> CollectiveCase:
+    from fusiontune.kernels.triton_allreduce_rms import allreduce_add_rms_norm
     from fusiontune.kernels.triton_rows import INPUT_ADD_RESIDUAL, run_rows
 
     def norm(reduced, i):
@@ -127,8 +127,8 @@ def _gemm_scatter_inputs(tokens, hidden, rank, world, seed):
 def cases() -> list[CollectiveCase]:
     ops = torch.ops.fusiontune
     return [
-        _allreduce_norm_case(None),
-        _allreduce_norm_case("fp8-static"),
+        _allreduce_rms_case(None),
+        _allreduce_rms_case("fp8-static"),
         CollectiveCase("all_gather+gemm",
                        lambda g: {"fused": lambda i: ops.all_gather_matmul(i["a"], i["b"], i["rows"], g),
                                   "nccl_then_gemm": lambda i: all_gathered(i["a"], i["rows"], g) @ i["b"]},

@@ -157,7 +157,7 @@ def cases() -> list[Case]:
              silu_input=True, quant="fp8-per-group", group_size=128),
         Case("add+rms_norm->pad-256",
              lambda i: ops.fused_add_rms_norm_pad(i["x"], i["residual"], i["weight"], EPS, _padded(i["x"].shape[1])),
-             lambda i: _add_norm_pad(i["x"], i["residual"], i["weight"]),
+             lambda i: _add_norm_then_pad(i["x"], i["residual"], i["weight"]),
              unfused=lambda i: torch.nn.functional.pad(
                  ops.fused_add_rms_norm(i["x"], i["residual"], i["weight"], EPS),
                  (0, _padded(i["x"].shape[1]) - i["x"].shape[1])),
@@ -234,7 +234,7 @@ def _padded(hidden: int, multiple: int = 256) -> int:
     return numerics.round_up(hidden, multiple)
 
 
-def _add_norm_pad(x, residual, weight):
+def _add_norm_then_pad(x, residual, weight):
     normed, total = _add_norm(x, residual, weight)
     return torch.nn.functional.pad(normed, (0, _padded(x.shape[1]) - x.shape[1])), total
 

@@ -26,7 +26,7 @@ from fusiontune.passes.vllm_versions import NEWEST, fit, newest_with, release
 from .per_range import for_tune_run
 from .analysis import noise_floor
 from .results import RunFolder, redact
-from .tune import expected_ratio
+from .tune_spec import expected_ratio
 
 
 class ExportError(ValueError):

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fusiontune.kernels.library import KINDS  # noqa: E402
+from fusiontune.kernels.library import CATEGORIES  # noqa: E402
 
 from .analysis import flag  # noqa: E402
 
@@ -184,7 +184,7 @@ def kernel_plot(kernels: pd.DataFrame, table: pd.DataFrame, path: Path, title: s
     per = rank0.groupby(["tp", "num_tokens", "config_id", "category"])["us_per_forward"].sum().reset_index()
     labels = table.drop_duplicates("config_id").set_index("config_id")["label"]
     baseline_ids = set(table.loc[table["is_baseline"].astype(bool), "config_id"])
-    categories = [c for c in KINDS if c in set(per["category"])]
+    categories = [c for c in CATEGORIES if c in set(per["category"])]
     colours = dict(zip(categories, plt.get_cmap("tab20").colors))
     tps = sorted(per["tp"].unique())
     sizes = sorted(per["num_tokens"].unique())

@@ -15,20 +15,18 @@ from __future__ import annotations
 import os
 import re
 import socket
-import time
 from typing import Any, Callable
 
 import ray
 
 from fusiontune.kernels.symm_mem import MULTICAST_OFF
-from fusiontune.passes.fusions import PASSES
 from fusiontune.passes.platform import Platform
 
 from .groups import GroupPool, Outcome, groups_to_use
 from .results import RESUMABLE_SKIP, RunFolder
+from .rows import kernel_rows, rows_for, skipped_rows
 from .sweep import Plan, PlannedConfig, target_platform
-from .timing import combine_ranks, summarize
-from .worker import Job, RankResult, TPWorker
+from .worker import Job, TPWorker
 
 # Every GPU actor sees all GPUs of its node and selects the one Ray assigned it (worker.local_gpu_index): torch's
 # symmetric memory (the fused all-reduce, AsyncTP) maps the peers' memory by device, which fails when every rank
@@ -70,82 +68,6 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
         log_to_driver=False,
         configure_logging=False,
     )
-
-
-def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]] | None,
-             error: str = "", device: str = "") -> list[dict[str, Any]]:
-    """Merge the ranks' results for one config into one row per num_tokens (the sizes its job measured, or without
-    results every size of the sweep)."""
-    rows = []
-    sizes = [r.num_tokens for r in per_rank[0]] if per_rank else list(plan.spec.num_tokens)
-    for i, num_tokens in enumerate(sizes):
-        ranks = [results[i] for results in per_rank] if per_rank else []
-        first = ranks[0] if ranks else RankResult(num_tokens, error=error or "no result")
-        row = base_row(plan, config, first.resolved or config.resolved)
-        times = combine_ranks([r.times_ms for r in ranks]) if ranks and all(r.times_ms for r in ranks) else []
-        errors = [r.error for r in ranks if r.error] or ([error] if error else [])
-        max_err = max((r.max_abs_err for r in ranks), default=float("nan"))
-        status = "ok"
-        if errors and not times:
-            status = "failed"
-        elif max_err > first.tolerance:
-            status = "incorrect"
-        row.update(summarize(times, plan.spec.measure.settle))
-        row.update({
-            "num_tokens": num_tokens,
-            "max_abs_err": max_err,
-            "tolerance": first.tolerance,
-            "compile_s": max((r.compile_s for r in ranks), default=0.0),
-            "status": status,
-            "error": "\n".join(errors)[:4000],
-            "device": device,
-            "compile_range": first.compile_range,
-            "active_passes": ",".join(first.active),
-            "timing": first.timing,
-            "allreduce_used": first.allreduce_used,
-            **{column: (min if "clock" in column else max)(r.gpu.get(column, float("nan")) for r in ranks)
-               for column in first.gpu},  # the slowest clock, the hottest and hungriest GPU of the group
-        })
-        row.update({f"matches_{spec.flag}": first.matches.get(spec.flag, 0) for spec in PASSES})
-        rows.append(row)
-    return rows
-
-
-def base_row(plan: Plan, config: PlannedConfig, resolved: dict[str, Any]) -> dict[str, Any]:
-    model = plan.model.to_dict()
-    return {
-        "sweep": plan.spec.name,
-        "config_id": config.config_id,
-        "label": config.label,
-        "is_baseline": config.is_baseline,
-        "baseline_repeat": config.baseline_repeat,
-        "run": config.run,
-        "tp": config.tp,
-        "optimization_level": plan.spec.optimization_level,
-        **plan.spec.collectives.model_dump(),
-        **{f"model_{k}": v for k, v in model.items()},
-        **resolved,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def kernel_rows(config: PlannedConfig, per_rank: list[list[RankResult]]) -> list[dict[str, Any]]:
-    stamp = time.time()
-    return [{"config_id": config.config_id, "label": config.label, "tp": config.tp, "num_tokens": result.num_tokens,
-             "rank": rank, "measured_at": stamp, **kernel}
-            for rank, results in enumerate(per_rank) for result in results for kernel in result.kernels]
-
-
-def skipped_rows(plan: Plan) -> list[dict[str, Any]]:
-    rows = []
-    for item in plan.skipped:
-        for num_tokens in plan.spec.num_tokens:
-            config = PlannedConfig("", item.label, item.tp, item.pass_config, {})
-            row = base_row(plan, config, item.pass_config)
-            row.update({"num_tokens": num_tokens, "status": "skipped", "error": item.reason,
-                        **{f"matches_{spec.flag}": 0 for spec in PASSES}})
-            rows.append(row)
-    return rows
 
 
 def device_for(tp: int, wanted: str) -> tuple[bool, str]:

@@ -24,7 +24,7 @@ from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG
 from .analysis import flag as flag_column
 from .analysis import is_on, noise_floor
 from .model import DTYPES
-from .tune import expected_ratio
+from .tune_spec import expected_ratio
 
 
 def _measured(table: pd.DataFrame, tp: int) -> pd.DataFrame:

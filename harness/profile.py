@@ -1,6 +1,6 @@
 """Where a forward's time goes: a torch.profiler trace, and its time filed by what each kernel does.
 
-A kernel is filed under the fusiontune op that launched it (``kernels.library.CATEGORIES``: rms_norm, quant,
+A kernel is filed under the fusiontune op that launched it (``kernels.library.OP_CATEGORY``: rms_norm, quant,
 fused rms+quant, ...), so a Triton kernel that serves several ops is told apart by its caller, not its name.
 Kernels no fusiontune op launched (cuBLAS, NCCL, the Triton or C++ code Inductor wrote around our ops) are filed
 by their aten op or their name: gemm, collective, or other. On CUDA the time is the kernels' device time; on CPU
@@ -23,7 +23,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
-from fusiontune.kernels.library import CATEGORIES, NAMESPACE
+from fusiontune.kernels.library import OP_CATEGORY, NAMESPACE
 
 PREFIX = f"{NAMESPACE}::"
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm", "aten::matmul", "aten::linear")
@@ -34,7 +34,7 @@ COLLECTIVE_HINTS = ("nccl", "c10d::", "gloo", "all_reduce", "allreduce", "all_ga
 def category_of(op_name: str, kernel_name: str = "") -> str:
     """The category of time spent in ``op_name`` (the outermost fusiontune op around it, else the op itself)."""
     if op_name.startswith(PREFIX):
-        return CATEGORIES.get(op_name[len(PREFIX):].split(".")[0], "other")
+        return OP_CATEGORY.get(op_name[len(PREFIX):].split(".")[0], "other")
     names = f"{op_name} {kernel_name}".lower()
     if op_name in GEMM_OPS or any(h in kernel_name.lower() for h in GEMM_KERNEL_HINTS):
         return "gemm"

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from fusiontune.kernels.library import KINDS
+from fusiontune.kernels.library import CATEGORIES
 
 from .analysis import (NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions, noise_floor, pooled_runs,
                        speedups)
 from .figures import kernel_plot, pareto_plot, speedup_heatmap, speedup_plot, tune_figures
-from .results import KEY_COLUMNS, RunFolder
+from .results import RunFolder
+from .rows import KEY_COLUMNS
 
 
 
@@ -225,7 +226,7 @@ def _category_tables(kernels: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     lines = []
     for (tp, size), here in rank0.groupby(["tp", "num_tokens"]):
         wide = here.pivot_table(index="category", columns="config_id", values="us_per_forward", aggfunc="sum")
-        wide = wide.reindex([c for c in KINDS if c in wide.index]).fillna(0.0)
+        wide = wide.reindex([c for c in CATEGORIES if c in wide.index]).fillna(0.0)
         wide.loc["total"] = wide.sum()
         ids = sorted(wide.columns, key=lambda c: (not str(labels.get(c, "")).startswith("all fusions off"),
                                                   str(labels.get(c, c))))

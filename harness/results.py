@@ -21,11 +21,10 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from fusiontune.passes.fusions import PASSES, THRESHOLDS
+from fusiontune.passes.fusions import THRESHOLDS
 
-STATUSES = ("ok", "failed", "incorrect", "skipped")
-PASS_COLUMNS = [spec.flag for spec in PASSES] + list(THRESHOLDS)
-MATCH_COLUMNS = [f"matches_{spec.flag}" for spec in PASSES]
+from .rows import MEASURED_COLUMNS, PASS_COLUMNS, ROW_KEY
+
 
 
 def redact(text: str | None) -> str | None:
@@ -102,11 +101,36 @@ class RunFolder:
         marker = self.rows_path if self.rows_path.exists() else self.path
         stamp = datetime.fromtimestamp(marker.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
         kept = self.path / "earlier" / stamp
-        kept.mkdir(parents=True, exist_ok=True)
+        for n in range(2, 10_000):  # two runs set aside within a second keep a folder each (never one over another)
+            if not kept.exists():
+                break
+            kept = self.path / "earlier" / f"{stamp}-{n}"
+        kept.mkdir(parents=True)
         for item in self.path.iterdir():
             if item.name != "earlier":
                 item.rename(kept / item.name)
         return kept
+
+    def begin(self, text: str, source: str, kind: str, resume: bool, extra: dict[str, Any]) -> str | None:
+        """Open the folder for a run of ``kind`` ("sweep", "tune" or "tune-grid"; a tune always resumes its study):
+        the one place a run's folder is made ready. A resume of the same kind of run keeps everything and notes the
+        time in the manifest; otherwise every earlier output is set aside first (``set_aside``) and a new manifest
+        written. Returns what to tell the user when something was moved, else None."""
+        earlier = self.manifest().get("kind", "sweep") if self.manifest_path.exists() else None
+        if resume and (earlier is None or _family(earlier) == _family(kind)):
+            if earlier is None:
+                self.write_manifest(text, source, {"kind": kind, **extra})
+            else:
+                self.update_manifest(resumed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            return None
+        said = None
+        if any(item.name != "earlier" for item in self.path.iterdir()):
+            said = f"an earlier {earlier or 'run'} in {self.path} was moved to {self.set_aside()}"
+        self.write_manifest(text, source, {"kind": kind, **extra})
+        return said
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
 
     def write_parquet(self) -> None:
         _write_atomically(_to_frame(self.rows()), self.parquet_path)
@@ -125,12 +149,16 @@ class RunFolder:
         self.manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
 
     def update_manifest(self, **fields: Any) -> None:
-        manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+        manifest = self.manifest()
         manifest.update(fields)
         self.manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
 
 
-ROW_KEY = ["config_id", "label", "tp", "num_tokens"]
+def _family(kind: str) -> str:
+    """Runs of one family share a folder's outputs: a tune and its grid share the study file."""
+    return "tune" if kind.startswith("tune") else kind
+
+
 
 
 def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,11 +228,6 @@ def _write_atomically(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
-# Columns every analysis reads; a run whose configs were all skipped or failed lacks the measured ones.
-MEASURED_COLUMNS = ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_ms_ci_low", "latency_ms_ci_high",
-                    "latency_ms_cv", "repeats", "max_abs_err")
-# What makes a row one of ours: a file without these is not a fusiontune run.
-KEY_COLUMNS = ("config_id", "label", "tp", "num_tokens", "status")
 
 
 def _with_all_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -217,6 +240,7 @@ def _with_all_columns(frame: pd.DataFrame) -> pd.DataFrame:
             frame[column] = float("nan")
     for column in ("is_baseline", "baseline_repeat"):
         frame[column] = frame[column].fillna(False).astype(bool) if column in frame else False
+    frame["schema_version"] = frame["schema_version"].fillna(1).astype(int) if "schema_version" in frame else 1
     return frame
 
 

@@ -47,7 +47,7 @@ from .launcher import Recorder, device_for, init_ray, job_for
 from .per_range import for_tune_run
 from .results import RunFolder
 from .sweep import Plan, PlannedConfig, Skipped, SweepError, _show, expand, plan_config, target_platform
-from .tune import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
+from .tune_spec import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
 from .worker import TPWorker
 
 
@@ -372,7 +372,8 @@ class Tuner:
         return float(sum(weight[n] * floors[n] for n in used) / sum(weight.values()))
 
 
-def prepare_folder(spec: TuneSpec, text: str, source: str, folder: RunFolder, grid: bool) -> None:
-    """The manifest of a tune run (kept from the first run of a resumed study)."""
-    if not folder.manifest_path.exists():
-        folder.write_manifest(text, source, {"kind": "tune-grid" if grid else "tune"})
+def check(spec: TuneSpec, base_dir: Path = Path(".")) -> None:
+    """Raise SweepError for what a tune can be refused for on any machine, before a cluster is joined: a model,
+    search or workload that does not hold. (What runs where is the workers' platform's to say: ``Tuner``.)"""
+    workload_weights(spec, base_dir)
+    expand(spec.as_sweep())

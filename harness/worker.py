@@ -5,15 +5,13 @@ driven in-process too (tests, debugging). Every rank of a group runs the same jo
 
 Compiled graphs are cached across num_tokens (one dynamic-shape graph per range) and across runs (Inductor's FX
 graph and AOTAutograd caches, ``measure.compile_cache``). A graph served from Inductor's cache skips the post-grad
-passes, so their match counts would read zero for a fusion that did fire: every fresh compile records its counts
-beside Inductor's cache (``MatchCounts``), and a cache hit reads them back.
+passes, so their match counts would read zero for a fusion that did fire: ``match_counts`` records them beside
+Inductor's cache at every fresh compile and reads them back on a hit.
 """
 
 from __future__ import annotations
 
 import faulthandler
-import hashlib
-import json
 import os
 import signal
 import socket
@@ -21,21 +19,19 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._dynamo.utils import counters
 
 from fusiontune.kernels import symm_mem
 from fusiontune.passes.config import resolve
-from fusiontune.passes.fusions import PASSES
 from fusiontune.passes.manager import PassManager
 from fusiontune.passes.platform import Platform
 from fusiontune.passes.ranges import compile_ranges, range_for
 
 from .correctness import max_abs_error, tolerance
+from .match_counts import MatchCounts, UnrecordedCacheHit, first_call_marks, matches_of_first_call
 from .model import DecoderStack, ModelConfig
 from .profile import profile_forward
 from .roles import Role
@@ -304,25 +300,19 @@ class TPWorker:
         x = self.inputs(cfg, num_tokens, job.seed)
         if num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it); size 1 alone
             torch._dynamo.mark_dynamic(x, 0)
-        before, traced = manager.snapshot(), counters["stats"]["unique_graphs"]
+        before = first_call_marks(manager)
         symm_mem.take_used()  # forget what earlier sizes ran
         self.log(f"num_tokens={num_tokens}: first call")
         t0 = time.perf_counter()
         out = compiled(x)
         result.compile_s = time.perf_counter() - t0
-        after = manager.snapshot()
         recorded = MatchCounts(manager, self._model_key, dynamic=num_tokens > 1)
-        if after["graphs"] > before["graphs"]:  # this size compiled a graph: its counts are this graph's
-            last_matches = {spec.flag: after[spec.flag] - before[spec.flag] for spec in PASSES}
-            recorded.save(last_matches)
-        unrecorded = None
-        if after["graphs"] <= before["graphs"] and counters["stats"]["unique_graphs"] > traced:  # from the cache
-            try:  # a sibling rank compiling the same graph saves its counts moments after its first call
-                last_matches = recorded.load(wait_s=30.0 if self.group is not None else 0.0)
-                self.log(f"num_tokens={num_tokens}: graph from Inductor's cache; match counts as recorded when it "
-                         f"was compiled ({recorded.path.name})")
-            except UnrecordedCacheHit as exc:
-                unrecorded = exc
+        # a sibling rank compiling the same graph saves its counts moments after its first call
+        last_matches, source, unrecorded = matches_of_first_call(manager, before, recorded, last_matches,
+                                                                 wait_s=30.0 if self.group is not None else 0.0)
+        if source == "cache" and unrecorded is None:
+            self.log(f"num_tokens={num_tokens}: graph from Inductor's cache; match counts as recorded when it was "
+                     f"compiled ({recorded.path.name})")
         if self._on_any_rank(unrecorded is not None):  # every rank compiles afresh, or none does: in step
             raise unrecorded or UnrecordedCacheHit("another rank found a cached graph without match counts")
         result.matches = dict(last_matches)
@@ -351,36 +341,6 @@ class TPWorker:
         return last_matches
 
 
-class MatchCounts:
-    """The match counts of one compiled graph, kept beside Inductor's cache under the same inputs to its key
-    that we control (the passes' uuid: config and pass/kernel sources; the model; static or dynamic shapes)."""
-
-    def __init__(self, manager: PassManager, model: tuple | None, dynamic: bool):
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-        key = json.dumps([manager.uuid(), repr(model), dynamic, torch.__version__])
-        self.path = Path(cache_dir()) / "fusiontune-match-counts" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
-
-    def save(self, matches: dict[str, int]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(matches))
-        tmp.replace(self.path)
-
-    def load(self, wait_s: float = 0.0) -> dict[str, int]:
-        """The recorded counts; ``wait_s``: how long to wait for them to appear (another rank of the group may be
-        saving them)."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                return json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                if time.monotonic() >= deadline:
-                    raise UnrecordedCacheHit("Inductor served this graph from its cache, but no match counts were "
-                                             "recorded when it was compiled") from None
-                time.sleep(0.05)
-
-
 def _where() -> str:
     """Which Ray node this rank runs on (a cluster's logs then say where each group ran); nothing outside Ray."""
     try:
@@ -391,10 +351,6 @@ def _where() -> str:
     except Exception:  # noqa: BLE001 - a log detail, never a failure
         pass
     return ""
-
-
-class UnrecordedCacheHit(RuntimeError):
-    """A cached graph whose match counts are unknown (compiled by something other than a fusiontune worker)."""
 
 
 def model_key(model: dict[str, Any], seed: int) -> tuple:

@@ -7,7 +7,7 @@ numerics (see ``numerics``), and a fake kernel so graphs trace without real data
 import importlib.util
 
 from . import (  # noqa: F401  (registers ops)
-    activation, act_quant, allreduce_norm, attention, collectives, gemm_comms, kv_cache, linear, norm, norm_pad,
+    act_padding, act_quant, activation, allreduce_rms, attention, collectives, gemm_comms, kv_cache, linear, norm,
     norm_quant, quant, rope,
 )
 

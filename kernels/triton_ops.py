@@ -8,12 +8,12 @@ import torch
 
 from . import flashinfer_allreduce, symm_mem, triton_attention, triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
-from .allreduce_norm import ALLREDUCE_NORM_QUANTS, allreduce_norm_name
+from .allreduce_rms import ALLREDUCE_RMS_QUANTS, allreduce_rms_name
 from .collectives import all_reduced, all_reduced_cuda, group_size
 from .library import NAMESPACE
 from .norm_quant import rms_norm_quant_name
 from .quant import QUANT_SCHEMES, QuantScheme
-from .triton_allreduce_norm import allreduce_add_rms_norm
+from .triton_allreduce_rms import allreduce_add_rms_norm
 from .triton_rows import INPUT_ADD_RESIDUAL, INPUT_PLAIN, INPUT_SILU_MUL, run_rows
 
 
@@ -25,7 +25,7 @@ def _quant_kwargs(scheme: QuantScheme, extras) -> dict:
     return {"quant": scheme.name}
 
 
-def _allreduce_norm(x, residual, weight, eps, *rest, quant: str | None):
+def _allreduce_rms(x, residual, weight, eps, *rest, quant: str | None):
     """The fused all-reduce + add + norm (+ quant): fusiontune's kernel (one-shot or two-shot) or FlashInfer's where
     ``symm_mem.fused_method`` takes it, else an all-reduce (NCCL's with ``allreduce_backend: nccl``, the size's
     best otherwise) and then the fused add + norm kernel."""
@@ -60,8 +60,8 @@ def _register_all() -> None:
             x, input_mode=INPUT_PLAIN, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
         _register(rms_norm_quant_name(scheme, True), lambda x, residual, weight, eps, *extras, s=scheme: run_rows(
             x, input_mode=INPUT_ADD_RESIDUAL, residual=residual, weight=weight, eps=eps, **_quant_kwargs(s, extras)))
-    for quant in ALLREDUCE_NORM_QUANTS:
-        _register(allreduce_norm_name(quant), lambda *args, q=quant: _allreduce_norm(*args, quant=q))
+    for quant in ALLREDUCE_RMS_QUANTS:
+        _register(allreduce_rms_name(quant), lambda *args, q=quant: _allreduce_rms(*args, quant=q))
     _register("rotary_embedding", triton_heads.rotary_embedding)
     _register("qk_norm_rope", triton_heads.qk_norm_rope)
     _register("reshape_and_cache", triton_heads.reshape_and_cache)

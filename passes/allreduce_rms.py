@@ -15,7 +15,7 @@ import operator
 from torch import fx
 
 from fusiontune.kernels import QUANT_SCHEMES, overload, rms_norm_quant_name
-from fusiontune.kernels.allreduce_norm import allreduce_norm_name
+from fusiontune.kernels.allreduce_rms import allreduce_rms_name
 
 from .base import GraphPass
 from .functional_calls import as_op_call, emit_replacement, getitem, redirect_results
@@ -28,8 +28,8 @@ class AllReduceRMSFusionPass(GraphPass):
         super().__init__(config)
         norm_static = rms_norm_quant_name(QUANT_SCHEMES["fp8-static"], True)
         self.fused = {
-            overload("fused_add_rms_norm"): overload(allreduce_norm_name(None)),
-            overload(norm_static): overload(allreduce_norm_name("fp8-static")),
+            overload("fused_add_rms_norm"): overload(allreduce_rms_name(None)),
+            overload(norm_static): overload(allreduce_rms_name("fp8-static")),
         }
 
     def __call__(self, graph: fx.Graph) -> int:

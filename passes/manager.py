@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fusiontune.kernels.library import CATEGORIES, overload
+from fusiontune.kernels.library import OP_CATEGORY, overload
 
 from .act_padding import ActPaddingFusionPass
 from .act_quant import ActQuantFusionPass
@@ -71,7 +71,7 @@ def register_fallbacks() -> None:
         return
     from torch._inductor import lowering
 
-    for name in CATEGORIES:
+    for name in OP_CATEGORY:
         op = overload(name)
         if op in lowering.lowerings:
             continue

@@ -2,7 +2,7 @@
 the bench-kernels timer), with torch's symmetric-memory one-shot / two-shot + our norm kernel beside them,
 FlashInfer's fused kernel where flashinfer-python is installed, and the compiled kernels' registers and spills. An
 earlier form of the kernel runs beside the current one where it is saved as scripts/_old_allreduce_norm.py (not
-kept in git: ``git show REV:kernels/triton_allreduce_norm.py``, its relative imports made absolute and its
+kept in git: ``git show REV:kernels/triton_allreduce_rms.py``, its relative imports made absolute and its
 workspace purposes renamed so that the two never share a signal pad). ``SPLITS=1,2,4,8`` adds the one-shot with
 each fixed number of programs per row beside ``row_split``'s choice; ``TOKENS=1,8,64`` narrows the sizes. Usage
 there: python3 scripts/compare_allreduce_kernels.py TP [CSV]"""
@@ -23,7 +23,7 @@ from fusiontune.harness import bench_collectives as bench
 from fusiontune.kernels.collectives import all_reduced
 from fusiontune.harness.timing import slowest_rank, time_per_call
 from fusiontune.kernels import flashinfer_allreduce, symm_mem
-from fusiontune.kernels import triton_allreduce_norm as new
+from fusiontune.kernels import triton_allreduce_rms as new
 from fusiontune.kernels.triton_rows import INPUT_ADD_RESIDUAL, run_rows
 
 OLD_PATH = Path(__file__).with_name("_old_allreduce_norm.py")

@@ -6,7 +6,7 @@
 source "$(dirname "$0")/device_setup.sh"
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi topo -m | head -8
-timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_allreduce_norm_kernel.py 2>&1 \
+timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_allreduce_rms_kernel.py 2>&1 \
   | grep -vE "^(  |$)" | tail -40
 for tp in 2 4; do
   [ "$gpus" -lt "$tp" ] && continue

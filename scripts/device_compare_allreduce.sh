@@ -20,7 +20,7 @@ fi
 nvidia-smi --query-gpu=index,name,power.limit,clocks.max.sm --format=csv,noheader
 if [ "${TEST:-1}" = 1 ]; then
   timeout -k 10 "${TEST_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider --tb=short -k several_gpus \
-    tests/test_allreduce_norm_kernel.py 2>&1 | grep -vE "^(  |$)" | tail -30
+    tests/test_allreduce_rms_kernel.py 2>&1 | grep -vE "^(  |$)" | tail -30
 fi
 gpus=$(nvidia-smi -L | wc -l)
 for tp in ${TPS:-4 2}; do

@@ -15,5 +15,5 @@ from flashinfer.comm.trtllm_ar import get_trtllm_comm_module
 get_trtllm_comm_module(); print(f'built in {time.time() - t:.0f} s')" || { echo "== the build failed"; exit 1; }
 timeout "${BENCH_TIMEOUT:-240}" fusiontune bench-kernels --tp "$tp" --op allreduce+add+rms_norm \
   --op "allreduce+add+rms_norm->fp8-static" --csv "$OUT/flashinfer-tp$tp.csv"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -x -q tests/test_allreduce_norm_kernel.py -k several_gpus 2>&1 | tail -25
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -x -q tests/test_allreduce_rms_kernel.py -k several_gpus 2>&1 | tail -25
 echo "== done in ${SECONDS}s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -152,3 +153,21 @@ def test_a_cluster_that_does_not_answer_is_one_line(tmp_path, command):
     line = f"--address / cluster.address: cannot join the Ray cluster at '{address}': nothing answers there"
     assert result.output.strip().splitlines()[-1].startswith(line), result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, says", [
+    (("histogram: {1: 0.6, 16: 0.3, 128: 0.1}", "trace: no-such-steps.csv"), "workload.trace: cannot read"),
+    (("model: {preset: tiny, quant: fp8-static}", "model: {hf_config: no-such/config.json, quant: fp8-static}"),
+     "model: "),
+])
+def test_a_tune_that_cannot_be_planned_says_so_before_any_cluster_is_asked(tmp_path, change, says):
+    """A workload or a model's config.json that cannot be read: one line, exit 2, before Ray is joined (the address
+    given answers nowhere, so a join would say that instead) and before any folder is made."""
+    from fusiontune.harness.worker import free_port
+
+    tune = tmp_path / "tune.yaml"
+    tune.write_text(Path("sweeps/tune-cpu.yaml").read_text().replace(*change))
+    result = runner.invoke(app, ["tune", str(tune), "--out", str(tmp_path / "run"), "--address",
+                                 f"127.0.0.1:{free_port()}"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert "cannot join" not in result.output and not (tmp_path / "run").exists()

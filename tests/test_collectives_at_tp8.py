@@ -6,7 +6,7 @@ on the same all-reduce's result.
 
 Then sweeps/tp8-cpu.yaml end to end through Ray: each collective fusion alone at TP=8, firing where its range
 says and agreeing with all-off. The TP=8 plans of the multi-GPU sweeps are checked in test_sweep.py; the Triton
-kernel's eight simulated ranks in test_allreduce_norm_kernel.py.
+kernel's eight simulated ranks in test_allreduce_rms_kernel.py.
 """
 
 from __future__ import annotations

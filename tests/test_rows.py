@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 
-from fusiontune.harness.launcher import rows_for, skipped_rows
+import pytest
+from pydantic import ValidationError
+
+from fusiontune.harness.rows import SCHEMA_VERSION, checked, rows_for, skipped_rows
 from fusiontune.harness.sweep import expand, parse_sweep
 from fusiontune.harness.worker import RankResult
 from fusiontune.passes.platform import Platform
@@ -54,3 +57,16 @@ def test_unshardable_tp_becomes_skipped_rows():
     rows = skipped_rows(PLAN)
     assert {r["tp"] for r in rows} == {3} and len(rows) == 3 * 2  # baseline and two configs, 2 sizes each
     assert all(r["status"] == "skipped" and "TP=3 cannot shard num_heads=4" in r["error"] for r in rows)
+
+
+def test_every_row_names_its_schema_and_a_column_of_the_wrong_type_is_caught():
+    per_rank = [[result(1, [1.0]), result(8, [2.0])]] * 2
+    rows = rows_for(PLAN, CONFIG, per_rank, device="cpu") + skipped_rows(PLAN)
+    assert {r["schema_version"] for r in rows} == {SCHEMA_VERSION}
+    for column, value in (("tp", "two"), ("status", "fine"), ("matches_fuse_norm_quant", None),
+                          ("latency_ms", "fast")):
+        with pytest.raises(ValidationError, match=column):
+            checked(dict(rows[0], **{column: value}))
+    bare = {k: v for k, v in rows[0].items() if k != "config_id"}
+    with pytest.raises(ValidationError, match="config_id"):
+        checked(bare)

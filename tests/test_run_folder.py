@@ -48,6 +48,30 @@ def test_a_new_run_sets_aside_everything_the_earlier_one_wrote(tmp_path):
     assert (kept / "tune.json").exists() and (kept / "rows.jsonl").exists() and (kept / "logs").is_dir()
 
 
+def test_begin_resumes_a_run_of_its_own_kind_and_sets_aside_any_other(tmp_path):
+    """The one way a run opens its folder: a sweep's --resume keeps its rows; a new sweep, or a tune into a sweep's
+    folder, moves them aside first; a tune and its grid share a folder (they share the study)."""
+    folder = RunFolder(tmp_path)
+    assert folder.begin("name: s", "s.yaml", "sweep", False, {"planned": 2}) is None  # nothing there yet
+    folder.append(rows("base", (1,)))
+    assert folder.begin("name: s", "s.yaml", "sweep", True, {}) is None
+    assert folder.rows_path.exists() and "resumed" in folder.manifest() and folder.manifest()["planned"] == 2
+    said = folder.begin("name: s", "s.yaml", "sweep", False, {})
+    assert said and "earlier sweep" in said and not folder.rows_path.exists()
+    folder.append(rows("base", (1,)))
+    said = folder.begin("name: t", "t.yaml", "tune", True, {})
+    assert said and not folder.rows_path.exists() and folder.manifest()["kind"] == "tune"
+    (tmp_path / "study.db").write_text("trials")
+    assert folder.begin("name: t", "t.yaml", "tune-grid", True, {}) is None and (tmp_path / "study.db").exists()
+    assert len(list((tmp_path / "earlier").iterdir())) == 2
+
+
+def test_rows_from_before_the_schema_version_read_as_version_1(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.append(rows("base", (1, 8)))
+    assert folder.table()["schema_version"].tolist() == [1, 1]
+
+
 def test_the_table_is_rebuilt_from_the_rows_when_the_parquet_is_corrupt(tmp_path):
     folder = RunFolder(tmp_path)
     folder.append(rows("base", (1, 8)) + rows("a", (1, 8)))

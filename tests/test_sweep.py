@@ -122,12 +122,12 @@ def test_every_fusiontune_op_is_an_explicit_inductor_fallback_once_a_manager_exi
 
     script = (
         "from torch._inductor import lowering\n"
-        "from fusiontune.kernels.library import CATEGORIES, overload\n"
+        "from fusiontune.kernels.library import OP_CATEGORY, overload\n"
         "from fusiontune.passes.config import resolve\n"
         "from fusiontune.passes.manager import PassManager\n"
         "from fusiontune.passes.platform import Platform\n"
         "PassManager(resolve({}, 0, Platform()))\n"
-        "print(sorted(n for n in CATEGORIES if overload(n) not in lowering.lowerings))\n"
+        "print(sorted(n for n in OP_CATEGORY if overload(n) not in lowering.lowerings))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

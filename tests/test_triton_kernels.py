@@ -204,7 +204,7 @@ def test_rows_beyond_one_grid_launch(monkeypatch, stage):
 @pytest.mark.parametrize("rows", ROWS)
 def test_add_norm_written_padded(rows):
     """fused_add_rms_norm_pad's kernel: gpt-oss's 2880 padded to 3072, zeros after column 2880."""
-    from fusiontune.kernels.norm_pad import _fused_add_rms_norm_pad
+    from fusiontune.kernels.act_padding import _fused_add_rms_norm_pad
 
     dtype = DTYPES[0]
     x, residual, weight = inputs(rows, 2880, dtype, seed=rows)

@@ -14,7 +14,7 @@ import yaml
 
 from fusiontune.harness.results import RunFolder
 from fusiontune.harness.sweep import SweepError
-from fusiontune.harness.tune import TuneSpec, bin_trace, expected_ratio, first_size, load_tune, workload_weights
+from fusiontune.harness.tune_spec import TuneSpec, bin_trace, expected_ratio, first_size, load_tune, workload_weights
 from fusiontune.harness.tuner import Tuner, grid_size
 
 BASE = {"name": "t", "model": {"preset": "tiny", "quant": "fp8-static", "num_layers": 1}, "num_tokens": [1, 16],
@@ -78,7 +78,7 @@ def test_the_search_draws_only_configs_that_can_run_and_differ(tmp_path):
     fusion on. Every point the study can draw plans to a config, and no two points plan to the same one."""
     from fusiontune.harness.sweep import PlannedConfig, plan_config
     from fusiontune.harness.tuner import grid_points, suggest
-    from fusiontune.harness.tune import trial_fields
+    from fusiontune.harness.tune_spec import trial_fields
 
     spec, _ = load_tune("sweeps/tune-multi-gpu-llama8b-bf16.yaml")
     points = grid_points(spec)

@@ -121,7 +121,7 @@ def test_match_counts_wait_for_a_sibling_rank_to_save_them(tmp_path, monkeypatch
     before the first has saved its match counts. The second waits for them instead of recompiling alone."""
     import threading
 
-    from fusiontune.harness.worker import MatchCounts, UnrecordedCacheHit
+    from fusiontune.harness.match_counts import MatchCounts, UnrecordedCacheHit
 
     counts = MatchCounts.__new__(MatchCounts)
     counts.path = tmp_path / "counts.json"

@@ -22,7 +22,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from fusiontune.kernels import numerics  # noqa: E402
-from fusiontune.kernels.triton_allreduce_norm import (  # noqa: E402
+from fusiontune.kernels.triton_allreduce_rms import (  # noqa: E402
     MAX_SPLIT, PHASE_CLEAR, PHASE_COPY, PHASE_GATHER, PHASE_REDUCE, _partial_mark, launch, mark_empty, row_split,
     workspace_bytes)
 from test_triton_kernels import assert_codes, assert_values, poisoned  # noqa: E402
@@ -196,7 +196,7 @@ def _gpu_rank(rank, world, port, queue):
 
     device = join_gpu_group(rank, world, port)
     from fusiontune.kernels.collectives import all_reduced_cuda
-    from fusiontune.kernels.triton_allreduce_norm import allreduce_add_rms_norm
+    from fusiontune.kernels.triton_allreduce_rms import allreduce_add_rms_norm
 
     group = dist.group.WORLD.group_name
     failures = []
@@ -371,7 +371,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fusiontune.kernels.numerics import FP8_MAX
-from fusiontune.kernels.triton_allreduce_norm import _one_shot_kernel, _two_shot_kernel
+from fusiontune.kernels.triton_allreduce_rms import _one_shot_kernel, _two_shot_kernel
 import triton.language as tl
 for world in (2, 4):
     for kernel in (_one_shot_kernel, _two_shot_kernel):

@@ -4,7 +4,7 @@
 rank's partial sum (a row-parallel GEMM's output); the op all-reduces it over the TP group, adds it to the
 residual (updated in place) and returns the norm of the sum (quantised). The reference is the unfused chain, run
 eagerly (gloo on CPU, NCCL on GPU), so the rewrite is checked under gloo. On CUDA the op is one Triton kernel over
-symmetric memory that reduces, adds, normalises and quantises where the sum is formed (``triton_allreduce_norm``),
+symmetric memory that reduces, adds, normalises and quantises where the sum is formed (``triton_allreduce_rms``),
 at the sizes where it measured faster than the unfused pair (``symm_mem.fused_method``); the unfused pair at others.
 """
 
@@ -17,10 +17,10 @@ from .collectives import all_reduced
 from .library import define_op
 
 # Quant stages the fused op can end with: None (the norm alone) or a scheme with a static scale argument.
-ALLREDUCE_NORM_QUANTS = (None, "fp8-static")
+ALLREDUCE_RMS_QUANTS = (None, "fp8-static")
 
 
-def allreduce_norm_name(quant: str | None) -> str:
+def allreduce_rms_name(quant: str | None) -> str:
     return "all_reduce_fused_add_rms_norm" + ("_quant_fp8_static" if quant else "")
 
 
@@ -35,9 +35,9 @@ def _define(quant: str | None) -> None:
         return torch.empty_like(x, dtype=numerics.FP8_DTYPE) if quant else torch.empty_like(x)
 
     schema = "(Tensor x, Tensor(a!) residual, Tensor weight, float eps, " + ("Tensor scale, " if quant else "")
-    define_op(allreduce_norm_name(quant), schema + "str group_name) -> Tensor", reference, fake,
+    define_op(allreduce_rms_name(quant), schema + "str group_name) -> Tensor", reference, fake,
               category="fused allreduce+rms", mutates_args=("residual",))
 
 
-for _quant in ALLREDUCE_NORM_QUANTS:
+for _quant in ALLREDUCE_RMS_QUANTS:
     _define(_quant)
