@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -123,6 +123,29 @@ class GroupPool:
             self.baseline_ref = ray.put(ray.get(self.idle[0].actors[0].baseline_outputs.remote(job.model, job.seed),
                                                 timeout=600))
         return outcome
+
+    def drive(self, ask: Callable[[], list[tuple[Job, Any]] | None],
+              tell: Callable[[Outcome], list[tuple[Job, Any]]]) -> None:
+        """Keep the groups busy until a source of jobs is done: the one scheduling loop of sweeps and tunes alike.
+        While a group has room, the jobs ``tell`` returned for a finished one (a config's next stage) go first, then
+        ``ask``'s: the next jobs, [] when it had none to run this time, None when it will have no more. Every job
+        that ends goes to ``tell``."""
+        follow: list[tuple[Job, Any]] = []
+        more = True
+        while True:
+            while (follow or more) and self.has_room():
+                if follow:
+                    self.submit(*follow.pop(0))
+                    continue
+                jobs = ask()
+                if jobs is None:
+                    more = False
+                else:
+                    follow.extend(jobs)
+            if self.pending():
+                follow.extend(tell(self.next_done()))
+            elif not (follow or more):
+                return
 
     def has_room(self) -> bool:
         """Whether a job can start now: an idle group, a group Ray has placed, or nothing running (then waiting for

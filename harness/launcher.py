@@ -149,12 +149,15 @@ def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[P
     queue = list(configs)
     first = queue.pop(0)
     recorder.record(pool.run_first(job_for(plan, first), first))
-    while queue or pool.pending():
-        while queue and pool.has_room():
-            config = queue.pop(0)
-            pool.submit(job_for(plan, config), config)
-        if pool.pending():
-            recorder.record(pool.next_done())
+
+    def ask():
+        return [(job_for(plan, queue[0]), queue.pop(0))] if queue else None
+
+    def tell(outcome):
+        recorder.record(outcome)
+        return []
+
+    pool.drive(ask, tell)
 
 
 def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,

@@ -48,7 +48,7 @@ from .per_range import for_tune_run
 from .results import RunFolder
 from .sweep import Plan, PlannedConfig, Skipped, SweepError, _show, expand, plan_config, target_platform
 from .tune_spec import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
-from .worker import TPWorker
+from .worker import Job, TPWorker
 
 
 @dataclass
@@ -218,13 +218,15 @@ class Tuner:
         rest = [n for n in self.spec.num_tokens if n != first and self.weights.get(n, 0) > 0]
         asked = 0
         budget = self.spec.study.max_evaluations
-        while (asked < to_run and not self._spent(budget)) or pool.pending():
-            while asked < to_run and not self._spent(budget) and pool.has_room():
-                asked += 1
-                self._ask(study, pool, first)
-            if not pool.pending():
-                continue
-            outcome = pool.next_done()
+
+        def ask():
+            nonlocal asked
+            if asked >= to_run or self._spent(budget):
+                return None
+            asked += 1
+            return self._ask(study, first)
+
+        def tell(outcome):
             stage: _Stage = outcome.tag
             rows = self.recorder.record(outcome, stage.config)
             ms = {r["num_tokens"]: r["latency_ms"] for r in rows if r["status"] == "ok"}
@@ -235,15 +237,19 @@ class Tuner:
                 stage.trial.report(ms[first] / self.baseline_ms[first], 0)
                 if rest and stage.trial.should_prune():
                     self._tell(study, stage.trial, stage.config, None, "pruned", state=TrialState.PRUNED)
-                elif rest:
-                    pool.submit(job_for(self.plan, stage.config, rest), _Stage(stage.trial, stage.config, 2, ms))
+                elif rest:  # the other sizes, next
+                    return [(job_for(self.plan, stage.config, rest), _Stage(stage.trial, stage.config, 2, ms))]
                 else:
                     self._tell(study, stage.trial, stage.config, expected_ratio(ms, self.baseline_ms, self.weights))
             else:
                 value = expected_ratio({**stage.first_ms, **ms}, self.baseline_ms, self.weights)
                 self._tell(study, stage.trial, stage.config, value)
+            return []
 
-    def _ask(self, study: optuna.Study, pool: GroupPool, first: int) -> None:
+        pool.drive(ask, tell)
+
+    def _ask(self, study: optuna.Study, first: int) -> list[tuple[Job, _Stage]]:
+        """One trial: the job of its first size, or none (it could not run, or took an earlier measurement)."""
         trial = study.ask()
         fields = trial_fields(self.spec, suggest(trial, self.spec))
         planned = plan_config(fields, f"trial {trial.number}: {_searched(trial.params)}", self.spec.tp, self.plan.model,
@@ -251,17 +257,17 @@ class Tuner:
         if isinstance(planned, (Skipped, str)):  # cannot run, or a no-op: tell Optuna and move on
             why = planned.reason if isinstance(planned, Skipped) else planned
             self._tell(study, trial, None, None, why, state=TrialState.FAIL)
-            return
+            return []
         seen = self.measured.get(planned.effective)
         if seen is not None:
             trial.set_user_attr("same_as_trial", seen["trial"])
             self._tell(study, trial, planned, seen["value"], measured=False, measured_as=seen["config_id"])
-            return
+            return []
         if planned.effective in self.pruned:
             self._tell(study, trial, planned, None, "pruned before", state=TrialState.PRUNED, measured=False)
-            return
+            return []
         self.started.add(planned.effective)
-        pool.submit(job_for(self.plan, planned, [first]), _Stage(trial, planned, 1, {}))
+        return [(job_for(self.plan, planned, [first]), _Stage(trial, planned, 1, {}))]
 
     def _confirm(self, study: optuna.Study, pool: GroupPool) -> list[dict[str, Any]]:
         """Measure the ``study.confirm`` best distinct configs again at every weighted size, in this run, beside
@@ -285,17 +291,20 @@ class Tuner:
                                   collectives=self.spec.collectives)
             queue.append((trial, replace(planned, config_id=f"{planned.config_id}-confirm")))
         confirmed = []
-        while queue or pool.pending():
-            while queue and pool.has_room():
-                trial, config = queue.pop(0)
-                pool.submit(job_for(self.plan, config, sizes), (trial, config))
-            outcome = pool.next_done()
+
+        def ask():
+            return [(job_for(self.plan, queue[0][1], sizes), queue.pop(0))] if queue else None
+
+        def tell(outcome):
             trial, config = outcome.tag
             rows = self.recorder.record(outcome, config)
             ms = {r["num_tokens"]: r["latency_ms"] for r in rows if r["status"] == "ok"}
             confirmed.append({"trial": trial.number, "config_id": config.config_id, "params": trial.params,
                               "study_value": trial.value,
                               "expected_ratio": expected_ratio(ms, self.baseline_ms, self.weights)})
+            return []
+
+        pool.drive(ask, tell)
         return sorted(confirmed, key=lambda c: c["expected_ratio"])
 
     def _spent(self, budget: int | None) -> bool:

@@ -59,6 +59,11 @@ class PassSpec:
     needs_tp: bool = False  # a collective fusion: nothing to match at TP=1
     needs_model: str | None = None  # a ModelConfig flag the model must have for the pattern to exist (qk_norm)
     splits_tokens: bool = False  # shards num_tokens over the TP group: sizes that do not split run without it
+    # Where the fusion lives below the pass: the fusiontune ops it swaps in (torch.ops.fusiontune.*), the file of
+    # their CUDA kernel, and the bench-kernels cases (--op; --tp N for a collective) that time it alone.
+    ops: tuple[str, ...] = ()
+    kernel: str | None = None
+    bench: tuple[str, ...] = ()
 
     def token_bound(self, values: dict, platform: Platform) -> int | None:
         """The num_tokens edge of this pass's range under resolved ``values``: the largest num_tokens a "low" pass
@@ -211,6 +216,11 @@ PASSES: tuple[PassSpec, ...] = (
         token_range="always",
         default=from_level(1, custom_kernel_in_use("rms_norm", "quant_fp8")),
         quant_schemes=FP8,
+        ops=tuple(f"{prefix}rms_norm_quant_fp8_{scheme}" for prefix in ("", "fused_add_")
+                  for scheme in ("static", "per_token", "per_group")),
+        kernel="kernels/triton_rows.py",
+        bench=("rms_norm->fp8-static", "add+rms_norm->fp8-static", "rms_norm->fp8-per-token",
+               "rms_norm->fp8-per-group-128"),
     ),
     PassSpec(
         flag="fuse_act_quant",
@@ -219,6 +229,9 @@ PASSES: tuple[PassSpec, ...] = (
         token_range="always",
         default=from_level(1, custom_kernel_in_use("silu_and_mul", "quant_fp8", nvfp4_too=True)),
         quant_schemes=("fp8-static", "fp8-per-group"),
+        ops=("silu_and_mul_quant_fp8_static", "silu_and_mul_quant_fp8_per_group"),
+        kernel="kernels/triton_rows.py",
+        bench=("silu_and_mul->fp8-static", "silu_and_mul->fp8-per-group-128"),
     ),
     PassSpec(
         flag="fuse_attn_quant",
@@ -228,6 +241,9 @@ PASSES: tuple[PassSpec, ...] = (
         fullgraph=True,
         default=off,
         quant_schemes=("fp8-static",),
+        ops=("attention_quant_fp8_static", "paged_attention_quant_fp8_static"),
+        kernel="kernels/triton_attention.py",
+        bench=("attention->fp8-static",),
     ),
     # Before RoPE + KV cache: both take the same RoPE node, and the first pass to run takes it. On the Qwen3-8B
     # shape Q/K-norm + RoPE saves 2.3-6.6% and RoPE + KV cache nothing (H100, docs/benchmarks.md, 2026-11-25).
@@ -239,6 +255,9 @@ PASSES: tuple[PassSpec, ...] = (
         token_range="low",
         default=off,
         needs_model="qk_norm",
+        ops=("qk_norm_rope",),
+        kernel="kernels/triton_heads.py",
+        bench=("qk_norm+rotary_embedding",),
     ),
     PassSpec(
         flag="fuse_rope_kvcache",
@@ -254,6 +273,9 @@ PASSES: tuple[PassSpec, ...] = (
                 lambda _p: (256, "vLLM's default"),
             ),
         ),
+        ops=("rotary_embedding_and_cache",),
+        kernel="kernels/triton_heads.py",
+        bench=("rotary_embedding+kv_cache",),
     ),
     PassSpec(
         flag="enable_sp",
@@ -265,6 +287,7 @@ PASSES: tuple[PassSpec, ...] = (
         thresholds=(SP_MIN_TOKEN_NUM,),
         needs_tp=True,
         splits_tokens=True,
+        ops=("reduce_scatter", "all_gather"),  # NCCL's: nothing is fused, the work moves
     ),
     PassSpec(
         flag="fuse_gemm_comms",
@@ -277,6 +300,9 @@ PASSES: tuple[PassSpec, ...] = (
         requires=("enable_sp",),
         needs_tp=True,
         splits_tokens=True,
+        ops=("all_gather_matmul", "all_gather_scaled_mm", "matmul_reduce_scatter", "scaled_mm_reduce_scatter"),
+        kernel="kernels/gemm_comms.py",  # torch's symmetric-memory fused ops
+        bench=("all_gather+gemm", "gemm+reduce_scatter"),
     ),
     # After SP and AsyncTP, as vLLM orders them: where both apply, sequence parallelism takes the all-reduces
     # (ranges.compile_ranges switches this pass off there, so a range never counts it as enabled and unfired).
@@ -296,6 +322,9 @@ PASSES: tuple[PassSpec, ...] = (
         ),
         needs_tp=True,
         quant_schemes=("none", "fp8-static"),
+        ops=("all_reduce_fused_add_rms_norm", "all_reduce_fused_add_rms_norm_quant_fp8_static"),
+        kernel="kernels/triton_allreduce_rms.py",
+        bench=("allreduce+add+rms_norm", "allreduce+add+rms_norm->fp8-static"),
     ),
     PassSpec(
         flag="fuse_act_padding",
@@ -304,6 +333,9 @@ PASSES: tuple[PassSpec, ...] = (
         token_range="always",
         default=from_level(1, act_padding_condition),
         needs_model="pads_mlp_input",
+        ops=("fused_add_rms_norm_pad",),
+        kernel="kernels/triton_rows.py",
+        bench=("add+rms_norm->pad-256",),
     ),
 )
 

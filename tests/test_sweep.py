@@ -112,6 +112,29 @@ def test_every_fusion_has_a_pass_that_loads():
     assert all(issubclass(cls, GraphPass) and cls.flag == flag for flag, cls in PASS_CLASSES.items())
 
 
+def test_each_fusion_names_its_ops_kernel_and_bench_cases_and_they_exist():
+    """From a fusion's entry in passes/fusions.py to everything below its pass: the ops it swaps in are defined,
+    its CUDA kernel's file is there, and bench-kernels (or bench-kernels --tp) has the cases it names."""
+    from pathlib import Path
+
+    import torch
+
+    import fusiontune.kernels  # noqa: F401 (defines the ops)
+    from fusiontune.harness import bench_collectives, bench_kernels
+
+    root = Path(__file__).resolve().parents[1]
+    benches = {case.name for case in bench_kernels.cases()} | {case.name for case in bench_collectives.cases()}
+    for spec in PASSES:
+        if spec.kind == "cleanup":
+            continue
+        assert spec.ops, spec.flag
+        missing = [op for op in spec.ops if not hasattr(torch.ops.fusiontune, op)]
+        assert not missing, (spec.flag, missing)
+        assert spec.kernel is None or (root / spec.kernel).is_file(), (spec.flag, spec.kernel)
+        assert set(spec.bench) <= benches, (spec.flag, set(spec.bench) - benches)
+        assert spec.bench or spec.flag == "enable_sp", spec.flag  # SP fuses nothing to time alone
+
+
 @pytest.mark.slow
 def test_every_fusiontune_op_is_an_explicit_inductor_fallback_once_a_manager_exists():
     """So Inductor never takes its implicit-fallback path, whose log line torch 2.11 formats eagerly (minutes for
