@@ -53,13 +53,13 @@ def run(
                                            "(run k of all configs before run k + 1); overrides measure.runs."),
 ):
     """Expand a sweep, run every config on Ray (one actor per TP rank), write results as they are measured."""
-    from fusiontune.harness.sweep import SweepError, expand, load_sweep
+    from fusiontune.harness.sweep import SweepError, built_model, expand, load_sweep
 
     try:
         spec, text = load_sweep(sweep_file)
         spec = _override(spec, "cluster", groups=_groups(groups))
         spec = _override(spec, "measure", runs=num_runs)
-        expand(spec)  # a sweep that cannot be planned says so before any cluster is asked
+        built_model(spec)  # a sweep that cannot be planned says so before any cluster is asked
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)

@@ -301,7 +301,7 @@ def run(world: int, hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, name
     """Spawn one process per GPU and run the benchmark (rank 0 prints and writes the CSV)."""
     import torch.multiprocessing as mp
 
-    from .worker import free_port
+    from .process_group import free_port
 
     if torch.cuda.device_count() < world:
         raise RuntimeError(f"--tp {world} needs {world} GPUs; this machine shows {torch.cuda.device_count()}")

@@ -17,7 +17,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .worker import Job, RankResult, TPWorker
+from .jobs import Job, RankResult
+from .worker import TPWorker
 
 POLL_S = 0.5
 

@@ -26,7 +26,8 @@ from .groups import GroupPool, Outcome, groups_to_use
 from .results import RESUMABLE_SKIP, RunFolder
 from .rows import kernel_rows, rows_for, skipped_rows
 from .sweep import Plan, PlannedConfig, target_platform
-from .worker import Job, TPWorker
+from .jobs import Job
+from .worker import TPWorker
 
 # Every GPU actor sees all GPUs of its node and selects the one Ray assigned it (worker.local_gpu_index): torch's
 # symmetric memory (the fused all-reduce, AsyncTP) maps the peers' memory by device, which fails when every rank

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -180,43 +179,30 @@ def _per_range_lines(plan: dict | None) -> list[str]:
 
 
 def to_html(lines: list[str], run_dir: Path, title: str) -> str:
-    """report.md as one self-contained HTML page (figures inlined), for the subset of Markdown it is written in:
-    headings, pipe tables, images, bullets and paragraphs."""
-    body, table = [], []
+    """report.md as one self-contained HTML page: the Markdown rendered by markdown-it (CommonMark with pipe
+    tables; any HTML in the text is escaped, not passed through), each figure of the run folder inlined as a data
+    URL with its caption."""
+    from markdown_it import MarkdownIt
 
-    def flush_table():
-        if table:
-            cells = [[html.escape(c.strip()) for c in row.strip().strip("|").split("|")] for row in table]
-            head, rows = cells[0], [r for r in cells[1:] if not set("".join(r)) <= set("-: ")]
-            body.append("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead><tbody>"
-                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</tbody></table>")
-            table.clear()
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+    default_image = renderer.renderer.rules["image"]
 
-    for line in lines:
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        image = re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())
-        if image and (run_dir / image.group(2)).exists():
-            data = base64.b64encode((run_dir / image.group(2)).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(image.group(1))}</figcaption></figure>")
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<ul><li>{html.escape(line[2:])}</li></ul>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
+    def figure(_renderer, tokens, idx, options, env):  # markdown-it binds a rule as a method
+        token = tokens[idx]
+        path = run_dir / str(token.attrGet("src"))
+        if not (path.is_file() and path.resolve().parent == run_dir.resolve()):
+            return default_image(tokens, idx, options, env)
+        alt = html.escape(token.content)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return (f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}</figcaption>'
+                "</figure>")
+
+    renderer.add_render_rule("image", figure)
     style = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
-             "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-             "figcaption{color:#666;font-size:12px}")
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "img{max-width:100%}figcaption{color:#666;font-size:12px}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{style}</style></head><body>{renderer.render(chr(10).join(lines))}</body></html>\n")
 
 
 def _category_tables(kernels: pd.DataFrame, table: pd.DataFrame) -> list[str]:

@@ -21,9 +21,10 @@ from fusiontune.passes.fusions import PASSES, THRESHOLDS
 
 from .timing import combine_ranks, summarize
 
-if TYPE_CHECKING:  # the row's sources; imported where used, so that reading rows needs no worker
+from .jobs import RankResult
+
+if TYPE_CHECKING:  # the plan; imported where used, so that reading rows needs no planner
     from .sweep import Plan, PlannedConfig
-    from .worker import RankResult
 
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "failed", "incorrect", "skipped")
@@ -88,8 +89,6 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
              error: str = "", device: str = "") -> list[dict[str, Any]]:
     """Merge the ranks' results for one config into one row per num_tokens (the sizes its job measured, or without
     results every size of the sweep)."""
-    from .worker import RankResult
-
     rows = []
     sizes = [r.num_tokens for r in per_rank[0]] if per_rank else list(plan.spec.num_tokens)
     for i, num_tokens in enumerate(sizes):

@@ -394,13 +394,19 @@ def config_id(tp: int, model: ModelConfig, level: int, resolved: dict[str, Any],
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def built_model(spec: SweepSpec) -> ModelConfig:
+    """The sweep's model shape, or SweepError naming ``model:``: all a valid sweep file can still be refused for
+    on any machine, so the CLI asks this before it joins a cluster (and plans once, on the workers' platform)."""
+    try:
+        return spec.model.build()
+    except (ValueError, TypeError) as exc:
+        raise SweepError(f"model: {exc}") from None
+
+
 def expand(spec: SweepSpec, platform: Platform | None = None) -> Plan:
     """The plan for this sweep. ``platform`` describes the workers (``launcher.workers_platform``; default: this
     machine): every config is resolved on it, and the workers compile what was resolved."""
-    try:
-        model = spec.model.build()
-    except (ValueError, TypeError) as exc:
-        raise SweepError(f"model: {exc}") from None
+    model = built_model(spec)
     platform = platform or Platform.detect()
     plan = Plan(spec, model, platform=platform)
     variants = spec.variants or [{}]

@@ -46,9 +46,11 @@ from .groups import GroupPool, groups_to_use
 from .launcher import Recorder, device_for, init_ray, job_for
 from .per_range import for_tune_run
 from .results import RunFolder
-from .sweep import Plan, PlannedConfig, Skipped, SweepError, _show, expand, plan_config, target_platform
+from .sweep import (Plan, PlannedConfig, Skipped, SweepError, _show, built_model, expand, plan_config,
+                    target_platform)
 from .tune_spec import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
-from .worker import Job, TPWorker
+from .jobs import Job
+from .worker import TPWorker
 
 
 @dataclass
@@ -385,4 +387,4 @@ def check(spec: TuneSpec, base_dir: Path = Path(".")) -> None:
     """Raise SweepError for what a tune can be refused for on any machine, before a cluster is joined: a model,
     search or workload that does not hold. (What runs where is the workers' platform's to say: ``Tuner``.)"""
     workload_weights(spec, base_dir)
-    expand(spec.as_sweep())
+    built_model(spec.as_sweep())

@@ -12,13 +12,10 @@ Inductor's cache at every fresh compile and reads them back on a hit.
 from __future__ import annotations
 
 import faulthandler
-import os
 import signal
-import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,65 +29,11 @@ from fusiontune.passes.ranges import compile_ranges, range_for
 
 from .correctness import max_abs_error, tolerance
 from .match_counts import MatchCounts, UnrecordedCacheHit, first_call_marks, matches_of_first_call
+from .jobs import Job, RankResult
 from .model import DecoderStack, ModelConfig
+from .process_group import RankGroup
 from .profile import profile_forward
-from .roles import Role
-from .timing import Repeats, gpu_state, time_forward
-
-
-@dataclass
-class Job:
-    """One config of a sweep, at one TP size, over all of the sweep's num_tokens."""
-
-    config_id: str
-    pass_config: dict[str, Any]  # user-set fields only
-    optimization_level: int
-    model: dict[str, Any]  # ModelConfig fields
-    num_tokens: list[int]
-    warmup: int = 3
-    repeats: int = 20  # at least this many, then more until the median settles (up to max_repeats)
-    seed: int = 0
-    role: Role = Role.CONFIG  # BASELINE / REFERENCE: its outputs are kept to check the others against
-    max_repeats: int | None = None  # None: exactly ``repeats``
-    settle: float = 0.005  # stop when the median's 95% CI half-width is within this fraction of it
-    profile: bool = False  # a torch.profiler trace and per-kernel times per num_tokens
-    compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs
-    collectives: dict[str, str] = field(default_factory=dict)  # symm_mem.CollectiveSettings fields
-    # the platform the plan resolved PassConfig on (None: this rank's own, for jobs made by hand)
-    platform: Platform | None = None
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.role.is_baseline
-
-    @property
-    def reference_only(self) -> bool:  # the all-off outputs for later comparisons; nothing timed (a resumed run)
-        return self.role is Role.REFERENCE
-
-    @property
-    def repeat_rule(self) -> Repeats:
-        return Repeats(self.repeats, max(self.repeats, self.max_repeats or self.repeats), self.settle)
-
-
-@dataclass
-class RankResult:
-    """What one rank measured for one num_tokens (the launcher merges ranks into a row)."""
-
-    num_tokens: int
-    times_ms: list[float] = field(default_factory=list)
-    matches: dict[str, int] = field(default_factory=dict)
-    max_abs_err: float = float("nan")
-    tolerance: float = float("nan")
-    error: str = ""
-    resolved: dict[str, Any] = field(default_factory=dict)
-    compile_s: float = 0.0
-    compile_range: str = ""  # the num_tokens range whose compiled graph ran this size ("1-128", ">=2048")
-    active: list[str] = field(default_factory=list)  # the passes that range compiled with
-    timing: str = ""  # how the times were taken ("cuda-graph (...)", "eager events (...)", "wall clock")
-    gpu: dict[str, float] = field(default_factory=dict)  # timing.gpu_state right after the timed repeats
-    allreduce_used: str = ""  # the collective implementations that ran at this size (symm_mem.take_used)
-    kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
-    trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
+from .timing import gpu_state, time_forward
 
 
 def planned_platform(planned: Platform | None, here: Platform) -> Platform:
@@ -106,72 +49,41 @@ def planned_platform(planned: Platform | None, here: Platform) -> Platform:
     return planned
 
 
-def local_gpu_index(rank: int) -> int:
-    """This rank's GPU among those the process sees. Under Ray the actor sees every GPU of its node
-    (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``, which torch's symmetric memory needs: each rank must know its
-    peers' devices) and takes the one Ray assigned it; where Ray did restrict the visible devices, that one is
-    index 0 of them. Outside Ray (torchrun, tests): LOCAL_RANK, else the rank, modulo the GPUs seen."""
-    try:
-        import ray
-    except ImportError:
-        ray = None
-    if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
-        assigned = str(ray.get_gpu_ids()[0])
-        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        return visible.index(assigned) if assigned in visible else int(assigned)
-    return int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class TPWorker:
+    """One rank (a Ray actor in a sweep): its place in the group (``process_group.RankGroup``), the model shard it
+    builds once per model and the all-off outputs it checks against, and the jobs it runs."""
+
     def __init__(self, rank: int, world_size: int, num_threads: int | None = None, device: str = "auto"):
-        self.rank, self.world_size = rank, world_size
-        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda", local_gpu_index(rank)) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
+        self.place = RankGroup(rank, world_size, device)
+        self.rank, self.world_size, self.device = rank, world_size, self.place.device
         if hasattr(signal, "SIGUSR1"):  # `kill -USR1` prints every thread's stack to stderr: where a hung job waits
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.group_name: str | None = None
-        self.group = None
         self.baseline: dict[tuple, torch.Tensor] = {}  # (model_key, num_tokens) -> the all-off output
         self.log_lines: list[str] = []  # the last job's log
         self._model_key: tuple | None = None
         self._model: DecoderStack | None = None
         self._cache = True  # the running job's compile_cache
 
-    # -- process group -------------------------------------------------------------------------------------
+    # -- process group (called through Ray by groups.TPGroup) ---------------------------------------------
     def rendezvous_address(self) -> str:
-        """Called on rank 0: an address the other ranks can reach (its node's IP and a free port)."""
-        import ray.util
-
-        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+        return self.place.rendezvous_address()
 
     def init_process_group(self, init_method: str) -> str:
-        if self.world_size > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            device_id = self.device if self.device.type == "cuda" else None
-            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
-                                    device_id=device_id)
-            self.group = dist.group.WORLD
-            self.group_name = self.group.group_name
-        return self.device_name()
+        self.place.join(init_method)
+        return self.place.device_name()
 
-    def device_name(self) -> str:
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    @property
+    def group(self):
+        return self.place.group
+
+    @property
+    def group_name(self) -> str | None:
+        return self.place.group_name
 
     def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.place.leave()
 
     # -- one job -------------------------------------------------------------------------------------------
     def model_for(self, cfg: ModelConfig, seed: int) -> DecoderStack:
@@ -282,24 +194,28 @@ class TPWorker:
                            options={"post_grad_custom_post_pass": manager, "fx_graph_cache": cache})
         return fn, manager
 
-    def _on_any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank of the group (a collective: every rank calls it at the same point)."""
-        if self.group is None:
-            return flag
-        shared = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(shared.item())
-
     @torch.no_grad()
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,
                  last_matches: dict[str, int]) -> dict[str, int]:
-        num_tokens = result.num_tokens
-        problem = cfg.cache_problem(num_tokens)
+        """One size: its first call (compiling, counting matches), its output checked against all-off, its timing
+        (and profile). Fills ``result``; returns the range's match counts for its next size."""
+        problem = cfg.cache_problem(result.num_tokens)
         if problem:
             raise ValueError(problem)
-        x = self.inputs(cfg, num_tokens, job.seed)
-        if num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it); size 1 alone
+        x = self.inputs(cfg, result.num_tokens, job.seed)
+        if result.num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it)
             torch._dynamo.mark_dynamic(x, 0)
+        out, last_matches = self._first_call(compiled, manager, x, result, last_matches)
+        self._check(job, cfg, out, result)
+        del out
+        if not job.reference_only:
+            self._time(job, compiled, x, result)
+        return last_matches
+
+    def _first_call(self, compiled, manager: PassManager, x: torch.Tensor, result: RankResult,
+                    last_matches: dict[str, int]) -> tuple[torch.Tensor, dict[str, int]]:
+        """The size's first call (a compile, unless its range's graph exists) and the match counts of its graph."""
+        num_tokens = result.num_tokens
         before = first_call_marks(manager)
         symm_mem.take_used()  # forget what earlier sizes ran
         self.log(f"num_tokens={num_tokens}: first call")
@@ -313,14 +229,18 @@ class TPWorker:
         if source == "cache" and unrecorded is None:
             self.log(f"num_tokens={num_tokens}: graph from Inductor's cache; match counts as recorded when it was "
                      f"compiled ({recorded.path.name})")
-        if self._on_any_rank(unrecorded is not None):  # every rank compiles afresh, or none does: in step
+        if self.place.any_rank(unrecorded is not None):  # every rank compiles afresh, or none does: in step
             raise unrecorded or UnrecordedCacheHit("another rank found a cached graph without match counts")
         result.matches = dict(last_matches)
-        key = (self._model_key, num_tokens)
+        return out, last_matches
+
+    def _check(self, job: Job, cfg: ModelConfig, out: torch.Tensor, result: RankResult) -> None:
+        """Keep the all-off output (a baseline job), or compare with it (any other)."""
+        key = (self._model_key, result.num_tokens)
         if job.is_baseline:
             self.baseline[key] = out.clone()
         if job.reference_only:
-            return last_matches
+            return
         reference = self.baseline.get(key)
         if reference is None:
             result.error = "no baseline output to compare with (the all-off config failed at this size)"
@@ -328,8 +248,10 @@ class TPWorker:
             result.max_abs_err = max_abs_error(out, reference)
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()),
                                          self.world_size)
-        del out
-        self.log(f"num_tokens={num_tokens}: timing")
+
+    def _time(self, job: Job, compiled, x: torch.Tensor, result: RankResult) -> None:
+        """The size's timed repeats, the GPU's state after them, what collectives ran, and its profile."""
+        self.log(f"num_tokens={result.num_tokens}: timing")
         result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
                                                       self.group)
         result.gpu = gpu_state(self.device)
@@ -338,7 +260,6 @@ class TPWorker:
             barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
             result.kernels, trace = profile_forward(lambda: compiled(x), self.device, barrier=barrier)
             result.trace = trace if self.rank == 0 else b""
-        return last_matches
 
 
 def _where() -> str:

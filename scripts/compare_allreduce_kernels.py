@@ -140,7 +140,7 @@ def main(rank, world, port, csv_path):
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
-    from fusiontune.harness.worker import free_port
+    from fusiontune.harness.process_group import free_port
 
     tp = int(sys.argv[1])
     mp.spawn(main, args=(tp, free_port(), sys.argv[2] if len(sys.argv) > 2 else None), nprocs=tp, join=True)

@@ -351,7 +351,7 @@ def _check_flashinfer(rank, world, group, device):
 def test_on_several_gpus(world):
     import torch.multiprocessing as mp
 
-    from fusiontune.harness.worker import free_port
+    from fusiontune.harness.process_group import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()

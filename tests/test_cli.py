@@ -144,7 +144,7 @@ def test_platform_and_shape_options_are_checked(command, says):
 def test_a_cluster_that_does_not_answer_is_one_line(tmp_path, command):
     """An address where no Ray listens: one line naming the option and the address, exit 2, in seconds and before
     any folder is made (Ray would retry for a minute, then end the process with a fatal log of its own)."""
-    from fusiontune.harness.worker import free_port
+    from fusiontune.harness.process_group import free_port
 
     address = f"127.0.0.1:{free_port()}"
     result = runner.invoke(app, [*command, "--out", str(tmp_path / "run"), "--address", address],
@@ -163,7 +163,7 @@ def test_a_cluster_that_does_not_answer_is_one_line(tmp_path, command):
 def test_a_tune_that_cannot_be_planned_says_so_before_any_cluster_is_asked(tmp_path, change, says):
     """A workload or a model's config.json that cannot be read: one line, exit 2, before Ray is joined (the address
     given answers nowhere, so a join would say that instead) and before any folder is made."""
-    from fusiontune.harness.worker import free_port
+    from fusiontune.harness.process_group import free_port
 
     tune = tmp_path / "tune.yaml"
     tune.write_text(Path("sweeps/tune-cpu.yaml").read_text().replace(*change))

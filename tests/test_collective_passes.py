@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from fusiontune.harness.presets import build_model_config
 from fusiontune.harness.roles import Role
-from fusiontune.harness.worker import Job, free_port
+from fusiontune.harness.jobs import Job
+from fusiontune.harness.process_group import free_port
 
 pytestmark = pytest.mark.slow  # every test here compiles the model in two processes
 OFF = {"fuse_norm_quant": False, "fuse_act_quant": False, "fuse_allreduce_rms": False}

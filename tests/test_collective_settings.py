@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from fusiontune.harness.worker import local_gpu_index
+from fusiontune.harness.process_group import local_gpu_index
 from fusiontune.kernels import symm_mem
 from fusiontune.kernels.symm_mem import MiB, CollectiveSettings, allreduce_method, fused_method
 

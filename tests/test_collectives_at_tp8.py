@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fusiontune.harness.worker import free_port
+from fusiontune.harness.process_group import free_port
 
 pytestmark = pytest.mark.slow  # every test here starts several processes
 WORLD = 8

@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 from fusiontune.harness.launcher import run_plan
 from fusiontune.harness.results import RunFolder, completed_configs
 from fusiontune.harness.sweep import expand, parse_sweep
-from fusiontune.harness.worker import free_port
+from fusiontune.harness.process_group import free_port
 
 pytestmark = pytest.mark.slow
 SWEEP = """

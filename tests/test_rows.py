@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from fusiontune.harness.rows import SCHEMA_VERSION, checked, rows_for, skipped_rows
 from fusiontune.harness.sweep import expand, parse_sweep
-from fusiontune.harness.worker import RankResult
+from fusiontune.harness.jobs import RankResult
 from fusiontune.passes.platform import Platform
 
 PLAN = expand(parse_sweep("name: t\nmodel: {preset: tiny, quant: fp8-static}\ntp: [2, 3]\nnum_tokens: [1, 8]\n"

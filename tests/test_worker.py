@@ -7,7 +7,8 @@ import pytest
 
 from fusiontune.harness.presets import build_model_config
 from fusiontune.harness.roles import Role
-from fusiontune.harness.worker import Job, TPWorker
+from fusiontune.harness.jobs import Job
+from fusiontune.harness.worker import TPWorker
 
 ON = {"fuse_norm_quant": True, "fuse_act_quant": True}
 OFF = {"fuse_norm_quant": False, "fuse_act_quant": False}
@@ -137,7 +138,7 @@ def _agree(rank, port, queue):
     worker = TPWorker(rank, 2, num_threads=1, device="cpu")
     worker.init_process_group(f"tcp://127.0.0.1:{port}")
     try:
-        queue.put((rank, worker._on_any_rank(rank == 1), worker._on_any_rank(False)))
+        queue.put((rank, worker.place.any_rank(rank == 1), worker.place.any_rank(False)))
     finally:
         worker.shutdown()
 
@@ -148,7 +149,7 @@ def test_a_cache_miss_on_one_rank_is_every_ranks():
     would run other collectives than its peer, and both would hang (seen once in CI at TP=2)."""
     import multiprocessing as mp
 
-    from fusiontune.harness.worker import free_port
+    from fusiontune.harness.process_group import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
