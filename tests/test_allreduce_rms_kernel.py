@@ -276,10 +276,6 @@ def _gpu_rank(rank, world, port, queue):
                 excess = ((got.float() - want).abs() - bound).max().item()
                 expect(excess <= 0, f"{method} rows={rows}: off the fp32 sum by {excess:.3g} past the bound")
         symm_mem.configure(symm_mem.CollectiveSettings())
-        from fusiontune.kernels import flashinfer_allreduce
-
-        if flashinfer_allreduce.available():  # FlashInfer's kernel, the peer bench-kernels times, and as the op runs it
-            failures += _check_flashinfer(rank, world, group, device)
         # AsyncTP's fused ops against their decompositions
         ops = torch.ops.fusiontune
         from fusiontune.kernels.collectives import all_gathered, reduce_scattered
@@ -346,24 +342,59 @@ def _check_flashinfer(rank, world, group, device):
     return failures
 
 
-@pytest.mark.skipif(GPUS < 2, reason="needs two or more CUDA GPUs")
-@pytest.mark.parametrize("world", sorted({2, GPUS}) if GPUS >= 2 else [2])
-def test_on_several_gpus(world):
+def _flashinfer_rank(rank, world, port, queue):
+    import torch.distributed as dist
+
+    from fusiontune.harness.bench_collectives import join_gpu_group
+
+    device = join_gpu_group(rank, world, port)
+    try:
+        failures = _check_flashinfer(rank, world, dist.group.WORLD.group_name, device)
+    except Exception as exc:  # noqa: BLE001 - reported to the test, not lost in a child process
+        failures = [f"rank {rank}: {type(exc).__name__}: {exc}"]
+    queue.put((rank, failures))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _on_gpus(world, target):
+    """``target(rank, world, port, queue)`` in one process per GPU; every rank's failures, in rank order."""
     import torch.multiprocessing as mp
 
     from fusiontune.harness.process_group import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_gpu_rank, args=(rank, world, port, queue)) for rank in range(world)]
+    procs = [ctx.Process(target=target, args=(rank, world, port, queue)) for rank in range(world)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=600) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    failures = [f for rank in sorted(results) for f in results[rank]]
+    return [f for rank in sorted(results) for f in results[rank]]
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two or more CUDA GPUs")
+@pytest.mark.parametrize("world", sorted({2, GPUS}) if GPUS >= 2 else [2])
+def test_on_several_gpus(world):
+    failures = _on_gpus(world, _gpu_rank)
     assert not failures, "\n".join(failures[:20])
 
+
+def _flashinfer_here() -> bool:
+    from fusiontune.kernels import flashinfer_allreduce
+
+    return flashinfer_allreduce.available()
+
+
+@pytest.mark.skipif(GPUS < 2 or not _flashinfer_here(), reason="needs two or more CUDA GPUs and flashinfer-python")
+@pytest.mark.parametrize("world", sorted({2, GPUS}) if GPUS >= 2 else [2])
+def test_flashinfer_on_several_gpus(world):
+    """FlashInfer's fused kernel (bench-kernels' peer, and the op under allreduce_backend: flashinfer) against
+    the unfused chain. Its own test, apart from ours: at TP=4 its FP8 output was seen more than one e4m3 code
+    from the chain at 0.4% of elements (docs/benchmarks.md, tenth session), which says nothing of our kernel."""
+    failures = _on_gpus(world, _flashinfer_rank)
+    assert not failures, "\n".join(failures[:20])
 
 
 _COMPILE_FOR_HOPPER = """
