@@ -180,11 +180,11 @@ def tune(
         from fusiontune.harness.tuner import Tuner, check, grid_size, parameters
 
         _writable(out or Path("results") / spec.name, "--out")
-        check(spec, tune_file.parent)  # a tune that cannot be planned says so before any cluster is asked
+        weights = check(spec, tune_file.parent)  # a tune that cannot be planned says so before any cluster is asked
         platform = _workers_platform(spec.cluster, address)
         folder = RunFolder(out or Path("results") / spec.name)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
-                      base_dir=tune_file.parent, platform=platform)
+                      base_dir=tune_file.parent, platform=platform, weights=weights)
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)

@@ -24,9 +24,9 @@ from fusiontune.passes.platform import Platform
 
 from .groups import GroupPool, Outcome, groups_to_use
 from .results import RESUMABLE_SKIP, RunFolder
+from .jobs import Job
 from .rows import kernel_rows, rows_for, skipped_rows
 from .sweep import Plan, PlannedConfig, target_platform
-from .jobs import Job
 from .worker import TPWorker
 
 # Every GPU actor sees all GPUs of its node and selects the one Ray assigned it (worker.local_gpu_index): torch's

@@ -26,7 +26,6 @@ from fusiontune.passes.fusions import THRESHOLDS
 from .rows import MEASURED_COLUMNS, PASS_COLUMNS, ROW_KEY
 
 
-
 def redact(text: str | None) -> str | None:
     """Drop the password (and any token in the query) from a URL-like string."""
     if text is None:
@@ -159,8 +158,6 @@ def _family(kind: str) -> str:
     return "tune" if kind.startswith("tune") else kind
 
 
-
-
 def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (config, TP, num_tokens): a resumed run re-measures some, and the last measurement wins."""
     latest: dict[tuple, dict[str, Any]] = {}
@@ -226,8 +223,6 @@ def _write_atomically(frame: pd.DataFrame, path: Path) -> None:
     tmp = path.with_suffix(".parquet.tmp")
     frame.to_parquet(tmp, index=False)
     tmp.replace(path)
-
-
 
 
 def _with_all_columns(frame: pd.DataFrame) -> pd.DataFrame:

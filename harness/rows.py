@@ -19,9 +19,8 @@ from pydantic import BaseModel, ConfigDict, create_model
 
 from fusiontune.passes.fusions import PASSES, THRESHOLDS
 
-from .timing import combine_ranks, summarize
-
 from .jobs import RankResult
+from .timing import combine_ranks, summarize
 
 if TYPE_CHECKING:  # the plan; imported where used, so that reading rows needs no planner
     from .sweep import Plan, PlannedConfig
@@ -54,7 +53,7 @@ class _FixedColumns(BaseModel):
     tp: int
     optimization_level: int
     num_tokens: int
-    status: Literal["ok", "failed", "incorrect", "skipped"]
+    status: Literal[STATUSES]  # type: ignore[valid-type]
     error: str
     measured_at: str
     latency_ms: Optional[float] = None

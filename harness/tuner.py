@@ -43,13 +43,13 @@ from fusiontune.passes.fusions import FUSION_FLAGS, PASSES, PASSES_BY_FLAG, THRE
 from fusiontune.passes.platform import Platform
 
 from .groups import GroupPool, groups_to_use
+from .jobs import Job
 from .launcher import Recorder, device_for, init_ray, job_for
 from .per_range import for_tune_run
 from .results import RunFolder
 from .sweep import (Plan, PlannedConfig, Skipped, SweepError, _show, built_model, expand, plan_config,
                     target_platform)
 from .tune_spec import TuneSpec, expected_ratio, first_size, trial_fields, workload_weights
-from .jobs import Job
 from .worker import TPWorker
 
 
@@ -121,10 +121,10 @@ class Tuner:
     def __init__(self, spec: TuneSpec, folder: RunFolder, grid: bool = False, trials: int | None = None,
                  address: str | None = None, timeout_s: float | None = 3600, base_dir: Path = Path("."),
                  on_trial: Callable[[dict[str, Any]], None] | None = None, worker_cls: type = TPWorker,
-                 platform: Platform | None = None):
+                 platform: Platform | None = None, weights: dict[int, float] | None = None):
         self.spec, self.folder, self.grid, self.on_trial, self.worker_cls = spec, folder, grid, on_trial, worker_cls
         self.address, self.timeout_s = address, timeout_s
-        self.weights = workload_weights(spec, base_dir)
+        self.weights = weights or workload_weights(spec, base_dir)  # ``check``'s, or read here
         self.trials = grid_size(spec) if grid else (trials or spec.study.trials)
         # the baseline and its repeat (and the fixed config), on the workers' platform (default: this machine)
         self.plan: Plan = expand(spec.as_sweep(), platform)
@@ -383,8 +383,9 @@ class Tuner:
         return float(sum(weight[n] * floors[n] for n in used) / sum(weight.values()))
 
 
-def check(spec: TuneSpec, base_dir: Path = Path(".")) -> None:
+def check(spec: TuneSpec, base_dir: Path = Path(".")) -> dict[int, float]:
     """Raise SweepError for what a tune can be refused for on any machine, before a cluster is joined: a model,
-    search or workload that does not hold. (What runs where is the workers' platform's to say: ``Tuner``.)"""
-    workload_weights(spec, base_dir)
+    search or workload that does not hold. (What runs where is the workers' platform's to say: ``Tuner``.) Returns
+    the workload's weights, read once, for the ``Tuner``."""
     built_model(spec.as_sweep())
+    return workload_weights(spec, base_dir)

@@ -28,8 +28,8 @@ from fusiontune.passes.platform import Platform
 from fusiontune.passes.ranges import compile_ranges, range_for
 
 from .correctness import max_abs_error, tolerance
-from .match_counts import MatchCounts, UnrecordedCacheHit, first_call_marks, matches_of_first_call
 from .jobs import Job, RankResult
+from .match_counts import MatchCounts, UnrecordedCacheHit, first_call_marks, matches_of_first_call
 from .model import DecoderStack, ModelConfig
 from .process_group import RankGroup
 from .profile import profile_forward

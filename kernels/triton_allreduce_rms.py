@@ -65,10 +65,9 @@ import triton.language as tl
 from . import symm_mem
 from .collectives import group_size
 from .numerics import FP8_DTYPE, FP8_MAX
-from .triton_rows import _warps, fp8_codes, normalized_by, reciprocal
+from .triton_rows import _warps, fp8_codes, normalized_by, reciprocal, sum_of_squares
 
 PHASE_COPY, PHASE_REDUCE, PHASE_GATHER, PHASE_CLEAR = 0, 1, 2, 3
-PHASE_NORMALISE = PHASE_GATHER  # the one-shot's third phase: a split row's parts normalised
 # The most programs a one-shot row is split over; its partials area keeps this many sums of squares per row.
 MAX_SPLIT = 8
 # The fewest elements one program of a split row takes.
@@ -137,13 +136,6 @@ def _take(slot, mask, MARK: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sum_of_squares(v):
-    """A row part's fp64 sum of squares (as ``rms_normalized`` forms it; masked columns must be zeros)."""
-    vd = v.to(tl.float64)
-    return tl.sum(vd * vd, axis=0)
-
-
-@triton.jit
 def _landed_sum(partials, SPLIT: tl.constexpr):
     """The sum of a row's ``SPLIT`` parts' sums of squares once every part is in (none holds a negative mark)."""
     bits = tl.load(partials + tl.arange(0, SPLIT), volatile=True)
@@ -202,10 +194,10 @@ def _new_residual(total, r, x_dtype: tl.constexpr):
 
 
 @triton.jit
-def _output(v, sum_of_squares, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr):
+def _output(v, squares, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr):
     """The normalised row (part) of new residual ``v``, whose row's sum of squares is given (its FP8 codes with
     ``QUANT``)."""
-    y = (normalized_by(v, sum_of_squares, H, eps).to(tl.float32) * w.to(tl.float32)).to(v.dtype)
+    y = (normalized_by(v, squares, H, eps).to(tl.float32) * w.to(tl.float32)).to(v.dtype)
     if QUANT:
         y = fp8_codes(y.to(tl.float32), inverse, FP8_MAX_C)
     return y
@@ -263,10 +255,10 @@ def _one_shot_kernel(
             v = _new_residual(total, r, x_dtype)
             tl.store(res_ptr + row * H + offs, v, mask=mask)
             if SPLIT == 1:
-                tl.store(out_ptr + row * H + offs, _output(v, _sum_of_squares(v), w, inverse, H, eps, QUANT,
+                tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT,
                                                            FP8_MAX_C), mask=mask)
             else:  # this part's sum of squares, for the row's other programs (abs: a NaN's sign never marks it)
-                tl.store(partials + row * SPLIT + part, tl.abs(_sum_of_squares(v)).to(tl.int64, bitcast=True))
+                tl.store(partials + row * SPLIT + part, tl.abs(sum_of_squares(v)).to(tl.int64, bitcast=True))
 
     if SPLIT > 1 and PHASE_FIRST <= 2 and PHASE_LAST >= 2:  # normalise this part once the row's parts are in
         tl.debug_barrier()  # this program's residual stores before its loads of them
@@ -339,7 +331,7 @@ def _two_shot_kernel(
                     total += partial.to(tl.float32)
                 v = _new_residual(total, r, x_dtype)
                 tl.store(res_ptr + row * H + offs, v, mask=mask)
-                tl.store(out_ptr + row * H + offs, _output(v, _sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C),
+                tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C),
                          mask=mask)
                 for peer in tl.static_range(WORLD):  # the new residual row into every peer's gather area
                     if peer != rank:
@@ -357,7 +349,7 @@ def _two_shot_kernel(
                     v = tl.load(gathered + row * H + offs, mask=mask, other=0.0, cache_modifier=".cg")
                     tl.store(res_ptr + row * H + offs, v, mask=mask)
                     tl.store(out_ptr + row * H + offs,
-                             _output(v, _sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+                             _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
     if SYNC:
         _advance(own_pad, COUNTER, call, programs)
 

@@ -45,15 +45,22 @@ def rms_normalized(v, H, eps):
     """A row's values over their root mean square, in the row's dtype (before the weight multiply). Squares are
     summed in fp64 and the mean rounded to fp32 once: the result does not depend on the summation order, which
     Triton derives from each specialisation's layout (see numerics.rms_norm). Masked columns must be zeros."""
-    vd = v.to(tl.float64)
-    return normalized_by(v, tl.sum(vd * vd, axis=0), H, eps)
+    return normalized_by(v, sum_of_squares(v), H, eps)
 
 
 @triton.jit
-def normalized_by(v, sum_of_squares, H, eps):
+def sum_of_squares(v):
+    """A row's (or a row part's) squares summed in fp64, as ``rms_normalized`` forms them (masked columns must be
+    zeros)."""
+    vd = v.to(tl.float64)
+    return tl.sum(vd * vd, axis=0)
+
+
+@triton.jit
+def normalized_by(v, squares, H, eps):
     """``rms_normalized`` given the row's fp64 sum of squares (a kernel that splits a row over several programs
     adds their parts)."""
-    variance = (sum_of_squares / H).to(tl.float32)
+    variance = (squares / H).to(tl.float32)
     return (v.to(tl.float32) * tl.rsqrt(variance + eps)).to(v.dtype)
 
 

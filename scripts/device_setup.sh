@@ -13,7 +13,7 @@ if [ -d .whl ]; then
   # FlashInfer modules built on an earlier call (.whl/aot/NAME.so, from device_compare_allreduce.sh's $OUT): where
   # FlashInfer looks for prebuilt modules first, so it loads them instead of compiling for minutes
   for so in .whl/aot/*.so; do
-    [ -e "$so" ] || continue
+    [ -e "$so" ] && [ -d /tmp/site/flashinfer ] || continue  # (device_compare_allreduce.sh may hold FlashInfer back)
     name=$(basename "$so" .so); mkdir -p "/tmp/site/flashinfer/data/aot/$name"; cp "$so" "/tmp/site/flashinfer/data/aot/$name/"
     export FLASHINFER_DISABLE_JIT=1  # a module that does not load fails at once instead of compiling for minutes
   done
