@@ -42,14 +42,13 @@ SYMM_MEM_ALLREDUCE_BOUNDS: dict[int, tuple[int, int]] = {
 }
 # fusiontune's fused all-reduce + norm kernel, by TP size and output ("none": the norm, "fp8": its FP8 codes): the
 # largest tensor its one-shot form takes, and the largest its two-shot form takes; the unfused pair above.
-# TP=2: measured with scripts/compare_allreduce_kernels.py on 2 x H200 (NVLink, 2026-11-28, ninth session,
-# docs/benchmarks.md): the one-shot (flags in the data) fastest to 4 MB, the two-shot from 8 MB, both faster than
-# the best unfused pair at every size to 64 MB. TP=4: the same probe on 4 x H200 (tenth session, a split row): the
-# one-shot fastest to 1 MB, the two-shot at 2 MB, and from 4 MB the best unfused pair is as fast or faster at some
-# hidden size (4 MB at hidden 8192: 0.90x), so the pair takes over there.
+# Measured with scripts/compare_allreduce_kernels.py on 4 x H200 (NVLink, 2026-11-28, eleventh session,
+# docs/benchmarks.md), the two-shot without meetings: the one-shot fastest to 0.5 MB at TP=2 and to 0.25 MB at
+# TP=4, the two-shot from there, faster than the best unfused pair at every size to 64 MB at both TP sizes.
+# TP=2 was measured with the norm only; its FP8 bounds are the same (at TP=4 the two outputs timed alike).
 FUSED_BOUNDS: dict[int, dict[str, tuple[int, int]]] = {
-    2: {"none": (4 * MiB, 64 * MiB), "fp8": (4 * MiB, 64 * MiB)},
-    4: {"none": (1 * MiB, 2 * MiB), "fp8": (1 * MiB, 2 * MiB)},
+    2: {"none": (512 * 1024, 64 * MiB), "fp8": (512 * 1024, 64 * MiB)},
+    4: {"none": (256 * 1024, 64 * MiB), "fp8": (256 * 1024, 64 * MiB)},
 }
 # The largest tensor a symmetric-memory path takes (a fused workspace holds two halves, each with the peers' slots
 # of it, and a two-shot half its gather area too).

@@ -21,11 +21,15 @@ round trip), and every read of the sum is local.
   last program out marks them empty again (every program has read them by then). FlashInfer spreads a row over a
   cluster of CTAs for the same reason.
 - **Two-shot** (larger tensors, ``_two_shot_kernel``): rank r owns rows [r S, (r + 1) S), S = ceil(M / world).
-  Each rank stores the rows each peer owns into that peer's slots; after a meeting each rank reduces, normalises
-  and quantises only its own rows and stores their new residual rows into every peer's gather area; after a second
-  meeting every rank copies the other ranks' residual rows out of its own gather area and normalises and quantises
-  them itself (the same bits: the same row, the same code). Each rank sends the tensor once instead of world - 1
-  times, and the output never crosses NVLink.
+  Each rank stores the rows each peer owns into that peer's slots; each rank reduces its own rows as they land,
+  adds the residual and stores the new residual rows into every peer's gather area; every rank takes the other
+  ranks' residual rows from its own gather area as they land and normalises and quantises every row itself (the
+  same bits: the same row, the same code). Each rank sends the tensor twice instead of world - 1 times, and the
+  output never crosses NVLink. Slots and gather area are empty-marked like the one-shot's, so nothing waits for a
+  meeting of all programs, only for the rows it reads. A split row's programs also store their part's sum of
+  squares into every rank's partials area, so that every rank normalises the row's parts with the owner's sum.
+  A new residual is never -0.0 (its sum starts from +0.0); were one, every rank would store it as +0.0, since
+  -0.0 is the gather area's empty mark.
 
 Numerics are ``numerics``' (``all_reduce_sum``, ``residual_add``, ``rms_norm``, ``quant_fp8_static``): the sum is
 taken in fp32 in rank order and rounded once, so every rank holds the same bits, and one-shot and two-shot agree.
@@ -35,25 +39,19 @@ parity of a call counter kept in the signal pad. Every program reads it first; t
 arrival count, acq_rel atomics) advances it, so the next call on this rank reads the next value whatever its grid,
 and a captured CUDA graph replays as it is. A rank writes into a peer's half again two calls later, by which time
 the peer has finished the call that read it: the rank could not have finished the call between without the peer's
-rows of that call, which the peer pushed only after its earlier call had ended (one-shot: read and re-marked the
-half; two-shot: copied its gather area out).
-
-**Meetings** (two-shot). Program p of a rank meets program p of every rank (``_meet``): it stores a number into a
-flag of each peer's signal pad (slot p x world + rank, a release store at system scope, which does not wait for an
-answer) and spins until its own flags from every peer hold at least that number (acquire loads). The numbers come
-from the call counter (two per call, so they only grow), so nothing is reset. Stores before a meeting are visible
-to the peers' same program after it.
+rows of that call, which the peer pushed only after its earlier call had ended (read and re-marked the half). A
+two-shot rank writes into a peer only where one of them owns rows, and then it waits for that peer's rows too.
 
 Both kernels need every program of a launch resident at once (at most one per multiprocessor): every rank
 launches the same grid for the same tensor, and program p handles the same rows on every rank, so a program only
-ever waits on a peer's program of its own number; the grid is as small as the rows allow (one program for a
-one-token decode step).
+ever waits on a peer's program of its own number, or on its own rank's programs of the same row; the grid is as
+small as the rows allow (one program for a one-token decode step's part).
 
-``PHASE_FIRST`` / ``PHASE_LAST`` select which phases (0 push, 1 reduce, 2 gather (two-shot) or normalise a split
-row (one-shot), 3 clear the partials (one-shot, without ``SYNC``)) a launch runs and ``SYNC`` whether the call
-counter, the meetings and the last program's clear are used: on GPUs one launch runs all of them; tests on CPU
-run each phase for every simulated rank in turn in Triton's interpreter, one process holding every rank's
-workspace (and only its first half).
+``PHASE_FIRST`` / ``PHASE_LAST`` select which phases (0 push, 1 reduce, 2 normalise a split row (and the
+two-shot's gather), 3 clear the partials (without ``SYNC``)) a launch runs and ``SYNC`` whether the call counter
+and the last program's clear are used: on GPUs one launch runs all of them; tests on CPU run each phase for every
+simulated rank in turn in Triton's interpreter, one process holding every rank's workspace (and only its first
+half).
 """
 
 from __future__ import annotations
@@ -67,7 +65,7 @@ from .collectives import group_size
 from .numerics import FP8_DTYPE, FP8_MAX
 from .triton_rows import _warps, fp8_codes, normalized_by, reciprocal, sum_of_squares
 
-PHASE_COPY, PHASE_REDUCE, PHASE_GATHER, PHASE_CLEAR = 0, 1, 2, 3
+PHASE_COPY, PHASE_REDUCE, PHASE_NORMALISE, PHASE_CLEAR = 0, 1, 2, 3
 # The most programs a one-shot row is split over; its partials area keeps this many sums of squares per row.
 MAX_SPLIT = 8
 # The fewest elements one program of a split row takes.
@@ -98,30 +96,6 @@ def mark_empty(buffer: torch.Tensor, dtype: torch.dtype) -> None:
     torch_int, _, bits = _empty_mark(dtype)
     usable = buffer.numel() // dtype.itemsize * dtype.itemsize
     buffer[:usable].view(torch_int).fill_(bits)
-
-
-@triton.jit
-def _store_release(pointers, values):
-    """``*pointers = values``, released at system scope (threads holding the same element store the same value)."""
-    return tl.inline_asm_elementwise("st.release.sys.global.b32 [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                                     [pointers, values], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _load_acquire(pointers):
-    return tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [pointers], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _meet(send, receive, number, WORLD: tl.constexpr):
-    """Tell every peer's same program ``number`` (``send``: its flags for us) and wait until every peer has told
-    us as much (``receive``: our flags from them); see the module doc."""
-    tl.debug_barrier()  # every thread's writes come before the release below
-    _store_release(send, tl.full([WORLD], 0, tl.int32) + number)
-    while tl.min(_load_acquire(receive) - number) < 0:  # wraps safely: numbers only grow
-        pass
-    tl.debug_barrier()  # and every thread's reads after it
 
 
 @triton.jit
@@ -277,90 +251,108 @@ def _one_shot_kernel(
 
 @triton.jit(do_not_specialize=["rank"])
 def _two_shot_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, GATHER, HALF_BYTES, COUNTER,
-    WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, SLOTS, GATHER, COUNTER,
+    WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
+    BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
+    first, row_programs, part = pid // SPLIT, programs // SPLIT, pid % SPLIT  # rows i of every rank's shard
+    offs = part * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H
     x_dtype = x_ptr.dtype.element_ty
+    x_bits = x_ptr.to(tl.pointer_type(BITS))
     shard = tl.cdiv(M, WORLD)  # rows per rank
     own_first = rank * shard
     half = 0
-    if SYNC:  # this call's number (from the pad's call counter) and the workspace half it uses
-        table = pads.to(tl.pointer_type(tl.uint64))
-        peers = tl.arange(0, WORLD)
+    if SYNC:
         own_pad = _own_pad(pads, rank)
-        send = tl.load(table + peers).to(tl.pointer_type(tl.int32)) + pid * WORLD + rank
-        receive = own_pad + pid * WORLD + peers
         call = tl.load(own_pad + COUNTER, volatile=True)
         half = call & 1
-        number = 2 * call
     base = half * HALF_BYTES
+    partials = _workspace(buffers, rank, tl.int64, base, False)  # [M, SPLIT] sums of squares, as int64 bits
+
+    if PHASE_FIRST <= 0 and PHASE_LAST >= 0:  # push the rows each peer owns into that peer's slots
+        for i in range(first, shard, row_programs):
+            for owner in tl.static_range(WORLD):
+                row = (owner * shard + i).to(tl.int64)
+                if (owner != rank) & (row < M):
+                    bits = tl.load(x_bits + row * H + offs, mask=mask)
+                    bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # -0.0 -> +0.0: never the empty mark
+                    slots = _workspace(buffers, owner, BITS, base + SLOTS, ALIGNED)
+                    tl.store(slots + (_slot(rank, owner) * shard + i).to(tl.int64) * H + offs, bits, mask=mask)
+
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     inverse = 1.0
     if QUANT:
         inverse = reciprocal(tl.load(scale_ptr))
-
-    if PHASE_FIRST <= 0 and PHASE_LAST >= 0:  # push the rows each peer owns into that peer's slots
-        for i in range(pid, shard, programs):
-            for owner in tl.static_range(WORLD):
-                row = (owner * shard + i).to(tl.int64)
-                if (owner != rank) & (row < M):
-                    values = tl.load(x_ptr + row * H + offs, mask=mask)
-                    slots = _workspace(buffers, owner, x_dtype, base, ALIGNED)
-                    tl.store(slots + (_slot(rank, owner) * shard + i).to(tl.int64) * H + offs, values, mask=mask)
-        if SYNC:
-            _meet(send, receive, number + 1, WORLD)
-
-    if PHASE_FIRST <= 1 and PHASE_LAST >= 1:  # reduce this rank's rows, add, normalise, quantise; send them out
-        mine = _workspace(buffers, rank, x_dtype, base, ALIGNED)
-        for i in range(pid, shard, programs):
+    if PHASE_FIRST <= 1 and PHASE_LAST >= 1:  # reduce this rank's rows as they land, add; send them out
+        mine = _workspace(buffers, rank, BITS, base + SLOTS, ALIGNED)
+        for i in range(first, shard, row_programs):
             row = (own_first + i).to(tl.int64)
             if row < M:
                 r = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
                 total = tl.zeros([BLOCK], dtype=tl.float32)
                 for peer in tl.static_range(WORLD):  # rank order: every rank forms the same sum
                     if peer == rank:
-                        partial = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0)
+                        bits = tl.load(x_bits + row * H + offs, mask=mask, other=0)
+                        bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # as the peers have it
                     else:
-                        partial = tl.load(mine + (_slot(peer, rank) * shard + i).to(tl.int64) * H + offs, mask=mask,
-                                          other=0.0, cache_modifier=".cg")
-                    total += partial.to(tl.float32)
-                v = _new_residual(total, r, x_dtype)
+                        bits = _take(mine + (_slot(peer, rank) * shard + i).to(tl.int64) * H + offs, mask, MARK, BLOCK)
+                    total += bits.to(x_dtype, bitcast=True).to(tl.float32)
+                bits = _new_residual(total, r, x_dtype).to(BITS, bitcast=True)
+                bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # -0.0 -> +0.0 here too: the same bits
+                v = bits.to(x_dtype, bitcast=True)
                 tl.store(res_ptr + row * H + offs, v, mask=mask)
-                tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C),
-                         mask=mask)
                 for peer in tl.static_range(WORLD):  # the new residual row into every peer's gather area
                     if peer != rank:
-                        tl.store(_workspace(buffers, peer, x_dtype, base + GATHER, ALIGNED) + row * H + offs, v,
+                        tl.store(_workspace(buffers, peer, BITS, base + GATHER, ALIGNED) + row * H + offs, bits,
                                  mask=mask)
-        if SYNC:
-            _meet(send, receive, number + 2, WORLD)
+                if SPLIT == 1:
+                    tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT,
+                                                               FP8_MAX_C), mask=mask)
+                else:  # this part's sum of squares, for the row's programs on every rank
+                    squares = tl.abs(sum_of_squares(v)).to(tl.int64, bitcast=True)
+                    for peer in tl.static_range(WORLD):
+                        tl.store(_workspace(buffers, peer, tl.int64, base, False) + row * SPLIT + part, squares)
 
-    if PHASE_FIRST <= 2 and PHASE_LAST >= 2:  # the other ranks' rows: residual from the gather area, output made here
-        gathered = _workspace(buffers, rank, x_dtype, base + GATHER, ALIGNED)
-        for i in range(pid, shard, programs):
+    if PHASE_FIRST <= 2 and PHASE_LAST >= 2:  # normalise: this rank's rows once their parts are in, then the others'
+        if SPLIT > 1:
+            tl.debug_barrier()  # this program's residual stores before its loads of them
+            for i in range(first, shard, row_programs):
+                row = (own_first + i).to(tl.int64)
+                if row < M:
+                    v = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
+                    tl.store(out_ptr + row * H + offs, _output(v, _landed_sum(partials + row * SPLIT, SPLIT), w,
+                                                               inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+        gathered = _workspace(buffers, rank, BITS, base + GATHER, ALIGNED)
+        for i in range(first, shard, row_programs):
             for owner in tl.static_range(WORLD):
                 row = (owner * shard + i).to(tl.int64)
                 if (owner != rank) & (row < M):
-                    v = tl.load(gathered + row * H + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    v = _take(gathered + row * H + offs, mask, MARK, BLOCK).to(x_dtype, bitcast=True)
                     tl.store(res_ptr + row * H + offs, v, mask=mask)
-                    tl.store(out_ptr + row * H + offs,
-                             _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+                    if SPLIT == 1:
+                        squares = sum_of_squares(v)
+                    else:
+                        squares = _landed_sum(partials + row * SPLIT, SPLIT)
+                    tl.store(out_ptr + row * H + offs, _output(v, squares, w, inverse, H, eps, QUANT, FP8_MAX_C),
+                             mask=mask)
     if SYNC:
-        _advance(own_pad, COUNTER, call, programs)
+        last = _advance(own_pad, COUNTER, call, programs)
+        if SPLIT > 1 and last:
+            _clear_partials(partials, M * SPLIT, PARTIAL_MARK)
+    elif SPLIT > 1 and PHASE_FIRST <= 3 and PHASE_LAST >= 3 and pid == 0:
+        _clear_partials(partials, M * SPLIT, PARTIAL_MARK)
 
 
 def _half_layout(num_rows: int, hidden: int, dtype: torch.dtype, two_shot: bool, world: int) -> tuple[int, int, int]:
     """One half of a rank's workspace, in bytes: (where the peers' slots start, where the two-shot gather area
-    starts, the end). A one-shot half starts with the partials area (``MAX_SPLIT`` sums of squares per row, for a
-    split row's programs); then come world - 1 slots of the peers' partial rows (two-shot: of the rows the rank
-    owns); a two-shot half then holds the gather area (every row's new residual; each rank normalises the rows it
-    gathers itself)."""
-    slots = 0 if two_shot else num_rows * MAX_SPLIT * 8
+    starts, the end). A half starts with the partials area (``MAX_SPLIT`` sums of squares per row, for a split
+    row's programs); then come world - 1 slots of the peers' partial rows (two-shot: of the rows the rank owns); a
+    two-shot half then holds the gather area (every row's new residual, from its owner)."""
+    slots = num_rows * MAX_SPLIT * 8
     slot_rows = -(-num_rows // world) if two_shot else num_rows
     gather = slots + (world - 1) * slot_rows * hidden * dtype.itemsize
     return slots, gather, gather + (num_rows * hidden * dtype.itemsize if two_shot else 0)
@@ -371,25 +363,23 @@ def workspace_bytes(num_rows: int, hidden: int, dtype: torch.dtype, two_shot: bo
     return _half_layout(num_rows, hidden, dtype, two_shot, world)[2]
 
 
-def pad_layout(signal_pad_bytes: int, world: int) -> tuple[int, int]:
-    """(the most programs the pad holds meeting flags for, the index of its call counter; the arrival count
-    follows)."""
-    counter = signal_pad_bytes // 4 - 2
-    return counter // world, counter
+def counter_index(signal_pad_bytes: int) -> int:
+    """Where the call counter sits in a signal pad (int32 index; the arrival count follows it)."""
+    return signal_pad_bytes // 4 - 2
 
 
-def most_programs(device: torch.device, world: int, two_shot: bool, signal_pad_bytes: int = 0) -> int:
-    """At most one program per multiprocessor (every program resident at once) and, for the two-shot's meetings,
-    as many as the signal pad holds flags for. The interpreter runs at most 4."""
+def most_programs(device: torch.device) -> int:
+    """At most one program per multiprocessor: every program of a launch resident at once. The interpreter runs at
+    most 4."""
     if device.type != "cuda":
         return 4
-    most = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(most, pad_layout(signal_pad_bytes, world)[0]) if two_shot else most
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def row_split(num_rows: int, hidden: int, most: int) -> int:
-    """How many programs share a one-shot row: the most (a power of two, at most ``MAX_SPLIT``) that leaves every
-    program ``MIN_PART`` elements or more and every row's programs resident at once."""
+    """How many programs share a row: the most (a power of two, at most ``MAX_SPLIT``) that leaves every program
+    ``MIN_PART`` elements or more and every row's programs resident at once. ``num_rows``: the rows a program
+    reduces (the two-shot's: a rank's shard)."""
     split = 1
     while (split * 2 <= MAX_SPLIT and num_rows * split * 2 <= most
            and triton.next_power_of_2(hidden) // (split * 2) >= MIN_PART):
@@ -403,34 +393,32 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
            signal_pad_bytes: int = 0, split: int | None = None) -> torch.Tensor:
     """Run the kernel on contiguous [M, H] ``x`` (this rank's partial sums), ``residual`` (updated in place) and
     ``out`` (the norm, or its FP8 codes with ``scale``). ``buffers`` / ``pads``: every rank's workspace / signal
-    pad address, as the device address of an array of them (torch's ``buffer_ptrs_dev``) or an int64 tensor;
-    a one-shot workspace starts empty-marked (``mark_empty``) and is left so. ``half_bytes``: the offset of the
-    workspace's second half (``sync`` only: the interpreter uses the first). ``split``: the programs per one-shot
-    row (``row_split``'s choice by default; the two-shot gives each program whole rows)."""
+    pad address, as the device address of an array of them (torch's ``buffer_ptrs_dev``) or an int64 tensor; a
+    workspace starts empty-marked for x's dtype (``mark_empty``) and is left so. ``half_bytes``: the offset of the
+    workspace's second half (``sync`` only: the interpreter uses the first). ``split``: the programs per row
+    (``row_split``'s choice by default, over the rows a program reduces)."""
     num_rows, hidden = x.shape
     quant = scale is not None
     block = max(16, triton.next_power_of_2(hidden))
-    most = most_programs(x.device, world, two_shot, signal_pad_bytes)
+    most = most_programs(x.device)
     pads = pads if pads is not None else buffers
-    counter = pad_layout(signal_pad_bytes, world)[1]
     slots, gather, _ = _half_layout(num_rows, hidden, x.dtype, two_shot, world)
-    common = dict(WORLD=world, QUANT=quant, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0,
-                  PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX)
+    reduced_rows = -(-num_rows // world) if two_shot else num_rows  # the rows one rank reduces
+    split = split or row_split(reduced_rows, hidden, most)
+    if split & (split - 1) or not 1 <= split <= min(MAX_SPLIT, block):
+        raise ValueError(f"split must be a power of two from 1 to {min(MAX_SPLIT, block)}, not {split}")
+    programs = max(1, min(reduced_rows, most // split)) * split  # split programs per row
+    _, bits, mark = _empty_mark(x.dtype)
+    common = dict(WORLD=world, QUANT=quant, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0, BLOCK=block // split,
+                  SPLIT=split, PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX, BITS=bits,
+                  MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype), num_warps=_warps(block // split))
+    args = (x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows, hidden, eps, half_bytes,
+            slots)
+    counter = counter_index(signal_pad_bytes)
     if two_shot:
-        programs = max(1, min(-(-num_rows // world), most))  # one per row the rank owns
-        _two_shot_kernel[(programs,)](x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows,
-                                      hidden, eps, gather, half_bytes, counter, BLOCK=block, num_warps=_warps(block),
-                                      **common)
+        _two_shot_kernel[(programs,)](*args, gather, counter, **common)
     else:
-        split = split or row_split(num_rows, hidden, most)
-        if split & (split - 1) or not 1 <= split <= min(MAX_SPLIT, block):
-            raise ValueError(f"split must be a power of two from 1 to {min(MAX_SPLIT, block)}, not {split}")
-        programs = max(1, min(num_rows, most // split)) * split  # split programs per row
-        _, bits, mark = _empty_mark(x.dtype)
-        _one_shot_kernel[(programs,)](x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows,
-                                      hidden, eps, half_bytes, slots, counter, BLOCK=block // split, SPLIT=split,
-                                      BITS=bits, MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype),
-                                      num_warps=_warps(block // split), **common)
+        _one_shot_kernel[(programs,)](*args, counter, **common)
     return out
 
 
@@ -442,11 +430,9 @@ def allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     quant = scale is not None
     world = group_size(group_name)
     nbytes = 2 * workspace_bytes(num_rows, hidden, x.dtype, two_shot, world)
-    if two_shot:
-        space = symm_mem.workspace(group_name, "fused all-reduce + norm, two-shot", nbytes)
-    else:  # its own workspace, empty-marked for the partial rows of x's dtype
-        space = symm_mem.workspace(group_name, f"fused all-reduce + norm, one-shot, {x.dtype}", nbytes,
-                                   prepare=lambda buffer: mark_empty(buffer, x.dtype))
+    form = "two-shot" if two_shot else "one-shot"  # each its own workspace, empty-marked for x's dtype
+    space = symm_mem.workspace(group_name, f"fused all-reduce + norm, {form}, {x.dtype}", nbytes,
+                               prepare=lambda buffer: mark_empty(buffer, x.dtype))
     handle = space.handle
     res = residual if residual.is_contiguous() else residual.contiguous()
     out = torch.empty((num_rows, hidden), dtype=FP8_DTYPE if quant else x.dtype, device=x.device)

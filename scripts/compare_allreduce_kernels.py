@@ -3,8 +3,9 @@ the bench-kernels timer), with torch's symmetric-memory one-shot / two-shot + ou
 FlashInfer's fused kernel where flashinfer-python is installed, and the compiled kernels' registers and spills. An
 earlier form of the kernel runs beside the current one where it is saved as scripts/_old_allreduce_norm.py (not
 kept in git: ``git show REV:kernels/triton_allreduce_rms.py``, its relative imports made absolute and its
-workspace purposes renamed so that the two never share a signal pad). ``SPLITS=1,2,4,8`` adds the one-shot with
-each fixed number of programs per row beside ``row_split``'s choice; ``TOKENS=1,8,64`` narrows the sizes. Usage
+workspace purposes renamed so that the two never share a signal pad). ``SPLITS=1,2,4,8`` adds both forms with
+each fixed number of programs per row beside ``row_split``'s choice; ``TOKENS=1,8,64`` narrows the sizes and
+``QUANTS=none`` the outputs (default ``none,fp8-static``). Usage
 there: python3 scripts/compare_allreduce_kernels.py TP [CSV]"""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fusiontune.kernels.triton_rows import INPUT_ADD_RESIDUAL, run_rows
 OLD_PATH = Path(__file__).with_name("_old_allreduce_norm.py")
 TOKENS = tuple(int(t) for t in (os.environ.get("TOKENS") or "1,2,8,32,64,256,1024,4096").split(","))
 SPLITS = tuple(int(s) for s in os.environ["SPLITS"].split(",")) if os.environ.get("SPLITS") else ()
+QUANTS = tuple(None if q == "none" else q for q in (os.environ.get("QUANTS") or "none,fp8-static").split(","))
 HIDDEN = (4096, 8192)
 
 
@@ -59,7 +61,7 @@ def main(rank, world, port, csv_path):
     name = group.group_name
     old = _old()
     rows_out = []
-    for quant in (None, "fp8-static"):
+    for quant in QUANTS:
         def norm(reduced, i, quant=quant):
             extra = {"quant": quant, "scale": i["scale"]} if quant else {}
             return run_rows(reduced, input_mode=INPUT_ADD_RESIDUAL, residual=i["residual"], weight=i["weight"],
@@ -76,18 +78,19 @@ def main(rank, world, port, csv_path):
         }
         rule = new.row_split
 
-        def with_split(split):
+        def with_split(split, two_shot):
             def run(i):
                 new.row_split = lambda *_: split
                 try:
                     return new.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"], bench.EPS, i["scale"], name,
-                                                      two_shot=False)
+                                                      two_shot=two_shot)
                 finally:
                     new.row_split = rule
             return run
 
         for split in SPLITS:
-            peers[f"one_shot_s{split}"] = with_split(split)
+            peers[f"one_shot_s{split}"] = with_split(split, False)
+            peers[f"two_shot_s{split}"] = with_split(split, True)
         if old:
             peers["old_one_shot"] = lambda i: old.allreduce_add_rms_norm(i["x"], i["residual"], i["weight"],
                                                                           bench.EPS, i["scale"], name, two_shot=False)
@@ -102,15 +105,16 @@ def main(rank, world, port, csv_path):
                 inputs = [bench._norm_inputs(tokens, hidden, rank, world, s, quant) for s in range(sets)]
                 row = {"tp": world, "quant": quant or "none", "hidden": hidden, "num_tokens": tokens,
                        "mb": round(tokens * hidden * 2 / 2**20, 4)}
-                if SPLITS and tokens <= 256:  # every split gives the bits of a whole row in one program
-                    first = None
-                    for split in SPLITS:
-                        residual = inputs[0]["residual"].clone()
-                        out = with_split(split)({**inputs[0], "residual": residual})
-                        got = (out.view(torch.uint8), residual)
-                        first = first or got
-                        if not (torch.equal(got[0], first[0]) and torch.equal(got[1], first[1])):
-                            print(f"MISMATCH rank {rank} split {split} {row}", flush=True)
+                if SPLITS and tokens <= 256:  # every split of a form gives the bits of a whole row in one program
+                    for two_shot in (False, True):  # (not across forms: each rank's residual here is its own, and
+                        first = None                # the two-shot normalises a row with its owner's)
+                        for split in SPLITS:
+                            residual = inputs[0]["residual"].clone()
+                            out = with_split(split, two_shot)({**inputs[0], "residual": residual})
+                            got = (out.view(torch.uint8), residual)
+                            first = first or got
+                            if not (torch.equal(got[0], first[0]) and torch.equal(got[1], first[1])):
+                                print(f"MISMATCH rank {rank} split {split} two_shot {two_shot} {row}", flush=True)
                 for peer, fn in peers.items():
                     times = slowest_rank(time_per_call(fn, inputs, replays=30, barrier=group), device, group)
                     deciles = statistics.quantiles(times, n=10, method="inclusive")

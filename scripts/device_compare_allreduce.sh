@@ -4,7 +4,8 @@
 # FlashInfer's JIT build (one nvcc unit, 235-480 s) goes to .flashinfer-cache in the working tree, and the built
 # module comes back as $OUT/trtllm_comm.so: put it in .whl/aot/ and later calls load it (device_setup.sh) instead
 # of compiling. FI_BACKGROUND=1: build it in the background while the rest runs without FlashInfer.
-# Env: TPS ("4 2"), TOKENS (or TOKENS4, TOKENS2: by TP) / SPLITS (the probe's), PROBE_SECONDS, TEST=0 skips the test.
+# Env: TPS ("4 2"), TOKENS (or TOKENS4, TOKENS2: by TP) / SPLITS / QUANTS (the probe's), PROBE_SECONDS, TEST=0 skips
+# the test, TEST_K picks its cases (pytest -k; default "several_gpus": ours and FlashInfer's).
 # Usage there:  bash scripts/device_compare_allreduce.sh
 if [ "${FI_BACKGROUND:-0}" = 1 ] && [ -d .whl ]; then mkdir -p .whl-later; mv .whl/flashinfer_python-*.whl .whl-later/; fi
 source "$(dirname "$0")/device_setup.sh"
@@ -19,7 +20,7 @@ get_trtllm_comm_module(); print(f'== FlashInfer built in {time.time() - t:.0f} s
 fi
 nvidia-smi --query-gpu=index,name,power.limit,clocks.max.sm --format=csv,noheader
 if [ "${TEST:-1}" = 1 ]; then
-  timeout -k 10 "${TEST_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider --tb=short -k several_gpus \
+  timeout -k 10 "${TEST_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider --tb=short -k "${TEST_K:-several_gpus}" \
     tests/test_allreduce_rms_kernel.py 2>&1 | grep -vE "^(  |$)" | tail -30
 fi
 gpus=$(nvidia-smi -L | wc -l)

@@ -1,15 +1,15 @@
 """The fused all-reduce + add + RMSNorm (+ FP8 static quant) kernel against ``numerics``' unfused chain.
 
 On CPU the kernel runs in Triton's interpreter, one process holding every simulated rank's workspace: each phase
-(push, reduce, gather) runs for every rank in turn, which is the order the meetings enforce on GPUs (the meetings
-themselves need several GPUs). Ranks 2 to 8, one-shot and two-shot, odd row counts and hidden sizes (rows that do
+(push, reduce, normalise and gather, clear) runs for every rank in turn, an order in which every value a program
+waits for has landed (on GPUs the programs run at once, each waiting only for its marked values). Ranks 2 to 8, one-shot and two-shot, odd row counts and hidden sizes (rows that do
 not split evenly over the ranks, a hidden size that is no power of two), outputs poisoned before the run. The
 result must equal ``numerics`` bit for bit except for what test_triton_kernels.py names (the rsqrt last bit on a
 GPU; the interpreter's e4m3 dropped carry on CPU, where inputs are fp32 because its bf16 cast truncates), and
 every rank must hold the same bits.
 
 With two or more GPUs the real thing runs: one process per GPU, NCCL, the workspaces in torch's symmetric
-memory, the meetings included; also under CUDA graph capture and replay (grids of every size mixed in one graph),
+memory, the call counter included; also under CUDA graph capture and replay (grids of every size mixed in one graph),
 and the unfused symmetric-memory all-reduces and AsyncTP's fused ops against their decompositions. A CPU test
 compiles every form for sm_90, which the interpreter does not.
 """
@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 
 from fusiontune.kernels import numerics  # noqa: E402
 from fusiontune.kernels.triton_allreduce_rms import (  # noqa: E402
-    MAX_SPLIT, PHASE_CLEAR, PHASE_COPY, PHASE_GATHER, PHASE_REDUCE, _partial_mark, launch, mark_empty, row_split,
+    MAX_SPLIT, PHASE_CLEAR, PHASE_COPY, PHASE_REDUCE, _partial_mark, launch, mark_empty, row_split,
     workspace_bytes)
 from test_triton_kernels import assert_codes, assert_values, poisoned  # noqa: E402
 
@@ -58,13 +58,12 @@ def make_inputs(world, rows, hidden, quant, seed, device=DEVICE, dtype=DTYPE):
 
 
 def simulated_workspaces(world, rows, hidden, two_shot):
-    """Every simulated rank's workspace (one half) and the table of their addresses: a one-shot workspace starts
-    empty-marked, as ``symm_mem.workspace`` makes it; a two-shot one holds garbage."""
+    """Every simulated rank's workspace (one half) and the table of their addresses, empty-marked as
+    ``symm_mem.workspace`` makes them."""
     nbytes = workspace_bytes(rows, hidden, DTYPE, two_shot, world)
     workspaces = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
-    if not two_shot:
-        for w in workspaces:
-            mark_empty(w, DTYPE)
+    for w in workspaces:
+        mark_empty(w, DTYPE)
     return workspaces, torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64, device=DEVICE)
 
 
@@ -73,7 +72,7 @@ def run_simulated(parts, residual, weight, scale, table, two_shot, split=None):
     world, (rows, hidden) = len(parts), parts[0].shape
     residuals = [residual.clone() for _ in range(world)]
     outs = [poisoned((rows, hidden), numerics.FP8_DTYPE if scale is not None else DTYPE) for _ in range(world)]
-    for phase in range(PHASE_COPY, (PHASE_GATHER if two_shot else PHASE_CLEAR) + 1):
+    for phase in range(PHASE_COPY, PHASE_CLEAR + 1):
         for rank in range(world):
             launch(parts[rank], residuals[rank], weight, EPS, scale, outs[rank], table, None, rank, world, two_shot,
                    phases=(phase, phase), sync=False, split=split)
@@ -92,7 +91,7 @@ def assert_empty_marked(workspaces):
     marked = torch.zeros_like(workspaces[0])
     mark_empty(marked, DTYPE)
     for rank, w in enumerate(workspaces):
-        assert torch.equal(w, marked), f"rank {rank}: the one-shot workspace is not all empty marks after the call"
+        assert torch.equal(w, marked), f"rank {rank}: the workspace is not all empty marks after the call"
 
 
 @pytest.mark.parametrize("world,rows,hidden", [(2, 1, 2880), (2, 7, 256), (3, 10, 200), (4, 3, 64), (4, 65, 128),
@@ -103,22 +102,23 @@ def test_simulated_ranks_match_the_unfused_chain(world, rows, hidden, two_shot, 
     parts, residual, weight, scale = make_inputs(world, rows, hidden, quant, seed=world * 1000 + rows * 10 + hidden)
     workspaces, table = simulated_workspaces(world, rows, hidden, two_shot)
     check_ranks(parts, residual, weight, scale, *run_simulated(parts, residual, weight, scale, table, two_shot))
-    if not two_shot:
-        assert_empty_marked(workspaces)
+    assert_empty_marked(workspaces)
 
 
 @pytest.mark.parametrize("world,rows,hidden,split", [(2, 1, 2880, 4), (2, 3, 2880, 8), (3, 5, 200, 2),
-                                                     (4, 2, 96, 8)])
+                                                     (4, 2, 96, 8), (4, 7, 200, 4)])
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
 @pytest.mark.parametrize("quant", [False, True], ids=["norm", "fp8-static"])
-def test_one_shot_rows_split_over_programs(world, rows, hidden, split, quant):
+def test_rows_split_over_programs(world, rows, hidden, split, two_shot, quant):
     """Several programs per row, each normalising its part with the row's sum of squares gathered from the others
-    (parts wholly beyond the hidden size included: 2880 over 8 parts of 512), then a second call on the same
-    workspaces, with another split: the partials were marked empty again, so it waits for its own."""
-    workspaces, table = simulated_workspaces(world, rows, hidden, False)
+    (two-shot: from the owner's programs), parts wholly beyond the hidden size included (2880 over 8 parts of 512),
+    ranks that own no row (1 or 2 rows over 2 or 4 ranks); then a second call on the same workspaces, with another
+    split: the partials were marked empty again, so it waits for its own."""
+    workspaces, table = simulated_workspaces(world, rows, hidden, two_shot)
     for seed, this_split in ((1, split), (2, max(2, split // 2))):
         parts, residual, weight, scale = make_inputs(world, rows, hidden, quant, seed=seed + split)
         check_ranks(parts, residual, weight, scale,
-                    *run_simulated(parts, residual, weight, scale, table, False, split=this_split))
+                    *run_simulated(parts, residual, weight, scale, table, two_shot, split=this_split))
         assert_empty_marked(workspaces)
 
 
@@ -135,19 +135,21 @@ def test_row_split_gives_few_rows_several_programs():
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_one_shot_takes_negative_zeros_and_leaves_its_workspace_empty(world):
-    """-0.0 is the empty mark of a slot element: a partial sum holding it (whole rows of it, and scattered
-    elements) is pushed as +0.0 and must give the unfused chain's bits; every slot it read is marked empty again,
-    so a second call of another row count on the same workspaces is right too."""
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+def test_negative_zeros_are_taken_and_the_workspace_left_empty(world, two_shot):
+    """-0.0 is the empty mark of a slot (and gather) element: a partial sum holding it (whole rows of it, and
+    scattered elements) is pushed as +0.0 and must give the unfused chain's bits, residuals of -0.0 included. Every
+    slot read is marked empty again, so a second call of another row count on the same workspaces is right too."""
     hidden = 96
-    workspaces, table = simulated_workspaces(world, 9, hidden, False)
+    workspaces, table = simulated_workspaces(world, 9, hidden, two_shot)
     for rows, seed in ((9, 1), (4, 2)):
         parts, residual, weight, scale = make_inputs(world, rows, hidden, False, seed=seed)
         for k, part in enumerate(parts):
             part[::3] = -0.0
             part[:, k::5] = -0.0
         residual[1::4, :7] = -0.0
-        check_ranks(parts, residual, weight, scale, *run_simulated(parts, residual, weight, scale, table, False))
+        residual[::3, 90:] = -0.0  # with the zero rows above: -0.0 + +0.0
+        check_ranks(parts, residual, weight, scale, *run_simulated(parts, residual, weight, scale, table, two_shot))
         assert_empty_marked(workspaces)
 
 
@@ -166,7 +168,7 @@ def test_two_shot_writes_only_its_rows_before_the_gather():
     assert torch.isnan(outs[1][:2]).all() and torch.isfinite(outs[1][2:]).all()
 
 
-# -- several GPUs: the kernel with its meetings, in torch's symmetric memory ----------------------------------------
+# -- several GPUs: the kernel with its call counter, in torch's symmetric memory ------------------------------------
 
 GPU_ROWS = [1, 5, 64, 300, 2049]
 GPU_HIDDEN = [4096, 2880]
@@ -411,23 +413,19 @@ for world in (2, 4):
                          "out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "buffers": "i64",
                          "pads": "i64", "rank": "i32", "M": "constexpr", "H": "i32", "eps": "fp32",
                          "HALF_BYTES": "i64", "COUNTER": "i32"}
-            constants = {"M": 1, "WORLD": world, "QUANT": quant, "BLOCK": 4096, "ALIGNED": True, "PHASE_FIRST": 0,
-                         "PHASE_LAST": 3, "SYNC": True, "FP8_MAX_C": FP8_MAX}
-            if kernel is _one_shot_kernel:
-                split = 1 if quant else 4  # a whole row, and a row in parts
-                signature.update(SLOTS="i64")
-                constants.update(BITS=tl.int16, MARK=-32768, PARTIAL_MARK=-9223231297218904064, SPLIT=split,
-                                 BLOCK=4096 // split)
-                wants = "ld.volatile.global"  # the poll for landed rows (and parts)
-            else:
+            split = 1 if quant else 4  # a whole row, and a row in parts
+            constants = {"M": 1, "WORLD": world, "QUANT": quant, "BLOCK": 4096 // split, "SPLIT": split,
+                         "ALIGNED": True, "PHASE_FIRST": 0, "PHASE_LAST": 3, "SYNC": True, "FP8_MAX_C": FP8_MAX,
+                         "BITS": tl.int16, "MARK": -32768, "PARTIAL_MARK": -9223231297218904064}
+            signature.update(SLOTS="i64")
+            if kernel is _two_shot_kernel:
                 signature.update(GATHER="i64")
-                wants = "st.release.sys"  # the meetings
             kept = kernel.do_not_specialize  # names or indices, by Triton version
             if not {"rank", kernel.arg_names.index("rank")} & set(kept):
                 constants["rank"] = 1  # what Triton does with an integer argument equal to 1
             signature.update({name: "constexpr" for name in constants})
             compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
-            assert wants in compiled.asm["ptx"], (world, kernel.__name__, quant)
+            assert "ld.volatile.global" in compiled.asm["ptx"], (world, kernel.__name__, quant)  # the polls
 print("compiled")
 """
 
