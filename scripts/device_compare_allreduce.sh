@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a machine of several GPUs (device tool; carry .whl for FlashInfer): the fused all-reduce + norm
+# One call on a machine of several GPUs (device tool; carry .whl for FlashInfer, and .carry too where .whl is the
+# --prebuilt kit of scripts/flashinfer_kit.py, which leaves pydantic to it): the fused all-reduce + norm
 # kernel's GPU test, then its variants timed side by side (scripts/compare_allreduce_kernels.py) at TP 4 and 2.
 # FlashInfer's JIT build (one nvcc unit, 235-480 s) goes to .flashinfer-cache in the working tree, and the built
 # module comes back as $OUT/trtllm_comm.so: put it in .whl/aot/ and later calls load it (device_setup.sh) instead

@@ -9,12 +9,20 @@ exec > >(tee "$OUT/$(basename "$0" .sh).log") 2>&1
 export PYTHONPATH=/tmp/site
 if [ -d .carry ]; then bash .carry/carry-install.sh .carry || exit 1; fi
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  # FlashInfer modules built on an earlier call (.whl/aot/NAME.so, from device_compare_allreduce.sh's $OUT): where
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  fi
+  # scripts/flashinfer_kit.py --prebuilt: FlashInfer's Python files only (no headers: it loads built modules)
+  if [ -f .whl/flashinfer-prebuilt.tar.xz ]; then tar -C /tmp/site -xJf .whl/flashinfer-prebuilt.tar.xz || exit 1; fi
+  # FlashInfer modules built on an earlier call (.whl/aot/NAME.so, or NAME.so.xz from the prebuilt kit): where
   # FlashInfer looks for prebuilt modules first, so it loads them instead of compiling for minutes
-  for so in .whl/aot/*.so; do
+  for so in .whl/aot/*.so .whl/aot/*.so.xz; do
     [ -e "$so" ] && [ -d /tmp/site/flashinfer ] || continue  # (device_compare_allreduce.sh may hold FlashInfer back)
-    name=$(basename "$so" .so); mkdir -p "/tmp/site/flashinfer/data/aot/$name"; cp "$so" "/tmp/site/flashinfer/data/aot/$name/"
+    name=$(basename "${so%.xz}" .so); mkdir -p "/tmp/site/flashinfer/data/aot/$name"
+    case "$so" in
+      *.xz) xz -dc "$so" > "/tmp/site/flashinfer/data/aot/$name/$name.so" || exit 1 ;;
+      *) cp "$so" "/tmp/site/flashinfer/data/aot/$name/" ;;
+    esac
     export FLASHINFER_DISABLE_JIT=1  # a module that does not load fails at once instead of compiling for minutes
   done
 fi

@@ -304,6 +304,21 @@ def test_the_collectives_check_sweep_plans_the_fused_allreduce_and_asynctp_at_tp
         assert all(r["fuse_norm_quant"] and r["fuse_act_quant"] for r in fused)
 
 
+def test_the_flashinfer_check_plans_the_same_configs_as_ours_with_flashinfer_s_kernel():
+    """gpu-check-allreduce-flashinfer.yaml is gpu-check-allreduce-norm.yaml with the fused op run by FlashInfer: the
+    same labels and PassConfigs at TP 2 and 4, other config ids (compare must not match a row of one with the
+    other's)."""
+    h200 = Platform(vendor="cuda", capability=90, flashinfer=True)
+    ours, theirs = (expand(load_sweep(f"sweeps/gpu-check-allreduce-{name}.yaml")[0], h200)
+                    for name in ("norm", "flashinfer"))
+    assert (ours.spec.collectives.allreduce_backend, theirs.spec.collectives.allreduce_backend) == ("auto", "flashinfer")
+    for tp in (2, 4):
+        pairs = list(zip(ours.configs_for(tp), theirs.configs_for(tp), strict=True))
+        assert [(a.label, a.resolved) for a, _ in pairs] == [(b.label, b.resolved) for _, b in pairs]
+        assert all(a.config_id != b.config_id for a, b in pairs)
+        assert [b.resolved["fuse_allreduce_rms"] for _, b in pairs] == [False, False, True, False]
+
+
 def test_values_a_user_did_not_mean_are_refused_not_coerced():
     for text, field in (('tp: "2"', "tp"), ("model: {preset: tiny, num_layers: 2.5}", "model.num_layers"),
                         ("measure: {profile: 1}", "measure.profile"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -73,14 +74,16 @@ def test_grid_size():
     assert grid_size(TuneSpec(**BASE)) == 2 * 3
 
 
-def test_the_search_draws_only_configs_that_can_run_and_differ(tmp_path):
-    """The collective tune: AsyncTP requires sequence parallelism, and each threshold matters only with its
-    fusion on. Every point the study can draw plans to a config, and no two points plan to the same one."""
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("sweeps").glob("tune-multi-gpu-*.yaml")))
+def test_the_search_draws_only_configs_that_can_run_and_differ(tmp_path, path):
+    """The collective tunes (each shape, quant and TP size): AsyncTP requires sequence parallelism, and each
+    threshold matters only with its fusion on. Every point the study can draw plans to a config, and no two points
+    plan to the same one."""
     from fusiontune.harness.sweep import PlannedConfig, plan_config
     from fusiontune.harness.tuner import grid_points, suggest
     from fusiontune.harness.tune_spec import trial_fields
 
-    spec, _ = load_tune("sweeps/tune-multi-gpu-llama8b-bf16.yaml")
+    spec, _ = load_tune(path)
     points = grid_points(spec)
     # all-reduce fusion (off, or on at 4 bounds) x (SP off, or on at 4 starts with AsyncTP off or on)
     assert len(points) == 5 * (1 + 4 * 2)
