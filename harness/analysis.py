@@ -15,6 +15,11 @@ reverse), widened by the baseline's drift between its two measurements: what the
 run. Otherwise the verdict is "within noise". A config or baseline whose repeats scatter by more than
 ``NOISY_CV`` (a machine under load) is "too noisy", never claimed, whatever its median says. A config that ran at
 lower SM clocks than its baseline says so.
+
+A paired row (``measure.paired``: the config timed in alternating rounds with all-off, in one process) has its own
+speedup, the median of the rounds' ratios, and its own interval (a bootstrap over rounds): drift between the
+sweep's first and last all-off does not touch it, so it is judged by that interval alone, and the A/A check is
+all-off again paired with all-off.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
     and the ``noise_floor`` it is judged against."""
     measured = table[table["status"] != "skipped"].copy()
     merged = measured.merge(noise_floor(table), on=["tp", "num_tokens"], how="left")
+    merged["paired"] = column(merged, "paired_speedup")
     notes, values = [], []
     for _, row in merged.iterrows():
         enabled = enabled_fusions(row)
@@ -94,7 +100,7 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
                 note = f"{why_off}: {', '.join(out_of_range)}"
         else:
             note = f"{why_off}: {', '.join(out_of_range)}" if out_of_range else ""
-            value = row["baseline_ms"] / row["latency_ms"]
+            value = row["paired"] if pd.notna(row["paired"]) else row["baseline_ms"] / row["latency_ms"]
         notes.append(note)
         values.append(value)
     merged["speedup"], merged["note"] = values, notes
@@ -109,10 +115,12 @@ def _judge(merged: pd.DataFrame) -> None:
     base_low = merged["base_ci_low"].fillna(merged["baseline_ms"])
     base_high = merged["base_ci_high"].fillna(merged["baseline_ms"])
     drift = 1 + column(merged, "drift_rel").fillna(0.0)
-    merged["ci_low"] = (base_low / config_high / drift).where(merged["speedup"].notna())
-    merged["ci_high"] = (base_high / config_low * drift).where(merged["speedup"].notna())
+    paired = merged["paired"].notna()
+    merged["ci_low"] = (base_low / config_high / drift).where(~paired, column(merged, "paired_ci_low"))
+    merged["ci_high"] = (base_high / config_low * drift).where(~paired, column(merged, "paired_ci_high"))
+    merged.loc[merged["speedup"].isna(), ["ci_low", "ci_high"]] = float("nan")
     worst_cv = pd.concat([column(merged, "latency_ms_cv"), merged["base_cv"]], axis=1).max(axis=1, skipna=True)
-    floor = merged["noise_floor"].fillna(0.0)
+    floor = merged["noise_floor"].fillna(0.0).where(~paired, 0.0)  # a paired interval holds the drift already
     again = flag(merged, "baseline_repeat")
     verdicts, notes = [], []
     for i, row in merged.iterrows():
@@ -135,6 +143,10 @@ def _judge(merged: pd.DataFrame) -> None:
             note = "; ".join(filter(None, [extra, note]))
         elif pd.notna(row["speedup"]) and again[i]:
             note = f"the A/A check: all-off again, {abs(row['speedup'] - 1):.1%} off the first"
+            if paired[i]:
+                covers = row["ci_low"] <= 1 <= row["ci_high"]
+                note = (f"the A/A check, paired with all-off: {row['speedup']:.3f} [{row['ci_low']:.3f}-"
+                        f"{row['ci_high']:.3f}], {'covers 1' if covers else 'does not cover 1: the pairing is off'}")
         verdicts.append(verdict)
         notes.append(note)
     merged["verdict"], merged["note"] = verdicts, notes

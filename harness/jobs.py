@@ -34,6 +34,8 @@ class Job:
     collectives: dict[str, str] = field(default_factory=dict)  # symm_mem.CollectiveSettings fields
     # the platform the plan resolved PassConfig on (None: this rank's own, for jobs made by hand)
     platform: Platform | None = None
+    # all-off's PassConfig (user-set fields), to time this config against in alternating rounds (measure.paired)
+    paired_with: dict[str, Any] | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -67,3 +69,4 @@ class RankResult:
     allreduce_used: str = ""  # the collective implementations that ran at this size (symm_mem.take_used)
     kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
     trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
+    paired_base_ms: list[float] = field(default_factory=list)  # all-off's times, round by round beside times_ms

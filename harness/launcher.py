@@ -25,6 +25,7 @@ from fusiontune.passes.platform import Platform
 from .groups import GroupPool, Outcome, groups_to_use
 from .results import RESUMABLE_SKIP, RunFolder
 from .jobs import Job
+from .roles import Role
 from .rows import kernel_rows, rows_for, skipped_rows
 from .sweep import Plan, PlannedConfig, target_platform
 from .worker import TPWorker
@@ -110,7 +111,17 @@ def job_for(plan: Plan, config: PlannedConfig, num_tokens: list[int] | None = No
                role=config.role, max_repeats=measure.max_repeats, settle=measure.settle,
                profile=measure.profile and not config.reference_only,
                compile_cache=measure.compile_cache, collectives=plan.spec.collectives.model_dump(),
-               platform=target_platform(plan.model, config.tp, plan.platform))
+               platform=target_platform(plan.model, config.tp, plan.platform),
+               paired_with=_paired_with(plan, config) if measure.paired else None)
+
+
+def _paired_with(plan: Plan, config: PlannedConfig) -> dict[str, Any] | None:
+    """All-off's PassConfig for a config timed against it in rounds (every config but all-off's first
+    measurement, which is the reference: all-off again is the A/A pair)."""
+    if config.role not in (Role.CONFIG, Role.BASELINE_AGAIN):
+        return None
+    baseline = next((c for c in plan.configs if c.tp == config.tp and c.is_baseline), None)
+    return dict(baseline.pass_config) if baseline is not None else None
 
 
 class Recorder:

@@ -74,6 +74,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
               "by the baseline's drift). A speedup is claimed only when that interval excludes 1 and it is beyond "
               "the noise floor; otherwise it is labelled within noise, or too noisy where the repeats scatter by "
               f"more than {NOISY_CV:.0%}. The same as data: speedups.parquet.", ""]
+    if "paired_speedup" in table and table["paired_speedup"].notna().any():
+        lines += ["Paired rows (measure.paired): each config was timed in alternating rounds with all-off in one "
+                  "process, the order shuffled every round; its speedup is the median of the rounds' all-off / "
+                  "config ratios, its interval a bootstrap over rounds, and it is claimed when that interval "
+                  "excludes 1. The A/A check is all-off again paired with all-off.", ""]
     floors = noise_floor(table)
     for tp, by_tp in data.groupby("tp"):
         lines += [f"## TP={tp}", ""] + _noise_lines(floors[floors["tp"] == tp])

@@ -7,11 +7,13 @@ has, checked as each row is made: a wrong type is a bug here, found before it re
 follow the sweep (each PassConfig field, ``model_*``, ``matches_<flag>``, ``collectives``' keys and the GPU's
 clock, temperature and power) come on top, named by what they hold.
 
-Version 2 (2026-11-28): ``schema_version`` itself. Version 1: everything before.
+Version 3 (2026-11-28): ``paired_*``, a config timed in rounds with all-off (``measure.paired``). Version 2:
+``schema_version`` itself. Version 1: everything before.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -20,12 +22,12 @@ from pydantic import BaseModel, ConfigDict, create_model
 from fusiontune.passes.fusions import PASSES, THRESHOLDS
 
 from .jobs import RankResult
-from .timing import combine_ranks, summarize
+from .timing import combine_ranks, paired_speedup, round_ratios, summarize
 
 if TYPE_CHECKING:  # the plan; imported where used, so that reading rows needs no planner
     from .sweep import Plan, PlannedConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "failed", "incorrect", "skipped")
 PASS_COLUMNS = [spec.flag for spec in PASSES] + list(THRESHOLDS)
 MATCH_COLUMNS = [f"matches_{spec.flag}" for spec in PASSES]
@@ -72,6 +74,13 @@ class _FixedColumns(BaseModel):
     active_passes: Optional[str] = None
     timing: Optional[str] = None
     allreduce_used: Optional[str] = None
+    # measure.paired: all-off's median / the config's, per round, its median over rounds and 95% interval, the
+    # rounds, and all-off's median latency beside the config's
+    paired_speedup: Optional[float] = None
+    paired_ci_low: Optional[float] = None
+    paired_ci_high: Optional[float] = None
+    paired_rounds: Optional[int] = None
+    paired_baseline_ms: Optional[float] = None
 
 
 # ... and every pass's match count.
@@ -119,8 +128,18 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
                for column in first.gpu},  # the slowest clock, the hottest and hungriest GPU of the group
         })
         row.update({f"matches_{spec.flag}": first.matches.get(spec.flag, 0) for spec in PASSES})
+        if times and all(r.paired_base_ms for r in ranks):
+            row.update(paired_columns(times, combine_ranks([r.paired_base_ms for r in ranks])))
         rows.append(checked(row))
     return rows
+
+
+def paired_columns(times_ms: list[float], base_ms: list[float]) -> dict[str, Any]:
+    """A paired row's speedup over the all-off it alternated with, its interval and rounds."""
+    speedup, low, high = paired_speedup(times_ms, base_ms)
+    return {"paired_speedup": speedup, "paired_ci_low": low, "paired_ci_high": high,
+            "paired_rounds": len(round_ratios(times_ms, base_ms)),
+            "paired_baseline_ms": statistics.median(base_ms)}
 
 
 def base_row(plan: Plan, config: PlannedConfig, resolved: dict[str, Any]) -> dict[str, Any]:

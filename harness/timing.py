@@ -18,11 +18,13 @@ deciding, so all stop together.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,6 +33,8 @@ INPUT_COPIES = 4  # inputs a captured graph rotates through
 WARM_MS = 200.0  # untimed replays first, at least this long
 MAX_WARM_REPLAYS = 20_000
 SPIN_CYCLES = 2_000_000  # the GPU's busy-wait before each timed replay (about 1 ms at H100 clocks)
+ROUND_REPEATS = 5  # timed forwards of each config per round of a paired measurement
+BOOTSTRAP_DRAWS = 2000  # resamples of the rounds for a paired speedup's interval
 
 
 @dataclass(frozen=True)
@@ -120,23 +124,83 @@ def time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor, war
     """(milliseconds per forward of each repeat after ``warmup`` untimed calls, how it was timed)."""
     for _ in range(warmup):
         forward(x)
+    (sample,), how = _samplers((forward,), x, device, group)
+    return until_settled(sample, repeats, device, group), how
+
+
+def time_paired(forward: Callable[[torch.Tensor], object], partner: Callable[[torch.Tensor], object], x: torch.Tensor,
+                warmup: int, repeats: Repeats, device: torch.device, group=None,
+                seed: int = 0) -> tuple[list[float], list[float], str]:
+    """(milliseconds per forward of ``forward``, of ``partner`` (all-off), how they were timed): ``ROUND_REPEATS``
+    of each per round, in an order drawn anew every round (from ``seed``: every rank draws the same), so that
+    drift moves both alike. Rounds come in batches until the 95% interval of the median round ratio
+    (``paired_speedup``) is within ``settle`` of it, or ``max_repeats`` repeats of each are taken."""
+    for fn in (forward, partner):
+        for _ in range(warmup):
+            fn(x)
+    samplers, how = _samplers((forward, partner), x, device, group)
+    times: tuple[list[float], list[float]] = ([], [])
+    order = random.Random(seed)
+    least = max(3, math.ceil(repeats.min_repeats / ROUND_REPEATS))
+    most = max(least, math.ceil(repeats.max_repeats / ROUND_REPEATS))
+    rounds = 0
+    while rounds < most:
+        batch = min(least, most - rounds)
+        mine: tuple[list[float], list[float]] = ([], [])
+        for _ in range(batch):
+            for which in order.sample((0, 1), 2):
+                mine[which].extend(samplers[which](ROUND_REPEATS))
+        for which in (0, 1):
+            times[which].extend(slowest_rank(mine[which], device, group))
+        rounds += batch
+        speedup, low, high = paired_speedup(times[0], times[1])
+        if (high - low) / 2 <= repeats.settle * speedup:
+            break
+    return times[0], times[1], f"paired rounds of {ROUND_REPEATS} with all-off, {how}"
+
+
+def _samplers(forwards, x: torch.Tensor, device: torch.device, group=None) -> tuple[list[Callable], str]:
+    """A sampler per forward (``n`` -> n times in ms), and how they time: on CUDA each forward captured in a CUDA
+    graph over ``INPUT_COPIES`` copies of ``x`` and warmed (eager events where capture fails), else wall clock."""
     if device.type == "cuda":
         copies = [x] + [x.clone() for _ in range(INPUT_COPIES - 1)]
         try:
             if group is not None:
                 dist.barrier(group=group)
-            timer = GraphTimer(forward, copies)
-            timer.warm(group=group)
+            timers = [GraphTimer(forward, copies) for forward in forwards]
+            for timer in timers:
+                timer.warm(group=group)
         except Exception as exc:  # noqa: BLE001 - a forward that cannot be captured is still timed, and said so
             torch.cuda.synchronize()
             how = f"eager events (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]})"
         else:
-            times = until_settled(lambda n: [t / 1e3 for t in timer.sample(n, group)], repeats, device, group)
-            del timer
-            return times, f"cuda-graph ({INPUT_COPIES} input copies)"
+            return ([lambda n, t=timer: [v / 1e3 for v in t.sample(n, group)] for timer in timers],
+                    f"cuda-graph ({INPUT_COPIES} input copies)")
     else:
         how = "wall clock"
-    return until_settled(lambda n: _time_eagerly(lambda: forward(x), n, device, group), repeats, device, group), how
+    return [lambda n, f=forward: _time_eagerly(lambda: f(x), n, device, group) for forward in forwards], how
+
+
+def paired_speedup(config_ms: list[float], base_ms: list[float]) -> tuple[float, float, float]:
+    """(the median over rounds of all-off's median / the config's, its 95% interval): a percentile bootstrap over
+    rounds, the independent samples (within a round both saw the same machine). Infinite with fewer than 3
+    rounds."""
+    ratios = round_ratios(config_ms, base_ms)
+    if not ratios:
+        return float("nan"), -math.inf, math.inf
+    speedup = statistics.median(ratios)
+    if len(ratios) < 3:
+        return speedup, -math.inf, math.inf
+    draws = np.random.default_rng(0).integers(0, len(ratios), size=(BOOTSTRAP_DRAWS, len(ratios)))
+    low, high = np.percentile(np.median(np.asarray(ratios)[draws], axis=1), [2.5, 97.5])
+    return speedup, float(low), float(high)
+
+
+def round_ratios(config_ms: list[float], base_ms: list[float]) -> list[float]:
+    """Per round of ``ROUND_REPEATS`` each: all-off's median / the config's."""
+    k = ROUND_REPEATS
+    return [statistics.median(base_ms[i:i + k]) / statistics.median(config_ms[i:i + k])
+            for i in range(0, min(len(config_ms), len(base_ms)) - k + 1, k)]
 
 
 def until_settled(sample: Callable[[int], list[float]], repeats: Repeats, device: torch.device,

@@ -33,7 +33,7 @@ from .match_counts import MatchCounts, UnrecordedCacheHit, first_call_marks, mat
 from .model import DecoderStack, ModelConfig
 from .process_group import RankGroup
 from .profile import profile_forward
-from .timing import gpu_state, time_forward
+from .timing import gpu_state, time_forward, time_paired
 
 
 def planned_platform(planned: Platform | None, here: Platform) -> Platform:
@@ -143,6 +143,11 @@ class TPWorker:
             self.log(f"failed before measuring: {_describe(exc)}")
             return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
         self.log("ranges: " + "; ".join(f"{p.label}: {', '.join(p.active) or 'no passes'}" for p in parts))
+        try:
+            partner = self._partner(job)
+        except Exception as exc:  # noqa: BLE001 - the config is still measured, unpaired, and the log says why
+            self.log(f"not paired with all-off: {_describe(exc)}")
+            partner = None
         results, last_matches = [], {}
         try:
             # Largest first: in each range, the first compile is the dynamic-shape graph its smaller sizes reuse.
@@ -154,12 +159,14 @@ class TPWorker:
                         compiled[part.label] = self._compile(self._model, part)
                     fn, manager = compiled[part.label]
                     result.compile_range, result.active = part.label, list(part.active)
+                    partner_fn = self._partner_for(partner, num_tokens)
                     try:
-                        matches = self._measure(job, cfg, fn, manager, result, last_matches.get(part.label, {}))
+                        matches = self._measure(job, cfg, fn, manager, result, last_matches.get(part.label, {}),
+                                                partner_fn)
                     except UnrecordedCacheHit as hit:  # compile this range afresh, its passes running
                         self.log(f"num_tokens={num_tokens}: {hit}; compiling range {part.label} without the cache")
                         compiled[part.label] = fn, manager = self._compile(self._model, part, cache=False)
-                        matches = self._measure(job, cfg, fn, manager, result, {})
+                        matches = self._measure(job, cfg, fn, manager, result, {}, partner_fn)
                     last_matches[part.label] = matches
                     self.log(_summary(result))
                 except Exception as exc:
@@ -176,15 +183,42 @@ class TPWorker:
         """The model's config, the resolved PassConfig, its num_tokens ranges, and per range (by label) a compiled
         callable with that range's passes and their manager."""
         cfg = ModelConfig(**job.model)  # head_dim comes resolved: explicit, same shapes
-        here = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
-        if self.device.type == "cpu":
-            here = here.on_cpu()
-        resolved = resolve(job.pass_config, job.optimization_level, planned_platform(job.platform, here))
+        resolved = self._resolve(job, job.pass_config, cfg)
         model = self.model_for(cfg, job.seed)
         torch._dynamo.reset()
         self._cache = job.compile_cache  # Inductor's fx_graph_cache option governs AOTAutograd's cache too
         parts = compile_ranges(resolved)
         return cfg, resolved, parts, {part.label: self._compile(model, part) for part in parts}
+
+    def _resolve(self, job: Job, pass_config: dict[str, Any], cfg: ModelConfig):
+        """``pass_config`` at the job's level, on the platform the plan resolved it on (else this rank's own)."""
+        here = Platform.detect(self.world_size, cfg.hidden_size, cfg.torch_dtype.itemsize, cfg.quant)
+        if self.device.type == "cpu":
+            here = here.on_cpu()
+        return resolve(pass_config, job.optimization_level, planned_platform(job.platform, here))
+
+    def _partner(self, job: Job):
+        """All-off's num_tokens ranges and, per range, its compiled callable, for a job timed against it in
+        rounds (``job.paired_with``); None otherwise. Same model, same weights: only the passes differ."""
+        if job.paired_with is None or job.reference_only:
+            return None
+        parts = compile_ranges(self._resolve(job, job.paired_with, self._model.cfg))
+        # the model's forward now holds two compiles' graphs per range: room for them, or Dynamo would run the
+        # later ones eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self.log("paired with all-off: " + "; ".join(f"{p.label}: {', '.join(p.active) or 'no passes'}"
+                                                     for p in parts))
+        return parts, {}
+
+    def _partner_for(self, partner, num_tokens: int):
+        """All-off's compiled callable for this size (its range compiled at first use), or None."""
+        if partner is None:
+            return None
+        parts, compiled = partner
+        part = range_for(parts, num_tokens, self.world_size)
+        if part.label not in compiled:
+            compiled[part.label] = self._compile(self._model, part)[0]
+        return compiled[part.label]
 
     def _compile(self, model: DecoderStack, part, cache: bool | None = None) -> tuple[Any, PassManager]:
         """A lazily compiled callable for one num_tokens range, with that range's passes, and their manager."""
@@ -196,9 +230,10 @@ class TPWorker:
 
     @torch.no_grad()
     def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,
-                 last_matches: dict[str, int]) -> dict[str, int]:
+                 last_matches: dict[str, int], partner=None) -> dict[str, int]:
         """One size: its first call (compiling, counting matches), its output checked against all-off, its timing
-        (and profile). Fills ``result``; returns the range's match counts for its next size."""
+        (in rounds with all-off's ``partner``, where given) and profile. Fills ``result``; returns the range's
+        match counts for its next size."""
         problem = cfg.cache_problem(result.num_tokens)
         if problem:
             raise ValueError(problem)
@@ -209,7 +244,7 @@ class TPWorker:
         self._check(job, cfg, out, result)
         del out
         if not job.reference_only:
-            self._time(job, compiled, x, result)
+            self._time(job, compiled, x, result, partner)
         return last_matches
 
     def _first_call(self, compiled, manager: PassManager, x: torch.Tensor, result: RankResult,
@@ -249,13 +284,21 @@ class TPWorker:
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()),
                                          self.world_size)
 
-    def _time(self, job: Job, compiled, x: torch.Tensor, result: RankResult) -> None:
-        """The size's timed repeats, the GPU's state after them, what collectives ran, and its profile."""
-        self.log(f"num_tokens={result.num_tokens}: timing")
-        result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
-                                                      self.group)
+    def _time(self, job: Job, compiled, x: torch.Tensor, result: RankResult, partner=None) -> None:
+        """The size's timed repeats (in rounds with all-off's ``partner``, where given), the GPU's state after
+        them, what collectives ran, and its profile."""
+        self.log(f"num_tokens={result.num_tokens}: timing" + (" in rounds with all-off" if partner is not None else ""))
+        if partner is None:
+            result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
+                                                          self.group)
+            result.allreduce_used = symm_mem.take_used()
+        else:
+            result.allreduce_used = symm_mem.take_used()  # the config's first call; all-off's calls come next
+            result.times_ms, result.paired_base_ms, result.timing = time_paired(
+                compiled, partner, x, job.warmup, job.repeat_rule, self.device, self.group,
+                seed=job.seed * 100_003 + result.num_tokens)
+            symm_mem.take_used()
         result.gpu = gpu_state(self.device)
-        result.allreduce_used = symm_mem.take_used()
         if job.profile:
             barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
             result.kernels, trace = profile_forward(lambda: compiled(x), self.device, barrier=barrier)

@@ -266,3 +266,24 @@ def test_compare_judges_speedups_so_another_machine_of_the_kind_compares(tmp_pat
     cli = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
                          text=True, env={**__import__("os").environ, "COLUMNS": "200"})
     assert cli.returncode == 0 and "all-off latency moved by +10.00% to +10.00%" in cli.stdout
+
+
+def test_a_paired_row_is_judged_by_its_own_interval_and_its_a_a_check_says_whether_it_covers_one():
+    """measure.paired: the run's all-off drifted 10% between its two measurements (a floor no unpaired 5% could
+    pass), but the config alternated with all-off in rounds: its own interval decides. All-off again, paired with
+    all-off, is the A/A check."""
+    base = [with_ci(row("base", 1, 2.0, baseline=True))]
+    again = [with_ci({**row("base, again", 1, 2.2), "baseline_repeat": True, "paired_speedup": 0.998,
+                      "paired_ci_low": 0.99, "paired_ci_high": 1.01})]
+    fused = with_ci({**row("fused", 1, 2.1, norm=True, matches=4), "paired_speedup": 1.05, "paired_ci_low": 1.04,
+                     "paired_ci_high": 1.06})
+    table = speedups(pd.DataFrame(base + again + [fused])).set_index("label")
+    assert table.loc["fused", "speedup"] == 1.05 and table.loc["fused", "verdict"] == "faster"
+    assert (table.loc["fused", "ci_low"], table.loc["fused", "ci_high"]) == (1.04, 1.06)
+    assert table.loc["base, again", "note"] == "the A/A check, paired with all-off: 0.998 [0.990-1.010], covers 1"
+    unsure = {**fused, "paired_ci_low": 0.99}
+    assert speedups(pd.DataFrame(base + again + [unsure])).set_index("label").loc["fused", "verdict"] == \
+        "within noise"
+    unpaired = with_ci(row("fused", 1, 2.0 / 1.05, norm=True, matches=4))  # the same 5% against a 10% floor
+    assert speedups(pd.DataFrame(base + again + [unpaired])).set_index("label").loc["fused", "verdict"] == \
+        "within noise"

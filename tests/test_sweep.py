@@ -319,6 +319,21 @@ def test_the_flashinfer_check_plans_the_same_configs_as_ours_with_flashinfer_s_k
         assert [b.resolved["fuse_allreduce_rms"] for _, b in pairs] == [False, False, True, False]
 
 
+def test_a_paired_sweep_times_every_config_but_all_off_against_all_off():
+    """measure.paired: each config's job carries all-off's PassConfig (all-off again too: the A/A pair); all-off's
+    first measurement, the reference, is not paired; without the option no job is."""
+    from fusiontune.harness.launcher import job_for
+
+    for paired in (True, False):
+        plan = expand(parse_sweep(sweep(tp=[1, 2], measure={"paired": paired},
+                                        pass_config={"fuse_norm_quant": [False, True]})))
+        for config in plan.configs:
+            baseline = next(c for c in plan.configs_for(config.tp) if c.is_baseline)
+            want = dict(baseline.pass_config) if paired and not config.is_baseline else None
+            assert job_for(plan, config).paired_with == want, (paired, config.label)
+        assert any(job_for(plan, c).paired_with for c in plan.configs if c.baseline_repeat) == paired
+
+
 def test_values_a_user_did_not_mean_are_refused_not_coerced():
     for text, field in (('tp: "2"', "tp"), ("model: {preset: tiny, num_layers: 2.5}", "model.num_layers"),
                         ("measure: {profile: 1}", "measure.profile"),

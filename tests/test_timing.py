@@ -9,7 +9,8 @@ import statistics
 
 import torch
 
-from fusiontune.harness.timing import Repeats, combine_ranks, median_ci, summarize, until_settled
+from fusiontune.harness.timing import (ROUND_REPEATS, Repeats, combine_ranks, median_ci, paired_speedup, round_ratios,
+                                       summarize, time_paired, until_settled)
 
 
 def test_the_median_interval_is_a_pair_of_order_statistics():
@@ -67,3 +68,40 @@ def test_repeating_stops_when_the_median_settles_or_at_the_cap():
 
 def test_a_tp_step_lasts_as_long_as_its_slowest_rank():
     assert combine_ranks([[1.0, 5.0, 2.0], [3.0, 4.0, 2.5]]) == [3.0, 5.0, 2.5]
+
+
+def test_a_paired_speedup_sees_through_drift_that_moves_both_alike():
+    """Rounds on a machine whose speed swings between 1x and 2x: each round's all-off / config ratio is the true
+    1.25 (1% noise), so the bootstrap interval over rounds is tight around it; the same distribution paired with
+    itself (A/A) covers 1; with fewer than 3 rounds there is no interval."""
+    rng = random.Random(5)
+    config, base, again = [], [], []
+    for r in range(12):
+        drift = 1 + math.sin(r) ** 2
+        base += [drift * rng.uniform(0.99, 1.01) for _ in range(ROUND_REPEATS)]
+        again += [drift * rng.uniform(0.99, 1.01) for _ in range(ROUND_REPEATS)]
+        config += [drift / 1.25 * rng.uniform(0.99, 1.01) for _ in range(ROUND_REPEATS)]
+    speedup, low, high = paired_speedup(config, base)
+    assert abs(speedup - 1.25) < 0.01 and 1.22 < low <= speedup <= high < 1.28
+    same, low, high = paired_speedup(again, base)
+    assert low <= 1 <= high and high - low < 0.02
+    assert len(round_ratios(config, base)) == 12
+    assert paired_speedup(config[:10], base[:10])[1:] == (-math.inf, math.inf)
+
+
+def test_paired_rounds_alternate_in_an_order_drawn_every_round():
+    """Warm-up of each, then rounds of ROUND_REPEATS forwards of one and then the other, the order drawn anew each
+    round, until the cap when the ratio never settles."""
+    calls = []
+
+    def forward(name):
+        return lambda x: calls.append(name)
+
+    config_ms, base_ms, how = time_paired(forward("config"), forward("base"), torch.zeros(1), 2,
+                                          Repeats(10, 40, 1e-12), torch.device("cpu"))
+    assert calls[:4] == ["config", "config", "base", "base"] and how.startswith("paired rounds of 5 with all-off")
+    rounds = [calls[4 + 2 * ROUND_REPEATS * i:4 + 2 * ROUND_REPEATS * (i + 1)] for i in range(8)]
+    assert len(calls) == 4 + 8 * 2 * ROUND_REPEATS and len(config_ms) == len(base_ms) == 8 * ROUND_REPEATS
+    for one in rounds:
+        assert one[:ROUND_REPEATS] == [one[0]] * ROUND_REPEATS and set(one) == {"config", "base"}
+    assert {one[0] for one in rounds} == {"config", "base"}  # both orders occur

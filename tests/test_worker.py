@@ -50,6 +50,19 @@ def test_compiled_model_fuses_per_layer_and_agrees_with_all_off(worker, model, n
 
 
 @pytest.mark.slow
+def test_a_paired_job_times_the_config_in_rounds_with_all_off(worker):
+    """measure.paired: the config's job compiles all-off beside it (the same model, the same weights) and times the
+    two in alternating rounds; the config still fuses and agrees with all-off."""
+    cfg = build_model_config("tiny", quant="fp8-static", num_layers=1).to_dict()
+    worker.run(Job("base", OFF, 2, cfg, [1, 8], warmup=1, repeats=3, role=Role.BASELINE))
+    fused = worker.run(Job("fused", ON, 2, cfg, [1, 8], warmup=1, repeats=10, max_repeats=10, paired_with=OFF))
+    for r in fused:
+        assert not r.error and r.matches["fuse_norm_quant"] == 2 and r.max_abs_err <= r.tolerance, r.error
+        assert len(r.times_ms) == len(r.paired_base_ms) == 15  # 3 rounds of 5 each
+        assert r.timing == "paired rounds of 5 with all-off, wall clock"
+
+
+@pytest.mark.slow
 def test_a_size_beyond_max_position_fails_alone(worker):
     _, base, fused = run_pair(worker, [5, 300], quant="fp8-static", max_position=256, num_layers=1)
     by_size = {r.num_tokens: r for r in fused}
