@@ -142,7 +142,7 @@ class TPWorker:
         except Exception as exc:
             self.log(f"failed before measuring: {_describe(exc)}")
             return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
-        self.log("ranges: " + "; ".join(f"{p.label}: {', '.join(p.active) or 'no passes'}" for p in parts))
+        self.log("ranges: " + _ranges_text(parts))
         try:
             partner = self._partner(job)
         except Exception as exc:  # noqa: BLE001 - the config is still measured, unpaired, and the log says why
@@ -206,8 +206,7 @@ class TPWorker:
         # the model's forward now holds two compiles' graphs per range: room for them, or Dynamo would run the
         # later ones eagerly
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        self.log("paired with all-off: " + "; ".join(f"{p.label}: {', '.join(p.active) or 'no passes'}"
-                                                     for p in parts))
+        self.log("paired with all-off: " + _ranges_text(parts))
         return parts, {}
 
     def _partner_for(self, partner, num_tokens: int):
@@ -287,7 +286,8 @@ class TPWorker:
     def _time(self, job: Job, compiled, x: torch.Tensor, result: RankResult, partner=None) -> None:
         """The size's timed repeats (in rounds with all-off's ``partner``, where given), the GPU's state after
         them, what collectives ran, and its profile."""
-        self.log(f"num_tokens={result.num_tokens}: timing" + (" in rounds with all-off" if partner is not None else ""))
+        paired = " in rounds with all-off" if partner is not None else ""
+        self.log(f"num_tokens={result.num_tokens}: timing{paired}")
         if partner is None:
             result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
                                                           self.group)
@@ -303,6 +303,11 @@ class TPWorker:
             barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
             result.kernels, trace = profile_forward(lambda: compiled(x), self.device, barrier=barrier)
             result.trace = trace if self.rank == 0 else b""
+
+
+def _ranges_text(parts) -> str:
+    """Each num_tokens range and the passes it compiles with, for the job's log."""
+    return "; ".join(f"{p.label}: {', '.join(p.active) or 'no passes'}" for p in parts)
 
 
 def _where() -> str:

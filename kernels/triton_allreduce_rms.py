@@ -144,6 +144,28 @@ def _slot(peer, rank):
 
 
 @triton.jit
+def _unmarked(bits, MARK: tl.constexpr):
+    """``bits`` with the empty mark (-0.0) as +0.0: what a rank pushes and sums is never read as empty."""
+    return tl.where(bits == MARK, tl.zeros_like(bits), bits)
+
+
+@triton.jit
+def _rank_order_sum(own, first_slot, slot_stride, rank, mask, x_dtype: tl.constexpr, MARK: tl.constexpr,
+                    WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    """A row (part)'s partial sums over the ranks, in fp32 in rank order, so that every rank forms the same sum:
+    this rank's own at ``own``, each peer's taken from its slot as it lands (slot s at ``first_slot + s *
+    slot_stride``)."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == rank:
+            bits = _unmarked(tl.load(own, mask=mask, other=0), MARK)  # as the peers have it
+        else:
+            bits = _take(first_slot + _slot(peer, rank).to(tl.int64) * slot_stride, mask, MARK, BLOCK)
+        total += bits.to(x_dtype, bitcast=True).to(tl.float32)
+    return total
+
+
+@triton.jit
 def _own_pad(pads, rank):
     return tl.load(pads.to(tl.pointer_type(tl.uint64)) + rank).to(tl.pointer_type(tl.int32))
 
@@ -202,8 +224,7 @@ def _one_shot_kernel(
     if PHASE_FIRST <= 0 and PHASE_LAST >= 0:  # push this rank's partial rows into every peer's slot
         for i in range(first_row, M, row_programs):
             row = tl.cast(i, tl.int64)
-            bits = tl.load(x_bits + row * H + offs, mask=mask)
-            bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # -0.0 -> +0.0: never the empty mark
+            bits = _unmarked(tl.load(x_bits + row * H + offs, mask=mask), MARK)
             for peer in tl.static_range(WORLD):
                 if peer != rank:
                     slots = _workspace(buffers, peer, BITS, base + SLOTS, ALIGNED)
@@ -218,14 +239,8 @@ def _one_shot_kernel(
         for i in range(first_row, M, row_programs):
             row = tl.cast(i, tl.int64)
             r = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-            for peer in tl.static_range(WORLD):  # rank order: every rank forms the same sum
-                if peer == rank:
-                    bits = tl.load(x_bits + row * H + offs, mask=mask, other=0)
-                    bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # as the peers have it
-                else:
-                    bits = _take(mine + (_slot(peer, rank) * M + row) * H + offs, mask, MARK, BLOCK)
-                total += bits.to(x_dtype, bitcast=True).to(tl.float32)
+            total = _rank_order_sum(x_bits + row * H + offs, mine + row * H + offs, tl.cast(M, tl.int64) * H, rank,
+                                    mask, x_dtype, MARK, WORLD, BLOCK)
             v = _new_residual(total, r, x_dtype)
             tl.store(res_ptr + row * H + offs, v, mask=mask)
             if SPLIT == 1:
@@ -278,8 +293,7 @@ def _two_shot_kernel(
             for owner in tl.static_range(WORLD):
                 row = (owner * shard + i).to(tl.int64)
                 if (owner != rank) & (row < M):
-                    bits = tl.load(x_bits + row * H + offs, mask=mask)
-                    bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # -0.0 -> +0.0: never the empty mark
+                    bits = _unmarked(tl.load(x_bits + row * H + offs, mask=mask), MARK)
                     slots = _workspace(buffers, owner, BITS, base + SLOTS, ALIGNED)
                     tl.store(slots + (_slot(rank, owner) * shard + i).to(tl.int64) * H + offs, bits, mask=mask)
 
@@ -293,16 +307,9 @@ def _two_shot_kernel(
             row = (own_first + i).to(tl.int64)
             if row < M:
                 r = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
-                total = tl.zeros([BLOCK], dtype=tl.float32)
-                for peer in tl.static_range(WORLD):  # rank order: every rank forms the same sum
-                    if peer == rank:
-                        bits = tl.load(x_bits + row * H + offs, mask=mask, other=0)
-                        bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # as the peers have it
-                    else:
-                        bits = _take(mine + (_slot(peer, rank) * shard + i).to(tl.int64) * H + offs, mask, MARK, BLOCK)
-                    total += bits.to(x_dtype, bitcast=True).to(tl.float32)
-                bits = _new_residual(total, r, x_dtype).to(BITS, bitcast=True)
-                bits = tl.where(bits == MARK, tl.zeros_like(bits), bits)  # -0.0 -> +0.0 here too: the same bits
+                total = _rank_order_sum(x_bits + row * H + offs, mine + tl.cast(i, tl.int64) * H + offs,
+                                        tl.cast(shard, tl.int64) * H, rank, mask, x_dtype, MARK, WORLD, BLOCK)
+                bits = _unmarked(_new_residual(total, r, x_dtype).to(BITS, bitcast=True), MARK)  # the same bits
                 v = bits.to(x_dtype, bitcast=True)
                 tl.store(res_ptr + row * H + offs, v, mask=mask)
                 for peer in tl.static_range(WORLD):  # the new residual row into every peer's gather area
