@@ -8,8 +8,10 @@ nvcc at first use), so nothing imports it until a FlashInfer path runs, and ``av
 The workspace is made once per process group and hidden size (a collective: every rank makes it at the same call)
 for tensors up to ``MAX_BYTES``. It is the TensorRT-LLM backend's, asked for by name: the MNNVL backend that
 ``backend="auto"`` prefers where multicast exists needs NVLink multicast, which stays off (``symm_mem.MULTICAST_OFF``).
-As vLLM calls it, the residual is updated in place and the normalized rows (or their FP8 codes, ``x / scale``) are
-returned; one-shot or two-shot is FlashInfer's own choice by size.
+It is called as vLLM calls it: the residual updated in place, the normalized rows (or their FP8 codes, ``x /
+scale``) returned, the ranks' rows summed in fp32 (``fp32_acc``; FlashInfer's default sums in the input dtype, one
+rounding per rank, which at TP=4 moves FP8 codes by more than one step), and one-shot or two-shot chosen by vLLM's
+one-shot bound for the GPU's capability and TP size (``FI_ALLREDUCE_ONE_SHOT_MAX_SIZE_MB``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import importlib.util
 import torch
 import torch.distributed as dist
 
-from .collectives import process_group
+from .collectives import group_size, process_group
 from .numerics import FP8_DTYPE
 from .symm_mem import SYMM_MEM_MAX_BYTES as MAX_BYTES  # the largest tensor a workspace holds
 from .symm_mem import MiB
@@ -54,6 +56,16 @@ def _workspace(group_name: str, hidden: int, dtype: torch.dtype):
     return _WORKSPACES[key]
 
 
+def _use_one_shot(x: torch.Tensor, world: int) -> bool:
+    """vLLM's choice of FlashInfer's form: one-shot up to its table's bound for this capability and TP size, and
+    where the table has none."""
+    from fusiontune.passes.fusions import FI_ALLREDUCE_ONE_SHOT_MAX_SIZE_MB  # the tables live with the passes
+
+    major, minor = torch.cuda.get_device_capability(x.device)
+    bound = FI_ALLREDUCE_ONE_SHOT_MAX_SIZE_MB.get(major * 10 + minor, {}).get(world)
+    return bound is None or x.numel() * x.element_size() <= bound * MiB
+
+
 def allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                            scale: torch.Tensor | None, group_name: str) -> torch.Tensor:
     """The fused op by FlashInfer: this rank's normalized rows (FP8 codes with ``scale``), its residual updated in
@@ -70,7 +82,8 @@ def allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
     outputs = ({"pattern": pattern.kARResidualRMSNormFP8Quant, "quant_out": out, "scale_factor": scale.float()}
                if scale is not None else {"pattern": pattern.kARResidualRMSNorm, "norm_out": out})
     comm.allreduce_fusion(input=x, workspace=workspace, launch_with_pdl=True, residual_in=res, residual_out=res,
-                          rms_gamma=weight, rms_eps=eps, **outputs)
+                          rms_gamma=weight, rms_eps=eps, fp32_acc=True,
+                          use_oneshot=_use_one_shot(x, group_size(group_name)), **outputs)
     if res is not residual:
         residual.copy_(res)
     return out

@@ -301,10 +301,11 @@ def _gpu_rank(rank, world, port, queue):
 
 
 def _check_flashinfer(rank, world, group, device):
-    """FlashInfer's fused op against the unfused chain, eagerly and as the model's op under a CUDA graph. It sums
-    and scales in its own order (x * (1 / scale) for FP8), so values are held to the harness tolerance for bf16 at
-    this TP size, and FP8 codes to the adjacent code (a last-bit difference before the cast moves a value across a
-    rounding boundary, never further)."""
+    """FlashInfer's fused op against the unfused chain, eagerly and as the model's op under a CUDA graph. Called as
+    vLLM calls it, it sums in fp32 in rank order as the chain does, but normalises and scales in its own order (x *
+    (1 / scale) for FP8), so values are held to the harness tolerance for bf16 at this TP size, and FP8 codes to the
+    adjacent code (a last-bit difference before the cast moves a value across a rounding boundary, never further).
+    Its default sum in bf16 (one rounding per rank) fails this at TP=4."""
     from fusiontune.harness.correctness import tolerance
     from fusiontune.kernels import flashinfer_allreduce, symm_mem
 
