@@ -13,6 +13,11 @@ ring order, fusiontune's kernel in fp32 rounding once), and the collective fusio
 TP terms is then rounded up to TP - 1 times instead of once, so the allowance scales by TP - 1 (at TP = 2 one
 addition rounds once everywhere: the outputs match bit for bit, as measured). Anything beyond that is a wrong
 kernel or a wrong rewrite, and the config is marked ``incorrect``.
+
+FlashInfer's fused all-reduce + norm (``allreduce_backend: flashinfer``) sums as the chain does but normalises and
+scales in its own order (``x * (1 / scale)``), so its rows round once more than the chain's: it gets the allowance
+of one more rounding, at every TP size (measured at TP=2, FP8, 8 layers: 12 ulps of the output's magnitude, where
+our kernel is bit-equal).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from __future__ import annotations
 import torch
 
 
-def tolerance(dtype: torch.dtype, fp8: bool, reference_absmax: float, tp: int = 1) -> float:
-    ulps = (8 if fp8 else 4) * max(1, tp - 1)
+def tolerance(dtype: torch.dtype, fp8: bool, reference_absmax: float, tp: int = 1, reordered: bool = False) -> float:
+    """``reordered``: an op in the config rounds once more than its chain (FlashInfer's fused all-reduce + norm)."""
+    ulps = (8 if fp8 else 4) * (max(1, tp - 1) + reordered)
     return ulps * torch.finfo(dtype).eps * max(reference_absmax, 1.0)
 
 

@@ -281,7 +281,7 @@ class TPWorker:
         else:
             result.max_abs_err = max_abs_error(out, reference)
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()),
-                                         self.world_size)
+                                         self.world_size, reordered="flashinfer" in symm_mem.used())
 
     def _time(self, job: Job, compiled, x: torch.Tensor, result: RankResult, partner=None) -> None:
         """The size's timed repeats (in rounds with all-off's ``partner``, where given), the GPU's state after

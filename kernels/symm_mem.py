@@ -87,6 +87,11 @@ def record(implementation: str) -> None:
     _USED.add(implementation)
 
 
+def used() -> set[str]:
+    """The implementations run since the last ``take_used``, kept."""
+    return set(_USED)
+
+
 def take_used() -> str:
     """The implementations run since the last call (comma-separated), and forget them."""
     used = ",".join(sorted(_USED))

@@ -31,6 +31,12 @@ round trip), and every read of the sum is local.
   A new residual is never -0.0 (its sum starts from +0.0); were one, every rank would store it as +0.0, since
   -0.0 is the gather area's empty mark.
 
+**One poll for all peers' rows (one-shot, TP > 2).** Where the block fits (``TAKE_AT_ONCE`` elements: peers x
+part), a one-shot program loads every peer's part of a row as one [peers, part] block and polls until none of it
+holds the mark: the loads overlap, where taking them one after another would wait a local round trip (and a
+block-wide reduction) per peer. The rows then join the sum in rank order, each picked out exactly (the other rows
+add zeros). At TP=4 this took 1.5-13% off the one-shot at 1-8 tokens (H200, 2026-11-28, docs/benchmarks.md).
+
 Numerics are ``numerics``' (``all_reduce_sum``, ``residual_add``, ``rms_norm``, ``quant_fp8_static``): the sum is
 taken in fp32 in rank order and rounded once, so every rank holds the same bits, and one-shot and two-shot agree.
 
@@ -70,6 +76,10 @@ PHASE_COPY, PHASE_REDUCE, PHASE_NORMALISE, PHASE_CLEAR = 0, 1, 2, 3
 MAX_SPLIT = 8
 # The fewest elements one program of a split row takes.
 MIN_PART = 1024
+# The most elements (peers x part) a one-shot program polls for at once; beyond, it takes its peers' rows one after
+# another, as the two-shot always does (measured: at once, its larger code spills and is 5-9% slower at 64-256
+# tokens) and as one peer (TP=2) does, with nothing to overlap.
+TAKE_AT_ONCE = 8192
 # The empty mark of a one-shot slot element, by element size: the bits of -0.0 read as a signed integer.
 _MARK_DTYPES = {2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}
 
@@ -107,6 +117,26 @@ def _take(slot, mask, MARK: tl.constexpr, BLOCK: tl.constexpr):
         bits = tl.load(slot, mask=mask, other=0, volatile=True)
     tl.store(slot, tl.full([BLOCK], MARK, slot.dtype.element_ty), mask=mask)
     return bits
+
+
+@triton.jit
+def _take_rows(first, stride, rows, mask, MARK: tl.constexpr, ROWS: tl.constexpr):
+    """Several rows' parts at once (row j's at the places ``first + j * stride``, where ``rows[j]``), once no
+    element of any holds the empty mark, their places marked empty again: one poll for all of them, so their loads
+    overlap instead of waiting on each other. [ROWS, part] bits, zeros where masked."""
+    places = first[None, :] + tl.arange(0, ROWS)[:, None].to(tl.int64) * stride
+    both = rows[:, None] & mask[None, :]
+    bits = tl.load(places, mask=both, other=0, volatile=True)
+    while tl.max(tl.max((bits == MARK).to(tl.int32), axis=1), axis=0) > 0:
+        bits = tl.load(places, mask=both, other=0, volatile=True)
+    tl.store(places, tl.full(bits.shape, MARK, bits.dtype), mask=both)
+    return bits
+
+
+@triton.jit
+def _row_of(block, j, ROWS: tl.constexpr):
+    """Row ``j`` of a [ROWS, BLOCK] fp32 block, exactly (the other rows add zeros)."""
+    return tl.sum(tl.where(tl.arange(0, ROWS)[:, None] == j, block, 0.0), axis=0)
 
 
 @triton.jit
@@ -151,17 +181,22 @@ def _unmarked(bits, MARK: tl.constexpr):
 
 @triton.jit
 def _rank_order_sum(own, first_slot, slot_stride, rank, mask, x_dtype: tl.constexpr, MARK: tl.constexpr,
-                    WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                    WORLD: tl.constexpr, BLOCK: tl.constexpr, PEERS: tl.constexpr, TAKE_AT_ONCE: tl.constexpr):
     """A row (part)'s partial sums over the ranks, in fp32 in rank order, so that every rank forms the same sum:
     this rank's own at ``own``, each peer's taken from its slot as it lands (slot s at ``first_slot + s *
     slot_stride``)."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
+    if PEERS * BLOCK <= TAKE_AT_ONCE:  # every peer's part at once
+        peers = _take_rows(first_slot, slot_stride, tl.arange(0, PEERS) < WORLD - 1, mask, MARK,
+                           PEERS).to(x_dtype, bitcast=True).to(tl.float32)
     for peer in tl.static_range(WORLD):
         if peer == rank:
-            bits = _unmarked(tl.load(own, mask=mask, other=0), MARK)  # as the peers have it
+            total += _unmarked(tl.load(own, mask=mask, other=0), MARK).to(x_dtype, bitcast=True).to(tl.float32)
+        elif PEERS * BLOCK <= TAKE_AT_ONCE:
+            total += _row_of(peers, _slot(peer, rank), PEERS)
         else:
             bits = _take(first_slot + _slot(peer, rank).to(tl.int64) * slot_stride, mask, MARK, BLOCK)
-        total += bits.to(x_dtype, bitcast=True).to(tl.float32)
+            total += bits.to(x_dtype, bitcast=True).to(tl.float32)
     return total
 
 
@@ -204,7 +239,8 @@ def _one_shot_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, SLOTS, COUNTER,
     WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
-    BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr,
+    BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr, PEERS: tl.constexpr,
+    TAKE_AT_ONCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -240,7 +276,7 @@ def _one_shot_kernel(
             row = tl.cast(i, tl.int64)
             r = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
             total = _rank_order_sum(x_bits + row * H + offs, mine + row * H + offs, tl.cast(M, tl.int64) * H, rank,
-                                    mask, x_dtype, MARK, WORLD, BLOCK)
+                                    mask, x_dtype, MARK, WORLD, BLOCK, PEERS, TAKE_AT_ONCE)
             v = _new_residual(total, r, x_dtype)
             tl.store(res_ptr + row * H + offs, v, mask=mask)
             if SPLIT == 1:
@@ -269,7 +305,8 @@ def _two_shot_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, SLOTS, GATHER, COUNTER,
     WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
-    BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr,
+    BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr, PEERS: tl.constexpr,
+    TAKE_AT_ONCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -308,7 +345,8 @@ def _two_shot_kernel(
             if row < M:
                 r = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
                 total = _rank_order_sum(x_bits + row * H + offs, mine + tl.cast(i, tl.int64) * H + offs,
-                                        tl.cast(shard, tl.int64) * H, rank, mask, x_dtype, MARK, WORLD, BLOCK)
+                                        tl.cast(shard, tl.int64) * H, rank, mask, x_dtype, MARK, WORLD, BLOCK, PEERS,
+                                        TAKE_AT_ONCE)
                 bits = _unmarked(_new_residual(total, r, x_dtype).to(BITS, bitcast=True), MARK)  # the same bits
                 v = bits.to(x_dtype, bitcast=True)
                 tl.store(res_ptr + row * H + offs, v, mask=mask)
@@ -418,7 +456,9 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
     _, bits, mark = _empty_mark(x.dtype)
     common = dict(WORLD=world, QUANT=quant, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0, BLOCK=block // split,
                   SPLIT=split, PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX, BITS=bits,
-                  MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype), num_warps=_warps(block // split))
+                  MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype), num_warps=_warps(block // split),
+                  PEERS=triton.next_power_of_2(max(1, world - 1)),
+                  TAKE_AT_ONCE=TAKE_AT_ONCE if world > 2 and not two_shot else 0)
     args = (x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows, hidden, eps, half_bytes,
             slots)
     counter = counter_index(signal_pad_bytes)

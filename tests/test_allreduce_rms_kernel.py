@@ -22,6 +22,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from fusiontune.kernels import numerics  # noqa: E402
+from fusiontune.kernels import triton_allreduce_rms as kernel  # noqa: E402
 from fusiontune.kernels.triton_allreduce_rms import (  # noqa: E402
     MAX_SPLIT, PHASE_CLEAR, PHASE_COPY, PHASE_REDUCE, _partial_mark, launch, mark_empty, row_split,
     workspace_bytes)
@@ -96,9 +97,14 @@ def assert_empty_marked(workspaces):
 
 @pytest.mark.parametrize("world,rows,hidden", [(2, 1, 2880), (2, 7, 256), (3, 10, 200), (4, 3, 64), (4, 65, 128),
                                                (8, 9, 96)])
-@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+@pytest.mark.parametrize("form", ["one-shot", "one-shot-rows-in-turn", "two-shot"])
 @pytest.mark.parametrize("quant", [False, True], ids=["norm", "fp8-static"])
-def test_simulated_ranks_match_the_unfused_chain(world, rows, hidden, two_shot, quant):
+def test_simulated_ranks_match_the_unfused_chain(world, rows, hidden, form, quant, monkeypatch):
+    """Every form; the one-shot also with its peers' rows taken one after another (a budget of 0 elements), as
+    where they do not fit in one poll."""
+    two_shot = form == "two-shot"
+    if form == "one-shot-rows-in-turn":
+        monkeypatch.setattr(kernel, "TAKE_AT_ONCE", 0)
     parts, residual, weight, scale = make_inputs(world, rows, hidden, quant, seed=world * 1000 + rows * 10 + hidden)
     workspaces, table = simulated_workspaces(world, rows, hidden, two_shot)
     check_ranks(parts, residual, weight, scale, *run_simulated(parts, residual, weight, scale, table, two_shot))
@@ -405,7 +411,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fusiontune.kernels.numerics import FP8_MAX
-from fusiontune.kernels.triton_allreduce_rms import _one_shot_kernel, _two_shot_kernel
+from fusiontune.kernels.triton_allreduce_rms import TAKE_AT_ONCE, _one_shot_kernel, _two_shot_kernel
 import triton.language as tl
 for world in (2, 4):
     for kernel in (_one_shot_kernel, _two_shot_kernel):
@@ -417,7 +423,9 @@ for world in (2, 4):
             split = 1 if quant else 4  # a whole row, and a row in parts
             constants = {"M": 1, "WORLD": world, "QUANT": quant, "BLOCK": 4096 // split, "SPLIT": split,
                          "ALIGNED": True, "PHASE_FIRST": 0, "PHASE_LAST": 3, "SYNC": True, "FP8_MAX_C": FP8_MAX,
-                         "BITS": tl.int16, "MARK": -32768, "PARTIAL_MARK": -9223231297218904064}
+                         "BITS": tl.int16, "MARK": -32768, "PARTIAL_MARK": -9223231297218904064,
+                         "PEERS": triton.next_power_of_2(world - 1),
+                         "TAKE_AT_ONCE": TAKE_AT_ONCE if kernel is _one_shot_kernel and world > 2 else 0}
             signature.update(SLOTS="i64")
             if kernel is _two_shot_kernel:
                 signature.update(GATHER="i64")

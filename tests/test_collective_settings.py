@@ -76,7 +76,9 @@ def test_used_implementations_are_taken_once():
     symm_mem.record("nccl")
     symm_mem.record("fusiontune one-shot")
     symm_mem.record("nccl")
+    assert symm_mem.used() == {"fusiontune one-shot", "nccl"}  # a look (the correctness check's) keeps them
     assert symm_mem.take_used() == "fusiontune one-shot,nccl" and symm_mem.take_used() == ""
+    assert symm_mem.used() == set()
 
 
 @pytest.mark.parametrize("visible, expected", [("2,3", 1), ("", 3), ("3", 0)])

@@ -27,3 +27,11 @@ def test_max_abs_error_flags_shape_and_non_finite():
     assert max_abs_error(a, torch.zeros(3, 2)) == float("inf")
     assert max_abs_error(torch.full((2, 3), float("nan")), a) == float("inf")
     assert max_abs_error(a + 0.5, a) == 0.5
+
+
+def test_an_op_that_rounds_once_more_gets_one_more_rounding_at_every_tp():
+    """FlashInfer's fused all-reduce + norm normalises and scales in its own order: one rounding more than the
+    chain, on top of the all-reduce's allowance."""
+    one = tolerance(torch.bfloat16, True, 2.0)
+    assert tolerance(torch.bfloat16, True, 2.0, tp=2, reordered=True) == 2 * one
+    assert tolerance(torch.bfloat16, True, 2.0, tp=4, reordered=True) == 4 * one
