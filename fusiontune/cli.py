@@ -166,6 +166,9 @@ def tune(
     groups: Optional[str] = typer.Option(None, "--groups", help="TP groups running trials at once: 'auto' or a "
                                          "number; overrides cluster.groups."),
     config_timeout: float = typer.Option(3600, min=1, help="Seconds one trial's job may take before it is failed."),
+    summarize: bool = typer.Option(False, "--summarize", metavar="", help="Measure nothing: write tune.json and "
+                                   "report from the study as it stands (a tune stopped before its end writes none). "
+                                   "Its best is marked unconfirmed: run the tune again to measure it once more."),
 ):
     """Search fusion enables and thresholds with Optuna for the lowest expected latency under a workload's
     num_tokens distribution; trials run on TP groups through Ray, the study resumes from its storage."""
@@ -181,13 +184,24 @@ def tune(
 
         _writable(out or Path("results") / spec.name, "--out")
         weights = check(spec, tune_file.parent)  # a tune that cannot be planned says so before any cluster is asked
-        platform = _workers_platform(spec.cluster, address)
-        folder = RunFolder(out or Path("results") / spec.name)
+        where = out or Path("results") / spec.name
+        if summarize and not (where / "study.db").exists() and not spec.study.storage:
+            raise SweepError(f"--summarize: {where} holds no study (study.db); name the tune's run folder with --out")
+        folder = RunFolder(where)
+        if summarize:
+            platform = None  # nothing runs: the trials' configs come from the study and the rows
+        else:
+            platform = _workers_platform(spec.cluster, address)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
                       base_dir=tune_file.parent, platform=platform, weights=weights)
+        if summarize:
+            summary = tuner.summarize()
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
+    if summarize:
+        _tune_said(summary, folder)
+        return
     moved = folder.begin(text, str(tune_file), "tune-grid" if grid else "tune", True, {})
     if moved:
         console.print(moved)
@@ -214,12 +228,17 @@ def tune(
         except SweepError as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1)
+    _tune_said(summary, folder)
+
+
+def _tune_said(summary: dict, folder) -> None:
     best = summary["best"]
     console.print(f"{summary['trials']} trials, {summary['evaluations']} configs measured, {summary['pruned']} "
                   f"pruned, {summary['failed']} failed; summary: {folder.path / 'tune.json'}")
     if best:
         console.print(f"best: trial {best['trial']}, expected latency {best['expected_ratio']:.4f} of all-off "
-                      f"({best['expected_speedup']:.3f}x): {best['params']}")
+                      f"({best['expected_speedup']:.3f}x): {best['params']}"
+                      + (" (unconfirmed: not measured again in one run)" if summary.get("unconfirmed") else ""))
 
 
 def _groups(groups: Optional[str]):

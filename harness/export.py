@@ -130,6 +130,7 @@ def export_tuned(run_dir: str | Path, out_root: str | Path = "thresholds", force
             "trials": summary.get("trials"),
             "configs_measured": summary.get("evaluations"),
             "trial": best.get("trial"),
+            "unconfirmed": bool(summary.get("unconfirmed")),  # the study's best, not measured again in one run
             "source": ("per-range plan: each size's fastest measured config, composed (its sizes were measured, "
                        "not this PassConfig as one run)" if composed else f"measured config {config_id}"),
             "expected_speedup": expected,

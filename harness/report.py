@@ -153,6 +153,9 @@ def _tune_lines(run_dir: Path) -> list[str]:
         lines += ["", f"Best: trial {best['trial']}, expected latency {best['expected_ratio']:.4f} of all-off "
                       f"({best['expected_speedup']:.3f}x" + (f", noise floor {floor:.2%})" if floor is not None
                                                              else ")") + f": `{best['pass_config']}`"]
+        if summary.get("unconfirmed"):
+            lines += ["", "Unconfirmed: the study's best value, over its runs, not measured again in one run (the "
+                          "tune stopped before its final check; run it again to confirm)."]
     if summary.get("confirmed"):
         lines += ["", "The best configs measured again at the end, beside this run's baseline (the pick is made "
                       "here):", "", "| trial | study's value | measured again | config |", "|---:|---:|---:|---|"]

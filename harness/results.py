@@ -9,6 +9,7 @@ the config in flight; ``results.parquet`` is rewritten from it after every confi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform as host_platform
@@ -143,6 +144,7 @@ class RunFolder:
                      "python": sys.version.split()[0]},
             "software": software_versions(),
             "git_revision": git_revision(),
+            "source_digest": source_digest(),
             **{k: redact(v) if isinstance(v, str) else v for k, v in extra.items()},
         }
         self.manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
@@ -266,6 +268,22 @@ def software_versions() -> dict[str, str]:
 
     found["cuda"] = str(torch.version.cuda)
     return found
+
+
+def source_digest(folders: dict[str, Path] | None = None) -> str:
+    """A digest of the code that ran (every .py file of the package, by path and content): it names the code even
+    where ``git_revision`` cannot, as on a machine sent a copy of the working tree beside an older ``.git``.
+    ``folders``: package name -> folder (default: fusiontune's own, the same names installed or editable)."""
+    import importlib
+
+    if folders is None:
+        folders = {name: Path(importlib.import_module(name).__file__).parent
+                   for name in ("fusiontune", "fusiontune.harness", "fusiontune.kernels", "fusiontune.passes")}
+    digest = hashlib.sha256()
+    for package, folder in folders.items():
+        for path in sorted(folder.glob("*.py")):
+            digest.update(f"{package}/{path.name}".encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def git_revision() -> str | None:

@@ -215,6 +215,15 @@ class Tuner:
             pool.shutdown()
         return self.summary(study)
 
+    def summarize(self) -> dict[str, Any]:
+        """``tune.json`` from the study as it stands, measuring nothing: for a tune stopped before its end, which
+        writes it last. The best is the study's lowest value, marked unconfirmed (no final check ran)."""
+        study = self.study()
+        self.baseline_ms = {int(n): ms for n, ms in study.user_attrs.get("baseline_ms", {}).items()}
+        if not self.baseline_ms:
+            raise SweepError(f"{self.folder.path}: the study has no measured baseline yet, so nothing to summarise")
+        return self.summary(study)
+
     def _trials(self, study: optuna.Study, pool: GroupPool, to_run: int) -> None:
         first = first_size(self.weights, self.baseline_ms)
         rest = [n for n in self.spec.num_tokens if n != first and self.weights.get(n, 0) > 0]
@@ -359,6 +368,7 @@ class Tuner:
                                                "config_id": best.user_attrs.get("config_id")},
         }
         confirmed = [c for c in self.confirmed if math.isfinite(c["expected_ratio"])]
+        summary["unconfirmed"] = bool(best) and not confirmed and not self.grid and self.spec.study.confirm > 0
         if confirmed:  # the pick among one run's numbers (``_confirm``)
             top = confirmed[0]
             summary["confirmed"] = self.confirmed

@@ -171,3 +171,12 @@ def test_a_tune_that_cannot_be_planned_says_so_before_any_cluster_is_asked(tmp_p
                                  f"127.0.0.1:{free_port()}"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and says in result.output, result.output
     assert "cannot join" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_summarize_names_the_folder_without_a_study(tmp_path):
+    """``tune --summarize`` measures nothing; where the folder holds no study it says so in one line, exit 2, and
+    makes nothing."""
+    result = runner.invoke(app, ["tune", "sweeps/tune-cpu.yaml", "--out", str(tmp_path / "run"), "--summarize"],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "--summarize: " in result.output and "holds no study" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()

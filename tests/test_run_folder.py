@@ -146,3 +146,20 @@ def test_reports_of_runs_that_measured_nothing_and_of_foreign_files(tmp_path):
     (foreign / "rows.jsonl").write_text('{"a": 1}\n')
     result = CliRunner().invoke(app, ["report", str(foreign)], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "is not a fusiontune run: its rows lack config_id" in result.output
+
+
+
+def test_the_manifest_names_the_code_that_ran_by_its_content(tmp_path):
+    """``source_digest`` names the code by content, where a copy of the tree beside an older ``.git`` makes
+    ``git_revision`` name the wrong commit: it is in every manifest and changes with any package file."""
+    from fusiontune.harness.results import source_digest
+
+    folder = RunFolder(tmp_path / "run")
+    folder.write_manifest("name: a\n", "a.yaml", {})
+    assert folder.manifest()["source_digest"] == source_digest() and len(source_digest()) == 16
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "code.py").write_text("x = 1\n")
+    before = source_digest({"pkg": package})
+    (package / "code.py").write_text("x = 2\n")
+    assert source_digest({"pkg": package}) != before

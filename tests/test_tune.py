@@ -235,3 +235,21 @@ def test_the_report_of_a_tune_run_shows_the_study(tuned):
     assert "## Tuning" in text and f"{resumed['trials']} trials" in text and "![tune-history]" in text
     assert (folder.path / "tune-history.png").read_bytes()[:4] == b"\x89PNG"
     assert "trial " in (folder.path / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_stopped_tune_is_summarised_from_its_study_measuring_nothing(tuned, tmp_path):
+    """A tune stopped before its end (a time limit) writes no tune.json: ``summarize`` writes it from the study,
+    its best the study's lowest value marked unconfirmed, with no row added."""
+    import shutil
+
+    spec, folder, _, resumed, _, _ = tuned
+    copy = RunFolder(shutil.copytree(folder.path, tmp_path / "run"))
+    (copy.path / "tune.json").unlink()
+    rows = len(copy.rows())
+    summary = Tuner(spec, copy).summarize()
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{copy.path / 'study.db'}")
+    assert summary["best"]["expected_ratio"] == study.best_value and summary["trials"] == len(study.trials)
+    assert summary["unconfirmed"] and "confirmed" not in summary and not resumed["unconfirmed"]
+    assert json.loads((copy.path / "tune.json").read_text())["best"] == summary["best"]
+    assert len(copy.rows()) == rows
