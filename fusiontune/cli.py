@@ -185,13 +185,14 @@ def tune(
         _writable(out or Path("results") / spec.name, "--out")
         weights = check(spec, tune_file.parent)  # a tune that cannot be planned says so before any cluster is asked
         where = out or Path("results") / spec.name
-        if summarize and not (where / "study.db").exists() and not spec.study.storage:
-            raise SweepError(f"--summarize: {where} holds no study (study.db); name the tune's run folder with --out")
-        folder = RunFolder(where)
-        if summarize:
-            platform = None  # nothing runs: the trials' configs come from the study and the rows
-        else:
+        if summarize:  # nothing runs: the trials' configs come from the study and the rows
+            if not (where / "study.db").exists() and not spec.study.storage:
+                raise SweepError(f"--summarize: {where} holds no study (study.db); name the tune's run folder with "
+                                 "--out")
+            platform = None
+        else:  # a cluster that does not answer is said before any folder is made
             platform = _workers_platform(spec.cluster, address)
+        folder = RunFolder(where)
         tuner = Tuner(spec, folder, grid=grid, trials=trials, address=address, timeout_s=config_timeout,
                       base_dir=tune_file.parent, platform=platform, weights=weights)
         if summarize:

@@ -12,9 +12,11 @@ last in the sweep) disagree, and the half-width of the baseline median's 95% con
 A speedup is claimed ("faster", "slower") only when its interval excludes 1 and it is beyond the floor. The
 interval comes from the two medians' 95% confidence intervals (baseline's low over the config's high, and the
 reverse), widened by the baseline's drift between its two measurements: what the same config moved by during the
-run. Otherwise the verdict is "within noise". A config or baseline whose repeats scatter by more than
-``NOISY_CV`` (a machine under load) is "too noisy", never claimed, whatever its median says. A config that ran at
-lower SM clocks than its baseline says so.
+run. Otherwise the verdict is "within noise". A measurement that cannot carry a claim is labelled and never
+claimed, whatever its median says (``UNCLAIMED``): "too noisy" where the config's or baseline's repeats scatter by
+more than ``NOISY_CV`` (a machine under load); "not settled" where either one's median interval did not narrow to
+``measure.settle`` within ``max_repeats`` (such claims moved between machines); "lower clocks" where the config ran
+at an SM clock ``CLOCK_DROP`` below its baseline's (a power cap, a neighbour: the speedup is partly the clock's).
 
 A paired row (``measure.paired``: the config timed in alternating rounds with all-off, in one process) has its own
 speedup, the median of the rounds' ratios, and its own interval (a bootstrap over rounds): drift between the
@@ -45,6 +47,7 @@ def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
     floor["base_ci_low"] = column(first, "latency_ms_ci_low").values
     floor["base_ci_high"] = column(first, "latency_ms_ci_high").values
     floor["base_cv"] = column(first, "latency_ms_cv").values
+    floor["base_settled"] = column(first, "settled", True).values
     again = again.assign(again_clock=column(again, "gpu_sm_clock_mhz"))
     floor = floor.merge(again[keys + ["latency_ms", "again_clock"]].rename(columns={"latency_ms": "again_ms"}),
                         on=keys, how="left")
@@ -65,9 +68,11 @@ def flag(frame: pd.DataFrame, name: str) -> pd.Series:
 
 # Repeats scattering more than this (coefficient of variation) mean a machine under load: no speedup is claimed.
 NOISY_CV = 0.10
-# An SM clock this much below the baseline's at the same size is reported beside the speedup.
+# An SM clock this much below the baseline's at the same size withholds the speedup ("lower clocks").
 CLOCK_DROP = 0.03
-VERDICTS = ("faster", "slower", "within noise", "too noisy")
+# The verdicts of a measurement that cannot carry a claim, in the order they are checked.
+UNCLAIMED = ("too noisy", "not settled", "lower clocks")
+VERDICTS = ("faster", "slower", "within noise") + UNCLAIMED
 # speedups.parquet: one row per config (not all-off), TP size and num_tokens that has a speedup
 SPEEDUP_COLUMNS = ("config_id", "label", "tp", "num_tokens", "speedup", "ci_low", "ci_high", "verdict", "note")
 
@@ -126,8 +131,17 @@ def _judge(merged: pd.DataFrame) -> None:
     for i, row in merged.iterrows():
         verdict, note = "", row["note"]
         if pd.notna(row["speedup"]) and not row["is_baseline"] and not again[i]:
+            clock, base_clock = row.get("gpu_sm_clock_mhz"), row.get("baseline_clock")
+            unsettled = [who for who, settled in (("the config", row.get("settled")),
+                                                  ("all-off", row.get("base_settled"))) if _said_no(settled)]
             if worst_cv[i] > NOISY_CV:
                 verdict, extra = "too noisy", f"too noisy to claim (CV {worst_cv[i]:.0%})"
+            elif unsettled:
+                verdict, extra = "not settled", (f"not settled ({' and '.join(unsettled)}: the median's interval "
+                                                 f"stayed wider than measure.settle), not claimed")
+            elif pd.notna(clock) and pd.notna(base_clock) and clock < base_clock * (1 - CLOCK_DROP):
+                verdict, extra = "lower clocks", (f"lower SM clock than all-off ({clock:.0f} against "
+                                                  f"{base_clock:.0f} MHz), not claimed")
             elif row["ci_low"] > 1 and row["speedup"] - 1 > floor[i]:
                 verdict, extra = "faster", ""
             elif row["ci_high"] < 1 and 1 - row["speedup"] > floor[i]:
@@ -136,10 +150,6 @@ def _judge(merged: pd.DataFrame) -> None:
                 inside = abs(row["speedup"] - 1) <= floor[i]
                 verdict, extra = "within noise", (f"within noise (+/-{floor[i]:.1%})" if inside else
                                                   "within noise (its interval covers 1)")
-            clock, base_clock = row.get("gpu_sm_clock_mhz"), row.get("baseline_clock")
-            if pd.notna(clock) and pd.notna(base_clock) and clock < base_clock * (1 - CLOCK_DROP):
-                extra = "; ".join(filter(None, [extra, f"lower SM clock than all-off ({clock:.0f} against "
-                                                       f"{base_clock:.0f} MHz)"]))
             note = "; ".join(filter(None, [extra, note]))
         elif pd.notna(row["speedup"]) and again[i]:
             note = f"the A/A check: all-off again, {abs(row['speedup'] - 1):.1%} off the first"
@@ -150,6 +160,11 @@ def _judge(merged: pd.DataFrame) -> None:
         verdicts.append(verdict)
         notes.append(note)
     merged["verdict"], merged["note"] = verdicts, notes
+
+
+def _said_no(value) -> bool:
+    """A flag that is False (not missing: older rows lack it)."""
+    return value is not None and not pd.isna(value) and not bool(value)
 
 
 def pooled_runs(data: pd.DataFrame) -> pd.DataFrame:

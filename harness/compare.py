@@ -18,7 +18,7 @@ import pandas as pd
 
 from fusiontune.passes.fusions import FUSION_FLAGS
 
-from .analysis import speedups
+from .analysis import UNCLAIMED, speedups
 from .results import RunFolder
 
 KEY = ["config_id", "tp", "num_tokens"]
@@ -28,7 +28,7 @@ JUDGED = ["label", "status", "latency_ms", "speedup", "ci_low", "ci_high", "verd
 
 def compare(run_a: str | Path, run_b: str | Path) -> pd.DataFrame:
     """One row per config, TP size and num_tokens in both runs: both speedups with their intervals, the change in
-    absolute latency, and a verdict (slower, faster, within noise, too noisy, broke, fixed, stopped firing;
+    absolute latency, and a verdict (slower, faster, within noise, one of ``UNCLAIMED``, broke, fixed, stopped firing;
     "baseline" for the all-off rows, "no speedup" where neither run has one)."""
     a, b = RunFolder(run_a).table(), RunFolder(run_b).table()
     for name, table in (("A", a), ("B", b)):
@@ -58,8 +58,9 @@ def _verdict(row) -> str:
     if not row["verdict_a"] and not row["verdict_b"]:
         baseline = bool(row["is_baseline_a"]) or row.get("baseline_repeat_a") is True
         return "baseline" if baseline else "no speedup"
-    if "too noisy" in (row["verdict_a"], row["verdict_b"]):
-        return "too noisy"
+    unclaimed = [v for v in (row["verdict_a"], row["verdict_b"]) if v in UNCLAIMED]
+    if unclaimed:
+        return unclaimed[0]  # too noisy, not settled, lower clocks: no claim to compare
     a, b = row["speedup_a"], row["speedup_b"]
     if pd.isna(a) or pd.isna(b):
         return "no speedup"

@@ -16,13 +16,13 @@ import pandas as pd  # noqa: E402
 
 from fusiontune.kernels.library import CATEGORIES  # noqa: E402
 
-from .analysis import flag  # noqa: E402
+from .analysis import UNCLAIMED, flag  # noqa: E402
 
 
 def speedup_heatmap(data: pd.DataFrame, path: Path, title: str) -> Path | None:
     """Speedup per config (rows) and num_tokens (columns), one panel per TP size. A cell not claimed (within
-    noise, too noisy) is marked with "~", an empty cell had no meaningful speedup (failed, incorrect, did not
-    fire)."""
+    noise, too noisy, not settled, lower clocks) is marked with "~", an empty cell had no meaningful speedup
+    (failed, incorrect, did not fire)."""
     configs = data[~data["is_baseline"].astype(bool)]
     if configs.empty:
         return None
@@ -46,14 +46,14 @@ def speedup_heatmap(data: pd.DataFrame, path: Path, title: str) -> Path | None:
             for j, size in enumerate(sizes):
                 value = grid.iat[i, j]
                 if pd.notna(value):
-                    noisy = verdicts.iat[i, j] in ("within noise", "too noisy")
+                    noisy = verdicts.iat[i, j] in ("within noise",) + UNCLAIMED
                     ax.text(j, i, f"{'~' if noisy else ''}{value:.3f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(sizes)), [str(int(s)) for s in sizes], fontsize=8)
         ax.set_yticks(range(len(grid.index)), [_short(label, 64) for label in grid.index], fontsize=7)
         ax.set_title(f"TP={tp}", fontsize=9)
         ax.set_xlabel("num_tokens", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
-    fig.suptitle(f"{title}: speedup over all-off\n(~: within noise or too noisy; blank: no meaningful speedup)",
+    fig.suptitle(f"{title}: speedup over all-off\n(~: within noise or not claimed; blank: no meaningful speedup)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long config labels: keep them whole

@@ -15,8 +15,8 @@ import pandas as pd
 
 from fusiontune.kernels.library import CATEGORIES
 
-from .analysis import (NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions, noise_floor, pooled_runs,
-                       speedups)
+from .analysis import (CLOCK_DROP, NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions, noise_floor,
+                       pooled_runs, speedups)
 from .figures import kernel_plot, pareto_plot, speedup_heatmap, speedup_plot, tune_figures
 from .results import RunFolder
 from .rows import KEY_COLUMNS
@@ -72,8 +72,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
               "and whose enabled fusions all fired (a fusion outside its num_tokens range at a size is named, "
               "not counted as unfired). Beside it, its 95% interval (both medians' confidence intervals, widened "
               "by the baseline's drift). A speedup is claimed only when that interval excludes 1 and it is beyond "
-              "the noise floor; otherwise it is labelled within noise, or too noisy where the repeats scatter by "
-              f"more than {NOISY_CV:.0%}. The same as data: speedups.parquet.", ""]
+              "the noise floor; otherwise it is labelled within noise. A measurement that cannot carry a claim is "
+              f"labelled and never claimed: too noisy (repeats scattering by more than {NOISY_CV:.0%}), not "
+              "settled (the median's interval stayed wider than measure.settle; raise measure.max_repeats), lower "
+              f"clocks (the config's SM clock {CLOCK_DROP:.0%} or more below all-off's). The same as data: "
+              "speedups.parquet.", ""]
     if "paired_speedup" in table and table["paired_speedup"].notna().any():
         lines += ["Paired rows (measure.paired): each config was timed in alternating rounds with all-off in one "
                   "process, the order shuffled every round; its speedup is the median of the rounds' all-off / "

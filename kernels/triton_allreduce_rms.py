@@ -35,7 +35,7 @@ round trip), and every read of the sum is local.
 part), a one-shot program loads every peer's part of a row as one [peers, part] block and polls until none of it
 holds the mark: the loads overlap, where taking them one after another would wait a local round trip (and a
 block-wide reduction) per peer. The rows then join the sum in rank order, each picked out exactly (the other rows
-add zeros). At TP=4 this took 1.5-13% off the one-shot at 1-8 tokens (H200, 2026-11-28, docs/benchmarks.md).
+add zeros). At TP=4 this took 0.5-13.6% off the one-shot at 1-8 tokens (H200, 2026-11-28, docs/benchmarks.md).
 
 Numerics are ``numerics``' (``all_reduce_sum``, ``residual_add``, ``rms_norm``, ``quant_fp8_static``): the sum is
 taken in fp32 in rank order and rounded once, so every rank holds the same bits, and one-shot and two-shot agree.

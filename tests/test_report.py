@@ -229,15 +229,26 @@ def test_a_speedup_is_claimed_only_when_its_interval_excludes_one():
 
 
 def test_a_machine_under_load_claims_nothing_and_lower_clocks_are_said():
-    """The CPU smoke sweep on a busy machine: repeats scattering by 50-160% (CV) are no evidence of a 13x speedup."""
+    """The CPU smoke sweep on a busy machine: repeats scattering by 50-160% (CV) are no evidence of a 13x speedup.
+    Nor is a config that ran at lower SM clocks than all-off, or a median that never settled (the config's or
+    all-off's): each is labelled and never claimed."""
     base = [with_ci(row("base", 1, 13.0, baseline=True), half=0.4, cv=1.6)]
     fused = with_ci(row("fused", 1, 1.0, norm=True, matches=4), half=0.2, cv=0.5)
     table = speedups(pd.DataFrame(base + [fused])).set_index("label")
     assert table.loc["fused", "verdict"] == "too noisy" and table.loc["fused", "note"] == "too noisy to claim (CV 160%)"
     base = [{**with_ci(row("base", 1, 2.0, baseline=True)), "gpu_sm_clock_mhz": 1980.0}]
     hot = {**with_ci(row("fused", 1, 1.8, norm=True, matches=4)), "gpu_sm_clock_mhz": 1700.0}
-    note = speedups(pd.DataFrame(base + [hot])).set_index("label").loc["fused", "note"]
-    assert note == "lower SM clock than all-off (1700 against 1980 MHz)"
+    table = speedups(pd.DataFrame(base + [hot])).set_index("label")
+    assert table.loc["fused", "verdict"] == "lower clocks"
+    assert table.loc["fused", "note"] == "lower SM clock than all-off (1700 against 1980 MHz), not claimed"
+    clear = with_ci(row("fused", 1, 1.0, norm=True, matches=4))  # 2x, a tight interval: a claim when settled
+    settled = [{**base[0], "settled": True}, {**clear, "settled": True}]
+    assert speedups(pd.DataFrame(settled)).set_index("label").loc["fused", "verdict"] == "faster"
+    for who, rows in (("the config", [settled[0], {**clear, "settled": False}]),
+                      ("all-off", [{**base[0], "settled": False}, {**clear, "settled": True}])):
+        table = speedups(pd.DataFrame(rows)).set_index("label")
+        assert table.loc["fused", "verdict"] == "not settled", who
+        assert table.loc["fused", "note"].startswith(f"not settled ({who}:"), table.loc["fused", "note"]
 
 
 def test_speedups_are_written_as_data_beside_the_report(tmp_path):
