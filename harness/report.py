@@ -67,6 +67,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     name = table["sweep"].iloc[0]
     lines = [f"# fusiontune report: {name}", ""]
     device = next((d for d in table.get("device", pd.Series(dtype=str)).dropna() if d), "unknown device")
+    limits = table["gpu_power_limit_w"].dropna() if "gpu_power_limit_w" in table else pd.Series(dtype=float)
+    if not limits.empty:  # a capped machine is not another of its kind
+        device += (f", power limit {limits.min():.0f} W" if limits.min() == limits.max() else
+                   f", power limit {limits.min():.0f}-{limits.max():.0f} W (it changed during the run)")
     lines += [f"Device: {device}. Speedup = all-off median latency / config median latency (same TP, "
               "num_tokens); shown only for configs that ran, matched the baseline's output within tolerance, "
               "and whose enabled fusions all fired (a fusion outside its num_tokens range at a size is named, "

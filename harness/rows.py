@@ -124,8 +124,9 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "active_passes": ",".join(first.active),
             "timing": first.timing,
             "allreduce_used": first.allreduce_used,
-            **{column: (min if "clock" in column else max)(r.gpu.get(column, float("nan")) for r in ranks)
-               for column in first.gpu},  # the slowest clock, the hottest and hungriest GPU of the group
+            **{column: (min if "clock" in column or "limit" in column else max)(r.gpu.get(column, float("nan"))
+                                                                               for r in ranks)
+               for column in first.gpu},  # the slowest clock, lowest cap, the hottest and hungriest GPU
         })
         row.update({f"matches_{spec.flag}": first.matches.get(spec.flag, 0) for spec in PASSES})
         if times and all(r.paired_base_ms for r in ranks):

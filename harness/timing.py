@@ -285,14 +285,24 @@ def summarize(times_ms: list[float], settle: float | None = None) -> dict[str, f
             "latency_ms_ci_low": low, "latency_ms_ci_high": high, "repeats": len(times_ms), "settled": settled}
 
 
+def _power_limit_w(device: torch.device) -> float:
+    """The power limit the GPU enforces (W), through the NVML handle torch's own ``clock_rate`` reads."""
+    import pynvml
+    from torch.cuda import _get_pynvml_handler  # private, in torch 2.11 and 2.13 alike
+
+    return pynvml.nvmlDeviceGetEnforcedPowerLimit(_get_pynvml_handler(device)) / 1000
+
+
 def gpu_state(device: torch.device) -> dict[str, float]:
-    """The GPU's SM clock (MHz), temperature (C) and power (W) now, through NVML; empty where it cannot say.
-    Sampled right after a size's timed replays, they tell a clock or thermal drift from a real difference."""
+    """The GPU's SM clock (MHz), temperature (C), power (W) and enforced power limit (W) now, through NVML; empty
+    where it cannot say. Sampled right after a size's timed replays, they tell a clock or thermal drift from a real
+    difference, and a capped machine from another of its kind."""
     if device.type != "cuda":
         return {}
     state = {}
     for column, read in (("gpu_sm_clock_mhz", torch.cuda.clock_rate), ("gpu_temp_c", torch.cuda.temperature),
-                         ("gpu_power_w", lambda d: torch.cuda.power_draw(d) / 1000)):
+                         ("gpu_power_w", lambda d: torch.cuda.power_draw(d) / 1000),
+                         ("gpu_power_limit_w", _power_limit_w)):
         try:
             state[column] = float(read(device))
         except Exception:  # noqa: BLE001 - no NVML bindings, or a GPU that does not report it

@@ -5,6 +5,7 @@
 # folder comes back as $OUT/<name>.tar.gz without its traces (8 files come back at most; traces stay out of git).
 # CONFIG_TIMEOUT (seconds) caps one config of a sweep (fusiontune run --config-timeout). A tune the budget stops is
 # summarised from its study (fusiontune tune --summarize: its best marked unconfirmed); run it again to confirm.
+# TUNE_ARGS: more options for every tune (--grid: measure every point of the search).
 # Usage there:  BUDGET=540 bash scripts/device_sweeps.sh sweeps/A.yaml sweeps/tune-B.yaml ...
 source "$(dirname "$0")/device_setup.sh"
 budget=${BUDGET:-540}
@@ -14,7 +15,7 @@ for file in "$@"; do
   if [ "$left" -lt 45 ]; then echo "== $name: not started, ${left}s of the budget left"; continue; fi
   echo "== $name: ${left}s left"
   case "$(basename "$file")" in
-    tune-*) cmd=(fusiontune tune "$file" --out "results/$name"); left=$((left - 20)) ;;  # 20 s to summarise
+    tune-*) cmd=(fusiontune tune "$file" --out "results/$name" ${TUNE_ARGS:-}); left=$((left - 20)) ;;  # to summarise
     *) cmd=(fusiontune run "$file" --out "results/$name" --resume ${CONFIG_TIMEOUT:+--config-timeout "$CONFIG_TIMEOUT"}) ;;
   esac
   timeout -s INT -k 20 "$left" "${cmd[@]}" 2>&1 | grep -v "^[│┃┏┡└]"
@@ -22,7 +23,7 @@ for file in "$@"; do
   case "$(basename "$file")" in
     tune-*) db="results/$name/study.db"; summary="results/$name/tune.json"
       if [ -f "$db" ] && { [ ! -f "$summary" ] || [ "$db" -nt "$summary" ]; }; then
-        fusiontune tune "$file" --out "results/$name" --summarize 2>&1 | tail -3
+        fusiontune tune "$file" --out "results/$name" ${TUNE_ARGS:-} --summarize 2>&1 | tail -3
       fi ;;
   esac
   [ -d "results/$name" ] && fusiontune report "results/$name" >/dev/null 2>&1

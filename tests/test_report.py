@@ -298,3 +298,16 @@ def test_a_paired_row_is_judged_by_its_own_interval_and_its_a_a_check_says_wheth
     unpaired = with_ci(row("fused", 1, 2.0 / 1.05, norm=True, matches=4))  # the same 5% against a 10% floor
     assert speedups(pd.DataFrame(base + again + [unpaired])).set_index("label").loc["fused", "verdict"] == \
         "within noise"
+
+
+def test_the_report_names_the_power_limit_the_gpus_ran_under(tmp_path):
+    """Two machines of one kind differ when one is capped: the report's device line says the enforced limit, and
+    says so when it changed during the run."""
+    rows = [{**r, "gpu_power_limit_w": 700.0} for r in noisy_sweep(again_1=2.0, again_8=4.0)]
+    RunFolder(tmp_path / "a").append(rows)
+    md, _ = write_report(tmp_path / "a")
+    assert "Device: cpu, power limit 700 W." in md.read_text()
+    rows[-1]["gpu_power_limit_w"] = 600.0
+    RunFolder(tmp_path / "b").append(rows)
+    md, _ = write_report(tmp_path / "b")
+    assert "power limit 600-700 W (it changed during the run)" in md.read_text()

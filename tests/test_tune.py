@@ -85,13 +85,17 @@ def test_the_search_draws_only_configs_that_can_run_and_differ(tmp_path, path):
 
     spec, _ = load_tune(path)
     points = grid_points(spec)
-    # all-reduce fusion (off, or on at 4 bounds) x (SP off, or on at 4 starts with AsyncTP off or on)
-    assert len(points) == 5 * (1 + 4 * 2)
+    # all-reduce fusion (off, or on at each bound) x (SP off, or on at each start with AsyncTP off or on), where
+    # SP is searched (vLLM 0.32 and later have none: the tune fixes it off)
+    searched, thresholds = set(spec.search.fusions), spec.search.thresholds
+    sp_points = 1 + len(thresholds.get("sp_min_token_num", [])) * (2 if "fuse_gemm_comms" in searched else 1)
+    assert len(points) == (1 + len(thresholds["fi_allreduce_fusion_max_size_mb"])) * (
+        sp_points if "enable_sp" in searched else 1)
     tuner = Tuner(spec, RunFolder(tmp_path / "run"))
     effective = set()
     for point in points:
         assert point.get("fuse_gemm_comms") is None or point["enable_sp"]
-        assert ("sp_min_token_num" in point) == point["enable_sp"]
+        assert ("sp_min_token_num" in point) == point.get("enable_sp", False)
         assert ("fi_allreduce_fusion_max_size_mb" in point) == point["fuse_allreduce_rms"]
         planned = plan_config(trial_fields(spec, point), "p", spec.tp, tuner.plan.model, spec.optimization_level,
                               tuner.platform, collectives=spec.collectives)
