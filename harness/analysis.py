@@ -15,8 +15,10 @@ reverse), widened by the baseline's drift between its two measurements: what the
 run. Otherwise the verdict is "within noise". A measurement that cannot carry a claim is labelled and never
 claimed, whatever its median says (``UNCLAIMED``): "too noisy" where the config's or baseline's repeats scatter by
 more than ``NOISY_CV`` (a machine under load); "not settled" where either one's median interval did not narrow to
-``measure.settle`` within ``max_repeats`` (such claims moved between machines); "lower clocks" where the config ran
-at an SM clock ``CLOCK_DROP`` below its baseline's (a power cap, a neighbour: the speedup is partly the clock's).
+``measure.settle`` within ``max_repeats`` (such claims moved between machines); "busy host" where the host's CPUs
+were busy with other work (``BUSY_HOST_CPUS`` or more, ``host_load``) while the config or its baseline was timed
+and the timing waits on the host (not a CUDA-graph replay); "lower clocks" where the config ran at an SM clock
+``CLOCK_DROP`` below its baseline's (a power cap, a neighbour: the speedup is partly the clock's).
 
 A paired row (``measure.paired``: the config timed in alternating rounds with all-off, in one process) has its own
 speedup, the median of the rounds' ratios, and its own interval (a bootstrap over rounds): drift between the
@@ -48,6 +50,7 @@ def noise_floor(table: pd.DataFrame) -> pd.DataFrame:
     floor["base_ci_high"] = column(first, "latency_ms_ci_high").values
     floor["base_cv"] = column(first, "latency_ms_cv").values
     floor["base_settled"] = column(first, "settled", True).values
+    floor["base_host_other"] = column(first, "host_other_cpus").values
     again = again.assign(again_clock=column(again, "gpu_sm_clock_mhz"))
     floor = floor.merge(again[keys + ["latency_ms", "again_clock"]].rename(columns={"latency_ms": "again_ms"}),
                         on=keys, how="left")
@@ -70,8 +73,11 @@ def flag(frame: pd.DataFrame, name: str) -> pd.Series:
 NOISY_CV = 0.10
 # An SM clock this much below the baseline's at the same size withholds the speedup ("lower clocks").
 CLOCK_DROP = 0.03
+# Other work on the host's CPUs (CPUs busy on average, beyond the TP group's) from which a host-bound timing is
+# "busy host".
+BUSY_HOST_CPUS = 0.5
 # The verdicts of a measurement that cannot carry a claim, in the order they are checked.
-UNCLAIMED = ("too noisy", "not settled", "lower clocks")
+UNCLAIMED = ("too noisy", "busy host", "not settled", "lower clocks")
 VERDICTS = ("faster", "slower", "within noise") + UNCLAIMED
 # speedups.parquet: one row per config (not all-off), TP size and num_tokens that has a speedup
 SPEEDUP_COLUMNS = ("config_id", "label", "tp", "num_tokens", "speedup", "ci_low", "ci_high", "verdict", "note")
@@ -134,8 +140,14 @@ def _judge(merged: pd.DataFrame) -> None:
             clock, base_clock = row.get("gpu_sm_clock_mhz"), row.get("baseline_clock")
             unsettled = [who for who, settled in (("the config", row.get("settled")),
                                                   ("all-off", row.get("base_settled"))) if _said_no(settled)]
+            busy = max((v for v in (row.get("host_other_cpus"), row.get("base_host_other")) if pd.notna(v)),
+                       default=0.0)
+            host_bound = not str(row.get("timing") or "").startswith("cuda-graph")
             if worst_cv[i] > NOISY_CV:
                 verdict, extra = "too noisy", f"too noisy to claim (CV {worst_cv[i]:.0%})"
+            elif host_bound and busy >= BUSY_HOST_CPUS:
+                verdict, extra = "busy host", (f"busy host ({busy:.1f} CPUs of other work while timing), not "
+                                               "claimed")
             elif unsettled:
                 verdict, extra = "not settled", (f"not settled ({' and '.join(unsettled)}: the median's interval "
                                                  f"stayed wider than measure.settle), not claimed")

@@ -66,6 +66,7 @@ class RankResult:
     active: list[str] = field(default_factory=list)  # the passes that range compiled with
     timing: str = ""  # how the times were taken ("cuda-graph (...)", "eager events (...)", "wall clock")
     gpu: dict[str, float] = field(default_factory=dict)  # timing.gpu_state right after the timed repeats
+    host_other_cpus: float = float("nan")  # CPUs busy beyond the TP group's during the timed repeats (host_load)
     allreduce_used: str = ""  # the collective implementations that ran at this size (symm_mem.take_used)
     kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
     trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)

@@ -15,8 +15,8 @@ import pandas as pd
 
 from fusiontune.kernels.library import CATEGORIES
 
-from .analysis import (CLOCK_DROP, NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions, noise_floor,
-                       pooled_runs, speedups)
+from .analysis import (BUSY_HOST_CPUS, CLOCK_DROP, NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions,
+                       noise_floor, pooled_runs, speedups)
 from .figures import kernel_plot, pareto_plot, speedup_heatmap, speedup_plot, tune_figures
 from .results import RunFolder
 from .rows import KEY_COLUMNS
@@ -77,7 +77,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
               "not counted as unfired). Beside it, its 95% interval (both medians' confidence intervals, widened "
               "by the baseline's drift). A speedup is claimed only when that interval excludes 1 and it is beyond "
               "the noise floor; otherwise it is labelled within noise. A measurement that cannot carry a claim is "
-              f"labelled and never claimed: too noisy (repeats scattering by more than {NOISY_CV:.0%}), not "
+              f"labelled and never claimed: too noisy (repeats scattering by more than {NOISY_CV:.0%}), busy host "
+              f"({BUSY_HOST_CPUS:g} or more CPUs busy with other work while a host-bound timing ran), not "
               "settled (the median's interval stayed wider than measure.settle; raise measure.max_repeats), lower "
               f"clocks (the config's SM clock {CLOCK_DROP:.0%} or more below all-off's). The same as data: "
               "speedups.parquet.", ""]

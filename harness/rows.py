@@ -7,7 +7,8 @@ has, checked as each row is made: a wrong type is a bug here, found before it re
 follow the sweep (each PassConfig field, ``model_*``, ``matches_<flag>``, ``collectives``' keys and the GPU's
 clock, temperature and power) come on top, named by what they hold.
 
-Version 3 (2026-11-28): ``paired_*``, a config timed in rounds with all-off (``measure.paired``). Version 2:
+Version 4 (2026-11-28): ``host_other_cpus``, the host's CPUs busy with other work while a size was timed
+(``host_load``). Version 3: ``paired_*``, a config timed in rounds with all-off (``measure.paired``). Version 2:
 ``schema_version`` itself. Version 1: everything before.
 """
 
@@ -27,7 +28,7 @@ from .timing import combine_ranks, paired_speedup, round_ratios, summarize
 if TYPE_CHECKING:  # the plan; imported where used, so that reading rows needs no planner
     from .sweep import Plan, PlannedConfig
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUSES = ("ok", "failed", "incorrect", "skipped")
 PASS_COLUMNS = [spec.flag for spec in PASSES] + list(THRESHOLDS)
 MATCH_COLUMNS = [f"matches_{spec.flag}" for spec in PASSES]
@@ -73,6 +74,7 @@ class _FixedColumns(BaseModel):
     compile_range: Optional[str] = None
     active_passes: Optional[str] = None
     timing: Optional[str] = None
+    host_other_cpus: Optional[float] = None
     allreduce_used: Optional[str] = None
     # measure.paired: all-off's median / the config's, per round, its median over rounds and 95% interval, the
     # rounds, and all-off's median latency beside the config's
@@ -124,6 +126,8 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "active_passes": ",".join(first.active),
             "timing": first.timing,
             "allreduce_used": first.allreduce_used,
+            "host_other_cpus": max((r.host_other_cpus for r in ranks if r.host_other_cpus == r.host_other_cpus),
+                                   default=None),  # the busiest host of the group's
             **{column: (min if "clock" in column or "limit" in column else max)(r.gpu.get(column, float("nan"))
                                                                                for r in ranks)
                for column in first.gpu},  # the slowest clock, lowest cap, the hottest and hungriest GPU

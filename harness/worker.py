@@ -12,6 +12,7 @@ Inductor's cache at every fresh compile and reads them back on a hit.
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from fusiontune.passes.platform import Platform
 from fusiontune.passes.ranges import compile_ranges, range_for
 
 from .correctness import max_abs_error, tolerance
+from .host_load import HostLoad, group_pids
 from .jobs import Job, RankResult
 from .match_counts import MatchCounts, UnrecordedCacheHit, first_call_marks, matches_of_first_call
 from .model import DecoderStack, ModelConfig
@@ -65,6 +67,7 @@ class TPWorker:
         self._model_key: tuple | None = None
         self._model: DecoderStack | None = None
         self._cache = True  # the running job's compile_cache
+        self._host = HostLoad([os.getpid()])  # the host's CPU time beyond the TP group's, per timed size
 
     # -- process group (called through Ray by groups.TPGroup) ---------------------------------------------
     def rendezvous_address(self) -> str:
@@ -72,6 +75,7 @@ class TPWorker:
 
     def init_process_group(self, init_method: str) -> str:
         self.place.join(init_method)
+        self._host = HostLoad(group_pids(self.group))  # a collective, on every rank at once
         return self.place.device_name()
 
     @property
@@ -288,6 +292,7 @@ class TPWorker:
         them, what collectives ran, and its profile."""
         paired = " in rounds with all-off" if partner is not None else ""
         self.log(f"num_tokens={result.num_tokens}: timing{paired}")
+        started = self._host.start()
         if partner is None:
             result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
                                                           self.group)
@@ -298,6 +303,8 @@ class TPWorker:
                 compiled, partner, x, job.warmup, job.repeat_rule, self.device, self.group,
                 seed=job.seed * 100_003 + result.num_tokens)
             symm_mem.take_used()
+        other = self._host.other_cpus(started)
+        result.host_other_cpus = float("nan") if other is None else other
         result.gpu = gpu_state(self.device)
         if job.profile:
             barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None

@@ -251,6 +251,23 @@ def test_a_machine_under_load_claims_nothing_and_lower_clocks_are_said():
         assert table.loc["fused", "note"].startswith(f"not settled ({who}:"), table.loc["fused", "note"]
 
 
+def test_a_busy_host_withholds_a_host_bound_claim_and_not_a_graph_replay():
+    """Another process kept 1.5 CPUs busy while the config was timed: a CPU (wall clock) timing waits on the host,
+    so its 2x is not claimed; a CUDA-graph replay does not, so the same numbers are."""
+    base = [{**with_ci(row("base", 1, 2.0, baseline=True)), "host_other_cpus": 0.1}]
+    fused = {**with_ci(row("fused", 1, 1.0, norm=True, matches=4)), "host_other_cpus": 1.5}
+    for timing, verdict in (("wall clock", "busy host"), ("cuda-graph (2 input copies)", "faster")):
+        rows = [{**r, "timing": timing} for r in base + [fused]]
+        table = speedups(pd.DataFrame(rows)).set_index("label")
+        assert table.loc["fused", "verdict"] == verdict, timing
+    assert table.loc["fused", "note"] == ""
+    rows = [{**r, "timing": "wall clock"} for r in base + [fused]]
+    note = speedups(pd.DataFrame(rows)).set_index("label").loc["fused", "note"]
+    assert note == "busy host (1.5 CPUs of other work while timing), not claimed"
+    quiet = [{**r, "timing": "wall clock", "host_other_cpus": 0.2} for r in base + [fused]]
+    assert speedups(pd.DataFrame(quiet)).set_index("label").loc["fused", "verdict"] == "faster"
+
+
 def test_speedups_are_written_as_data_beside_the_report(tmp_path):
     RunFolder(tmp_path).append(noisy_sweep(again_1=2.1, again_8=4.0))
     write_report(tmp_path)

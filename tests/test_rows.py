@@ -89,11 +89,13 @@ def test_a_paired_row_gets_its_speedup_over_the_rounds_beside_the_plain_median()
     assert "paired_speedup" not in plain
 
 
-def test_a_group_reports_its_slowest_clock_lowest_power_limit_and_hottest_gpu():
+def test_a_group_reports_its_slowest_clock_lowest_power_limit_hottest_gpu_and_busiest_host():
     ranks = []
     for clock, limit, temp in ((1980.0, 700.0, 60.0), (1700.0, 600.0, 70.0)):
         one = result(1, [1.0, 1.0])
         one.gpu = {"gpu_sm_clock_mhz": clock, "gpu_power_limit_w": limit, "gpu_temp_c": temp}
         ranks.append([one])
+    ranks[0][0].host_other_cpus, ranks[1][0].host_other_cpus = 0.25, float("nan")  # one host could not say
     row = rows_for(PLAN, CONFIG, ranks, device="cuda")[0]
     assert (row["gpu_sm_clock_mhz"], row["gpu_power_limit_w"], row["gpu_temp_c"]) == (1700.0, 600.0, 70.0)
+    assert row["host_other_cpus"] == 0.25  # the busiest host that could
