@@ -182,9 +182,9 @@ def tune(
         from fusiontune.harness.results import RunFolder
         from fusiontune.harness.tuner import Tuner, check, grid_size, parameters
 
-        _writable(out or Path("results") / spec.name, "--out")
-        weights = check(spec, tune_file.parent)  # a tune that cannot be planned says so before any cluster is asked
         where = out or Path("results") / spec.name
+        _writable(where, "--out")
+        weights = check(spec, tune_file.parent)  # a tune that cannot be planned says so before any cluster is asked
         if summarize:  # nothing runs: the trials' configs come from the study and the rows
             if not (where / "study.db").exists() and not spec.study.storage:
                 raise SweepError(f"--summarize: {where} holds no study (study.db); name the tune's run folder with "

@@ -60,7 +60,7 @@ def _verdict(row) -> str:
         return "baseline" if baseline else "no speedup"
     unclaimed = [v for v in (row["verdict_a"], row["verdict_b"]) if v in UNCLAIMED]
     if unclaimed:
-        return unclaimed[0]  # too noisy, not settled, lower clocks: no claim to compare
+        return unclaimed[0]  # a measurement that carries no claim (analysis.UNCLAIMED): nothing to compare
     a, b = row["speedup_a"], row["speedup_b"]
     if pd.isna(a) or pd.isna(b):
         return "no speedup"

@@ -21,8 +21,8 @@ from .analysis import UNCLAIMED, flag  # noqa: E402
 
 def speedup_heatmap(data: pd.DataFrame, path: Path, title: str) -> Path | None:
     """Speedup per config (rows) and num_tokens (columns), one panel per TP size. A cell not claimed (within
-    noise, too noisy, busy host, not settled, lower clocks) is marked with "~", an empty cell had no meaningful speedup
-    (failed, incorrect, did not fire)."""
+    noise, or one of ``UNCLAIMED``) is marked with "~", an empty cell had no meaningful speedup (failed, incorrect,
+    did not fire)."""
     configs = data[~data["is_baseline"].astype(bool)]
     if configs.empty:
         return None

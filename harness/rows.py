@@ -14,6 +14,7 @@ Version 4 (2026-11-28): ``host_other_cpus``, the host's CPUs busy with other wor
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import TYPE_CHECKING, Any, Literal, Optional
@@ -126,8 +127,8 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "active_passes": ",".join(first.active),
             "timing": first.timing,
             "allreduce_used": first.allreduce_used,
-            "host_other_cpus": max((r.host_other_cpus for r in ranks if r.host_other_cpus == r.host_other_cpus),
-                                   default=None),  # the busiest host of the group's
+            "host_other_cpus": max((r.host_other_cpus for r in ranks if not math.isnan(r.host_other_cpus)),
+                                   default=None),  # the busiest host that could say
             **{column: (min if "clock" in column or "limit" in column else max)(r.gpu.get(column, float("nan"))
                                                                                for r in ranks)
                for column in first.gpu},  # the slowest clock, lowest cap, the hottest and hungriest GPU
