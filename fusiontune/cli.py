@@ -51,6 +51,8 @@ def run(
                                          "overrides the sweep's cluster.groups."),
     num_runs: Optional[int] = typer.Option(None, "--num-runs", min=1, help="Measure every config this many times "
                                            "(run k of all configs before run k + 1); overrides measure.runs."),
+    paired: Optional[bool] = typer.Option(None, "--paired/--unpaired", help="Time the configs of a TP size in "
+                                          "shared rounds with all-off, or each alone; overrides measure.paired."),
 ):
     """Expand a sweep, run every config on Ray (one actor per TP rank), write results as they are measured."""
     from fusiontune.harness.sweep import SweepError, built_model, expand, load_sweep
@@ -58,7 +60,7 @@ def run(
     try:
         spec, text = load_sweep(sweep_file)
         spec = _override(spec, "cluster", groups=_groups(groups))
-        spec = _override(spec, "measure", runs=num_runs)
+        spec = _override(spec, "measure", runs=num_runs, paired=paired)
         built_model(spec)  # a sweep that cannot be planned says so before any cluster is asked
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")

@@ -20,10 +20,11 @@ were busy with other work (``BUSY_HOST_CPUS`` or more, ``host_load``) while the 
 and the timing waits on the host (not a CUDA-graph replay); "lower clocks" where the config ran at an SM clock
 ``CLOCK_DROP`` below its baseline's (a power cap, a neighbour: the speedup is partly the clock's).
 
-A paired row (``measure.paired``: the config timed in alternating rounds with all-off, in one process) has its own
-speedup, the median of the rounds' ratios, and its own interval (a bootstrap over rounds): drift between the
-sweep's first and last all-off does not touch it, so it is judged by that interval alone, and the A/A check is
-all-off again paired with all-off.
+A paired row (``measure.paired``: the config timed in shared rounds with all-off, in one process) has its own
+speedup, the median of the rounds' ratios, and its own interval (order statistics over rounds): drift between the
+sweep's first and last all-off does not touch it, so it is judged by that interval alone (its all-off ran in the
+same rounds, so neither all-off's first measurement nor its clocks enter), and the A/A check is all-off again
+paired with all-off.
 """
 
 from __future__ import annotations
@@ -138,20 +139,23 @@ def _judge(merged: pd.DataFrame) -> None:
         verdict, note = "", row["note"]
         if pd.notna(row["speedup"]) and not row["is_baseline"] and not again[i]:
             clock, base_clock = row.get("gpu_sm_clock_mhz"), row.get("baseline_clock")
+            # a paired row's all-off ran in its rounds: its own interval and clocks are what count
             unsettled = [who for who, settled in (("the config", row.get("settled")),
-                                                  ("all-off", row.get("base_settled"))) if _said_no(settled)]
+                                                  ("all-off", None if paired[i] else row.get("base_settled")))
+                         if _said_no(settled)]
             busy = max((v for v in (row.get("host_other_cpus"), row.get("base_host_other")) if pd.notna(v)),
                        default=0.0)
-            host_bound = not str(row.get("timing") or "").startswith("cuda-graph")
+            host_bound = "cuda-graph" not in str(row.get("timing") or "")
             if worst_cv[i] > NOISY_CV:
                 verdict, extra = "too noisy", f"too noisy to claim (CV {worst_cv[i]:.0%})"
             elif host_bound and busy >= BUSY_HOST_CPUS:
                 verdict, extra = "busy host", (f"busy host ({busy:.1f} CPUs of other work while timing), not "
                                                "claimed")
             elif unsettled:
-                verdict, extra = "not settled", (f"not settled ({' and '.join(unsettled)}: the median's interval "
-                                                 f"stayed wider than measure.settle), not claimed")
-            elif pd.notna(clock) and pd.notna(base_clock) and clock < base_clock * (1 - CLOCK_DROP):
+                what = "its paired interval" if paired[i] else f"{' and '.join(unsettled)}: the median's interval"
+                verdict, extra = "not settled", f"not settled ({what} stayed wider than measure.settle), not claimed"
+            elif (not paired[i] and pd.notna(clock) and pd.notna(base_clock)
+                  and clock < base_clock * (1 - CLOCK_DROP)):
                 verdict, extra = "lower clocks", (f"lower SM clock than all-off ({clock:.0f} against "
                                                   f"{base_clock:.0f} MHz), not claimed")
             elif row["ci_low"] > 1 and row["speedup"] - 1 > floor[i]:

@@ -53,7 +53,10 @@ class TPGroup:
         self.devices = ray.get([a.init_process_group.remote(init_method) for a in self.actors], timeout=timeout_s)
         return self
 
-    def submit(self, job: Job) -> list:
+    def submit(self, job: Job | list[Job]) -> list:
+        """Every rank runs ``job``, or, given several, times them in shared rounds (``TPWorker.run_together``)."""
+        if isinstance(job, list):
+            return [a.run_together.remote(job) for a in self.actors]
         return [a.run.remote(job) for a in self.actors]
 
     def load_baseline(self, job: Job, outputs_ref) -> None:
@@ -94,6 +97,7 @@ class _InFlight:
     tag: Any
     refs: list
     started: float
+    timeout_s: float | None
     checked: set = field(default_factory=set)  # refs seen ready without an error
 
 
@@ -159,13 +163,15 @@ class GroupPool:
     def pending(self) -> bool:
         return bool(self.busy or self.ended)
 
-    def submit(self, job: Job, tag: Any) -> None:
+    def submit(self, job: Job | list[Job], tag: Any) -> None:
+        """Start ``job`` (several: timed together, with the timeout of each in all) on a free group."""
+        timeout_s = self.timeout_s * len(job) if self.timeout_s is not None and isinstance(job, list) else self.timeout_s
         try:
             group = self.idle.pop() if self.idle else self._new_group()
         except Exception as exc:  # noqa: BLE001 - no group: the job ends here, with the reason
             self.ended.append(Outcome(tag, None, f"{type(exc).__name__}: the TP group would not form: {exc}"))
             return
-        self.busy.append(_InFlight(group, tag, group.submit(job), time.monotonic()))
+        self.busy.append(_InFlight(group, tag, group.submit(job), time.monotonic(), timeout_s))
 
     def _new_group(self) -> TPGroup:
         formed = [g for g in self.starting if g.formed()]
@@ -199,7 +205,7 @@ class GroupPool:
     def _check(self, item: _InFlight) -> Outcome | None:
         ready, _ = ray.wait(item.refs, num_returns=len(item.refs), timeout=0)
         done = len(ready) == len(item.refs)
-        timed_out = self.timeout_s is not None and time.monotonic() - item.started > self.timeout_s
+        timed_out = item.timeout_s is not None and time.monotonic() - item.started > item.timeout_s
         # A rank that died ends the job now: its peers may wait in a collective until the timeout.
         crashed = "" if done else _first_error(ready, item.checked)
         if not (done or timed_out or crashed):
@@ -207,7 +213,7 @@ class GroupPool:
         self.busy.remove(item)
         per_rank, error = None, crashed
         if not error and not done:
-            error = f"timed out: the config ran past {self.timeout_s:.0f} s (--config-timeout)"
+            error = f"timed out: the config ran past {item.timeout_s:.0f} s (--config-timeout)"
         elif done:
             try:
                 per_rank = ray.get(item.refs)

@@ -130,10 +130,11 @@ class Recorder:
     def __init__(self, plan: Plan, folder: RunFolder, on_config=None):
         self.plan, self.folder, self.on_config = plan, folder, on_config
 
-    def record(self, outcome: Outcome, config: PlannedConfig | None = None) -> list[dict[str, Any]]:
+    def record(self, outcome: Outcome, config: PlannedConfig | None = None, log: bool = True) -> list[dict[str, Any]]:
         config = config or outcome.tag
         per_rank = outcome.per_rank
-        self.write_log(config, outcome.log, outcome.error)
+        if log:
+            self.write_log(config, outcome.log, outcome.error)
         if config.reference_only:
             return []  # its rows exist from the interrupted run
         rows = rows_for(self.plan, config, per_rank, error=outcome.error, device=outcome.device)
@@ -147,6 +148,20 @@ class Recorder:
             self.on_config(config, rows)
         return rows
 
+    def record_batch(self, outcome: Outcome) -> None:
+        """A batch's rows, config by config, and its one log."""
+        self.write_batch_log(outcome.tag, outcome.log, outcome.error)
+        for index, config in enumerate(outcome.tag):
+            per_rank = [results[index] for results in outcome.per_rank]
+            self.record(Outcome(config, per_rank, outcome.error, device=outcome.device), log=False)
+
+    def write_batch_log(self, configs: list[PlannedConfig], log: str, error: str) -> None:
+        names = "\n".join(f"#   {c.label} ({c.config_id})" for c in configs)
+        text = f"# TP={configs[0].tp}, {len(configs)} configs timed together:\n{names}\n{log}"
+        if error:
+            text += f"\nthe batch failed, so its configs run one at a time: {error}\n"
+        self.folder.write_log(f"tp{configs[0].tp}-together-{configs[0].config_id}-and-{len(configs) - 1}", text)
+
     def write_log(self, config: PlannedConfig, log: str, error: str) -> None:
         name = re.sub(r"[^A-Za-z0-9._=-]+", "_", config.label)[:80]
         text = f"# TP={config.tp} {config.label} ({config.config_id})\n{log}"
@@ -157,19 +172,45 @@ class Recorder:
 
 def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[PlannedConfig]) -> None:
     """The first config (the baseline, or a resumed run's reference-only baseline) alone, then the rest on
-    whichever group is free."""
+    whichever group is free: one at a time, or with ``measure.paired`` in batches timed together (``batches``). A
+    batch that dies as a whole (a crash, a hang) is run again one config at a time, so that the config at fault is
+    the one recorded as failed."""
     queue = list(configs)
     first = queue.pop(0)
     recorder.record(pool.run_first(job_for(plan, first), first))
+    work = batches(queue, pool.size) if plan.spec.measure.paired else [[c] for c in queue]
 
     def ask():
-        return [(job_for(plan, queue[0]), queue.pop(0))] if queue else None
+        if not work:
+            return None
+        batch = work.pop(0)
+        if len(batch) == 1:
+            return [(job_for(plan, batch[0]), batch[0])]
+        return [([job_for(plan, c) for c in batch], batch)]
 
     def tell(outcome):
-        recorder.record(outcome)
+        if not isinstance(outcome.tag, list):
+            recorder.record(outcome)
+            return []
+        if outcome.per_rank is None:
+            recorder.write_batch_log(outcome.tag, outcome.log, outcome.error)
+            return [(job_for(plan, c), c) for c in outcome.tag]
+        recorder.record_batch(outcome)
         return []
 
     pool.drive(ask, tell)
+
+
+def batches(configs: list[PlannedConfig], groups: int) -> list[list[PlannedConfig]]:
+    """``measure.paired``: the configs of a TP size in as many batches as there are TP groups, each timed in shared
+    rounds with all-off by one group, run k's before run k + 1's (all-off again, the A/A pair, with the last)."""
+    last = max((c.run for c in configs), default=1)
+    out: list[list[PlannedConfig]] = []
+    for run in sorted({c.run for c in configs}):
+        mine = [c for c in configs if (last if c.baseline_repeat else c.run) == run]
+        count = min(groups, len(mine))
+        out += [mine[i::count] for i in range(count)]
+    return [batch for batch in out if batch]
 
 
 def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,

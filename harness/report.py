@@ -83,10 +83,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
               f"clocks (the config's SM clock {CLOCK_DROP:.0%} or more below all-off's). The same as data: "
               "speedups.parquet.", ""]
     if "paired_speedup" in table and table["paired_speedup"].notna().any():
-        lines += ["Paired rows (measure.paired): each config was timed in alternating rounds with all-off in one "
-                  "process, the order shuffled every round; its speedup is the median of the rounds' all-off / "
-                  "config ratios, its interval a bootstrap over rounds, and it is claimed when that interval "
-                  "excludes 1. The A/A check is all-off again paired with all-off.", ""]
+        lines += ["Paired rows (measure.paired): each config was timed in shared rounds with all-off in one "
+                  "process, the order shuffled every round (on GPUs, each round on fresh CUDA-graph captures); its "
+                  "speedup is the median of the rounds' all-off / config ratios, its interval the median's 95% "
+                  "interval over rounds, and it is claimed when that interval excludes 1. The A/A check is all-off "
+                  "again paired with all-off.", ""]
     floors = noise_floor(table)
     for tp, by_tp in data.groupby("tp"):
         lines += [f"## TP={tp}", ""] + _noise_lines(floors[floors["tp"] == tp])

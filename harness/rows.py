@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, create_model
 from fusiontune.passes.fusions import PASSES, THRESHOLDS
 
 from .jobs import RankResult
-from .timing import combine_ranks, paired_speedup, round_ratios, summarize
+from .timing import combine_ranks, interval_settled, paired_speedup, round_ratios, summarize
 
 if TYPE_CHECKING:  # the plan; imported where used, so that reading rows needs no planner
     from .sweep import Plan, PlannedConfig
@@ -135,17 +135,19 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
         })
         row.update({f"matches_{spec.flag}": first.matches.get(spec.flag, 0) for spec in PASSES})
         if times and all(r.paired_base_ms for r in ranks):
-            row.update(paired_columns(times, combine_ranks([r.paired_base_ms for r in ranks])))
+            row.update(paired_columns(times, combine_ranks([r.paired_base_ms for r in ranks]),
+                                      plan.spec.measure.settle))
         rows.append(checked(row))
     return rows
 
 
-def paired_columns(times_ms: list[float], base_ms: list[float]) -> dict[str, Any]:
-    """A paired row's speedup over the all-off it alternated with, its interval and rounds."""
+def paired_columns(times_ms: list[float], base_ms: list[float], settle: float) -> dict[str, Any]:
+    """A paired row's speedup over the all-off it alternated with, its interval and rounds; it settled when that
+    interval did (the rule its rounds stopped by), not its latency's own."""
     speedup, low, high = paired_speedup(times_ms, base_ms)
     return {"paired_speedup": speedup, "paired_ci_low": low, "paired_ci_high": high,
             "paired_rounds": len(round_ratios(times_ms, base_ms)),
-            "paired_baseline_ms": statistics.median(base_ms)}
+            "paired_baseline_ms": statistics.median(base_ms), "settled": interval_settled(speedup, low, high, settle)}
 
 
 def base_row(plan: Plan, config: PlannedConfig, resolved: dict[str, Any]) -> dict[str, Any]:

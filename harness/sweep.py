@@ -85,10 +85,11 @@ class MeasureSpec(_Strict):
     baseline_twice: bool = True  # measure all-off again after the rest: the noise floor
     runs: int = Field(1, ge=1)  # measure every config this many times (run k of all before run k + 1)
     compile_cache: bool = True  # reuse graphs Inductor compiled in earlier runs (match counts are kept too)
-    # time each config in alternating rounds with all-off, in one process, the order shuffled every round: drift
-    # (clocks, heat, a neighbour's load) hits both alike, and each round's all-off / config ratio is one sample of
-    # the speedup (its interval: a bootstrap over rounds). Costs a compile of all-off in every config's job.
-    paired: bool = False
+    # time the configs of a TP size in shared rounds with all-off, in one process per TP group (a batch of configs
+    # each), the order shuffled every round and, on GPUs, each round on fresh CUDA-graph captures: drift (clocks,
+    # heat, a neighbour's load) and where a capture's buffers land hit them all alike, and each round's all-off /
+    # config ratio is one sample of the speedup (its interval: order statistics over rounds). false: each alone.
+    paired: bool = True
 
 
 class CollectivesSpec(_Strict):

@@ -22,19 +22,19 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 
 INPUT_COPIES = 4  # inputs a captured graph rotates through
 WARM_MS = 200.0  # untimed replays first, at least this long
+RECAPTURE_WARM_MS = 5.0  # untimed replays of a fresh capture in paired rounds (the GPU is warm by then)
 MAX_WARM_REPLAYS = 20_000
 SPIN_CYCLES = 2_000_000  # the GPU's busy-wait before each timed replay (about 1 ms at H100 clocks)
 ROUND_REPEATS = 5  # timed forwards of each config per round of a paired measurement
-BOOTSTRAP_DRAWS = 2000  # resamples of the rounds for a paired speedup's interval
+MIN_ROUNDS = 6  # the fewest rounds whose median has a 95% interval from order statistics
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,15 @@ class Repeats:
 class GraphTimer:
     """A CUDA graph that calls ``fn`` once on every input set, replayed between events."""
 
-    def __init__(self, fn: Callable, input_sets: list):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for inputs in input_sets[:3]:
-                fn(inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+    def __init__(self, fn: Callable, input_sets: list, prime: bool = True):
+        if prime:  # a few eager calls on a side stream first, as capture wants (not needed again for a recapture)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for inputs in input_sets[:3]:
+                    fn(inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
         self.calls = len(input_sets)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -128,40 +129,50 @@ def time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor, war
     return until_settled(sample, repeats, device, group), how
 
 
-def time_paired(forward: Callable[[torch.Tensor], object], partner: Callable[[torch.Tensor], object], x: torch.Tensor,
-                warmup: int, repeats: Repeats, device: torch.device, group=None,
-                seed: int = 0) -> tuple[list[float], list[float], str]:
-    """(milliseconds per forward of ``forward``, of ``partner`` (all-off), how they were timed): ``ROUND_REPEATS``
-    of each per round, in an order drawn anew every round (from ``seed``: every rank draws the same), so that
-    drift moves both alike. Rounds come in batches until the 95% interval of the median round ratio
-    (``paired_speedup``) is within ``settle`` of it, or ``max_repeats`` repeats of each are taken."""
-    for fn in (forward, partner):
+def time_rounds(forwards: Sequence[Callable[[torch.Tensor], object]], partner: Callable[[torch.Tensor], object],
+                x: torch.Tensor, warmup: int, repeats: Repeats, device: torch.device, group=None,
+                seed: int = 0) -> tuple[list[list[float]], list[float], str]:
+    """(milliseconds per forward of each of ``forwards``, of ``partner`` (all-off), how they were timed): rounds of
+    ``ROUND_REPEATS`` forwards of each, in an order drawn anew every round (from ``seed``: every rank draws the
+    same), so that drift moves them all alike. Rounds come in batches; a forward leaves once the 95% interval of its
+    median round ratio over all-off (``paired_speedup``) is within ``settle`` of it, or at ``max_repeats``, and
+    all-off runs in every round while any is left, so each forward's rounds line up with all-off's first ones."""
+    everything = [*forwards, partner]
+    for fn in everything:
         for _ in range(warmup):
             fn(x)
-    samplers, how = _samplers((forward, partner), x, device, group)
-    times: tuple[list[float], list[float]] = ([], [])
+    samplers, how = _samplers(everything, x, device, group, recapture=True)
+    base = len(forwards)
+    times: list[list[float]] = [[] for _ in everything]
     order = random.Random(seed)
-    least = max(3, math.ceil(repeats.min_repeats / ROUND_REPEATS))
+    least = max(MIN_ROUNDS, math.ceil(repeats.min_repeats / ROUND_REPEATS))
     most = max(least, math.ceil(repeats.max_repeats / ROUND_REPEATS))
-    rounds = 0
-    while rounds < most:
+    left, rounds = list(range(base)), 0
+    while left and rounds < most:
         batch = min(least, most - rounds)
-        mine: tuple[list[float], list[float]] = ([], [])
+        taking = [*left, base]
+        mine: dict[int, list[float]] = {which: [] for which in taking}
         for _ in range(batch):
-            for which in order.sample((0, 1), 2):
+            for which in order.sample(taking, len(taking)):
                 mine[which].extend(samplers[which](ROUND_REPEATS))
-        for which in (0, 1):
+        for which in taking:  # the same order on every rank: each is a collective with TP > 1
             times[which].extend(slowest_rank(mine[which], device, group))
         rounds += batch
-        speedup, low, high = paired_speedup(times[0], times[1])
-        if (high - low) / 2 <= repeats.settle * speedup:
-            break
-    return times[0], times[1], f"paired rounds of {ROUND_REPEATS} with all-off, {how}"
+        left = [which for which in left if not interval_settled(*paired_speedup(times[which], times[base]),
+                                                                repeats.settle)]
+    return times[:base], times[base], f"paired rounds of {ROUND_REPEATS} with all-off, {how}"
 
 
-def _samplers(forwards, x: torch.Tensor, device: torch.device, group=None) -> tuple[list[Callable], str]:
+def interval_settled(value: float, low: float, high: float, settle: float) -> bool:
+    """Whether a 95% interval's half-width is within ``settle`` of its value (``measure.settle``)."""
+    return (high - low) / 2 <= settle * value
+
+
+def _samplers(forwards, x: torch.Tensor, device: torch.device, group=None,
+              recapture: bool = False) -> tuple[list[Callable], str]:
     """A sampler per forward (``n`` -> n times in ms), and how they time: on CUDA each forward captured in a CUDA
-    graph over ``INPUT_COPIES`` copies of ``x`` and warmed (eager events where capture fails), else wall clock."""
+    graph over ``INPUT_COPIES`` copies of ``x`` and warmed (eager events where capture fails), else wall clock.
+    ``recapture``: every call after the first times a fresh capture (``_Recapturing``)."""
     if device.type == "cuda":
         copies = [x] + [x.clone() for _ in range(INPUT_COPIES - 1)]
         try:
@@ -174,6 +185,9 @@ def _samplers(forwards, x: torch.Tensor, device: torch.device, group=None) -> tu
             torch.cuda.synchronize()
             how = f"eager events (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]})"
         else:
+            if recapture:
+                return ([_Recapturing(forward, copies, timer, group) for forward, timer in zip(forwards, timers)],
+                        f"cuda-graph ({INPUT_COPIES} input copies, captured afresh each round)")
             return ([lambda n, t=timer: [v / 1e3 for v in t.sample(n, group)] for timer in timers],
                     f"cuda-graph ({INPUT_COPIES} input copies)")
     else:
@@ -181,19 +195,36 @@ def _samplers(forwards, x: torch.Tensor, device: torch.device, group=None) -> tu
     return [lambda n, f=forward: _time_eagerly(lambda: f(x), n, device, group) for forward in forwards], how
 
 
+class _Recapturing:
+    """A sampler that times each call's repeats on a fresh CUDA-graph capture of its forward. Captures of one
+    compiled forward replay at steadily different speeds, up to 1.7% apart at 1-64 tokens on an H200 (where their
+    buffers land; separate compiles differ no more: scripts/probe_instances.py), so a capture is a sample too:
+    a round on a capture of its own makes the interval over rounds hold that spread, and two runs agree within it.
+    The old capture is dropped only once the new one exists, so the new one's buffers land elsewhere."""
+
+    def __init__(self, forward: Callable, copies: list, timer: GraphTimer, group=None):
+        self.forward, self.copies, self.timer, self.group = forward, copies, timer, group
+        self.used = False
+
+    def __call__(self, n: int) -> list[float]:
+        if self.used:
+            fresh = GraphTimer(self.forward, self.copies, prime=False)
+            fresh.warm(RECAPTURE_WARM_MS, self.group)
+            self.timer = fresh  # the old graph goes; its memory returns once the allocator frees its pool
+        self.used = True
+        return [v / 1e3 for v in self.timer.sample(n, self.group)]
+
+
 def paired_speedup(config_ms: list[float], base_ms: list[float]) -> tuple[float, float, float]:
-    """(the median over rounds of all-off's median / the config's, its 95% interval): a percentile bootstrap over
-    rounds, the independent samples (within a round both saw the same machine). Infinite with fewer than 3
-    rounds."""
+    """(the median over rounds of all-off's median / the config's, its 95% interval): rounds are the independent
+    samples (within a round both saw the same machine), and the interval is the median's from order statistics
+    (``median_ci``): distribution-free, exact for any number of rounds, infinite below 6. A percentile bootstrap
+    over so few rounds covers less than it claims (the A/A pair missed 1 at 3 of 12 sizes on an H200)."""
     ratios = round_ratios(config_ms, base_ms)
     if not ratios:
         return float("nan"), -math.inf, math.inf
-    speedup = statistics.median(ratios)
-    if len(ratios) < 3:
-        return speedup, -math.inf, math.inf
-    draws = np.random.default_rng(0).integers(0, len(ratios), size=(BOOTSTRAP_DRAWS, len(ratios)))
-    low, high = np.percentile(np.median(np.asarray(ratios)[draws], axis=1), [2.5, 97.5])
-    return speedup, float(low), float(high)
+    low, high = median_ci(ratios)
+    return statistics.median(ratios), low, high
 
 
 def round_ratios(config_ms: list[float], base_ms: list[float]) -> list[float]:
@@ -211,7 +242,7 @@ def until_settled(sample: Callable[[int], list[float]], repeats: Repeats, device
         batch = sample(min(repeats.min_repeats, repeats.max_repeats - len(times)))
         times += slowest_rank(batch, device, group)
         low, high = median_ci(times)
-        if (high - low) / 2 <= repeats.settle * statistics.median(times):
+        if interval_settled(statistics.median(times), low, high, repeats.settle):
             break
     return times
 
@@ -280,7 +311,7 @@ def summarize(times_ms: list[float], settle: float | None = None) -> dict[str, f
     mean = statistics.fmean(times_ms)
     cv = statistics.stdev(times_ms) / mean if len(times_ms) > 1 and mean > 0 else float("nan")
     low, high = median_ci(times_ms)
-    settled = settle is not None and (high - low) / 2 <= settle * median
+    settled = settle is not None and interval_settled(median, low, high, settle)
     return {"latency_ms": median, "latency_ms_p10": p10, "latency_ms_p90": p90, "latency_ms_cv": cv,
             "latency_ms_ci_low": low, "latency_ms_ci_high": high, "repeats": len(times_ms), "settled": settled}
 

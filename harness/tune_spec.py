@@ -88,10 +88,17 @@ class TuneSpec(_Strict):
     search: SearchSpec
     # fields held fixed in every trial
     pass_config: Annotated[dict[str, Scalar], PassConfigFields] = Field(default_factory=dict)
-    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    # unpaired unless asked: a trial is one config, so pairing it would time all-off beside every trial (about
+    # twice the forwards), where a sweep's batch shares one all-off among its configs
+    measure: MeasureSpec = Field(default_factory=lambda: MeasureSpec(paired=False))
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     collectives: CollectivesSpec = Field(default_factory=CollectivesSpec)
     study: StudySpec = Field(default_factory=StudySpec)
+
+    @field_validator("measure", mode="before")
+    @classmethod
+    def _unpaired_unless_asked(cls, value):
+        return {"paired": False, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from .match_counts import MatchCounts, UnrecordedCacheHit, first_call_marks, mat
 from .model import DecoderStack, ModelConfig
 from .process_group import RankGroup
 from .profile import profile_forward
-from .timing import gpu_state, time_forward, time_paired
+from .timing import gpu_state, time_forward, time_rounds
 
 
 def planned_platform(planned: Platform | None, here: Platform) -> Platform:
@@ -134,65 +135,62 @@ class TPWorker:
     def run(self, job: Job) -> list[RankResult]:
         """Measure every num_tokens of ``job``. A failure to build or compile fails them all; a failure at one
         size (out of memory, a kernel error) fails that size only. Failures are returned, never raised."""
+        return self.run_together([job])[0]
+
+    def run_together(self, jobs: list[Job]) -> list[list[RankResult]]:
+        """Measure several configs of one model over the same num_tokens (``measure.paired``: each job's
+        ``paired_with`` is all-off), each size's forwards timed in shared rounds with all-off, so that drift hits
+        them all alike; per job, what ``run`` returns. The jobs differ only in their PassConfig: one model, one
+        set of weights, a compiled variant each. Each config fails alone, as in ``run``."""
         self.log_lines = []
+        lead = jobs[0]
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the thread that runs this job may not be the one that set it
-        symm_mem.configure(symm_mem.CollectiveSettings(**job.collectives))
-        self.log(f"job {job.config_id}: {job.pass_config or 'level defaults'} at O{job.optimization_level}, "
-                 f"num_tokens {job.num_tokens}" + (" (reference outputs only)" if job.reference_only else "")
-                 + _where())
+        symm_mem.configure(symm_mem.CollectiveSettings(**lead.collectives))
+        for job in jobs:
+            self.log(f"job {job.config_id}: {job.pass_config or 'level defaults'} at O{job.optimization_level}, "
+                     f"num_tokens {job.num_tokens}" + (" (reference outputs only)" if job.reference_only else "")
+                     + _where())
+        torch._dynamo.reset()
+        # every variant compiles a graph per range on the model's one forward: room for them all, or Dynamo would
+        # run the later ones eagerly
+        variants = len(jobs) + (lead.paired_with is not None)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * variants)
+        configs = [self._prepared(job) for job in jobs]
         try:
-            cfg, resolved, parts, compiled = self._prepare(job)
-        except Exception as exc:
-            self.log(f"failed before measuring: {_describe(exc)}")
-            return [RankResult(n, error=_describe(exc)) for n in job.num_tokens]
-        self.log("ranges: " + _ranges_text(parts))
-        try:
-            partner = self._partner(job)
-        except Exception as exc:  # noqa: BLE001 - the config is still measured, unpaired, and the log says why
+            partner = self._partner(lead) if any(c.compiled is not None for c in configs) else None
+        except Exception as exc:  # noqa: BLE001 - the configs are still measured, unpaired, and the log says why
             self.log(f"not paired with all-off: {_describe(exc)}")
             partner = None
-        results, last_matches = [], {}
         try:
             # Largest first: in each range, the first compile is the dynamic-shape graph its smaller sizes reuse.
-            for num_tokens in sorted(job.num_tokens, reverse=True):
-                result = RankResult(num_tokens, resolved=dict(resolved.values))
-                try:
-                    part = range_for(parts, num_tokens, self.world_size)
-                    if part.label not in compiled:  # a size SP cannot split: its range less SP, compiled once
-                        compiled[part.label] = self._compile(self._model, part)
-                    fn, manager = compiled[part.label]
-                    result.compile_range, result.active = part.label, list(part.active)
-                    partner_fn = self._partner_for(partner, num_tokens)
-                    try:
-                        matches = self._measure(job, cfg, fn, manager, result, last_matches.get(part.label, {}),
-                                                partner_fn)
-                    except UnrecordedCacheHit as hit:  # compile this range afresh, its passes running
-                        self.log(f"num_tokens={num_tokens}: {hit}; compiling range {part.label} without the cache")
-                        compiled[part.label] = fn, manager = self._compile(self._model, part, cache=False)
-                        matches = self._measure(job, cfg, fn, manager, result, {}, partner_fn)
-                    last_matches[part.label] = matches
-                    self.log(_summary(result))
-                except Exception as exc:
-                    result.error = _describe(exc)
-                    self.log(f"num_tokens={num_tokens} failed: {result.error}")
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                results.append(result)
+            for num_tokens in sorted(lead.num_tokens, reverse=True):
+                checked = [c for c in configs if self._first_call_checked(c, num_tokens)]
+                if checked and not lead.reference_only:
+                    self._time_size(lead, checked, partner, num_tokens)
+                for config in checked:
+                    self.log(_summary(config.results[-1]))
         finally:
             torch._dynamo.reset()
-        return sorted(results, key=lambda r: r.num_tokens)
+        return [sorted(c.results, key=lambda r: r.num_tokens) for c in configs]
 
-    def _prepare(self, job: Job):
-        """The model's config, the resolved PassConfig, its num_tokens ranges, and per range (by label) a compiled
-        callable with that range's passes and their manager."""
-        cfg = ModelConfig(**job.model)  # head_dim comes resolved: explicit, same shapes
-        resolved = self._resolve(job, job.pass_config, cfg)
-        model = self.model_for(cfg, job.seed)
-        torch._dynamo.reset()
-        self._cache = job.compile_cache  # Inductor's fx_graph_cache option governs AOTAutograd's cache too
-        parts = compile_ranges(resolved)
-        return cfg, resolved, parts, {part.label: self._compile(model, part) for part in parts}
+    def _prepared(self, job: Job) -> "_Config":
+        """A job's model config, resolved PassConfig, num_tokens ranges and a compiled callable per range; where
+        that fails, the error every size of it will carry."""
+        config = _Config(job)
+        try:
+            config.cfg = ModelConfig(**job.model)  # head_dim comes resolved: explicit, same shapes
+            config.resolved = self._resolve(job, job.pass_config, config.cfg)
+            model = self.model_for(config.cfg, job.seed)
+            self._cache = job.compile_cache  # Inductor's fx_graph_cache option governs AOTAutograd's cache too
+            config.parts = compile_ranges(config.resolved)
+            config.compiled = {part.label: self._compile(model, part) for part in config.parts}
+        except Exception as exc:
+            config.failed = _describe(exc)
+            self.log(f"{job.config_id} failed before measuring: {config.failed}")
+            return config
+        self.log(f"{job.config_id} ranges: " + _ranges_text(config.parts))
+        return config
 
     def _resolve(self, job: Job, pass_config: dict[str, Any], cfg: ModelConfig):
         """``pass_config`` at the job's level, on the platform the plan resolved it on (else this rank's own)."""
@@ -202,14 +200,11 @@ class TPWorker:
         return resolve(pass_config, job.optimization_level, planned_platform(job.platform, here))
 
     def _partner(self, job: Job):
-        """All-off's num_tokens ranges and, per range, its compiled callable, for a job timed against it in
-        rounds (``job.paired_with``); None otherwise. Same model, same weights: only the passes differ."""
+        """All-off's num_tokens ranges and, per range, its compiled callable, for jobs timed against it in rounds
+        (``job.paired_with``); None otherwise. Same model, same weights: only the passes differ."""
         if job.paired_with is None or job.reference_only:
             return None
         parts = compile_ranges(self._resolve(job, job.paired_with, self._model.cfg))
-        # the model's forward now holds two compiles' graphs per range: room for them, or Dynamo would run the
-        # later ones eagerly
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.log("paired with all-off: " + _ranges_text(parts))
         return parts, {}
 
@@ -232,23 +227,48 @@ class TPWorker:
         return fn, manager
 
     @torch.no_grad()
-    def _measure(self, job: Job, cfg: ModelConfig, compiled, manager: PassManager, result: RankResult,
-                 last_matches: dict[str, int], partner=None) -> dict[str, int]:
-        """One size: its first call (compiling, counting matches), its output checked against all-off, its timing
-        (in rounds with all-off's ``partner``, where given) and profile. Fills ``result``; returns the range's
-        match counts for its next size."""
-        problem = cfg.cache_problem(result.num_tokens)
-        if problem:
-            raise ValueError(problem)
-        x = self.inputs(cfg, result.num_tokens, job.seed)
-        if result.num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it)
-            torch._dynamo.mark_dynamic(x, 0)
-        out, last_matches = self._first_call(compiled, manager, x, result, last_matches)
-        self._check(job, cfg, out, result)
-        del out
-        if not job.reference_only:
-            self._time(job, compiled, x, result, partner)
-        return last_matches
+    def _first_call_checked(self, config: "_Config", num_tokens: int) -> bool:
+        """One size of one config: its first call (compiling, counting matches) and its output checked against
+        all-off. Adds the size's result to the config's; whether the size is left to time."""
+        job = config.job
+        result = RankResult(num_tokens, resolved=dict(config.resolved.values) if config.resolved else {})
+        config.results.append(result)
+        if config.failed:
+            result.error = config.failed
+            return False
+        try:
+            part = range_for(config.parts, num_tokens, self.world_size)
+            if part.label not in config.compiled:  # a size SP cannot split: its range less SP, compiled once
+                config.compiled[part.label] = self._compile(self._model, part)
+            fn, manager = config.compiled[part.label]
+            result.compile_range, result.active = part.label, list(part.active)
+            problem = config.cfg.cache_problem(num_tokens)
+            if problem:
+                raise ValueError(problem)
+            x = self.inputs(config.cfg, num_tokens, job.seed)
+            if num_tokens > 1:  # one dynamic graph per range (the dispatch keeps other sizes out of it)
+                torch._dynamo.mark_dynamic(x, 0)
+            try:
+                out, matches = self._first_call(fn, manager, x, result, config.matches.get(part.label, {}))
+            except UnrecordedCacheHit as hit:  # compile this range afresh, its passes running
+                self.log(f"num_tokens={num_tokens}: {hit}; compiling range {part.label} without the cache")
+                config.compiled[part.label] = fn, manager = self._compile(self._model, part, cache=False)
+                out, matches = self._first_call(fn, manager, x, result, {})
+            config.matches[part.label] = matches
+            self._check(job, config.cfg, out, result)
+            result.allreduce_used = symm_mem.take_used()  # what its timed replays run too
+            del out
+            config.now = fn, x
+            return True
+        except Exception as exc:
+            self._failed_at(result, exc)
+            return False
+
+    def _failed_at(self, result: RankResult, exc: BaseException) -> None:
+        result.error = _describe(exc)
+        self.log(f"num_tokens={result.num_tokens} failed: {result.error}")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _first_call(self, compiled, manager: PassManager, x: torch.Tensor, result: RankResult,
                     last_matches: dict[str, int]) -> tuple[torch.Tensor, dict[str, int]]:
@@ -287,30 +307,80 @@ class TPWorker:
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()),
                                          self.world_size, reordered="flashinfer" in symm_mem.used())
 
-    def _time(self, job: Job, compiled, x: torch.Tensor, result: RankResult, partner=None) -> None:
-        """The size's timed repeats (in rounds with all-off's ``partner``, where given), the GPU's state after
-        them, what collectives ran, and its profile."""
-        paired = " in rounds with all-off" if partner is not None else ""
-        self.log(f"num_tokens={result.num_tokens}: timing{paired}")
+    @torch.no_grad()
+    def _time_size(self, lead: Job, configs: list["_Config"], partner, num_tokens: int) -> None:
+        """One size's timed repeats of every config, in shared rounds with all-off's ``partner`` where given (one
+        by one if timing them together fails: one config's out-of-memory must not cost the others their size),
+        the GPU's state after them, and the profiles."""
+        try:
+            partner_fn = self._partner_for(partner, num_tokens)
+        except Exception as exc:  # noqa: BLE001 - measured unpaired, and the log says why
+            self.log(f"num_tokens={num_tokens}: all-off failed to compile, not paired: {_describe(exc)}")
+            partner_fn = None
+        groups = [configs] if partner_fn is not None else [[c] for c in configs]
+        for group in groups:
+            try:
+                self._time(lead, group, partner_fn)
+            except Exception as exc:
+                if len(group) == 1:
+                    self._failed_at(group[0].results[-1], exc)
+                    continue
+                self.log(f"num_tokens={num_tokens}: timing {len(group)} configs together failed "
+                         f"({type(exc).__name__}); timing them one by one")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                for config in group:
+                    try:
+                        self._time(lead, [config], partner_fn)
+                    except Exception as one:
+                        self._failed_at(config.results[-1], one)
+        for config in configs:
+            config.now = None
+
+    def _time(self, lead: Job, configs: list["_Config"], partner=None) -> None:
+        """The timed repeats of ``configs`` at their current size (in rounds with all-off's ``partner``, where
+        given), the host's load and the GPU's state over them, and their profiles."""
+        results = [c.results[-1] for c in configs]
+        x = configs[0].now[1]
+        paired = f" in rounds with all-off ({len(configs)} configs)" if partner is not None else ""
+        self.log(f"num_tokens={results[0].num_tokens}: timing{paired}")
         started = self._host.start()
         if partner is None:
-            result.times_ms, result.timing = time_forward(compiled, x, job.warmup, job.repeat_rule, self.device,
-                                                          self.group)
-            result.allreduce_used = symm_mem.take_used()
+            (fn, _), = [c.now for c in configs]
+            results[0].times_ms, results[0].timing = time_forward(fn, x, lead.warmup, lead.repeat_rule,
+                                                                  self.device, self.group)
         else:
-            result.allreduce_used = symm_mem.take_used()  # the config's first call; all-off's calls come next
-            result.times_ms, result.paired_base_ms, result.timing = time_paired(
-                compiled, partner, x, job.warmup, job.repeat_rule, self.device, self.group,
-                seed=job.seed * 100_003 + result.num_tokens)
-            symm_mem.take_used()
+            per_config, base_ms, how = time_rounds([c.now[0] for c in configs], partner, x, lead.warmup,
+                                                   lead.repeat_rule, self.device, self.group,
+                                                   seed=lead.seed * 100_003 + results[0].num_tokens)
+            for result, times in zip(results, per_config):
+                result.times_ms, result.paired_base_ms, result.timing = times, base_ms, how
+        symm_mem.take_used()
         other = self._host.other_cpus(started)
-        result.host_other_cpus = float("nan") if other is None else other
-        result.gpu = gpu_state(self.device)
-        if job.profile:
-            barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
-            result.kernels, trace = profile_forward(lambda: compiled(x), self.device, barrier=barrier)
-            result.trace = trace if self.rank == 0 else b""
+        gpu = gpu_state(self.device)
+        for config, result in zip(configs, results):
+            result.host_other_cpus = float("nan") if other is None else other
+            result.gpu = dict(gpu)
+            if config.job.profile:
+                barrier = (lambda: dist.barrier(group=self.group)) if self.group is not None else None
+                fn = config.now[0]
+                result.kernels, trace = profile_forward(lambda: fn(x), self.device, barrier=barrier)
+                result.trace = trace if self.rank == 0 else b""
 
+
+@dataclass
+class _Config:
+    """One job inside ``run_together``: what it compiled, its sizes' results so far, and the size now timed."""
+
+    job: Job
+    cfg: ModelConfig | None = None
+    resolved: Any = None
+    parts: list = field(default_factory=list)
+    compiled: dict[str, tuple[Any, PassManager]] | None = None
+    failed: str = ""  # why it could not be built or compiled
+    matches: dict[str, dict[str, int]] = field(default_factory=dict)  # per range, the match counts of its last size
+    results: list[RankResult] = field(default_factory=list)
+    now: tuple[Any, torch.Tensor] | None = None  # the compiled callable and input of the size being timed
 
 def _ranges_text(parts) -> str:
     """Each num_tokens range and the passes it compiles with, for the job's log."""

@@ -6,9 +6,10 @@ group)`` = all_gather(a_shard) @ b; the ``scaled_mm`` forms do the same around a
 per-token activation scales; a gathered FP8 activation keeps its per-tensor scale). The reference is that
 decomposition, run eagerly, so the rewrite is checked under gloo on CPU.
 
-On CUDA the bf16 forms run torch's symmetric-memory ops, which split the GEMM into per-rank chunks and overlap
-each chunk's transfer with the next chunk's compute. The FP8 forms run the decomposition on every device (the
-collective, then cuBLASLt's FP8 GEMM): torch's ``fused_*_scaled_matmul`` need a multi-GPU machine to be checked.
+On CUDA both forms run torch's symmetric-memory ops, which split the GEMM into per-rank chunks and overlap each
+chunk's transfer with the next chunk's compute: ``fused_matmul_reduce_scatter`` / ``fused_all_gather_matmul``, and
+for FP8 ``fused_scaled_matmul_reduce_scatter`` / ``fused_all_gather_scaled_matmul`` with cuBLASLt's row-wise scales
+(a per-tensor activation scale broadcast to rows, as ``linear.scaled_mm`` does). Block-scaled FP8 decomposes.
 """
 
 from __future__ import annotations
@@ -76,5 +77,34 @@ def _all_gather_matmul_cuda(a_shard, b, num_rows, group_name):
     return out
 
 
+def _rowwise_scales(a_scale, rows, b_scale):
+    """cuBLASLt's row-wise FP8 scales for ``torch._scaled_mm``: one per activation row (a per-tensor scale
+    broadcast to them), one per weight row."""
+    return a_scale.float().reshape(-1, 1).expand(rows, 1).contiguous(), b_scale.float().reshape(1, -1)
+
+
+def _scaled_mm_reduce_scatter_cuda(a, a_scale, b, b_scale, group_size, out_dtype, group_name):
+    if group_size:  # block scales: torch's fused op takes row-wise or per-tensor scales only
+        return _scaled_mm_reduce_scatter(a, a_scale, b, b_scale, group_size, out_dtype, group_name)
+    symm_mem.ensure_group(group_name)
+    symm_mem.record("symm-mem FP8 matmul + reduce-scatter")
+    scale_a, scale_b = _rowwise_scales(a_scale, a.shape[0], b_scale)
+    return torch.ops.symm_mem.fused_scaled_matmul_reduce_scatter(
+        a, b.t(), scale_a, scale_b, "sum", 0, 0, group_name, [a.shape[0], b.shape[0]], out_dtype=out_dtype)
+
+
+def _all_gather_scaled_mm_cuda(a_shard, a_scale, b, b_scale, group_size, out_dtype, num_rows, group_name):
+    if group_size or a_scale.numel() != 1:  # the pass fuses per-tensor scales only; anything else decomposes
+        return _all_gather_scaled_mm(a_shard, a_scale, b, b_scale, group_size, out_dtype, num_rows, group_name)
+    symm_mem.ensure_group(group_name)
+    symm_mem.record("symm-mem all-gather + FP8 matmul")
+    scale_a, scale_b = _rowwise_scales(a_scale, num_rows, b_scale)  # row-wise, replicated over the gathered rows
+    _, (out,) = torch.ops.symm_mem.fused_all_gather_scaled_matmul(
+        a_shard, [b.t()], scale_a, [scale_b], 0, group_name, [None], [None], [out_dtype], [False])
+    return out
+
+
 matmul_reduce_scatter.register_kernel("cuda")(_matmul_reduce_scatter_cuda)
 all_gather_matmul.register_kernel("cuda")(_all_gather_matmul_cuda)
+scaled_mm_reduce_scatter.register_kernel("cuda")(_scaled_mm_reduce_scatter_cuda)
+all_gather_scaled_mm.register_kernel("cuda")(_all_gather_scaled_mm_cuda)

@@ -284,6 +284,28 @@ def _gpu_rank(rank, world, port, queue):
                 excess = ((got.float() - want).abs() - bound).max().item()
                 expect(excess <= 0, f"{method} rows={rows}: off the fp32 sum by {excess:.3g} past the bound")
         symm_mem.configure(symm_mem.CollectiveSettings())
+    except Exception as exc:  # noqa: BLE001 - reported to the test, not lost in a child process
+        failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+    queue.put((rank, failures))
+    dist.destroy_process_group()
+
+
+def _asynctp_rank(rank, world, port, queue):
+    """AsyncTP's fused ops (bf16 and FP8) against their decompositions, on one GPU per rank."""
+    import torch.distributed as dist
+
+    from fusiontune.harness.bench_collectives import join_gpu_group
+    from fusiontune.kernels import symm_mem
+
+    device = join_gpu_group(rank, world, port)
+    group = dist.group.WORLD.group_name
+    failures = []
+
+    def expect(condition, what):
+        if not condition:
+            failures.append(f"rank {rank}: {what}")
+
+    try:
         # AsyncTP's fused ops against their decompositions
         ops = torch.ops.fusiontune
         from fusiontune.kernels.collectives import all_gathered, reduce_scattered
@@ -300,6 +322,63 @@ def _gpu_rank(rank, world, port, queue):
             fused, plain = ops.matmul_reduce_scatter(a2, b2, group), reduce_scattered(a2 @ b2, group)
             relative = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
             expect(relative < 1e-2, f"matmul_reduce_scatter rows={rows}: relative error {relative:.2e}")
+            # the FP8 forms (weights [N, K] with per-row scales, as the model holds them), against the decomposition
+            # with the same cuBLASLt GEMM: a per-tensor activation scale gathered, a per-token one scattered
+            w = (torch.randn(384, 512, generator=g, device=device) / 22.6).to(numerics.FP8_DTYPE)
+            w_scale = torch.rand(384, generator=g, device=device) + 0.5
+            a8 = (torch.randn(rows // world, 512, generator=g, device=device) * 4).to(numerics.FP8_DTYPE)
+            scale = torch.tensor([0.02], device=device)
+            fused = ops.all_gather_scaled_mm(a8, scale, w, w_scale, 0, torch.bfloat16, rows, group)
+            plain = ops.scaled_mm(all_gathered(a8, rows, group), scale, w, w_scale, 0, torch.bfloat16)
+            relative = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
+            expect(relative < 1e-2, f"all_gather_scaled_mm rows={rows}: relative error {relative:.2e}")
+            w2 = (torch.randn(512, 384, generator=g, device=device) / 19.6).to(numerics.FP8_DTYPE)
+            a28 = (torch.randn(rows, 384, generator=g, device=device) * 4).to(numerics.FP8_DTYPE)
+            token_scale = torch.rand(rows, 1, generator=g, device=device) * 0.02 + 0.01
+            fused = ops.scaled_mm_reduce_scatter(a28, token_scale, w2, w_scale[:1].expand(512).contiguous(), 0,
+                                                 torch.bfloat16, group)
+            plain = reduce_scattered(ops.scaled_mm(a28, token_scale, w2, w_scale[:1].expand(512).contiguous(), 0,
+                                                   torch.bfloat16), group)
+            relative = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
+            expect(relative < 1e-2, f"scaled_mm_reduce_scatter rows={rows}: relative error {relative:.2e}")
+            used = symm_mem.take_used()
+            expect("symm-mem all-gather + FP8 matmul" in used and "symm-mem FP8 matmul + reduce-scatter" in used,
+                   f"the FP8 AsyncTP ops did not run torch's fused ops: {used}")
+    except Exception as exc:  # noqa: BLE001 - reported to the test, not lost in a child process
+        failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+    queue.put((rank, failures))
+    dist.destroy_process_group()
+
+
+def _rounds_rank(rank, world, port, queue):
+    """Paired rounds on CUDA graphs captured afresh each round, with collectives inside (NCCL and symmetric
+    memory): every rank captures and replays in step, and the times come back for every forward."""
+    import torch.distributed as dist
+
+    from fusiontune.harness.bench_collectives import join_gpu_group
+    from fusiontune.harness.timing import Repeats, time_rounds
+    from fusiontune.kernels import symm_mem
+
+    device = join_gpu_group(rank, world, port)
+    group = dist.group.WORLD
+    failures = []
+    try:
+        x = torch.randn(64, 4096, device=device, dtype=torch.bfloat16)
+
+        def with_symm_mem(inputs):
+            return symm_mem.symm_mem_all_reduce(inputs @ inputs.t()[:, :64].contiguous(), group.group_name,
+                                                "one-shot")
+
+        def with_nccl(inputs):
+            out = inputs * 2
+            dist.all_reduce(out, group=group)
+            return out
+
+        per_config, base, how = time_rounds([with_symm_mem], with_nccl, x, 2, Repeats(15, 30, 1e-9), device, group)
+        if not (len(per_config[0]) == len(base) == 30 and min(per_config[0] + base) > 0):
+            failures.append(f"rank {rank}: rounds gave {len(per_config[0])} and {len(base)} times")
+        if "captured afresh each round" not in how:
+            failures.append(f"rank {rank}: not timed on fresh captures: {how}")
     except Exception as exc:  # noqa: BLE001 - reported to the test, not lost in a child process
         failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
     queue.put((rank, failures))
@@ -387,6 +466,19 @@ def _on_gpus(world, target):
 @pytest.mark.parametrize("world", sorted({2, GPUS}) if GPUS >= 2 else [2])
 def test_on_several_gpus(world):
     failures = _on_gpus(world, _gpu_rank)
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two or more CUDA GPUs")
+@pytest.mark.parametrize("world", sorted({2, GPUS}) if GPUS >= 2 else [2])
+def test_asynctp_on_several_gpus(world):
+    failures = _on_gpus(world, _asynctp_rank)
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two or more CUDA GPUs")
+def test_paired_rounds_recapture_collectives_on_gpus():
+    failures = _on_gpus(2, _rounds_rank)
     assert not failures, "\n".join(failures[:20])
 
 

@@ -22,7 +22,7 @@ tp: [1]
 num_tokens: [1, 16, 64]
 optimization_level: 0
 pass_config: {fuse_norm_quant: [false, true], fuse_act_quant: [false, true]}
-measure: {warmup: 1, repeats: 40, max_repeats: 40, profile: false}
+measure: {warmup: 1, repeats: 40, max_repeats: 40, profile: false, paired: false}  # a job per config
 """
 SIZES = 3
 CONFIGS = 5  # all-off, three with a fusion on, all-off again

@@ -22,7 +22,7 @@ name: faults
 model: {preset: tiny, quant: fp8-static, num_layers: 1}
 num_tokens: [1, 8]
 pass_config: {fuse_norm_quant: [false, true], fuse_act_quant: [false, true], fuse_rope_kvcache: [false, true]}
-measure: {warmup: 1, repeats: 5, max_repeats: 5, profile: false}
+measure: {warmup: 1, repeats: 5, max_repeats: 5, profile: false, paired: false}  # a job per config
 cluster: {groups: 2}
 """
 

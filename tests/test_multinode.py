@@ -28,7 +28,7 @@ tp: [2]
 num_tokens: [2, 16]
 optimization_level: 0
 pass_config: {fuse_norm_quant: [false, true], fuse_act_quant: [false, true]}
-measure: {warmup: 1, repeats: 5, max_repeats: 5, profile: false}
+measure: {warmup: 1, repeats: 5, max_repeats: 5, profile: false, paired: false}  # a job per config
 cluster: {groups: 2}
 """
 NODE = re.compile(r"rank (\d): job .*; node (\w+)")

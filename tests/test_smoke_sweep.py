@@ -40,9 +40,17 @@ def test_every_config_ran_fused_and_agreed_with_all_off(smoke_run):
         assert (table.loc[~enabled, f"matches_{flag}"] == 0).all()
     assert (table["max_abs_err"] <= table["tolerance"]).all()
     assert (table["latency_ms_p10"] <= table["latency_ms"]).all() and (table["latency_ms"] <= table["latency_ms_p90"]).all()
-    assert table["repeats"].between(20, 60).all() and (table["repeats"] % 20 == 0).all()
-    assert (table.loc[table["settled"], "latency_ms_ci_high"] - table.loc[table["settled"], "latency_ms_ci_low"]
-            <= 2 * 0.005 * table.loc[table["settled"], "latency_ms"]).all()
+    # measure.paired (the default): every config but all-off's first measurement timed in rounds with all-off
+    # (at least 6 rounds of 5, batches of 6 up to 60 repeats), settled by its speedup's interval; all-off's first
+    # alone, in batches of 20, settled by its latency's
+    paired = table["paired_speedup"].notna()
+    assert (paired == ~table["is_baseline"]).all()
+    assert table.loc[paired, "repeats"].isin([30, 60]).all() and (table.loc[paired, "paired_rounds"] >= 6).all()
+    assert table.loc[~paired, "repeats"].isin([20, 40, 60]).all()
+    alone = table[~paired & table["settled"]]
+    assert (alone["latency_ms_ci_high"] - alone["latency_ms_ci_low"] <= 2 * 0.005 * alone["latency_ms"]).all()
+    settled = table[paired & table["settled"]]
+    assert (settled["paired_ci_high"] - settled["paired_ci_low"] <= 2 * 0.005 * settled["paired_speedup"]).all()
     again = table[table["baseline_repeat"]]
     assert len(again) == 6 and (again["max_abs_err"] == 0).all()  # the same forward twice: bit-identical
     for column in ("fuse_allreduce_rms", "sp_min_token_num", "fi_allreduce_fusion_max_size_mb", "error", "allreduce",
@@ -93,9 +101,10 @@ def test_profiles_file_kernels_by_what_they_do_and_keep_traces_and_logs(smoke_ru
     trace = json.loads(gzip.decompress((out / "traces" / traces[0]).read_bytes()))
     assert any(e.get("name", "").startswith("fusiontune::") for e in trace["traceEvents"])
     logs = sorted((out / "logs").iterdir())
-    assert len(logs) == 10
-    tp2_log = next(p for p in logs if p.name.startswith("tp2-fuse_norm_quant=on_fuse_act_quant=on")).read_text()
+    assert len(logs) == 4  # per TP size: all-off's, and the batch the rest were timed in together
+    tp2_log = next(p for p in logs if p.name.startswith("tp2-together-")).read_text()
     assert "rank 0:" in tp2_log and "rank 1:" in tp2_log and "num_tokens=128: range" in tp2_log
+    assert "4 configs timed together" in tp2_log and "in rounds with all-off (4 configs)" in tp2_log
 
 
 def test_an_interrupted_run_resumes_without_repeating_or_duplicating(smoke_run, tmp_path):

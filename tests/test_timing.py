@@ -10,7 +10,7 @@ import statistics
 import torch
 
 from fusiontune.harness.timing import (ROUND_REPEATS, Repeats, combine_ranks, median_ci, paired_speedup, round_ratios,
-                                       summarize, time_paired, until_settled)
+                                       summarize, time_rounds, until_settled)
 
 
 def test_the_median_interval_is_a_pair_of_order_statistics():
@@ -72,8 +72,8 @@ def test_a_tp_step_lasts_as_long_as_its_slowest_rank():
 
 def test_a_paired_speedup_sees_through_drift_that_moves_both_alike():
     """Rounds on a machine whose speed swings between 1x and 2x: each round's all-off / config ratio is the true
-    1.25 (1% noise), so the bootstrap interval over rounds is tight around it; the same distribution paired with
-    itself (A/A) covers 1; with fewer than 3 rounds there is no interval."""
+    1.25 (1% noise), so the interval over rounds is tight around it; the same distribution paired with itself
+    (A/A) covers 1; with fewer than 6 rounds there is no interval."""
     rng = random.Random(5)
     config, base, again = [], [], []
     for r in range(12):
@@ -97,11 +97,41 @@ def test_paired_rounds_alternate_in_an_order_drawn_every_round():
     def forward(name):
         return lambda x: calls.append(name)
 
-    config_ms, base_ms, how = time_paired(forward("config"), forward("base"), torch.zeros(1), 2,
-                                          Repeats(10, 40, 1e-12), torch.device("cpu"))
+    (config_ms,), base_ms, how = time_rounds([forward("config")], forward("base"), torch.zeros(1), 2,
+                                             Repeats(10, 40, 1e-12), torch.device("cpu"))
     assert calls[:4] == ["config", "config", "base", "base"] and how.startswith("paired rounds of 5 with all-off")
     rounds = [calls[4 + 2 * ROUND_REPEATS * i:4 + 2 * ROUND_REPEATS * (i + 1)] for i in range(8)]
     assert len(calls) == 4 + 8 * 2 * ROUND_REPEATS and len(config_ms) == len(base_ms) == 8 * ROUND_REPEATS
     for one in rounds:
         assert one[:ROUND_REPEATS] == [one[0]] * ROUND_REPEATS and set(one) == {"config", "base"}
     assert {one[0] for one in rounds} == {"config", "base"}  # both orders occur
+
+
+def test_configs_timed_together_share_all_offs_rounds_and_each_leaves_once_settled(monkeypatch):
+    """Three configs in rounds with all-off: a steady one settles after the first batch of 6 rounds and leaves; a
+    scattered one stays to the cap; all-off runs in every round, so each config's rounds line up with its first
+    ones. Every round holds each config still in, once, in shuffled order."""
+    rng = random.Random(3)
+    speed = {"steady": lambda: 0.5, "scattered": lambda: rng.choice((0.5, 2.0)), "also": lambda: 0.8,
+             "base": lambda: 1.0}
+    calls = []
+
+    def forward(name):
+        return lambda x: calls.append(name)
+
+    # the wall clock's stand-in: each call takes its config's time
+    monkeypatch.setattr("fusiontune.harness.timing._time_eagerly",
+                        lambda fn, n, device, group=None: [fn() or speed[calls[-1]]() for _ in range(n)])
+    names = ["steady", "scattered", "also"]
+    per_config, base_ms, _ = time_rounds([forward(n) for n in names], forward("base"), torch.zeros(1), 0,
+                                         Repeats(15, 60, 0.01), torch.device("cpu"))
+    steady, scattered, also = per_config
+    assert len(steady) == len(also) == 6 * ROUND_REPEATS  # settled after the first batch of rounds
+    assert len(scattered) == len(base_ms) == 12 * ROUND_REPEATS  # never settles: to max_repeats
+    assert paired_speedup(steady, base_ms)[0] == 2.0 and paired_speedup(also, base_ms)[0] == 1.25
+    first_rounds = [calls[i:i + 4 * ROUND_REPEATS] for i in range(0, 3 * 4 * ROUND_REPEATS, 4 * ROUND_REPEATS)]
+    assert all(sorted(set(r)) == sorted(names + ["base"]) for r in first_rounds)
+    assert len({tuple(dict.fromkeys(r)) for r in first_rounds}) > 1  # the order is drawn anew
+    later = calls[6 * 4 * ROUND_REPEATS:]
+    assert set(later) == {"scattered", "base"}
+

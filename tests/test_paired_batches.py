@@ -1,0 +1,85 @@
+"""measure.paired through Ray, two TP groups: the configs of a TP size go out in one batch per group, each timed in
+shared rounds with all-off; a batch that dies as a whole is run again one config at a time, so that only the config
+at fault is recorded as failed and the others are still measured, paired."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray
+
+from fusiontune.harness.launcher import batches, run_plan
+from fusiontune.harness.results import RunFolder
+from fusiontune.harness.roles import Role
+from fusiontune.harness.sweep import PlannedConfig, expand, parse_sweep
+from fusiontune.harness.worker import TPWorker
+
+SWEEP = """
+name: batches
+model: {preset: tiny, quant: fp8-static, num_layers: 1}
+num_tokens: [1, 8]
+pass_config: {fuse_norm_quant: [false, true], fuse_act_quant: [false, true]}
+measure: {warmup: 1, repeats: 5, max_repeats: 5, profile: false, paired: true}
+cluster: {groups: 2}
+"""
+BOTH = "fuse_norm_quant=on fuse_act_quant=on"
+
+
+def _config(name: str, run: int = 1, role: Role = Role.CONFIG) -> PlannedConfig:
+    return PlannedConfig(name, name, 1, {}, {}, role=role, run=run)
+
+
+def test_batches_split_each_run_over_the_groups_with_the_aa_pair_last():
+    configs = [_config("a"), _config("b"), _config("c"), _config("a2", 2), _config("b2", 2),
+               _config("again", role=Role.BASELINE_AGAIN)]
+    names = [[c.config_id for c in batch] for batch in batches(configs, 2)]
+    assert names == [["a", "c"], ["b"], ["a2", "again"], ["b2"]]
+    assert [[c.config_id for c in b] for b in batches(configs[:2], 4)] == [["a"], ["b"]]
+    assert batches([], 2) == []
+
+
+class DiesTogether(TPWorker):
+    """Dies (the process ends, as in a segfault) when the config with both fusions is timed beside others, and
+    raises when it runs alone: the fault belongs to that config."""
+
+    def run_together(self, jobs):
+        if any(j.pass_config.get("fuse_norm_quant") and j.pass_config.get("fuse_act_quant") for j in jobs):
+            if len(jobs) > 1:
+                os._exit(1)
+            raise RuntimeError("boom: the config at fault")
+        return super().run_together(jobs)
+
+
+@pytest.fixture(scope="module")
+def batched_run(tmp_path_factory):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    plan = expand(parse_sweep(SWEEP))
+    folder = RunFolder(tmp_path_factory.mktemp("batches"))
+    folder.write_manifest(SWEEP, "batches.yaml", {})
+    try:
+        run_plan(plan, folder, config_timeout_s=120, worker_cls=DiesTogether)
+    finally:
+        ray.shutdown()
+    return plan, folder
+
+
+@pytest.mark.slow
+def test_a_dead_batch_runs_again_one_by_one_and_only_its_faulty_config_fails(batched_run):
+    plan, folder = batched_run
+    table = folder.table().set_index(["label", "num_tokens"])
+    assert len(table) == len(plan.configs) * 2 == 5 * 2
+    assert set(table.loc[BOTH, "status"]) == {"failed"}
+    assert "boom: the config at fault" in str(table.loc[(BOTH, 8), "error"])
+    others = table.drop(index=BOTH, level="label")
+    assert (others["status"] == "ok").all(), others[["status", "error"]]
+    timed = others[~others["is_baseline"].astype(bool)]
+    assert timed["paired_speedup"].notna().all() and (timed["paired_rounds"] >= 3).all()
+    # all-off again, paired with all-off: the same graph, bit-identical outputs
+    assert (table.loc["all fusions off (baseline), again", "max_abs_err"] == 0).all()
+    logs = {p.name: p.read_text() for p in (folder.path / "logs").iterdir()}
+    batch_logs = [text for name, text in logs.items() if "-together-" in name]
+    assert len(batch_logs) == 2
+    assert any("the batch failed, so its configs run one at a time" in text for text in batch_logs)
+    assert any("in rounds with all-off (2 configs)" in text for text in batch_logs)
