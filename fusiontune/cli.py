@@ -312,6 +312,9 @@ def _print_plan(plan) -> None:
     for label, tp, why in plan.dropped:
         table.add_row(str(tp), label, "", f"[dim]dropped: {why}[/dim]")
     console.print(table)
+    if plan.spec.measure.paired and any(not c.is_baseline for c in plan.configs):
+        console.print("measure.paired: after all-off, each TP size's configs are timed in batches (one per TP "
+                      "group) in shared rounds with all-off; --unpaired times each alone")
 
 
 @app.command()
@@ -561,7 +564,7 @@ def compare_cmd(
     """Configs measured in both runs, judged on their speedups (each run over its own all-off, so another machine
     of the same kind compares): which got slower or faster beyond both intervals, which broke or were fixed, which
     fusions stopped firing. How far all-off itself moved is printed apart."""
-    from fusiontune.harness.compare import compare, regressions
+    from fusiontune.harness.compare import agreement, compare, regressions
 
     for run in (run_a, run_b):
         if not (run / "rows.jsonl").exists() and not (run / "results.parquet").exists():
@@ -597,6 +600,10 @@ def compare_cmd(
                       "all-off)")
     console.print(f"{len(result)} rows in both runs: " + ", ".join(
         f"{count} {verdict}" for verdict, count in result["verdict"].value_counts().items()))
+    inside, measured = agreement(result)
+    if measured:
+        console.print(f"{inside} of {measured} speedups lie inside the other run's interval, both ways "
+                      f"({inside / measured:.0%})")
     if csv_path:
         result.to_csv(csv_path, index=False)
     if fail and len(regressions(result)):

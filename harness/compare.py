@@ -71,6 +71,15 @@ def _verdict(row) -> str:
     return "within noise"
 
 
+def agreement(result: pd.DataFrame) -> tuple[int, int]:
+    """(rows whose speedup in each run lies inside the other run's interval, rows with a speedup in both): whether a
+    run repeats within what it claims, labels or not. The baseline rows are left out."""
+    both = result[result["speedup_a"].notna() & result["speedup_b"].notna() & (result["verdict"] != "baseline")]
+    inside = ((both["speedup_a"] >= both["ci_low_b"]) & (both["speedup_a"] <= both["ci_high_b"])
+              & (both["speedup_b"] >= both["ci_low_a"]) & (both["speedup_b"] <= both["ci_high_a"]))
+    return int(inside.sum()), len(both)
+
+
 def regressions(result: pd.DataFrame) -> pd.DataFrame:
     """The rows a CI should fail on."""
     return result[result["verdict"].str.startswith(("slower", "broke", "stopped firing"))]

@@ -130,7 +130,7 @@ def test_credentials_are_redacted():
 def test_compare_flags_slower_beyond_noise_broken_and_unfired_and_fails_ci(tmp_path):
     import subprocess
 
-    from fusiontune.harness.compare import compare, regressions
+    from fusiontune.harness.compare import agreement, compare, regressions
 
     before = noisy_sweep(again_1=2.0, again_8=4.04)  # floors: 0.1% at 1 token (the CI), 1% at 8
     after = [dict(r) for r in before]
@@ -152,6 +152,8 @@ def test_compare_flags_slower_beyond_noise_broken_and_unfired_and_fails_ci(tmp_p
     assert result.loc[("crashed", 1), "verdict"] == "broke (failed)"
     assert result.loc[("lost", 1), "verdict"] == "stopped firing (fuse_norm_quant)"
     assert len(regressions(result.reset_index())) == 3
+    inside, measured = agreement(result.reset_index())
+    assert inside == measured - 1 and result.loc[("fused", 8), "speedup_b"] < result.loc[("fused", 8), "speedup_a"]
     cli = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
                          text=True, env={**__import__("os").environ, "COLUMNS": "200"})
     assert cli.returncode == 1 and "slower" in cli.stdout and "broke (failed)" in cli.stdout
@@ -278,10 +280,11 @@ def test_speedups_are_written_as_data_beside_the_report(tmp_path):
 
 
 def test_compare_judges_speedups_so_another_machine_of_the_kind_compares(tmp_path):
-    """Run B on a machine 10% slower throughout: every latency moved, no speedup did. Exit 0."""
+    """Run B on a machine 10% slower throughout: every latency moved, no speedup did. Exit 0, and every speedup
+    lies inside the other run's interval."""
     import subprocess
 
-    from fusiontune.harness.compare import compare, regressions
+    from fusiontune.harness.compare import agreement, compare, regressions
 
     before = [with_ci(r) for r in noisy_sweep(again_1=2.0, again_8=4.0)]
     after = [{**r, "latency_ms": r["latency_ms"] * 1.1, "latency_ms_ci_low": r["latency_ms_ci_low"] * 1.1,
@@ -294,6 +297,8 @@ def test_compare_judges_speedups_so_another_machine_of_the_kind_compares(tmp_pat
     cli = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
                          text=True, env={**__import__("os").environ, "COLUMNS": "200"})
     assert cli.returncode == 0 and "all-off latency moved by +10.00% to +10.00%" in cli.stdout
+    inside, measured = agreement(result.reset_index())
+    assert measured > 0 and f"{measured} of {measured} speedups lie inside the other run's interval" in cli.stdout
 
 
 def test_a_paired_row_is_judged_by_its_own_interval_and_its_a_a_check_says_whether_it_covers_one():

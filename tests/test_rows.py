@@ -75,14 +75,14 @@ def test_every_row_names_its_schema_and_a_column_of_the_wrong_type_is_caught():
 def test_a_paired_row_gets_its_speedup_over_the_rounds_beside_the_plain_median():
     """measure.paired: each rank's config and all-off times, round by round; the slowest rank per repeat for both,
     then each round's all-off / config ratio. Unpaired rows have no paired columns."""
-    config = [1.0] * 5 + [2.0] * 5 + [1.0] * 5  # the machine slowed down in round 2, for both alike
-    base = [1.2] * 5 + [2.4] * 5 + [1.2] * 5
+    config = ([1.0] * 5 + [2.0] * 5 + [1.0] * 5) * 2  # the machine slowed down in rounds 2 and 5, for both alike
+    base = ([1.2] * 5 + [2.4] * 5 + [1.2] * 5) * 2
     per_rank = [[RankResult(1, times_ms=config, paired_base_ms=base, tolerance=0.1, resolved=CONFIG.resolved,
                             matches={"fuse_norm_quant": 4})]] * 2
     plan = expand(parse_sweep("name: t\nmodel: {preset: tiny, quant: fp8-static}\ntp: 2\nnum_tokens: [1]\n"
                               "pass_config: {fuse_norm_quant: [false, true]}\n"), Platform())
     (row,) = rows_for(plan, CONFIG, per_rank)
-    assert row["paired_rounds"] == 3 and row["paired_speedup"] == pytest.approx(1.2)
+    assert row["paired_rounds"] == 6 and row["paired_speedup"] == pytest.approx(1.2) and row["settled"]
     assert row["paired_ci_low"] == pytest.approx(1.2) and row["paired_ci_high"] == pytest.approx(1.2)
     assert row["paired_baseline_ms"] == 1.2 and row["latency_ms"] == 1.0
     (plain,) = rows_for(plan, CONFIG, [[result(1, [1.0, 1.0])]] * 2)
