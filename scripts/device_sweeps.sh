@@ -5,7 +5,9 @@
 # folder comes back as $OUT/<name>.tar.gz without its traces (8 files come back at most; traces stay out of git).
 # CONFIG_TIMEOUT (seconds) caps one config of a sweep (fusiontune run --config-timeout). A tune the budget stops is
 # summarised from its study (fusiontune tune --summarize: its best marked unconfirmed); run it again to confirm.
-# TUNE_ARGS: more options for every tune (--grid: measure every point of the search).
+# TUNE_ARGS: more options for every tune (--grid: measure every point of the search). RUN_ARGS: more options for
+# every sweep (--unpaired: a paired sweep keeps a batch's rows only once all its configs end, so a budget that cuts
+# a batch keeps none of it; the multi-gpu-* sweeps are unpaired in their files).
 # Usage there:  BUDGET=540 bash scripts/device_sweeps.sh sweeps/A.yaml sweeps/tune-B.yaml ...
 source "$(dirname "$0")/device_setup.sh"
 budget=${BUDGET:-540}
@@ -16,7 +18,8 @@ for file in "$@"; do
   echo "== $name: ${left}s left"
   case "$(basename "$file")" in
     tune-*) cmd=(fusiontune tune "$file" --out "results/$name" ${TUNE_ARGS:-}); left=$((left - 20)) ;;  # to summarise
-    *) cmd=(fusiontune run "$file" --out "results/$name" --resume ${CONFIG_TIMEOUT:+--config-timeout "$CONFIG_TIMEOUT"}) ;;
+    *) cmd=(fusiontune run "$file" --out "results/$name" --resume ${CONFIG_TIMEOUT:+--config-timeout "$CONFIG_TIMEOUT"}
+            ${RUN_ARGS:-}) ;;
   esac
   timeout -s INT -k 20 "$left" "${cmd[@]}" 2>&1 | grep -v "^[│┃┏┡└]"
   # a tune stopped by the budget wrote no summary (or an older one): write it from the study, measuring nothing
