@@ -12,6 +12,7 @@ timeout, or kills an actor is recorded ``failed`` with its error, and the sweep 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -178,7 +179,8 @@ def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[P
     queue = list(configs)
     first = queue.pop(0)
     recorder.record(pool.run_first(job_for(plan, first), first))
-    work = batches(queue, pool.size) if plan.spec.measure.paired else [[c] for c in queue]
+    measure = plan.spec.measure
+    work = batches(queue, pool.size, measure.batch_size) if measure.paired else [[c] for c in queue]
 
     def ask():
         if not work:
@@ -201,14 +203,15 @@ def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[P
     pool.drive(ask, tell)
 
 
-def batches(configs: list[PlannedConfig], groups: int) -> list[list[PlannedConfig]]:
-    """``measure.paired``: the configs of a TP size in as many batches as there are TP groups, each timed in shared
-    rounds with all-off by one group, run k's before run k + 1's (all-off again, the A/A pair, with the last)."""
+def batches(configs: list[PlannedConfig], groups: int, size: int | None = None) -> list[list[PlannedConfig]]:
+    """``measure.paired``: the configs of a TP size in as many batches as there are TP groups (more where a batch
+    would hold over ``size``), each timed in shared rounds with all-off by one group, run k's before run k + 1's
+    (all-off again, the A/A pair, with the last)."""
     last = max((c.run for c in configs), default=1)
     out: list[list[PlannedConfig]] = []
     for run in sorted({c.run for c in configs}):
         mine = [c for c in configs if (last if c.baseline_repeat else c.run) == run]
-        count = min(groups, len(mine))
+        count = min(max(groups, math.ceil(len(mine) / size) if size else 0), len(mine))
         out += [mine[i::count] for i in range(count)]
     return [batch for batch in out if batch]
 

@@ -90,6 +90,10 @@ class MeasureSpec(_Strict):
     # heat, a neighbour's load) and where a capture's buffers land hit them all alike, and each round's all-off /
     # config ratio is one sample of the speedup (its interval: order statistics over rounds). false: each alone.
     paired: bool = True
+    # paired: at most this many configs per batch (None: as many as fall to each TP group). A batch's rows are
+    # written when all its configs end, so a run that may be cut short (a time budget) loses less with small batches;
+    # each batch times all-off beside its configs, so small batches cost more forwards
+    batch_size: Optional[int] = Field(None, ge=1)
 
 
 class CollectivesSpec(_Strict):

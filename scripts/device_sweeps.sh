@@ -7,7 +7,7 @@
 # summarised from its study (fusiontune tune --summarize: its best marked unconfirmed); run it again to confirm.
 # TUNE_ARGS: more options for every tune (--grid: measure every point of the search). RUN_ARGS: more options for
 # every sweep (--unpaired: a paired sweep keeps a batch's rows only once all its configs end, so a budget that cuts
-# a batch keeps none of it; the multi-gpu-* sweeps are unpaired in their files).
+# a batch keeps none of it; measure.batch_size makes batches small; the multi-gpu-* sweeps are unpaired).
 # Usage there:  BUDGET=540 bash scripts/device_sweeps.sh sweeps/A.yaml sweeps/tune-B.yaml ...
 source "$(dirname "$0")/device_setup.sh"
 budget=${BUDGET:-540}

@@ -38,6 +38,9 @@ def test_batches_split_each_run_over_the_groups_with_the_aa_pair_last():
     assert names == [["a", "c"], ["b"], ["a2", "again"], ["b2"]]
     assert [[c.config_id for c in b] for b in batches(configs[:2], 4)] == [["a"], ["b"]]
     assert batches([], 2) == []
+    # measure.batch_size: no batch holds more, so more batches than groups
+    assert [[c.config_id for c in b] for b in batches(configs[:3], 1, 2)] == [["a", "c"], ["b"]]
+    assert [len(b) for b in batches(configs[:3], 1, 1)] == [1, 1, 1]
 
 
 class DiesTogether(TPWorker):
