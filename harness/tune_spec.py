@@ -90,7 +90,7 @@ class TuneSpec(_Strict):
     pass_config: Annotated[dict[str, Scalar], PassConfigFields] = Field(default_factory=dict)
     # unpaired unless asked: a trial is one config, so pairing it would time all-off beside every trial (about
     # twice the forwards), where a sweep's batch shares one all-off among its configs
-    measure: MeasureSpec = Field(default_factory=lambda: MeasureSpec(paired=False))
+    measure: MeasureSpec = Field(default_factory=dict, validate_default=True)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     collectives: CollectivesSpec = Field(default_factory=CollectivesSpec)
     study: StudySpec = Field(default_factory=StudySpec)

@@ -317,25 +317,25 @@ class TPWorker:
         except Exception as exc:  # noqa: BLE001 - measured unpaired, and the log says why
             self.log(f"num_tokens={num_tokens}: all-off failed to compile, not paired: {_describe(exc)}")
             partner_fn = None
-        groups = [configs] if partner_fn is not None else [[c] for c in configs]
-        for group in groups:
-            try:
-                self._time(lead, group, partner_fn)
-            except Exception as exc:
-                if len(group) == 1:
-                    self._failed_at(group[0].results[-1], exc)
-                    continue
-                self.log(f"num_tokens={num_tokens}: timing {len(group)} configs together failed "
-                         f"({type(exc).__name__}); timing them one by one")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                for config in group:
-                    try:
-                        self._time(lead, [config], partner_fn)
-                    except Exception as one:
-                        self._failed_at(config.results[-1], one)
+        for group in [configs] if partner_fn is not None else [[c] for c in configs]:
+            self._time_or_split(lead, group, partner_fn)
         for config in configs:
             config.now = None
+
+    def _time_or_split(self, lead: Job, configs: list["_Config"], partner) -> None:
+        """``_time`` of ``configs``; where that fails, each one alone, so that only the one at fault fails."""
+        try:
+            self._time(lead, configs, partner)
+        except Exception as exc:
+            if len(configs) == 1:
+                self._failed_at(configs[0].results[-1], exc)
+                return
+            self.log(f"num_tokens={configs[0].results[-1].num_tokens}: timing {len(configs)} configs together "
+                     f"failed ({type(exc).__name__}); timing them one by one")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for config in configs:
+                self._time_or_split(lead, [config], partner)
 
     def _time(self, lead: Job, configs: list["_Config"], partner=None) -> None:
         """The timed repeats of ``configs`` at their current size (in rounds with all-off's ``partner``, where
@@ -346,7 +346,7 @@ class TPWorker:
         self.log(f"num_tokens={results[0].num_tokens}: timing{paired}")
         started = self._host.start()
         if partner is None:
-            (fn, _), = [c.now for c in configs]
+            fn = configs[0].now[0]  # unpaired: one config at a time
             results[0].times_ms, results[0].timing = time_forward(fn, x, lead.warmup, lead.repeat_rule,
                                                                   self.device, self.group)
         else:
@@ -381,6 +381,7 @@ class _Config:
     matches: dict[str, dict[str, int]] = field(default_factory=dict)  # per range, the match counts of its last size
     results: list[RankResult] = field(default_factory=list)
     now: tuple[Any, torch.Tensor] | None = None  # the compiled callable and input of the size being timed
+
 
 def _ranges_text(parts) -> str:
     """Each num_tokens range and the passes it compiles with, for the job's log."""

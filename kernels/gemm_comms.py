@@ -19,7 +19,7 @@ import torch
 from . import collectives, symm_mem
 from .collectives import all_gathered, reduce_scattered
 from .library import define_op
-from .linear import scaled_mm
+from .linear import rowwise_scales, scaled_mm
 
 SCALED_ARGS = "Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, int group_size, ScalarType out_dtype"
 
@@ -77,18 +77,12 @@ def _all_gather_matmul_cuda(a_shard, b, num_rows, group_name):
     return out
 
 
-def _rowwise_scales(a_scale, rows, b_scale):
-    """cuBLASLt's row-wise FP8 scales for ``torch._scaled_mm``: one per activation row (a per-tensor scale
-    broadcast to them), one per weight row."""
-    return a_scale.float().reshape(-1, 1).expand(rows, 1).contiguous(), b_scale.float().reshape(1, -1)
-
-
 def _scaled_mm_reduce_scatter_cuda(a, a_scale, b, b_scale, group_size, out_dtype, group_name):
     if group_size:  # block scales: torch's fused op takes row-wise or per-tensor scales only
         return _scaled_mm_reduce_scatter(a, a_scale, b, b_scale, group_size, out_dtype, group_name)
     symm_mem.ensure_group(group_name)
     symm_mem.record("symm-mem FP8 matmul + reduce-scatter")
-    scale_a, scale_b = _rowwise_scales(a_scale, a.shape[0], b_scale)
+    scale_a, scale_b = rowwise_scales(a_scale, a.shape[0], b_scale)
     return torch.ops.symm_mem.fused_scaled_matmul_reduce_scatter(
         a, b.t(), scale_a, scale_b, "sum", 0, 0, group_name, [a.shape[0], b.shape[0]], out_dtype=out_dtype)
 
@@ -98,7 +92,7 @@ def _all_gather_scaled_mm_cuda(a_shard, a_scale, b, b_scale, group_size, out_dty
         return _all_gather_scaled_mm(a_shard, a_scale, b, b_scale, group_size, out_dtype, num_rows, group_name)
     symm_mem.ensure_group(group_name)
     symm_mem.record("symm-mem all-gather + FP8 matmul")
-    scale_a, scale_b = _rowwise_scales(a_scale, num_rows, b_scale)  # row-wise, replicated over the gathered rows
+    scale_a, scale_b = rowwise_scales(a_scale, num_rows, b_scale)  # row-wise, replicated over the gathered rows
     _, (out,) = torch.ops.symm_mem.fused_all_gather_scaled_matmul(
         a_shard, [b.t()], scale_a, [scale_b], 0, group_name, [None], [None], [out_dtype], [False])
     return out

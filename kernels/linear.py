@@ -57,6 +57,12 @@ def _pad_rows(a: torch.Tensor, a_scale: torch.Tensor) -> tuple[torch.Tensor, tor
     return a_padded, scale_padded
 
 
+def rowwise_scales(a_scale: torch.Tensor, rows: int, b_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuBLASLt's row-wise FP8 scales for ``torch._scaled_mm``: one per activation row (a per-tensor scale
+    broadcast to them), one per weight row."""
+    return a_scale.float().reshape(-1, 1).expand(rows, 1).contiguous(), b_scale.float().reshape(1, -1)
+
+
 def _scaled_mm_cuda(a, a_scale, b, b_scale, group_size, out_dtype):
     """cuBLASLt FP8 GEMM through ``torch._scaled_mm``: row-wise scales (a per-tensor activation scale is broadcast
     to rows), or 1x128 x 128x128 block scales (rows padded to a multiple of 4, which it needs; weights of whole
@@ -80,8 +86,7 @@ def _scaled_mm_cuda(a, a_scale, b, b_scale, group_size, out_dtype):
             warnings.warn(f"cuBLASLt refused the block-scaled FP8 GEMM for K={shape[0]}, N={shape[1]} "
                           f"({_BLOCKWISE_REFUSED[shape][:200]}); it runs the fp32 reference GEMM", stacklevel=2)
             return _scaled_mm(a, a_scale, b, b_scale, group_size, out_dtype)
-    scale_a = a_scale.float().reshape(-1, 1).expand(a.shape[0], 1).contiguous()
-    scale_b = b_scale.float().reshape(1, -1)
+    scale_a, scale_b = rowwise_scales(a_scale, a.shape[0], b_scale)
     return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
