@@ -592,7 +592,10 @@ def compare_cmd(
         table.add_row(row.label, str(row.tp), str(row.num_tokens), speed(row.speedup_a, row.ci_low_a, row.ci_high_a),
                       speed(row.speedup_b, row.ci_low_b, row.ci_high_b), change,
                       f"[{colour}]{row.verdict}[/{colour}]")
-    console.print(table)
+    if len(shown):
+        console.print(table)
+    else:
+        console.print("no config moved beyond noise, broke, or stopped firing")
     moved = result[(result["verdict"] == "baseline") & result["change"].notna()]
     if len(moved):
         console.print(f"all-off latency moved by {moved['change'].min():+.2%} to {moved['change'].max():+.2%} "
@@ -600,10 +603,17 @@ def compare_cmd(
                       "all-off)")
     console.print(f"{len(result)} rows in both runs: " + ", ".join(
         f"{count} {verdict}" for verdict, count in result["verdict"].value_counts().items()))
-    inside, measured = agreement(result)
-    if measured:
-        console.print(f"{inside} of {measured} speedups lie inside the other run's interval, both ways "
-                      f"({inside / measured:.0%})")
+    unsettled = result[result["verdict"].isin(["within noise", "slower", "faster"])
+                       & ((result["verdict_a"] == "not settled") | (result["verdict_b"] == "not settled"))]
+    if len(unsettled):
+        console.print(f"{len(unsettled)} of the judged rows are not settled in one run or both: their intervals are "
+                      "honest but wider than measure.settle, so they are compared and not claimed")
+    agreed = agreement(result)
+    if agreed.rows:
+        console.print(f"{agreed.joint} of {agreed.rows} speedups agree within their joint 95% uncertainty "
+                      f"({agreed.joint / agreed.rows:.0%}; honest intervals: about 95%); {agreed.inside} lie inside "
+                      f"the other run's interval, both ways ({agreed.inside / agreed.rows:.0%}; about 83% for "
+                      "honest intervals of equal width)")
     if csv_path:
         result.to_csv(csv_path, index=False)
     if fail and len(regressions(result)):

@@ -6,9 +6,9 @@ once) and its peers: the unfused chain of our kernels, Inductor's code for the s
 CUDA-graph sizes; compiled once with num_tokens dynamic, its column moved by up to 7x between runs of a day), and
 FlashInfer's kernel where it has one and is installed. Every implementation is timed the same way: a CUDA graph
 that calls it once on each of R input sets (R chosen so the sets together are 4x the L2, so the cache does not
-flatter small sizes), replayed; time per call = replay time / R, median and p10/p90 over replays. The
-device-to-device copy bandwidth and an empty Triton kernel (the launch floor under CUDA graphs) are measured in the
-same run.
+flatter small sizes), replayed; time per call = replay time / R, median and p10/p90 over replays. What the memory
+can do (the best copy's and the best read-only stream's rates: ``MemoryLimit``, the limit a row's bytes are held
+to) and an empty Triton kernel (the launch floor under CUDA graphs) are measured in the same run.
 """
 
 from __future__ import annotations
@@ -85,15 +85,17 @@ class Case:
             "scale": torch.tensor([0.02], device=device),
         }
 
-    def bytes_moved(self, tokens: int, hidden: int, dtype: torch.dtype) -> int:
+    def traffic(self, tokens: int, hidden: int, dtype: torch.dtype) -> tuple[int, int]:
+        """(bytes it must read, bytes it must write): each input read once, each output written once."""
         e = dtype.itemsize
         if self.attention:  # Q, K, V read once (K and V again per query block: in L2), the output written once
-            return tokens * (hidden + hidden // 2) * e + tokens * hidden * (1 if self.quant else e)
-        if self.kv_cache:  # Q, K, V read once; Q and K written; K and V written into the cache; cos, sin read
-            return tokens * ((hidden + hidden // 2) + (hidden + hidden // 4) + hidden // 2) * e + tokens * HEAD_DIM * 4
-        if self.heads:  # Q and K read and written once (V untouched), cos and sin read
+            return tokens * (hidden + hidden // 2) * e, tokens * hidden * (1 if self.quant else e)
+        if self.kv_cache:  # Q, K, V and cos, sin read; Q and K written, and K and V written into the cache
+            return (tokens * (hidden + hidden // 2) * e + tokens * HEAD_DIM * 4,
+                    tokens * ((hidden + hidden // 4) + hidden // 2) * e)
+        if self.heads:  # Q and K read and written once (V untouched), cos and sin and the norm weights read
             qk = tokens * (hidden + hidden // 4) * e
-            return 2 * qk + tokens * HEAD_DIM * 4 + 2 * HEAD_DIM * e
+            return qk + tokens * HEAD_DIM * 4 + 2 * HEAD_DIM * e, qk
         read = tokens * hidden * e * (2 if self.silu_input or self.residual else 1)
         read += 0 if self.silu_input else hidden * e  # the norm weight
         out_width = _padded(hidden, self.pad_multiple) if self.pad_multiple else hidden
@@ -101,7 +103,10 @@ class Case:
         written += tokens * hidden * e if self.residual else 0
         if self.quant:
             written += tokens * QUANT_SCHEMES[self.quant].scales_per_row(hidden, self.group_size) * 4
-        return read + written
+        return read, written
+
+    def bytes_moved(self, tokens: int, hidden: int, dtype: torch.dtype) -> int:
+        return sum(self.traffic(tokens, hidden, dtype))
 
 
 @functools.cache
@@ -248,6 +253,41 @@ COPY_SIZES = (1 << 30, 4 << 30)  # bytes copied: far past L2 (50 MB on an H100, 
 TRITON_COPIES = ((4096, 4), (8192, 8), (16384, 8), (16384, 16))  # (elements per program, warps)
 
 
+@dataclass(frozen=True)
+class MemoryLimit:
+    """What the memory can do, as a limit on a kernel's time: ``copy_gbs`` (bytes read + written per second by the
+    best device-to-device copy) and ``read_gbs`` (bytes per second by the best read-only stream). A copy moves as
+    many bytes each way, but a kernel that reads more than it writes (SiLU-and-mul reads 2 bytes per byte out; a
+    quant to FP8 reads 2 per 1) can beat the copy's rate: writes cost the memory more than reads. On an H200 two
+    rows reached 101% of copy that way. So a kernel's limit is the time to read its bytes at the read rate and
+    write its bytes at the write rate that makes a copy's time come out (1/copy = (1/read + 1/write) / 2), and
+    a row is held to that (``percent``); for a row that reads as much as it writes it is the copy."""
+
+    copy_gbs: float
+    read_gbs: float
+    ways: dict
+
+    @property
+    def write_gbs(self) -> float:
+        read = max(self.read_gbs, self.copy_gbs)  # a read slower than a copy would be a bad measurement
+        return 1 / (2 / self.copy_gbs - 1 / read)
+
+    def limit_us(self, read: int, written: int) -> float:
+        return (read / max(self.read_gbs, self.copy_gbs) + written / self.write_gbs) / 1e3
+
+    def percent(self, read: int, written: int, us: float) -> float:
+        """How close a kernel that took ``us`` came to the limit for its bytes (100 = at the limit)."""
+        return 100 * self.limit_us(read, written) / us
+
+
+def memory_limit() -> MemoryLimit:
+    """The copy ceiling (``copy_bandwidth_gbs``) and the read rate (``read_bandwidth_gbs``), each the best of
+    several ways, with every way's figure."""
+    copy_gbs, copy_ways = copy_bandwidth_gbs()
+    read_gbs, read_ways = read_bandwidth_gbs()
+    return MemoryLimit(copy_gbs, read_gbs, {**copy_ways, **read_ways})
+
+
 def copy_bandwidth_gbs() -> tuple[float, dict[str, float]]:
     """The copy ceiling every memory-bound row is held to: device-to-device copies, bytes read + written, the best
     of several ways (GB/s), and each way's figure. torch's ``copy_`` of contiguous tensors of one dtype is
@@ -268,20 +308,46 @@ def copy_bandwidth_gbs() -> tuple[float, dict[str, float]]:
         n = size // 2
         src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
         dst = torch.empty_like(src)
-
-        def gbs(us: float) -> float:  # bytes read + written per second
-            return 2 * size / (us * 1e-6) / 1e9
-
-        def in_graph(fn) -> float:
-            return statistics.median(time_per_call(fn, [{}], replays=20))
-
-        ways[f"copy_ {size >> 30} GiB"] = gbs(in_graph(lambda _: dst.copy_(src)))
-        ways[f"copy_ eager {size >> 30} GiB"] = gbs(_eager_us(lambda: dst.copy_(src)))
+        ways[f"copy_ {size >> 30} GiB"] = _gbs(2 * size, _in_graph(lambda _: dst.copy_(src)))
+        ways[f"copy_ eager {size >> 30} GiB"] = _gbs(2 * size, _eager_us(lambda: dst.copy_(src)))
         for block, warps in TRITON_COPIES:
-            ways[f"triton {block}/{warps}w {size >> 30} GiB"] = gbs(in_graph(
+            ways[f"triton {block}/{warps}w {size >> 30} GiB"] = _gbs(2 * size, _in_graph(
                 lambda _, b=block, w=warps: _copy[(triton.cdiv(n, b),)](src, dst, n, BLOCK=b, num_warps=w)))
         del src, dst
     return max(ways.values()), ways
+
+
+def read_bandwidth_gbs() -> tuple[float, dict[str, float]]:
+    """Bytes read per second by a stream that only reads, the best of a few ways (GB/s), and each way's figure:
+    a Triton kernel that sums its block into one fp32 per program (what it writes is 1/2048 of what it reads or
+    less), at the copy's block sizes and sizes, and torch's ``sum``."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _read(src, partial, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(partial + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)))
+
+    ways: dict[str, float] = {}
+    for size in COPY_SIZES:
+        n = size // 2
+        src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+        ways[f"read: sum {size >> 30} GiB"] = _gbs(size, _in_graph(lambda _: src.sum()))
+        for block, warps in TRITON_COPIES:
+            partial = torch.empty(triton.cdiv(n, block), dtype=torch.float32, device="cuda")
+            ways[f"read: triton {block}/{warps}w {size >> 30} GiB"] = _gbs(size, _in_graph(
+                lambda _, b=block, w=warps, p=partial: _read[(triton.cdiv(n, b),)](src, p, n, BLOCK=b, num_warps=w)))
+        del src
+    return max(ways.values()), ways
+
+
+def _gbs(moved: int, us: float) -> float:
+    return moved / (us * 1e-6) / 1e9
+
+
+def _in_graph(fn) -> float:
+    return statistics.median(time_per_call(fn, [{}], replays=20))
 
 
 def _eager_us(fn: Callable[[], object], calls: int = 10) -> float:
@@ -318,20 +384,22 @@ def _stats(times: list[float]) -> tuple[float, float, float]:
 
 
 PEERS = ("ours", "unfused", "inductor", "flashinfer")
-FIELDS = ["device", "op", "hidden", "num_tokens", "dtype", "bytes", "input_sets", "copy_gbs", "empty_kernel_us",
-          "ours_gbs", "ours_pct_copy"] + [f"{p}_{k}" for p in PEERS for k in ("us", "p10_us", "p90_us", "error")]
+FIELDS = ["device", "op", "hidden", "num_tokens", "dtype", "bytes", "bytes_read", "input_sets", "copy_gbs", "read_gbs",
+          "empty_kernel_us", "limit_us", "ours_gbs", "ours_pct_copy", "ours_pct_limit"] + [f"{p}_{k}" for p in PEERS for k in ("us", "p10_us", "p90_us", "error")]
 
 
 def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bfloat16, names: list[str] | None = None,
         csv_path: Path | None = None, progress: Callable[[str], None] = print) -> list[dict]:
     if not torch.cuda.is_available():
         raise RuntimeError("bench-kernels needs a CUDA GPU")
-    (copy_gbs, ways), floor_us = copy_bandwidth_gbs(), empty_kernel_us()
+    memory, floor_us = memory_limit(), empty_kernel_us()
+    copy_gbs = memory.copy_gbs
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     device = torch.cuda.get_device_name(0)
-    each = ", ".join(f"{way} {gbs:.0f}" for way, gbs in ways.items())
-    progress(f"{device}: copy {copy_gbs:.0f} GB/s, the best of: {each}; empty Triton kernel {floor_us:.2f} us "
-             "under CUDA graphs")
+    each = ", ".join(f"{way} {gbs:.0f}" for way, gbs in memory.ways.items())
+    progress(f"{device}: copy {copy_gbs:.0f} GB/s, read {memory.read_gbs:.0f} GB/s (so writes at "
+             f"{memory.write_gbs:.0f}), each the best of: {each}; empty Triton kernel {floor_us:.2f} us under CUDA "
+             "graphs")
     rows = []
     sink = open(csv_path, "w", newline="") if csv_path else None
     writer = csv.DictWriter(sink, fieldnames=FIELDS) if sink else None
@@ -345,12 +413,14 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
                 continue
             for tokens in num_tokens:
                 compiled = _inductor(case.expression)
-                moved = case.bytes_moved(tokens, hidden, dtype)
+                read, written = case.traffic(tokens, hidden, dtype)
+                moved = read + written
                 sets = max(2, min(64, math.ceil(4 * l2 / moved)))
                 inputs = [case.make_inputs(tokens, hidden, dtype, seed=s) for s in range(sets)]
                 row = {"device": device, "op": case.name, "hidden": hidden, "num_tokens": tokens,
-                       "dtype": str(dtype).removeprefix("torch."), "bytes": moved, "input_sets": sets,
-                       "copy_gbs": round(copy_gbs, 1), "empty_kernel_us": round(floor_us, 3)}
+                       "dtype": str(dtype).removeprefix("torch."), "bytes": moved, "bytes_read": read,
+                       "input_sets": sets, "copy_gbs": round(copy_gbs, 1), "read_gbs": round(memory.read_gbs, 1),
+                       "empty_kernel_us": round(floor_us, 3), "limit_us": round(memory.limit_us(read, written), 3)}
                 peers = {"ours": case.fused, "unfused": case.unfused,
                          "inductor": compiled,
                          "flashinfer": case.flashinfer}
@@ -368,6 +438,7 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
                 ours = row["ours_us"]
                 row["ours_gbs"] = round(moved / (ours * 1e-6) / 1e9, 1) if ours else None
                 row["ours_pct_copy"] = round(100 * row["ours_gbs"] / copy_gbs, 1) if ours else None
+                row["ours_pct_limit"] = round(memory.percent(read, written, ours), 1) if ours else None
                 rows.append(row)
                 if writer:  # written as measured: a run cut short keeps every finished row
                     writer.writerow(row)
@@ -393,5 +464,6 @@ def _line(row: dict) -> str:
 
     spread = f"({row['ours_p10_us']:.2f}-{row['ours_p90_us']:.2f})" if row.get("ours_us") else ""
     return (f"{row['op']:<32} H={row['hidden']:<6} T={row['num_tokens']:<6} ours {us('ours_us')} us "
-            f"{spread} {row['ours_gbs']} GB/s = {row['ours_pct_copy']}% copy"
+            f"{spread} {row['ours_gbs']} GB/s = {row['ours_pct_copy']}% copy, {row['ours_pct_limit']}% of the "
+            "read/write limit"
             f" | unfused {us('unfused_us')} | inductor {us('inductor_us')} | flashinfer {us('flashinfer_us')}")

@@ -25,9 +25,11 @@ from .library import define_op
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     tokens, heads, head_dim = q.shape
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                                         scale=scale, enable_gqa=True)
-    return out.transpose(0, 1).reshape(tokens, heads * head_dim)
+    # [1, heads, T, D]: SDPA's fused CUDA backends (flash, cuDNN) take a batch dimension; without one it falls back
+    # to the math backend, which is what Inductor's peer in bench-kernels then ran
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=scale,
+                                         enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(tokens, heads * head_dim)
 
 
 def _attention_quant(q, k, v, scale, quant_scale):

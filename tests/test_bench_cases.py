@@ -33,4 +33,21 @@ def test_case_peers_agree(case):
         for a, b in zip(got, reference):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             assert torch.equal(a.float(), b.float()), f"{case.name}: {name} differs from ours"
-    assert case.bytes_moved(7, hidden, torch.bfloat16) > 0
+    read, written = case.traffic(7, hidden, torch.bfloat16)
+    assert read > 0 and written > 0 and case.bytes_moved(7, hidden, torch.bfloat16) == read + written
+
+
+def test_the_memory_limit_is_the_copy_for_a_balanced_kernel_and_lower_for_one_that_mostly_reads():
+    """A kernel that reads as many bytes as it writes is held to the copy; one that reads 2 bytes per byte out
+    (SiLU-and-mul) gets a shorter limit when reads run faster than a copy, and the same one when they do not."""
+    from fusiontune.harness.bench_kernels import MemoryLimit
+
+    memory = MemoryLimit(copy_gbs=4000.0, read_gbs=5000.0, ways={})
+    balanced = memory.limit_us(10**9, 10**9)
+    assert balanced == pytest.approx(2e9 / 4000.0 / 1e3)  # 2 GB at the copy's 4000 GB/s: 500 us
+    mostly_reads = memory.limit_us(2 * 10**9, 10**9)
+    assert mostly_reads < 3e9 / 4000.0 / 1e3
+    assert mostly_reads == pytest.approx((2e9 / 5000.0 + 1e9 / memory.write_gbs) / 1e3)
+    assert memory.percent(10**9, 10**9, balanced) == pytest.approx(100.0)
+    flat = MemoryLimit(copy_gbs=4000.0, read_gbs=3900.0, ways={})  # a read no faster than a copy: the copy
+    assert flat.limit_us(2 * 10**9, 10**9) == pytest.approx(3e9 / 4000.0 / 1e3)

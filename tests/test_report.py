@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from fusiontune.harness.analysis import speedups
@@ -152,8 +153,8 @@ def test_compare_flags_slower_beyond_noise_broken_and_unfired_and_fails_ci(tmp_p
     assert result.loc[("crashed", 1), "verdict"] == "broke (failed)"
     assert result.loc[("lost", 1), "verdict"] == "stopped firing (fuse_norm_quant)"
     assert len(regressions(result.reset_index())) == 3
-    inside, measured = agreement(result.reset_index())
-    assert inside == measured - 1 and result.loc[("fused", 8), "speedup_b"] < result.loc[("fused", 8), "speedup_a"]
+    agreed = agreement(result.reset_index())
+    assert agreed.inside == agreed.rows - 1 and result.loc[("fused", 8), "speedup_b"] < result.loc[("fused", 8), "speedup_a"]
     cli = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
                          text=True, env={**__import__("os").environ, "COLUMNS": "200"})
     assert cli.returncode == 1 and "slower" in cli.stdout and "broke (failed)" in cli.stdout
@@ -297,8 +298,35 @@ def test_compare_judges_speedups_so_another_machine_of_the_kind_compares(tmp_pat
     cli = subprocess.run(["fusiontune", "compare", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
                          text=True, env={**__import__("os").environ, "COLUMNS": "200"})
     assert cli.returncode == 0 and "all-off latency moved by +10.00% to +10.00%" in cli.stdout
-    inside, measured = agreement(result.reset_index())
-    assert measured > 0 and f"{measured} of {measured} speedups lie inside the other run's interval" in cli.stdout
+    agreed = agreement(result.reset_index())
+    assert agreed.rows > 0 and agreed.inside == agreed.joint == agreed.rows
+    assert f"{agreed.rows} of {agreed.rows} speedups agree within their joint 95% uncertainty" in cli.stdout
+
+
+def test_compare_judges_unsettled_rows_and_calls_a_change_only_beyond_the_family_wise_joint_interval(tmp_path):
+    """Paired rows on two machines: unsettled ones (honest intervals, only wide) are compared, not set aside. A gap
+    just outside each other's intervals but inside their joint uncertainty is noise; a gap far beyond it is slower."""
+    from fusiontune.harness.compare import agreement, compare, family_z
+
+    def run(speedups_by_label):
+        base = [with_ci(row("base", 1, 2.0, baseline=True))]
+        return base + [with_ci({**row(label, 1, 2.0 / s, norm=True, matches=4), "config_id": label,
+                                "paired_speedup": s, "paired_ci_low": s - half, "paired_ci_high": s + half,
+                                "settled": settled})
+                       for label, (s, half, settled) in speedups_by_label.items()]
+
+    a = run({"wide": (1.050, 0.020, False), "near": (1.050, 0.010, True), "far": (1.080, 0.005, True)})
+    b = run({"wide": (1.032, 0.020, False), "near": (1.038, 0.010, True), "far": (1.040, 0.005, True)})
+    for name, rows in (("a", a), ("b", b)):
+        RunFolder(tmp_path / name).append(rows)
+    result = compare(tmp_path / "a", tmp_path / "b")
+    verdicts = result.set_index("label")["verdict"]
+    assert verdicts["wide"] == "within noise"  # not settled in both; 0.018 apart, inside +/-0.028 joint
+    assert verdicts["near"] == "within noise"  # each outside the other's +/-0.010, inside the joint +/-0.014
+    assert verdicts["far"] == "slower"  # 0.04 apart against +/-0.007
+    agreed = agreement(result)
+    assert (agreed.inside, agreed.joint, agreed.rows) == (1, 2, 3)
+    assert 2.3 < family_z(3) < 2.5 and family_z(1) == pytest.approx(1.96, abs=0.01)
 
 
 def test_a_paired_row_is_judged_by_its_own_interval_and_its_a_a_check_says_whether_it_covers_one():
