@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fusiontune.kernels import symm_mem
+from fusiontune.kernels import implementations, symm_mem
+from fusiontune.kernels.attention import rounds_otherwise
 from fusiontune.passes.config import resolve
 from fusiontune.passes.manager import PassManager
 from fusiontune.passes.platform import Platform
@@ -257,6 +258,7 @@ class TPWorker:
             config.matches[part.label] = matches
             self._check(job, config.cfg, out, result)
             result.allreduce_used = symm_mem.take_used()  # what its timed replays run too
+            result.attention_used = implementations.take(implementations.ATTENTION)
             del out
             config.now = fn, x
             return True
@@ -275,7 +277,7 @@ class TPWorker:
         """The size's first call (a compile, unless its range's graph exists) and the match counts of its graph."""
         num_tokens = result.num_tokens
         before = first_call_marks(manager)
-        symm_mem.take_used()  # forget what earlier sizes ran
+        implementations.forget()  # forget what earlier sizes ran
         self.log(f"num_tokens={num_tokens}: first call")
         t0 = time.perf_counter()
         out = compiled(x)
@@ -305,7 +307,9 @@ class TPWorker:
         else:
             result.max_abs_err = max_abs_error(out, reference)
             result.tolerance = tolerance(cfg.torch_dtype, cfg.quant != "none", float(reference.float().abs().max()),
-                                         self.world_size, reordered="flashinfer" in symm_mem.used())
+                                         self.world_size, reordered="flashinfer" in symm_mem.used()
+                                         or rounds_otherwise(implementations.used(implementations.ATTENTION),
+                                                             result.num_tokens))
 
     @torch.no_grad()
     def _time_size(self, lead: Job, configs: list["_Config"], partner, num_tokens: int) -> None:
@@ -355,7 +359,7 @@ class TPWorker:
                                                    seed=lead.seed * 100_003 + results[0].num_tokens)
             for result, times in zip(results, per_config):
                 result.times_ms, result.paired_base_ms, result.timing = times, base_ms, how
-        symm_mem.take_used()
+        implementations.forget()
         other = self._host.other_cpus(started)
         gpu = gpu_state(self.device)
         for config, result in zip(configs, results):

@@ -9,9 +9,12 @@ A decode step runs ``paged_attention(q [B, Hq, D], k_cache, v_cache, block_table
 each of B sequences has one new query token and attends to its first ``context_len`` cached tokens (the paged cache
 of ``kv_cache``, blocks listed per sequence in ``block_table``), with the same FP8 form beside it.
 
-The reference is torch's scaled_dot_product_attention (then ``numerics.quant_fp8_static``). On CUDA both ops run
-one Triton flash-attention kernel (``triton_attention``), which rounds its fp32 result to the activation dtype
-before quantising, so the fused op equals attention followed by the quant op bit for bit.
+The reference is torch's scaled_dot_product_attention (then ``numerics.quant_fp8_static``). On CUDA the fused op
+runs our Triton flash-attention kernel (``triton_attention``), which rounds its fp32 result to the activation dtype
+before quantising, so it equals our attention kernel followed by the quant op bit for bit. The unfused op runs the
+faster kernel for the size, as a serving engine would (issue 22): ours below ``SDPA_MIN_TOKENS``, cuDNN's through
+SDPA from there (``triton_ops``). From there the fused op's output rounds in another order than all-off's
+(``rounds_otherwise``), and its speedup is against the faster kernel.
 """
 
 from __future__ import annotations
@@ -21,6 +24,28 @@ import torch.nn.functional as F
 
 from . import numerics
 from .library import define_op
+
+
+# From this many tokens the unfused attention runs cuDNN's through SDPA, below it our Triton kernel: the crossover
+# measured on an H200 (docs/benchmarks.md, fourteenth session, scripts/probe_attention.py): ours 7.1 us against
+# cuDNN's 7.5 at 128 tokens, 18.8 against 13.8 at 512, half cuDNN's speed from 2048 up.
+SDPA_MIN_TOKENS = 256
+SDPA_KERNEL = "sdpa (cudnn first)"  # what implementations.ATTENTION records for each
+OUR_KERNEL = "fusiontune triton"
+
+
+def unfused_attention_kernel(tokens: int) -> str:
+    """The kernel the unfused attention op runs on CUDA for ``tokens`` query tokens."""
+    return SDPA_KERNEL if tokens >= SDPA_MIN_TOKENS else OUR_KERNEL
+
+
+def rounds_otherwise(ran: set[str], tokens: int) -> bool:
+    """Whether the prefill attention kernels a config ran (as recorded, ``implementations.ATTENTION``) sum in
+    another order than the one all-off runs at this size: ours, fused with the quant or not, against cuDNN's. (A
+    decode step's paged attention is ours in every config.)"""
+    prefill = [name for name in ran if "paged" not in name]
+    return any((SDPA_KERNEL if name == SDPA_KERNEL else OUR_KERNEL) != unfused_attention_kernel(tokens)
+               for name in prefill)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from . import implementations
+
 MiB = 1024 * 1024
 # NVLink multicast off in NCCL, torch's symmetric memory and NVSHMEM, in every process that runs collectives:
 # multicast objects can take a shared host's GPUs out of service.
@@ -75,7 +77,6 @@ class CollectiveSettings:
 
 
 SETTINGS = CollectiveSettings()
-_USED: set[str] = set()
 
 
 def configure(settings: CollectiveSettings) -> None:
@@ -84,19 +85,18 @@ def configure(settings: CollectiveSettings) -> None:
 
 
 def record(implementation: str) -> None:
-    _USED.add(implementation)
+    """Note the collective implementation that ran (``implementations``, kind ``COLLECTIVE``)."""
+    implementations.record(implementations.COLLECTIVE, implementation)
 
 
 def used() -> set[str]:
-    """The implementations run since the last ``take_used``, kept."""
-    return set(_USED)
+    """The collective implementations run since the last ``take_used``, kept."""
+    return implementations.used(implementations.COLLECTIVE)
 
 
 def take_used() -> str:
-    """The implementations run since the last call (comma-separated), and forget them."""
-    used = ",".join(sorted(_USED))
-    _USED.clear()
-    return used
+    """The collective implementations run since the last call (comma-separated), and forget them."""
+    return implementations.take(implementations.COLLECTIVE)
 
 
 def _by_tp(table: dict[int, object], world: int):

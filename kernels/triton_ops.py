@@ -1,13 +1,17 @@
 """CUDA implementations: every norm / activation / quant op, unfused and fused, dispatches to the one Triton row
-kernel on CUDA tensors, the rotary embedding ops to the per-head kernel, and the fused all-reduce + norm ops to
-the symmetric-memory kernel (the reference stays the CPU implementation)."""
+kernel on CUDA tensors, the rotary embedding ops to the per-head kernel, the fused all-reduce + norm ops to the
+symmetric-memory kernel, and the unfused attention to the faster of cuDNN's (through SDPA) and ours (the reference
+stays the CPU implementation)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import flashinfer_allreduce, symm_mem, triton_attention, triton_heads
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import flashinfer_allreduce, implementations, symm_mem, triton_attention, triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
+from .attention import OUR_KERNEL, SDPA_KERNEL, SDPA_MIN_TOKENS, causal_attention
 from .allreduce_rms import ALLREDUCE_RMS_QUANTS, allreduce_rms_name
 from .collectives import all_reduced, all_reduced_cuda, group_size
 from .library import NAMESPACE
@@ -43,6 +47,28 @@ def _allreduce_rms(x, residual, weight, eps, *rest, quant: str | None):
                     **({"quant": quant, "scale": scale} if quant else {}))
 
 
+SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _attention(q, k, v, scale):
+    """The unfused causal attention a serving engine would run here: the faster of cuDNN's and ours for the size
+    (``attention.SDPA_MIN_TOKENS``; the fused attention + FP8 quant stays ours at every size and is measured against
+    this), recorded (``implementations.ATTENTION``) so that every row says which ran."""
+    if q.shape[0] >= SDPA_MIN_TOKENS:
+        implementations.record(implementations.ATTENTION, SDPA_KERNEL)
+        with sdpa_kernel(SDPA_ORDER, set_priority=True):
+            return causal_attention(q, k, v, scale)
+    implementations.record(implementations.ATTENTION, OUR_KERNEL)
+    return triton_attention.attention(q, k, v, scale)
+
+
+def _recorded(kernel, implementation: str):
+    def run(*args):
+        implementations.record(implementations.ATTENTION, implementation)
+        return kernel(*args)
+    return run
+
+
 def _register(name: str, kernel) -> None:
     torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", kernel)
 
@@ -66,11 +92,12 @@ def _register_all() -> None:
     _register("qk_norm_rope", triton_heads.qk_norm_rope)
     _register("reshape_and_cache", triton_heads.reshape_and_cache)
     _register("rotary_embedding_and_cache", triton_heads.rotary_embedding_and_cache)
-    _register("attention", lambda q, k, v, scale: triton_attention.attention(q, k, v, scale))
-    _register("attention_quant_fp8_static", triton_attention.attention_quant_fp8_static)
-    _register("paged_attention", lambda q, kc, vc, table, context_len, scale: triton_attention.paged_attention(
-        q, kc, vc, table, context_len, scale))
-    _register("paged_attention_quant_fp8_static", triton_attention.paged_attention_quant_fp8_static)
+    _register("attention", _attention)
+    _register("attention_quant_fp8_static", _recorded(triton_attention.attention_quant_fp8_static,
+                                                      f"{OUR_KERNEL} (fused with the quant)"))
+    _register("paged_attention", _recorded(triton_attention.paged_attention, f"{OUR_KERNEL} (paged decode)"))
+    _register("paged_attention_quant_fp8_static", _recorded(triton_attention.paged_attention_quant_fp8_static,
+                                                            f"{OUR_KERNEL} (paged decode, fused with the quant)"))
     for scheme in ACT_QUANT_SCHEMES:
         _register(act_quant_name(scheme), lambda x, *extras, s=scheme: run_rows(
             x, input_mode=INPUT_SILU_MUL, **_quant_kwargs(s, extras)))

@@ -80,6 +80,33 @@ def test_kernel_reads_heads_split_from_qkv_in_place():
     assert (got.float() - want.float()).abs().max().item() <= bound(v, DTYPES[0])
 
 
+def test_unfused_attention_runs_the_faster_kernel_for_its_size_and_says_which():
+    """Issue 22's baseline: below ``SDPA_MIN_TOKENS`` our Triton kernel, from there SDPA with cuDNN's first (on
+    CUDA; the CPU runs its math backend), each matching the reference, and each recorded for the row."""
+    from fusiontune.kernels import implementations
+    from fusiontune.kernels.triton_ops import SDPA_MIN_TOKENS, _attention
+
+    for tokens, which in ((7, "fusiontune triton"), (SDPA_MIN_TOKENS + 1, "sdpa (cudnn first)")):
+        q, k, v = qkv(tokens, *HEADS[0], DTYPES[0], seed=tokens)
+        implementations.forget()
+        got = _attention(q, k, v, HEADS[0][2] ** -0.5)
+        want = attention.causal_attention(*(t.float() for t in (q, k, v)), HEADS[0][2] ** -0.5)
+        assert (got.float() - want).abs().max().item() <= bound(v, DTYPES[0]), tokens
+        assert implementations.take(implementations.ATTENTION) == which
+
+
+def test_a_config_whose_attention_sums_in_another_order_than_all_offs_is_said_to():
+    """The correctness check widens its allowance only where the fused attention + quant (ours) meets cuDNN's
+    attention in all-off, not below SDPA_MIN_TOKENS (both ours: bit for bit) and not for paged decode."""
+    big, small = attention.SDPA_MIN_TOKENS, attention.SDPA_MIN_TOKENS - 1
+    fused = f"{attention.OUR_KERNEL} (fused with the quant)"
+    assert attention.rounds_otherwise({fused}, big) and not attention.rounds_otherwise({fused}, small)
+    assert not attention.rounds_otherwise({attention.SDPA_KERNEL}, big)
+    assert attention.rounds_otherwise({attention.SDPA_KERNEL}, small)
+    assert not attention.rounds_otherwise({f"{attention.OUR_KERNEL} (paged decode, fused with the quant)"}, big)
+    assert not attention.rounds_otherwise(set(), big)  # on CPU nothing is recorded: the reference everywhere
+
+
 @pytest.mark.slow
 def test_fuse_attn_quant_fires_once_per_layer_bit_exact():
     cfg = build_model_config("tiny", num_layers=2, quant="fp8-static")
