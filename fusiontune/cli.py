@@ -65,7 +65,7 @@ def run(
     except SweepError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
-    from fusiontune.harness.results import RunFolder, completed_configs, torn_tail
+    from fusiontune.harness.results import RunFolder, completed_configs, measured_sizes, torn_tail
 
     run_dir = out or Path("results") / spec.name
     _writable(run_dir, "--out")
@@ -76,10 +76,13 @@ def run(
         if torn_tail(folder.rows_path):
             console.print(f"{folder.rows_path}: its last row was cut short (a crash mid-write); it is dropped and "
                           "its config runs again")
-        done = completed_configs(folder.rows(), spec.num_tokens)
-        plan = plan.without(done)
+        rows = folder.rows()
+        done = completed_configs(rows, spec.num_tokens)
+        plan = plan.without(done, measured_sizes(rows))
         to_run = [c for c in plan.configs if not c.reference_only]
+        partly = sum(bool(c.num_tokens) for c in to_run)
         console.print(f"resuming {run_dir}: {len(done)} configs already measured, {len(to_run)} to run"
+                      + (f" ({partly} of them only at the sizes they lack)" if partly else "")
                       + (" (and the all-off outputs recomputed, untimed, to check them against)"
                          if len(to_run) < len(plan.configs) else ""))
     _print_plan(plan)
@@ -296,7 +299,8 @@ def _plan_text(config) -> str:
         return "recompute all-off outputs (untimed; its rows exist)"
     if config.is_baseline:
         return "run (baseline)"
-    return "run (baseline again, last: the noise floor)" if config.baseline_repeat else "run"
+    what = "run (baseline again, last: the noise floor)" if config.baseline_repeat else "run"
+    return f"{what}, at num_tokens {list(config.num_tokens)} (the sizes it lacks)" if config.num_tokens else what
 
 
 def _print_plan(plan) -> None:

@@ -5,6 +5,10 @@ process group (gloo on CPUs, NCCL on GPUs). The pool's first job (the all-off ba
 which every later job is checked against, then seed each further group. A job that hangs past the timeout, kills
 an actor, or raises out of the worker ends as a failed ``Outcome``; its group is torn down and the next job gets
 a fresh one. The sweep launcher and the tuner both drive their jobs through a pool.
+
+Several jobs timed together (a ``measure.paired`` batch) stream: every rank yields each size's results as it
+finishes it (``TPWorker.time_together``), and the pool hands each size on as soon as every rank has it (an
+``Outcome`` with ``partial`` set), so a batch that dies or runs out of time keeps what it measured.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ class TPGroup:
         return self
 
     def submit(self, job: Job | list[Job]) -> list:
-        """Every rank runs ``job``, or, given several, times them in shared rounds (``TPWorker.run_together``)."""
+        """Every rank runs ``job`` (one ref each), or, given several, times them in shared rounds and streams each
+        size's results (one ``ObjectRefGenerator`` each: ``TPWorker.time_together``)."""
         if isinstance(job, list):
-            return [a.run_together.remote(job) for a in self.actors]
+            return [a.time_together.options(num_returns="streaming").remote(job) for a in self.actors]
         return [a.run.remote(job) for a in self.actors]
 
     def load_baseline(self, job: Job, outputs_ref) -> None:
@@ -82,13 +87,18 @@ class TPGroup:
 
 @dataclass
 class Outcome:
-    """How one job ended: every rank's results, or the error that ended it (and then no results)."""
+    """How one job ended: every rank's results, or the error that ended it (and then no results). For jobs timed
+    together (a list), ``per_rank`` holds per rank, per job, the results of the sizes not handed on before: a
+    ``partial`` outcome comes as each size ends, then the last one (done, or failed with ``measured`` naming the
+    sizes already handed on)."""
 
     tag: Any  # what the caller submitted the job with
     per_rank: list[list[RankResult]] | None
     error: str = ""
     log: str = ""
     device: str = ""
+    partial: bool = False
+    measured: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +109,13 @@ class _InFlight:
     started: float
     timeout_s: float | None
     checked: set = field(default_factory=set)  # refs seen ready without an error
+    # jobs timed together: refs are ObjectRefGenerators; per rank, the steps (one per size: each job's result)
+    # it streamed so far and whether its stream ended; the steps handed on; the error that ended a stream
+    steps: list[list] | None = None
+    jobs: int = 1
+    ended: list[bool] | None = None
+    sent: int = 0
+    error: str = ""
 
 
 class GroupPool:
@@ -171,7 +188,10 @@ class GroupPool:
         except Exception as exc:  # noqa: BLE001 - no group: the job ends here, with the reason
             self.ended.append(Outcome(tag, None, f"{type(exc).__name__}: the TP group would not form: {exc}"))
             return
-        self.busy.append(_InFlight(group, tag, group.submit(job), time.monotonic(), timeout_s))
+        item = _InFlight(group, tag, group.submit(job), time.monotonic(), timeout_s)
+        if isinstance(job, list):
+            item.steps, item.ended, item.jobs = [[] for _ in item.refs], [False] * len(item.refs), len(job)
+        self.busy.append(item)
 
     def _new_group(self) -> TPGroup:
         formed = [g for g in self.starting if g.formed()]
@@ -200,9 +220,17 @@ class GroupPool:
                 outcome = self._check(item)
                 if outcome is not None:
                     return outcome
-            ray.wait([ref for item in self.busy for ref in item.refs], num_returns=1, timeout=POLL_S)
+            # (a stream that ended would be ready forever: waiting on it would spin the driver's CPU)
+            waiting = [ref for item in self.busy for rank, ref in enumerate(item.refs)
+                       if item.ended is None or not item.ended[rank]]
+            if waiting:
+                ray.wait(waiting, num_returns=1, timeout=POLL_S)
+            else:
+                time.sleep(POLL_S)
 
     def _check(self, item: _InFlight) -> Outcome | None:
+        if item.steps is not None:
+            return self._check_stream(item)
         ready, _ = ray.wait(item.refs, num_returns=len(item.refs), timeout=0)
         done = len(ready) == len(item.refs)
         timed_out = item.timeout_s is not None and time.monotonic() - item.started > item.timeout_s
@@ -219,6 +247,10 @@ class GroupPool:
                 per_rank = ray.get(item.refs)
             except Exception as exc:  # noqa: BLE001 - a dead actor, a task that raised
                 error = f"{type(exc).__name__}: {exc}"[:2000]
+        return self._ended(item, per_rank, error)
+
+    def _ended(self, item: _InFlight, per_rank, error: str, measured: list[int] | None = None) -> Outcome:
+        """The job's last outcome; its group back to idle, or, without results, replaced."""
         if per_rank is None:  # its actors may be dead or stuck in a collective: replace the group
             item.group.shutdown()
             self.starting.append(TPGroup(self.tp, self.use_gpu, self.threads, self.worker_cls))  # forms meanwhile
@@ -226,12 +258,52 @@ class GroupPool:
         else:
             log = item.group.logs()
             self.idle.append(item.group)
-        return Outcome(item.tag, per_rank, error, log, item.group.devices[0] if item.group.devices else "")
+        return Outcome(item.tag, per_rank, error, log, item.group.devices[0] if item.group.devices else "",
+                       measured=measured or [])
+
+    def _check_stream(self, item: _InFlight) -> Outcome | None:
+        """Jobs timed together: take what every rank streamed; hand on the sizes all ranks finished (partial),
+        then the end: done, or failed (a rank's error, a dead actor, the timeout) with the sizes handed on."""
+        for rank, stream in enumerate(item.refs):
+            while not (item.ended[rank] or item.error) and ray.wait([stream], timeout=0)[0]:
+                try:
+                    ref = next(stream)
+                except StopIteration:
+                    item.ended[rank] = True
+                    break
+                try:
+                    item.steps[rank].append(ray.get(ref))
+                except Exception as exc:  # noqa: BLE001 - a rank that raised or died ends the batch
+                    item.error = f"{type(exc).__name__}: {exc}"[:2000]
+        complete = min(len(steps) for steps in item.steps)
+        if complete > item.sent:  # first what every rank finished, whatever follows
+            fresh, item.sent = _per_job(item.steps, item.sent, complete, item.jobs), complete
+            if not all(item.ended) or item.error:
+                return Outcome(item.tag, fresh, device=item.group.devices[0] if item.group.devices else "",
+                               partial=True)
+        else:
+            fresh = None
+        timed_out = item.timeout_s is not None and time.monotonic() - item.started > item.timeout_s
+        if all(item.ended) and not item.error:
+            self.busy.remove(item)
+            return self._ended(item, fresh or _per_job(item.steps, item.sent, item.sent, item.jobs), "")
+        if not (item.error or timed_out):
+            return None
+        self.busy.remove(item)
+        error = item.error or f"timed out: the configs ran past {item.timeout_s:.0f} s (--config-timeout)"
+        measured = [step[0].num_tokens for step in item.steps[0][:item.sent] if step]
+        return self._ended(item, None, error, measured)
 
     def shutdown(self) -> None:
         for group in self.idle + self.starting + [item.group for item in self.busy]:
             group.shutdown()
         self.idle, self.starting, self.busy = [], [], []
+
+
+def _per_job(steps: list[list], start: int, stop: int, jobs: int) -> list[list[list[RankResult]]]:
+    """Streamed steps ``start:stop`` (per rank, per size: each of ``jobs`` results) as per rank, per job, per
+    size."""
+    return [[[rank_steps[k][job] for k in range(start, stop)] for job in range(jobs)] for rank_steps in steps]
 
 
 def _first_error(ready: list, checked: set) -> str:

@@ -6,8 +6,9 @@ gloo group on CPU and an NCCL group on GPUs.
 
 Scheduling, per TP size: a ``groups.GroupPool`` of as many TP groups as the cluster holds (``cluster.groups``)
 runs the all-off baseline first, alone; then the configs go to whichever group is free, the baseline's repeat last.
-Every config's rows are written the moment its ranks return. A config that raises, hangs past the per-config
-timeout, or kills an actor is recorded ``failed`` with its error, and the sweep goes on.
+Every config's rows are written the moment its ranks return; a paired batch's, size by size as it streams them. A
+config that raises, hangs past the per-config timeout, or kills an actor is recorded ``failed`` with its error, and
+the sweep goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import os
 import re
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import ray
 
@@ -64,6 +65,7 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
             raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
         return
     ray.init(
+        address="local",  # a Ray of its own, even where this host runs a cluster (`ray start`) it would else join
         num_cpus=max(os.cpu_count() or 1, min_cpus),
         include_dashboard=dashboard,
         _node_ip_address="127.0.0.1",
@@ -108,7 +110,8 @@ def _detect_platform() -> Platform:
 def job_for(plan: Plan, config: PlannedConfig, num_tokens: list[int] | None = None) -> Job:
     measure = plan.spec.measure
     return Job(config.config_id, config.pass_config, plan.spec.optimization_level, plan.model.to_dict(),
-               list(num_tokens or plan.spec.num_tokens), measure.warmup, measure.repeats, measure.seed,
+               list(num_tokens or config.num_tokens or plan.spec.num_tokens), measure.warmup, measure.repeats,
+               measure.seed,
                role=config.role, max_repeats=measure.max_repeats, settle=measure.settle,
                profile=measure.profile and not config.reference_only,
                compile_cache=measure.compile_cache, collectives=plan.spec.collectives.model_dump(),
@@ -125,36 +128,57 @@ def _paired_with(plan: Plan, config: PlannedConfig) -> dict[str, Any] | None:
     return dict(baseline.pass_config) if baseline is not None else None
 
 
+class Left(NamedTuple):
+    """A config of a batch that died, run again alone at the sizes the batch had not finished."""
+
+    config: PlannedConfig
+    num_tokens: list[int]
+
+
 class Recorder:
-    """Writes what a config's job produced into the run folder: its log, rows, per-kernel times and traces."""
+    """Writes what a config's job produced into the run folder: its log, rows, per-kernel times and traces. A
+    config measured in parts (a batch's sizes as they stream, then a rerun of the rest) is reported done
+    (``on_config``) once, with all its rows, when its last part is in."""
 
     def __init__(self, plan: Plan, folder: RunFolder, on_config=None):
         self.plan, self.folder, self.on_config = plan, folder, on_config
+        self.parts: dict[tuple[str, int], list[dict[str, Any]]] = {}  # rows of configs not yet done
 
-    def record(self, outcome: Outcome, config: PlannedConfig | None = None, log: bool = True) -> list[dict[str, Any]]:
+    def record(self, outcome: Outcome, config: PlannedConfig | None = None, log: bool = True, done: bool = True,
+               num_tokens: list[int] | None = None) -> list[dict[str, Any]]:
+        """``num_tokens``: the sizes the job measured, where it failed without results (else every size)."""
         config = config or outcome.tag
         per_rank = outcome.per_rank
         if log:
             self.write_log(config, outcome.log, outcome.error)
         if config.reference_only:
             return []  # its rows exist from the interrupted run
-        rows = rows_for(self.plan, config, per_rank, error=outcome.error, device=outcome.device)
+        rows = rows_for(self.plan, config, per_rank, error=outcome.error, device=outcome.device, sizes=num_tokens)
         if per_rank:
             self.folder.append_kernels(kernel_rows(config, per_rank))
             for result in per_rank[0]:
                 if result.trace:
                     self.folder.write_trace(f"{config.config_id}-tp{config.tp}-n{result.num_tokens}", result.trace)
         self.folder.append(rows)
+        self.parts.setdefault((config.config_id, config.tp), []).extend(rows)
+        return self.finish(config) if done else rows
+
+    def finish(self, config: PlannedConfig) -> list[dict[str, Any]]:
+        """A config is done: all its rows, said to ``on_config``."""
+        rows = self.parts.pop((config.config_id, config.tp), [])
         if self.on_config:
             self.on_config(config, rows)
         return rows
 
     def record_batch(self, outcome: Outcome) -> None:
-        """A batch's rows, config by config, and its one log."""
-        self.write_batch_log(outcome.tag, outcome.log, outcome.error)
+        """A batch's rows at the sizes this outcome holds, config by config; at its end, its one log (a batch that
+        died is reported in ``write_batch_log`` alone: its configs are not done until their rerun)."""
+        if not outcome.partial:
+            self.write_batch_log(outcome.tag, outcome.log, outcome.error)
         for index, config in enumerate(outcome.tag):
             per_rank = [results[index] for results in outcome.per_rank]
-            self.record(Outcome(config, per_rank, outcome.error, device=outcome.device), log=False)
+            self.record(Outcome(config, per_rank, outcome.error, device=outcome.device), log=False,
+                        done=not outcome.partial)
 
     def write_batch_log(self, configs: list[PlannedConfig], log: str, error: str) -> None:
         names = "\n".join(f"#   {c.label} ({c.config_id})" for c in configs)
@@ -191,12 +215,20 @@ def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[P
         return [([job_for(plan, c) for c in batch], batch)]
 
     def tell(outcome):
+        if isinstance(outcome.tag, Left):
+            recorder.record(outcome, outcome.tag.config, num_tokens=outcome.tag.num_tokens)
+            return []
         if not isinstance(outcome.tag, list):
             recorder.record(outcome)
             return []
-        if outcome.per_rank is None:
+        if outcome.per_rank is None:  # the batch died: the sizes it had not finished, config by config
             recorder.write_batch_log(outcome.tag, outcome.log, outcome.error)
-            return [(job_for(plan, c), c) for c in outcome.tag]
+            left = [n for n in (outcome.tag[0].num_tokens or plan.spec.num_tokens) if n not in outcome.measured]
+            if not left:
+                for config in outcome.tag:
+                    recorder.finish(config)
+                return []
+            return [(job_for(plan, c, left), Left(c, left)) for c in outcome.tag]
         recorder.record_batch(outcome)
         return []
 
@@ -210,9 +242,11 @@ def batches(configs: list[PlannedConfig], groups: int, size: int | None = None) 
     last = max((c.run for c in configs), default=1)
     out: list[list[PlannedConfig]] = []
     for run in sorted({c.run for c in configs}):
-        mine = [c for c in configs if (last if c.baseline_repeat else c.run) == run]
-        count = min(max(groups, math.ceil(len(mine) / size) if size else 0), len(mine))
-        out += [mine[i::count] for i in range(count)]
+        in_run = [c for c in configs if (last if c.baseline_repeat else c.run) == run]
+        for sizes in dict.fromkeys(c.num_tokens for c in in_run):  # a batch times its configs at the same sizes
+            mine = [c for c in in_run if c.num_tokens == sizes]
+            count = min(max(groups, math.ceil(len(mine) / size) if size else 0), len(mine))
+            out += [mine[i::count] for i in range(count)]
     return [batch for batch in out if batch]
 
 

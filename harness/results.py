@@ -172,19 +172,29 @@ def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 RESUMABLE_SKIP = "--resume on a cluster with enough GPUs runs it"
 
 
+def measured_sizes(rows: list[dict[str, Any]]) -> dict[tuple[str, int], set[int]]:
+    """Per (config_id, tp), the sizes a resume need not measure again: each size's latest row, unless ``failed``
+    or skipped for want of GPUs."""
+    sizes: dict[tuple[str, int], set[int]] = {}
+    for row in latest_rows(rows):
+        if row.get("config_id"):
+            kept = sizes.setdefault((row["config_id"], row["tp"]), set())
+            if row["status"] != "failed" and RESUMABLE_SKIP not in str(row.get("error") or ""):
+                kept.add(row.get("num_tokens"))
+    return sizes
+
+
 def completed_configs(rows: list[dict[str, Any]], num_tokens: Iterable[int] | None = None) -> set[tuple[str, int]]:
     """(config_id, tp) pairs a resume need not run again: a row for every size of ``num_tokens`` (a row lost to a
     torn last line leaves its config incomplete), none of them ``failed``, none skipped for want of GPUs."""
     sizes: dict[tuple[str, int], set[int]] = {}
-    final: dict[tuple[str, int], bool] = {}
     for row in latest_rows(rows):
         if row.get("config_id"):
-            key = (row["config_id"], row["tp"])
-            sizes.setdefault(key, set()).add(row.get("num_tokens"))
-            settled = row["status"] != "failed" and RESUMABLE_SKIP not in str(row.get("error") or "")
-            final[key] = final.get(key, True) and settled
+            sizes.setdefault((row["config_id"], row["tp"]), set()).add(row.get("num_tokens"))
+    measured = measured_sizes(rows)
     wanted = set(num_tokens) if num_tokens is not None else None
-    return {key for key, ok in final.items() if ok and (wanted is None or wanted <= sizes[key])}
+    return {key for key, seen in sizes.items()
+            if measured[key] == seen and (wanted is None or wanted <= seen)}
 
 
 def torn_tail(path: Path) -> bool:

@@ -99,11 +99,11 @@ def checked(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]] | None,
-             error: str = "", device: str = "") -> list[dict[str, Any]]:
+             error: str = "", device: str = "", sizes: list[int] | None = None) -> list[dict[str, Any]]:
     """Merge the ranks' results for one config into one row per num_tokens (the sizes its job measured, or without
-    results every size of the sweep)."""
+    results ``sizes``: the sizes its job was to measure, every size of the sweep unless said)."""
     rows = []
-    sizes = [r.num_tokens for r in per_rank[0]] if per_rank else list(plan.spec.num_tokens)
+    sizes = [r.num_tokens for r in per_rank[0]] if per_rank else list(sizes or plan.spec.num_tokens)
     for i, num_tokens in enumerate(sizes):
         ranks = [results[i] for results in per_rank] if per_rank else []
         first = ranks[0] if ranks else RankResult(num_tokens, error=error or "no result")

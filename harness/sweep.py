@@ -91,8 +91,8 @@ class MeasureSpec(_Strict):
     # config ratio is one sample of the speedup (its interval: order statistics over rounds). false: each alone.
     paired: bool = True
     # paired: at most this many configs per batch (None: as many as fall to each TP group). A batch's rows are
-    # written when all its configs end, so a run that may be cut short (a time budget) loses less with small batches;
-    # each batch times all-off beside its configs, so small batches cost more forwards
+    # written size by size as it finishes them, so a run cut short keeps its finished sizes whatever the batch size;
+    # smaller batches spread over more TP groups' turns, and each times all-off beside its configs (more forwards)
     batch_size: Optional[int] = Field(None, ge=1)
 
 
@@ -330,6 +330,7 @@ class PlannedConfig:
     resolved: dict[str, Any]
     role: Role = Role.CONFIG
     run: int = 1  # which of measure.runs this is
+    num_tokens: tuple[int, ...] = ()  # the sizes left to measure, on a resume that had some (empty: the sweep's)
 
     @property
     def is_baseline(self) -> bool:
@@ -372,16 +373,26 @@ class Plan:
     def configs_for(self, tp: int) -> list[PlannedConfig]:
         return [c for c in self.configs if c.tp == tp]
 
-    def without(self, done: set[tuple[str, int]]) -> "Plan":
-        """The plan less the (config_id, tp) pairs in ``done``. A TP size with anything left keeps its baseline:
-        the correctness check compares against baseline outputs the workers hold in memory."""
+    def without(self, done: set[tuple[str, int]],
+                measured: dict[tuple[str, int], set[int]] | None = None) -> "Plan":
+        """The plan less the (config_id, tp) pairs in ``done``; a config ``measured`` at some sizes measures the
+        rest (its ``num_tokens``), but the baseline measures every size: the others are checked against its
+        outputs at all of them. A TP size with anything left keeps its baseline: the correctness check compares
+        against baseline outputs the workers hold in memory."""
         remaining = []
         for tp in self.spec.tp:
-            left = [c for c in self.configs_for(tp) if (c.config_id, c.tp) not in done]
+            left = [self._left(c, (measured or {}).get((c.config_id, c.tp), set()))
+                    for c in self.configs_for(tp) if (c.config_id, c.tp) not in done]
             if left and not any(c.is_baseline for c in left):
                 left = [replace(c, role=Role.REFERENCE) for c in self.configs_for(tp) if c.is_baseline] + left
             remaining += left
         return Plan(self.spec, self.model, remaining, self.skipped, self.dropped, self.platform)
+
+    def _left(self, config: PlannedConfig, measured: set[int]) -> PlannedConfig:
+        sizes = tuple(n for n in (config.num_tokens or self.spec.num_tokens) if n not in measured)
+        if config.is_baseline or not measured or not sizes:
+            return config
+        return replace(config, num_tokens=sizes)
 
 
 def _label(fields: dict[str, Any], swept: list[str]) -> str:

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -143,6 +143,16 @@ class TPWorker:
         ``paired_with`` is all-off), each size's forwards timed in shared rounds with all-off, so that drift hits
         them all alike; per job, what ``run`` returns. The jobs differ only in their PassConfig: one model, one
         set of weights, a compiled variant each. Each config fails alone, as in ``run``."""
+        per_job: list[list[RankResult]] = [[] for _ in jobs]
+        for step in self.time_together(jobs):
+            for results, result in zip(per_job, step):
+                results.append(result)
+        return [sorted(results, key=lambda r: r.num_tokens) for results in per_job]
+
+    def time_together(self, jobs: list[Job]) -> Iterator[list[RankResult]]:
+        """``run_together`` a size at a time: after each num_tokens (largest first), every job's result at it. Ray
+        streams these to the launcher (``groups.TPGroup.submit``), which writes a batch's rows size by size, so a
+        batch cut short (a crash, a timeout, an interrupted run) keeps the sizes it finished."""
         self.log_lines = []
         lead = jobs[0]
         if self.device.type == "cuda":
@@ -171,9 +181,9 @@ class TPWorker:
                     self._time_size(lead, checked, partner, num_tokens)
                 for config in checked:
                     self.log(_summary(config.results[-1]))
+                yield [c.results[-1] for c in configs]  # every config has a result at this size, failed or not
         finally:
             torch._dynamo.reset()
-        return [sorted(c.results, key=lambda r: r.num_tokens) for c in configs]
 
     def _prepared(self, job: Job) -> "_Config":
         """A job's model config, resolved PassConfig, num_tokens ranges and a compiled callable per range; where

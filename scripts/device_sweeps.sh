@@ -6,8 +6,8 @@
 # CONFIG_TIMEOUT (seconds) caps one config of a sweep (fusiontune run --config-timeout). A tune the budget stops is
 # summarised from its study (fusiontune tune --summarize: its best marked unconfirmed); run it again to confirm.
 # TUNE_ARGS: more options for every tune (--grid: measure every point of the search). RUN_ARGS: more options for
-# every sweep (--unpaired: a paired sweep keeps a batch's rows only once all its configs end, so a budget that cuts
-# a batch keeps none of it; measure.batch_size makes batches small; the multi-gpu-* sweeps are unpaired).
+# every sweep (--unpaired: time each config alone; a paired batch's rows are written size by size as it
+# measures them, so a budget that cuts a batch keeps the sizes it finished, and --resume measures the rest).
 # Usage there:  BUDGET=540 bash scripts/device_sweeps.sh sweeps/A.yaml sweeps/tune-B.yaml ...
 source "$(dirname "$0")/device_setup.sh"
 budget=${BUDGET:-540}

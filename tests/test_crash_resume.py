@@ -101,3 +101,47 @@ def test_a_killed_worker_and_a_killed_run_resume_with_no_row_lost_or_doubled(tmp
     assert not complete & {r["config_id"] for r in later if not r.get("reference_only")}
     measured_again = pd.Series([r["config_id"] for r in later]).value_counts()
     assert (measured_again <= SIZES).all(), measured_again
+
+
+PAIRED = """
+name: crash-paired
+model: {preset: tiny, quant: fp8-static, num_layers: 1}
+tp: [1]
+num_tokens: [1, 16, 64]
+optimization_level: 0
+pass_config: {fuse_norm_quant: [false, true], fuse_act_quant: [false, true]}
+measure: {warmup: 1, repeats: 200, max_repeats: 200, settle: 0.0001, profile: false, paired: true}  # one batch
+"""
+
+
+def test_a_paired_batch_cut_short_keeps_its_finished_sizes_and_the_resume_measures_only_the_rest(tmp_path):
+    """The four configs after all-off are timed together in one batch, which streams its rows size by size
+    (largest first). The run is killed once the batch's first size is written: the resume measures those four
+    configs at the other two sizes only, and every (config, size) is measured exactly once."""
+    sweep, run = tmp_path / "paired.yaml", tmp_path / "run"
+    sweep.write_text(PAIRED)
+    rows_path = run / "rows.jsonl"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(["fusiontune", "run", str(sweep), "--out", str(run), "--no-report"], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_rows(rows_path, SIZES + 4, proc)  # all-off, then the batch's first size: 4 rows
+            assert proc.poll() is None, "the run finished before it could be killed"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    kept = [json.loads(line) for line in _lines(rows_path)]
+    batch = [r for r in kept if not r["is_baseline"] or r.get("baseline_repeat")]
+    assert {r["num_tokens"] for r in batch} == {64} and len(batch) == 4, [(r["label"], r["num_tokens"]) for r in kept]
+    assert all(r["paired_speedup"] is not None for r in batch)
+
+    resumed = subprocess.run(["fusiontune", "run", str(sweep), "--out", str(run), "--resume", "--no-report"],
+                             capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "4 of them only at the sizes they lack" in " ".join(resumed.stdout.split()), resumed.stdout
+    later = [json.loads(line) for line in _lines(rows_path)[len(kept):]]
+    assert sorted({r["num_tokens"] for r in later}) == [1, 16] and len(later) == 4 * 2
+    table = pd.read_parquet(run / "results.parquet")
+    assert len(table) == CONFIGS * SIZES and (table["status"] == "ok").all(), table[["label", "status"]]
+    timed = table[~table["is_baseline"].astype(bool) | table["baseline_repeat"].astype(bool)]
+    assert timed["paired_speedup"].notna().all()

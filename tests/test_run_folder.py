@@ -8,7 +8,7 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from fusiontune.cli import app
-from fusiontune.harness.results import RESUMABLE_SKIP, RunFolder, completed_configs, torn_tail
+from fusiontune.harness.results import RESUMABLE_SKIP, RunFolder, completed_configs, measured_sizes, torn_tail
 
 
 def rows(config_id, sizes, status="ok", tp=1, error=""):
@@ -35,6 +35,36 @@ def test_failed_sizes_and_a_skip_for_want_of_gpus_run_again_on_resume():
     done += rows("b", (1, 8), "skipped", tp=4, error=f"TP=4 needs 4 GPUs; the Ray cluster has 2 ({RESUMABLE_SKIP})")
     done += rows("c", (1, 8), "skipped", tp=2, error="invalid PassConfig: nothing to do with GPUs")
     assert completed_configs(done, [1, 8]) == {("base", 2), ("c", 2)}
+
+
+def test_a_resume_measures_only_the_sizes_a_config_lacks_and_the_baseline_whole():
+    """A paired batch streams its rows size by size, so a run cut short leaves configs measured at some sizes: the
+    resume runs those at the rest only (``num_tokens``), the baseline at every size (the others are checked
+    against its outputs), and the launcher batches only configs left at the same sizes."""
+    from fusiontune.harness.launcher import batches, job_for
+    from fusiontune.harness.sweep import expand, parse_sweep
+
+    plan = expand(parse_sweep("""
+name: resume
+model: {preset: tiny, quant: fp8-static, num_layers: 1}
+num_tokens: [1, 8, 64]
+pass_config: {fuse_norm_quant: [false, true], fuse_act_quant: [false, true]}
+measure: {paired: true}
+"""))
+    base, *variants = [c for c in plan.configs if not c.baseline_repeat]
+    half, failed, whole = variants
+    journal = rows(base.config_id, (64, 8)) + rows(half.config_id, (64, 8))
+    journal += rows(failed.config_id, (64,)) + rows(failed.config_id, (8,), "failed")
+    measured = measured_sizes(journal)
+    assert measured[(half.config_id, 1)] == {64, 8} and measured[(failed.config_id, 1)] == {64}
+    left = {c.config_id: c for c in plan.without(set(), measured).configs}
+    assert left[base.config_id].num_tokens == () and left[whole.config_id].num_tokens == ()
+    assert left[half.config_id].num_tokens == (1,) and left[failed.config_id].num_tokens == (1, 8)
+    assert job_for(plan, left[half.config_id]).num_tokens == [1]
+    assert job_for(plan, left[whole.config_id]).num_tokens == [1, 8, 64]
+    for batch in batches([left[c.config_id] for c in variants], 1):
+        assert len({c.num_tokens for c in batch}) == 1
+    assert len(batches([left[c.config_id] for c in variants], 1)) == 3
 
 
 def test_a_new_run_sets_aside_everything_the_earlier_one_wrote(tmp_path):

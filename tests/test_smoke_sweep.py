@@ -112,20 +112,24 @@ def test_an_interrupted_run_resumes_without_repeating_or_duplicating(smoke_run, 
     run = tmp_path / "run"
     shutil.copytree(out, run)
     lines = (run / "rows.jsonl").read_text().splitlines()
-    # Killed after TP=1's baseline and first config, half-way through writing the next row.
+    # Killed after TP=1's baseline and three configs' largest size (the batch streams its rows size by size),
+    # half-way through writing the fourth config's.
     (run / "rows.jsonl").write_text("\n".join(lines[:6]) + '\n{"config_id": "torn')
-    first_two = {json.loads(line)["config_id"] for line in lines[:6]}
-    log = fusiontune("run", SWEEP, "--out", str(run), "--resume", "--no-report")
+    partial = {json.loads(line)["config_id"] for line in lines[3:6]}
+    assert {json.loads(line)["num_tokens"] for line in lines[3:6]} == {128} and len(partial) == 3
+    log = " ".join(fusiontune("run", SWEEP, "--out", str(run), "--resume", "--no-report").split())
     assert "its last row was cut short (a crash mid-write); it is dropped and its config runs again" in log
-    # TP=1 recomputes its baseline's outputs to check the rest against, untimed and without rows.
-    assert "2 configs already measured, 8 to run (and the all-off outputs recomputed" in log
+    # TP=1 recomputes its baseline's outputs to check the rest against, untimed and without rows; the three
+    # configs measured at 128 tokens measure 1 and 16 only.
+    assert ("1 configs already measured, 9 to run (3 of them only at the sizes they lack) (and the all-off "
+            "outputs recomputed") in log
     table = pd.read_parquet(run / "results.parquet")
     assert len(table) == 30 and not table.duplicated(["config_id", "tp", "num_tokens"]).any()
     assert (table["status"] == "ok").all()
-    lines = (run / "rows.jsonl").read_text().splitlines()
-    assert len(lines) == 6 + 8 * 3  # the torn line is gone; no row is written twice
-    rerun_ids = {json.loads(line)["config_id"] for line in lines[6:]}
-    assert not first_two & rerun_ids
+    journal = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
+    assert len(journal) == 30  # the torn line is gone; no (config, size) is measured twice
+    assert len({(r["config_id"], r["tp"], r["num_tokens"]) for r in journal}) == 30
+    assert {r["num_tokens"] for r in journal[6:] if r["config_id"] in partial} == {1, 16}
     nothing_left = fusiontune("run", SWEEP, "--out", str(run), "--resume", "--dry-run")
     assert "10 configs already measured, 0 to run" in nothing_left
 
