@@ -15,18 +15,11 @@ import pandas as pd
 
 from fusiontune.kernels.library import CATEGORIES
 
-from .analysis import (BUSY_HOST_CPUS, CLOCK_DROP, NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions,
+from .analysis import (BUSY_HOST_CPUS, CLOCK_DROP, NOISY_CV, SPEEDUP_COLUMNS, active_fusions, enabled_fusions, flag,
                        noise_floor, pooled_runs, speedups)
 from .figures import kernel_plot, pareto_plot, speedup_heatmap, speedup_plot, tune_figures
 from .results import RunFolder
 from .rows import KEY_COLUMNS
-
-
-
-
-
-
-
 
 
 def _pooled_lines(pooled: pd.DataFrame) -> list[str]:
@@ -44,7 +37,23 @@ def _pooled_lines(pooled: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
-
+def _baseline_lines(by_tp: pd.DataFrame) -> list[str]:
+    """Which kernels all-off ran, size by size (rows record them): a speedup is only as strong as its baseline."""
+    base = by_tp[by_tp["is_baseline"].astype(bool) & ~flag(by_tp, "baseline_repeat")].sort_values("num_tokens")
+    parts = []
+    for column, what in (("attention_used", "attention"), ("allreduce_used", "all-reduce")):
+        spans: list[list] = []  # [what ran, first num_tokens, last num_tokens]
+        for num_tokens, used in zip(base["num_tokens"], base.get(column, pd.Series(dtype=str))):
+            if not isinstance(used, str) or not used:
+                continue
+            if spans and spans[-1][0] == used:
+                spans[-1][2] = num_tokens
+            else:
+                spans.append([used, num_tokens, num_tokens])
+        if spans:
+            parts.append(f"{what}: " + ", ".join(f"{used} at {first}" + (f"-{last}" if last != first else "")
+                                                 + " tokens" for used, first, last in spans))
+    return [f"All-off ran (what every speedup here is against): {'; '.join(parts)}.", ""] if parts else []
 
 
 def _matches_text(row) -> str:
@@ -90,7 +99,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                   "again paired with all-off.", ""]
     floors = noise_floor(table)
     for tp, by_tp in data.groupby("tp"):
-        lines += [f"## TP={tp}", ""] + _noise_lines(floors[floors["tp"] == tp])
+        lines += [f"## TP={tp}", ""] + _noise_lines(floors[floors["tp"] == tp]) + _baseline_lines(by_tp)
         lines += ["| config | num_tokens | median ms (p10-p90) | CV, repeats | speedup | matches | max abs err "
                   "| status |", "|---|---:|---:|---:|---:|---|---:|---|"]
         order = by_tp.assign(_first=~by_tp["is_baseline"].astype(bool))
