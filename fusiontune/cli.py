@@ -456,7 +456,8 @@ def bench_kernels(
     csv_path: Path = typer.Option(Path("bench-kernels.csv"), "--csv", help="Where the table goes as CSV."),
 ):
     """Time every row-wise kernel (fused and unfused) under CUDA graphs against its unfused chain, Inductor and
-    FlashInfer; print achieved GB/s as a fraction of the measured copy bandwidth. With --tp N, time the collective
+    FlashInfer; print achieved GB/s as a fraction of the measured copy bandwidth, and how close each kernel came to
+    the read/write limit of its bytes (read and copy rates measured in the same run). With --tp N, time the collective
     fusions against NCCL, torch's symmetric-memory all-reduce and FlashInfer's fused all-reduce (where installed),
     and say where each stops paying. Needs CUDA GPUs."""
     import torch
