@@ -385,7 +385,8 @@ def _stats(times: list[float]) -> tuple[float, float, float]:
 
 PEERS = ("ours", "unfused", "inductor", "flashinfer")
 FIELDS = ["device", "op", "hidden", "num_tokens", "dtype", "bytes", "bytes_read", "input_sets", "copy_gbs", "read_gbs",
-          "empty_kernel_us", "limit_us", "ours_gbs", "ours_pct_copy", "ours_pct_limit"] + [f"{p}_{k}" for p in PEERS for k in ("us", "p10_us", "p90_us", "error")]
+          "empty_kernel_us", "limit_us", "ours_gbs", "ours_pct_copy", "ours_pct_limit"] + [
+    f"{p}_{k}" for p in PEERS for k in ("us", "p10_us", "p90_us", "error")]
 
 
 def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bfloat16, names: list[str] | None = None,

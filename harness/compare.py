@@ -3,19 +3,24 @@
 Rows are matched by (config_id, tp, num_tokens): the same resolved PassConfig on the same model shape. Each run's
 speedups are judged against its own all-off baseline (``report.speedups``): two machines of one kind, or one
 machine on two days, differ in absolute latency (clocks, power caps, neighbours) by more than any fusion's gain,
-while a speedup measured against the baseline beside it carries over. So a config is "slower" only when its
-speedup in B lies below A's interval and A's lies above B's, "faster" the other way round, and "within noise"
-otherwise. A row labelled "not settled" is judged too: its interval is an honest 95% one, only wider than
-``measure.settle`` asked, so it can still say whether two runs differ (it is not claimed as a speedup, in either run).
-The other labels (too noisy, busy host, lower clocks) mean the measurement itself is in doubt: nothing to compare.
-How far the absolute latency moved is shown apart (``change``; the all-off rows say how far the machine moved).
+while a speedup measured against the baseline beside it carries over. How far the absolute latency moved is shown
+apart (``change``; the all-off rows say how far the machine moved).
+
+A config is "slower" only when its speedup in B lies below A's interval and A's lies above B's, and the gap is
+beyond the two intervals' joint uncertainty at a family-wise 5% (``family_z``: with 30 rows judged at 5% each, one
+or two would be called slower by chance on every compare, and a CI gate that cries wolf gets switched off);
+"faster" the other way round; "within noise" otherwise. A row labelled "not settled" is judged too: its interval
+is an honest 95% one, only wider than ``measure.settle`` asked, so it can still say whether two runs differ (it is
+not claimed as a speedup, in either run). The other labels (too noisy, busy host, lower clocks) mean the
+measurement itself is in doubt: nothing to compare. A config that was ``ok`` and is now ``failed`` or
+``incorrect`` is a regression whatever its speed, and so is a fusion that fired in A and no longer fires in B (its
+speed would mean something else).
 
 ``agreement`` counts how the two runs' speedups repeat, two ways. "Inside": each run's speedup lies inside the
 other's interval. For two honest 95% intervals of equal width this holds about 83% of the time, not 95%: the
 difference of two estimates spreads sqrt(2) times wider than either, so the chance is P(|Z| < 1.96 / sqrt(2)).
 "Joint": the two speedups differ by no more than their intervals' half-widths combined in quadrature, the test
-that two measurements of one quantity agree at 95%, which honest intervals pass about 95% of the time. A config that was ``ok`` and is now ``failed`` or ``incorrect`` is a regression whatever its speed, and so
-is a fusion that fired in A and no longer fires in B (its speed would mean something else).
+that two measurements of one quantity agree at 95%, which honest intervals pass about 95% of the time.
 """
 
 from __future__ import annotations

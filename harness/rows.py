@@ -8,9 +8,9 @@ follow the sweep (each PassConfig field, ``model_*``, ``matches_<flag>``, ``coll
 clock, temperature and power) come on top, named by what they hold.
 
 Version 5 (2026-11-29): ``attention_used``, the attention implementations a size ran (cuDNN's through SDPA or
-our Triton kernel: the unfused one is the faster for the size). Version 4 (2026-11-28): ``host_other_cpus``, the host's CPUs busy with other work while a size was timed
-(``host_load``). Version 3: ``paired_*``, a config timed in rounds with all-off (``measure.paired``). Version 2:
-``schema_version`` itself. Version 1: everything before.
+our Triton kernel: the unfused one is the faster for the size). Version 4 (2026-11-28): ``host_other_cpus``, the
+host's CPUs busy with other work while a size was timed (``host_load``). Version 3: ``paired_*``, a config timed
+in rounds with all-off (``measure.paired``). Version 2: ``schema_version`` itself. Version 1: everything before.
 """
 
 from __future__ import annotations
