@@ -585,10 +585,10 @@ def compare_cmd(
         raise typer.Exit(2)
     table = Table(title=f"{run_b} against {run_a}: speedups, each over its own all-off")
     for column in ("config", "TP", "num_tokens", "A speedup", "B speedup", "latency change", "verdict"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a narrow terminal folds a config's flags, never cuts them
 
     def speed(value, low, high):
-        return "-" if value != value else f"{value:.3f}x [{low:.3f}-{high:.3f}]"
+        return "-" if value != value else f"{value:.3f}x\n[{low:.3f}-{high:.3f}]"
 
     shown = result[~result["verdict"].isin(["within noise", "baseline", "no speedup"])]
     for row in shown.itertuples():
