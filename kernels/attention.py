@@ -27,8 +27,8 @@ from .library import define_op
 
 
 # From this many tokens the unfused attention runs cuDNN's through SDPA, below it our Triton kernel: the crossover
-# measured on an H200 (docs/benchmarks.md, fourteenth session, scripts/probe_attention.py): ours 7.1 us against
-# cuDNN's 7.5 at 128 tokens, 18.8 against 13.8 at 512, half cuDNN's speed from 2048 up.
+# measured on an H200 (docs/benchmarks.md, fourteenth session, scripts/probe_attention_backends.py): ours 7.1 us
+# against cuDNN's 7.5 at 128 tokens, 18.8 against 13.8 at 512, half cuDNN's speed from 2048 up.
 SDPA_MIN_TOKENS = 256
 SDPA_KERNEL = "sdpa (cudnn first)"  # what implementations.ATTENTION records for each
 OUR_KERNEL = "fusiontune triton"

@@ -1,59 +1,57 @@
-"""Issue 22: which causal prefill attention is fastest here, at the Llama-3.1-8B head layout (32 Q heads, 8 KV heads,
-head size 128, bf16)? Ours (the Triton kernel behind ``fusiontune::attention`` on CUDA) against torch's
-scaled_dot_product_attention with each backend it has (flash, cuDNN, memory-efficient), each timed as bench-kernels
-times a kernel (a CUDA graph over input sets that together exceed the L2, replayed), and checked against the fp32
-reference. Prints one table: median us, p10-p90, TFLOP/s (causal: half the 4 T^2 H D of full attention)."""
+"""The attention kernel's launch choices on this GPU: block sizes, warps and pipeline stages, writing bf16 and FP8,
+at causal sequence lengths, beside FlashInfer's prefill kernel when installed. Prints one table (median µs of 20
+CUDA-graph replays) to choose ``triton_attention._blocks`` from, and to see what the FP8 epilogue costs."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import fusiontune.kernels  # noqa: F401
-from fusiontune.harness.timing import time_per_call
+from fusiontune.harness.bench_kernels import flashinfer_peer, time_per_call
+from fusiontune.kernels import triton_attention as ta
+from fusiontune.kernels.numerics import FP8_DTYPE, FP8_MAX
 
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-ops = torch.ops.fusiontune
+HEADS, KV_HEADS, D = 32, 8, 128
 
 
-def sdpa(backend):
-    def run(q, k, v):
-        with sdpa_kernel(backend):
-            out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)),
-                                                 is_causal=True, scale=HEAD_DIM ** -0.5, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(q.shape[0], -1)  # SDPA's fused backends take [batch, heads, T, D]
-    return run
+def launch(q, k, v, out, scale, block_m, block_n, warps, stages):
+    tokens = q.shape[0]
+    ta._attention_kernel[(math.ceil(tokens / block_m), HEADS)](
+        q, k, v, out, scale if out.dtype == FP8_DTYPE else q, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), out.stride(0), tokens, D ** -0.5 * math.log2(math.e), GROUP=HEADS // KV_HEADS, D=D,
+        BLOCK_M=block_m, BLOCK_N=block_n, OUT_FP8=out.dtype == FP8_DTYPE, FP8_MAX_C=FP8_MAX, num_warps=warps,
+        num_stages=stages)
 
 
-def main() -> None:
-    ways = {"ours (Triton)": lambda q, k, v: ops.attention(q, k, v, HEAD_DIM ** -0.5),
-            "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-            "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'tokens':>6} {'way':16} {'median us':>10} {'p10-p90':>17} {'TFLOP/s':>8} {'max err':>8}")
-    for tokens in (128, 512, 2048, 4096, 8192, 16384):
-        sets = max(1, min(8, (200 << 20) // (tokens * (HEADS + 2 * KV_HEADS) * HEAD_DIM * 2)))
-        inputs = [{name: torch.randn(tokens, h, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                   for name, h in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS))} for _ in range(sets)]
-        i = inputs[0]
-        ref = F.scaled_dot_product_attention(*(t.float().transpose(0, 1) for t in (i["q"], i["k"], i["v"])),
-                                             is_causal=True, scale=HEAD_DIM ** -0.5, enable_gqa=True)
-        ref = ref.transpose(0, 1).reshape(tokens, -1)
-        flops = 2 * tokens * tokens * HEADS * HEAD_DIM  # causal: half of 4 T^2 Hq D
-        for name, way in ways.items():
-            try:
-                err = (way(i["q"], i["k"], i["v"]).float() - ref).abs().max().item()
-                times = time_per_call(lambda d, w=way: w(d["q"], d["k"], d["v"]), inputs, replays=20)
-            except Exception as exc:  # noqa: BLE001 - a backend this build or GPU lacks is said, not fatal
-                print(f"{tokens:>6} {name:16} unavailable: {type(exc).__name__}: {str(exc)[:90]}")
-                continue
-            q = statistics.quantiles(times, n=10)
-            median = statistics.median(times)
-            print(f"{tokens:>6} {name:16} {median:>10.1f} {q[0]:>8.1f}-{q[-1]:<8.1f} "
-                  f"{flops / median / 1e6:>8.0f} {err:>8.4f}")
+def main():
+    fi, status = flashinfer_peer()
+    print(f"{torch.cuda.get_device_name()}, FlashInfer: {status}")
+    print("| tokens | block_m | block_n | warps | stages | bf16 µs | fp8 µs | fp8 / bf16 |")
+    for tokens in (512, 4096, 16384):
+        q, k, v = (torch.randn(tokens, h, D, device="cuda", dtype=torch.bfloat16) for h in (HEADS, KV_HEADS, KV_HEADS))
+        scale = torch.tensor([0.02], device="cuda")
+        for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+            times = []
+            for dtype in (torch.bfloat16, FP8_DTYPE):
+                out = torch.empty(tokens, HEADS * D, device="cuda", dtype=dtype)
+                try:
+                    times.append(statistics.median(time_per_call(
+                        lambda _: launch(q, k, v, out, scale, block_m, block_n, warps, stages), [{}], replays=20)))
+                except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is reported
+                    times.append(float("nan"))
+                    print(f"  {block_m}x{block_n} w{warps} s{stages} {dtype}: {type(exc).__name__}")
+            print(f"| {tokens} | {block_m} | {block_n} | {warps} | {stages} | {times[0]:.1f} | {times[1]:.1f} | "
+                  f"{times[1] / times[0]:.2f} |", flush=True)
+    if fi is None:
+        return
+    for tokens in (512, 4096, 16384):  # last: FlashInfer compiles its kernel on first use
+        q, k, v = (torch.randn(tokens, h, D, device="cuda", dtype=torch.bfloat16) for h in (HEADS, KV_HEADS, KV_HEADS))
+        us = statistics.median(time_per_call(lambda _: fi.single_prefill_with_kv_cache(
+            q, k, v, causal=True, sm_scale=D ** -0.5), [{}], replays=20))
+        print(f"| {tokens} | FlashInfer single_prefill_with_kv_cache | | | | {us:.1f} | | |", flush=True)
 
 
 if __name__ == "__main__":
