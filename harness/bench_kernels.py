@@ -268,12 +268,15 @@ class MemoryLimit:
     ways: dict
 
     @property
+    def read_limit_gbs(self) -> float:
+        return max(self.read_gbs, self.copy_gbs)  # a read slower than a copy would be a bad measurement
+
+    @property
     def write_gbs(self) -> float:
-        read = max(self.read_gbs, self.copy_gbs)  # a read slower than a copy would be a bad measurement
-        return 1 / (2 / self.copy_gbs - 1 / read)
+        return 1 / (2 / self.copy_gbs - 1 / self.read_limit_gbs)
 
     def limit_us(self, read: int, written: int) -> float:
-        return (read / max(self.read_gbs, self.copy_gbs) + written / self.write_gbs) / 1e3
+        return (read / self.read_limit_gbs + written / self.write_gbs) / 1e3
 
     def percent(self, read: int, written: int, us: float) -> float:
         """How close a kernel that took ``us`` came to the limit for its bytes (100 = at the limit)."""

@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import flashinfer_allreduce, implementations, symm_mem, triton_attention, triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
-from .attention import OUR_KERNEL, SDPA_KERNEL, SDPA_MIN_TOKENS, causal_attention
+from .attention import OUR_KERNEL, SDPA_KERNEL, causal_attention, unfused_attention_kernel
 from .allreduce_rms import ALLREDUCE_RMS_QUANTS, allreduce_rms_name
 from .collectives import all_reduced, all_reduced_cuda, group_size
 from .library import NAMESPACE
@@ -52,13 +52,13 @@ SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend
 
 def _attention(q, k, v, scale):
     """The unfused causal attention a serving engine would run here: the faster of cuDNN's and ours for the size
-    (``attention.SDPA_MIN_TOKENS``; the fused attention + FP8 quant stays ours at every size and is measured against
-    this), recorded (``implementations.ATTENTION``) so that every row says which ran."""
-    if q.shape[0] >= SDPA_MIN_TOKENS:
-        implementations.record(implementations.ATTENTION, SDPA_KERNEL)
+    (``attention.unfused_attention_kernel``; the fused attention + FP8 quant stays ours at every size and is
+    measured against this), recorded (``implementations.ATTENTION``) so that every row says which ran."""
+    kernel = unfused_attention_kernel(q.shape[0])
+    implementations.record(implementations.ATTENTION, kernel)
+    if kernel == SDPA_KERNEL:
         with sdpa_kernel(SDPA_ORDER, set_priority=True):
             return causal_attention(q, k, v, scale)
-    implementations.record(implementations.ATTENTION, OUR_KERNEL)
     return triton_attention.attention(q, k, v, scale)
 
 

@@ -84,7 +84,8 @@ def test_unfused_attention_runs_the_faster_kernel_for_its_size_and_says_which():
     """Issue 22's baseline: below ``SDPA_MIN_TOKENS`` our Triton kernel, from there SDPA with cuDNN's first (on
     CUDA; the CPU runs its math backend), each matching the reference, and each recorded for the row."""
     from fusiontune.kernels import implementations
-    from fusiontune.kernels.triton_ops import SDPA_MIN_TOKENS, _attention
+    from fusiontune.kernels.attention import SDPA_MIN_TOKENS
+    from fusiontune.kernels.triton_ops import _attention
 
     for tokens, which in ((7, "fusiontune triton"), (SDPA_MIN_TOKENS + 1, "sdpa (cudnn first)")):
         q, k, v = qkv(tokens, *HEADS[0], DTYPES[0], seed=tokens)
