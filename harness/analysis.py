@@ -4,7 +4,10 @@ renders them.
 
 Speedup is the all-off baseline's median latency over the config's, at the same TP size and num_tokens. It is
 given only where it means something: the config ran (``ok``), matched the baseline's output, and every fusion it
-enables actually fired (nonzero match count). Otherwise the row's note says why there is no number.
+enables actually fired (nonzero match count). Otherwise the row's note says why there is no number. A fusion that
+fired but whose op ran no fused kernel at that size (the attention + quant op from
+``attention.SDPA_QUANT_MIN_TOKENS``, where cuDNN's attention and the quant kernel are the faster pair) counts as off
+there, as one outside its range does: its row says so, and its speedup, if any, is the other fusions'.
 
 The noise floor at a num_tokens is the larger of two things: how far the baseline's two measurements (first and
 last in the sweep) disagree, and the half-width of the baseline median's 95% confidence interval, both relative.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from fusiontune.kernels.attention import SDPA_THEN_QUANT
 from fusiontune.passes.fusions import FUSION_FLAGS, PASSES_BY_FLAG
 from fusiontune.passes.ranges import INDIVISIBLE
 
@@ -96,6 +100,7 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
         enabled = enabled_fusions(row)
         active = active_fusions(row, enabled)
         unfired = [f for f in active if not row.get(f"matches_{f}", 0)]
+        unfused = [f for f in active if f == "fuse_attn_quant" and SDPA_THEN_QUANT in str(row.get("attention_used"))]
         out_of_range = [f for f in enabled if f not in active]
         # Off at this size because of its threshold, or (SP, AsyncTP) because num_tokens does not split over TP.
         why_off = "off, num_tokens does not split over TP" \
@@ -110,8 +115,13 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
             note, value = f"outside the num_tokens range of {', '.join(out_of_range)}", float("nan")
             if why_off != "outside its range":
                 note = f"{why_off}: {', '.join(out_of_range)}"
+        elif unfused and len(unfused) == len(active):
+            note, value = f"ran no fused kernel (unfused kernels are faster at this size): {', '.join(unfused)}", \
+                float("nan")
         else:
-            note = f"{why_off}: {', '.join(out_of_range)}" if out_of_range else ""
+            reasons = [f"{why_off}: {', '.join(out_of_range)}"] if out_of_range else []
+            reasons += [f"ran no fused kernel at this size: {', '.join(unfused)}"] if unfused else []
+            note = "; ".join(reasons)
             value = row["paired"] if pd.notna(row["paired"]) else row["baseline_ms"] / row["latency_ms"]
         notes.append(note)
         values.append(value)

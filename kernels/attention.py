@@ -14,7 +14,10 @@ runs our Triton flash-attention kernel (``triton_attention``), which rounds its 
 before quantising, so it equals our attention kernel followed by the quant op bit for bit. The unfused op runs the
 faster kernel for the size, as a serving engine would (issue 22): ours below ``SDPA_MIN_TOKENS``, cuDNN's through
 SDPA from there (``triton_ops``). From there the fused op's output rounds in another order than all-off's
-(``rounds_otherwise``), and its speedup is against the faster kernel.
+(``rounds_otherwise``), and its speedup is against the faster kernel. From ``SDPA_QUANT_MIN_TOKENS`` up, cuDNN's
+attention and then the quant kernel beat our fused kernel, so the fused op runs that pair there, as a serving
+engine without a fused kernel this fast would: the rows record it (``implementations.ATTENTION``), and the report
+says at which sizes the fusion ran no fused kernel.
 """
 
 from __future__ import annotations
@@ -27,11 +30,19 @@ from .library import define_op
 
 
 # From this many tokens the unfused attention runs cuDNN's through SDPA, below it our Triton kernel: the crossover
-# measured on an H200 (docs/benchmarks.md, fourteenth session, scripts/probe_attention_backends.py): ours 7.1 us
-# against cuDNN's 7.5 at 128 tokens, 18.8 against 13.8 at 512, half cuDNN's speed from 2048 up.
+# measured on an H200 (docs/benchmarks.md, fifteenth session, scripts/probe_attention_backends.py): ours 7.5 us
+# against cuDNN's 7.2 at 128 tokens, 15.9 against 13.7 at 512, 31.6 against 32.6 at 1024, 94.4 against 83.4 at
+# 2048 and 4369 against 3515 at 16384 (cuDNN 1.24x faster there).
 SDPA_MIN_TOKENS = 256
-SDPA_KERNEL = "sdpa (cudnn first)"  # what implementations.ATTENTION records for each
+# From this many tokens the fused attention + FP8 quant op runs cuDNN's attention and then the quant kernel: our
+# fused kernel is the faster pair below (same H200 and probe: 15.7 against 16.9 us at 512 tokens, 31.6 against 36.8
+# at 1024), slower from here (94.3 against 90.3 at 2048, 4423 against 3472 at 16384).
+SDPA_QUANT_MIN_TOKENS = 2048
+# What implementations.ATTENTION records for each way
+SDPA_KERNEL = "sdpa (cudnn first)"
 OUR_KERNEL = "fusiontune triton"
+OUR_FUSED_KERNEL = f"{OUR_KERNEL} (fused with the quant)"
+SDPA_THEN_QUANT = f"{SDPA_KERNEL}, then the quant kernel (not fused)"
 
 
 def unfused_attention_kernel(tokens: int) -> str:
@@ -39,12 +50,17 @@ def unfused_attention_kernel(tokens: int) -> str:
     return SDPA_KERNEL if tokens >= SDPA_MIN_TOKENS else OUR_KERNEL
 
 
+def fused_quant_attention_kernel(tokens: int) -> str:
+    """What the fused attention + FP8 quant op runs on CUDA for ``tokens`` query tokens."""
+    return SDPA_THEN_QUANT if tokens >= SDPA_QUANT_MIN_TOKENS else OUR_FUSED_KERNEL
+
+
 def rounds_otherwise(ran: set[str], tokens: int) -> bool:
     """Whether the prefill attention kernels a config ran (as recorded, ``implementations.ATTENTION``) sum in
     another order than the one all-off runs at this size: ours, fused with the quant or not, against cuDNN's. (A
     decode step's paged attention is ours in every config.)"""
     prefill = [name for name in ran if "paged" not in name]
-    return any((SDPA_KERNEL if name == SDPA_KERNEL else OUR_KERNEL) != unfused_attention_kernel(tokens)
+    return any((SDPA_KERNEL if name.startswith(SDPA_KERNEL) else OUR_KERNEL) != unfused_attention_kernel(tokens)
                for name in prefill)
 
 

@@ -5,11 +5,18 @@ same rounding points, the same clamping. So every reference implementation (unfu
 the functions below, and a GPU kernel is correct when it reproduces them.
 
 Rounding points, chosen to match vLLM's kernels:
-- RMSNorm takes the mean of squares in fp64, rounded to fp32 once, then works in fp32, rounds the normalised value
-  to the input dtype, and multiplies by the weight in the input dtype (``(x * rsqrt(mean(x^2) + eps)).to(dtype) *
-  weight``). An fp32 sum depends on its order, and a GPU kernel's order depends on how it was compiled: two
-  specialisations of one kernel (norm alone, norm + quant) differed in about one FP8 code per million on the H100
-  (scripts/diag_fused_vs_unfused.py). Summed in fp64, any order rounds to the same fp32 mean.
+- RMSNorm takes the mean of squares (``sum_of_squares`` times the fp64 reciprocal of the width), rounded to fp32
+  once, then works in fp32, rounds the normalised value to the input dtype, and multiplies by the weight in the
+  input dtype (``(x * rsqrt(mean(x^2) + eps)).to(dtype) * weight``). An fp32 sum depends on its order, and a GPU
+  kernel's order depends on how it was compiled: two specialisations of one kernel (norm alone, norm + quant)
+  differed in about one FP8 code per million on the H100 (scripts/diag_fused_vs_unfused.py). So the order is fixed
+  where it is cheap and made not to matter where it is not: the squares of a 16-bit row (exact in fp32) are added in
+  fixed pairs, pairs of pairs and so on within aligned groups of ``SQUARE_GROUP`` (one IEEE addition of two values
+  is the same in any order), and the groups' sums are added in fp64, where any order rounds to the same fp32 mean.
+  Rows of other widths or dtypes sum every square in fp64. Adding the group in fp32 first is what makes the
+  quantising norms fast: the fp64 conversions and sums were their bottleneck (up to 1.33x on an H200, see
+  docs/benchmarks.md). Squares of bf16 values beyond 1.8e19 overflow fp32 (as in vLLM's fp32 sums); the kernels
+  agree with this reference there too.
 - Residual add rounds the sum to the input dtype before the norm reads it.
 - An all-reduce sums the ranks' partials in fp32, in rank order, and rounds once to their dtype
   (``all_reduce_sum``): every rank then holds the same bits. That is what fusiontune's fused all-reduce kernel
@@ -35,10 +42,30 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 
 
+# Squares of a row are added in fixed pairs within aligned groups of this many elements before the fp64 sum.
+SQUARE_GROUP = 8
+
+
+def squares_paired(width: int, dtype: torch.dtype) -> bool:
+    """Whether a row of ``width`` elements of ``dtype`` adds its squares in fixed groups first: 16-bit rows whose
+    width is a multiple of 2 * SQUARE_GROUP, so that a row's halves (a kernel that holds the two rotated halves of a
+    head apart) are whole groups too."""
+    return dtype in (torch.float16, torch.bfloat16) and width % (2 * SQUARE_GROUP) == 0
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """[..., 1] fp64 sums of each row's squares, as every RMSNorm kernel forms them (see the module's note)."""
+    if not squares_paired(x.shape[-1], x.dtype):
+        return x.double().pow(2).sum(dim=-1, keepdim=True)
+    squares = x.float() * x.float()  # exact: a 16-bit float's square fits fp32's significand
+    for _ in range(SQUARE_GROUP.bit_length() - 1):
+        squares = squares[..., 0::2] + squares[..., 1::2]
+    return squares.double().sum(dim=-1, keepdim=True)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    variance = x.double().pow(2).mean(dim=-1, keepdim=True).float()
-    return (xf * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+    variance = (sum_of_squares(x) * (1.0 / x.shape[-1])).float()
+    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
 
 
 def residual_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,8 @@ import triton.language as tl
 
 from . import symm_mem
 from .collectives import group_size
-from .numerics import FP8_DTYPE, FP8_MAX
-from .triton_rows import _warps, fp8_codes, normalized_by, reciprocal, sum_of_squares
+from .numerics import FP8_DTYPE, FP8_MAX, SQUARE_GROUP, squares_paired
+from .triton_rows import _warps, fp8_codes, inverse_width_bits, normalized_by, reciprocal, sum_of_squares
 
 PHASE_COPY, PHASE_REDUCE, PHASE_NORMALISE, PHASE_CLEAR = 0, 1, 2, 3
 # The most programs a one-shot row is split over; its partials area keeps this many sums of squares per row.
@@ -225,10 +225,10 @@ def _new_residual(total, r, x_dtype: tl.constexpr):
 
 
 @triton.jit
-def _output(v, squares, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr):
+def _output(v, squares, w, inverse, inv_width, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.constexpr):
     """The normalised row (part) of new residual ``v``, whose row's sum of squares is given (its FP8 codes with
     ``QUANT``)."""
-    y = (normalized_by(v, squares, H, eps).to(tl.float32) * w.to(tl.float32)).to(v.dtype)
+    y = (normalized_by(v, squares, inv_width, eps).to(tl.float32) * w.to(tl.float32)).to(v.dtype)
     if QUANT:
         y = fp8_codes(y.to(tl.float32), inverse, FP8_MAX_C)
     return y
@@ -236,13 +236,15 @@ def _output(v, squares, w, inverse, H, eps, QUANT: tl.constexpr, FP8_MAX_C: tl.c
 
 @triton.jit(do_not_specialize=["rank"])  # one compiled kernel for every rank (rank 1 would become a constant)
 def _one_shot_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, SLOTS, COUNTER,
+    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, inv_width_bits, HALF_BYTES, SLOTS,
+    COUNTER,
     WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
     BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr, PEERS: tl.constexpr,
-    TAKE_AT_ONCE: tl.constexpr,
+    TAKE_AT_ONCE: tl.constexpr, PAIRED: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    inv_width = inv_width_bits.to(tl.float64, bitcast=True)
     programs = tl.num_programs(0)
     first_row, row_programs, part = pid // SPLIT, programs // SPLIT, pid % SPLIT
     offs = part * BLOCK + tl.arange(0, BLOCK)  # this program's part of each of its rows
@@ -280,10 +282,10 @@ def _one_shot_kernel(
             v = _new_residual(total, r, x_dtype)
             tl.store(res_ptr + row * H + offs, v, mask=mask)
             if SPLIT == 1:
-                tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT,
-                                                           FP8_MAX_C), mask=mask)
+                tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v, PAIRED), w, inverse, inv_width, eps,
+                                                           QUANT, FP8_MAX_C), mask=mask)
             else:  # this part's sum of squares, for the row's other programs (abs: a NaN's sign never marks it)
-                tl.store(partials + row * SPLIT + part, tl.abs(sum_of_squares(v)).to(tl.int64, bitcast=True))
+                tl.store(partials + row * SPLIT + part, tl.abs(sum_of_squares(v, PAIRED)).to(tl.int64, bitcast=True))
 
     if SPLIT > 1 and PHASE_FIRST <= 2 and PHASE_LAST >= 2:  # normalise this part once the row's parts are in
         tl.debug_barrier()  # this program's residual stores before its loads of them
@@ -291,7 +293,8 @@ def _one_shot_kernel(
             row = tl.cast(i, tl.int64)
             v = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
             total = _landed_sum(partials + row * SPLIT, SPLIT)
-            tl.store(out_ptr + row * H + offs, _output(v, total, w, inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+            tl.store(out_ptr + row * H + offs, _output(v, total, w, inverse, inv_width, eps, QUANT, FP8_MAX_C),
+                     mask=mask)
     if SYNC:
         last = _advance(own_pad, COUNTER, call, programs)
         if SPLIT > 1 and last:
@@ -302,13 +305,15 @@ def _one_shot_kernel(
 
 @triton.jit(do_not_specialize=["rank"])
 def _two_shot_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, HALF_BYTES, SLOTS, GATHER, COUNTER,
+    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, buffers, pads, rank, M, H, eps, inv_width_bits, HALF_BYTES, SLOTS,
+    GATHER, COUNTER,
     WORLD: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
     PHASE_FIRST: tl.constexpr, PHASE_LAST: tl.constexpr, SYNC: tl.constexpr, FP8_MAX_C: tl.constexpr,
     BITS: tl.constexpr, MARK: tl.constexpr, PARTIAL_MARK: tl.constexpr, PEERS: tl.constexpr,
-    TAKE_AT_ONCE: tl.constexpr,
+    TAKE_AT_ONCE: tl.constexpr, PAIRED: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    inv_width = inv_width_bits.to(tl.float64, bitcast=True)
     programs = tl.num_programs(0)
     first, row_programs, part = pid // SPLIT, programs // SPLIT, pid % SPLIT  # rows i of every rank's shard
     offs = part * BLOCK + tl.arange(0, BLOCK)
@@ -355,10 +360,10 @@ def _two_shot_kernel(
                         tl.store(_workspace(buffers, peer, BITS, base + GATHER, ALIGNED) + row * H + offs, bits,
                                  mask=mask)
                 if SPLIT == 1:
-                    tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v), w, inverse, H, eps, QUANT,
-                                                               FP8_MAX_C), mask=mask)
+                    tl.store(out_ptr + row * H + offs, _output(v, sum_of_squares(v, PAIRED), w, inverse, inv_width,
+                                                               eps, QUANT, FP8_MAX_C), mask=mask)
                 else:  # this part's sum of squares, for the row's programs on every rank
-                    squares = tl.abs(sum_of_squares(v)).to(tl.int64, bitcast=True)
+                    squares = tl.abs(sum_of_squares(v, PAIRED)).to(tl.int64, bitcast=True)
                     for peer in tl.static_range(WORLD):
                         tl.store(_workspace(buffers, peer, tl.int64, base, False) + row * SPLIT + part, squares)
 
@@ -370,7 +375,7 @@ def _two_shot_kernel(
                 if row < M:
                     v = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0)
                     tl.store(out_ptr + row * H + offs, _output(v, _landed_sum(partials + row * SPLIT, SPLIT), w,
-                                                               inverse, H, eps, QUANT, FP8_MAX_C), mask=mask)
+                                                               inverse, inv_width, eps, QUANT, FP8_MAX_C), mask=mask)
         gathered = _workspace(buffers, rank, BITS, base + GATHER, ALIGNED)
         for i in range(first, shard, row_programs):
             for owner in tl.static_range(WORLD):
@@ -379,11 +384,11 @@ def _two_shot_kernel(
                     v = _take(gathered + row * H + offs, mask, MARK, BLOCK).to(x_dtype, bitcast=True)
                     tl.store(res_ptr + row * H + offs, v, mask=mask)
                     if SPLIT == 1:
-                        squares = sum_of_squares(v)
+                        squares = sum_of_squares(v, PAIRED)
                     else:
                         squares = _landed_sum(partials + row * SPLIT, SPLIT)
-                    tl.store(out_ptr + row * H + offs, _output(v, squares, w, inverse, H, eps, QUANT, FP8_MAX_C),
-                             mask=mask)
+                    tl.store(out_ptr + row * H + offs,
+                             _output(v, squares, w, inverse, inv_width, eps, QUANT, FP8_MAX_C), mask=mask)
     if SYNC:
         last = _advance(own_pad, COUNTER, call, programs)
         if SPLIT > 1 and last:
@@ -454,13 +459,17 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
         raise ValueError(f"split must be a power of two from 1 to {min(MAX_SPLIT, block)}, not {split}")
     programs = max(1, min(reduced_rows, most // split)) * split  # split programs per row
     _, bits, mark = _empty_mark(x.dtype)
+    paired = squares_paired(hidden, x.dtype)
+    if paired and (block // split) % SQUARE_GROUP:
+        raise ValueError(f"split {split} leaves parts of {block // split} columns: a part must hold whole groups of "
+                         f"{SQUARE_GROUP} squares")
     common = dict(WORLD=world, QUANT=quant, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0, BLOCK=block // split,
                   SPLIT=split, PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX, BITS=bits,
                   MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype), num_warps=_warps(block // split),
                   PEERS=triton.next_power_of_2(max(1, world - 1)),
-                  TAKE_AT_ONCE=TAKE_AT_ONCE if world > 2 and not two_shot else 0)
-    args = (x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows, hidden, eps, half_bytes,
-            slots)
+                  TAKE_AT_ONCE=TAKE_AT_ONCE if world > 2 and not two_shot else 0, PAIRED=paired)
+    args = (x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows, hidden, eps,
+            inverse_width_bits(hidden), half_bytes, slots)
     counter = counter_index(signal_pad_bytes)
     if two_shot:
         _two_shot_kernel[(programs,)](*args, gather, counter, **common)

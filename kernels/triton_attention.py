@@ -19,12 +19,15 @@ from .triton_rows import fp8_codes, reciprocal
 
 
 @triton.jit
-def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc):
-    """One block of keys into the running max ``m_i``, sum ``l_i`` and accumulator ``acc`` (online softmax, base 2;
-    scores where ``valid`` is false count as -inf)."""
-    s = tl.where(valid, tl.dot(q, k) * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr):
+    """One block of keys into the running max ``m_i``, sum ``l_i`` and accumulator ``acc`` (online softmax, base 2).
+    With ``MASKED``, scores where ``valid`` is false count as -inf; without, every score counts (a block wholly
+    below the causal diagonal skips the select: the same values, less work)."""
+    s = tl.dot(q, k)
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # the scale is positive: max(s) * scale = max(s * scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])  # one fused multiply-add per score
     alpha = tl.exp2(m_i - m_new)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
@@ -46,8 +49,11 @@ def _attention_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     OUT_FP8: tl.constexpr, FP8_MAX_C: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
+    # Program (head, query block) on grid axes (0, 1), query blocks last first: the blocks with the most keys start
+    # first and the short ones fill the tail, and the heads of one KV group run side by side (their keys and values
+    # stay in L2).
+    head = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
@@ -58,8 +64,16 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # Key blocks wholly before this query block: every key visible to every query, no mask. Then the blocks that
+    # straddle the diagonal, masked. The same blocks in the same order as one masked loop, so the same values.
+    below = start_m // BLOCK_N * BLOCK_N
+    for start_n in range(0, below, BLOCK_N):
+        cols = start_n + cols0
+        k = tl.load(k_ptr + cols[None, :].to(tl.int64) * k_stride_t + kv_head * k_stride_h + dims[:, None])
+        v = tl.load(v_ptr + cols[:, None].to(tl.int64) * v_stride_t + kv_head * v_stride_h + dims[None, :])
+        m_i, l_i, acc = _softmax_step(q, k, v, None, qk_scale, m_i, l_i, acc, False)
     end = tl.minimum(start_m + BLOCK_M, num_tokens)
-    for start_n in range(0, end, BLOCK_N):
+    for start_n in range(below, end, BLOCK_N):
         cols = start_n + cols0
         col_mask = cols < num_tokens
         k = tl.load(k_ptr + cols[None, :].to(tl.int64) * k_stride_t + kv_head * k_stride_h + dims[:, None],
@@ -67,7 +81,7 @@ def _attention_kernel(
         v = tl.load(v_ptr + cols[:, None].to(tl.int64) * v_stride_t + kv_head * v_stride_h + dims[None, :],
                     mask=col_mask[:, None], other=0.0)
         causal = (rows[:, None] >= cols[None, :]) & col_mask[None, :]
-        m_i, l_i, acc = _softmax_step(q, k, v, causal, qk_scale, m_i, l_i, acc)
+        m_i, l_i, acc = _softmax_step(q, k, v, causal, qk_scale, m_i, l_i, acc, True)
     out_at = out_ptr + rows[:, None].to(tl.int64) * out_stride_t + head * D + dims[None, :]
     _store_output(out_at, (acc / l_i[:, None]).to(q_ptr.dtype.element_ty), row_mask, quant_scale_ptr, OUT_FP8,
                   FP8_MAX_C)
@@ -101,7 +115,7 @@ def _paged_decode_kernel(
         at = (slot * KV_HEADS + kv_head) * D
         k = tl.load(k_cache_ptr + at[None, :] + dims[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_cache_ptr + at[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, True)
     out_at = out_ptr + seq * out_stride_b + (kv_head * GROUP + rows)[:, None] * D + dims[None, :]
     _store_output(out_at, (acc / l_i[:, None]).to(q_ptr.dtype.element_ty), row_mask, quant_scale_ptr, OUT_FP8,
                   FP8_MAX_C)
@@ -156,7 +170,7 @@ def attention(q, k, v, scale, quant_scale=None, out=None):
     if tokens == 0:
         return out
     block_m, block_n, warps, stages = _blocks(tokens)
-    _attention_kernel[(triton.cdiv(tokens, block_m), heads)](
+    _attention_kernel[(heads, triton.cdiv(tokens, block_m))](
         q, k, v, out, quant_scale if quant_scale is not None else q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
         tokens, scale * math.log2(math.e),

@@ -2,7 +2,7 @@
 
 One program rotates a block of heads of one token: it loads each head's two rotated halves (first / second half
 for neox, even / odd elements for gptj) and that token's cos / sin, and writes the heads once. With ``NORM`` the
-same program first takes each head's RMSNorm (mean of squares in fp64, as ``numerics.rms_norm``), which is what
+same program first takes each head's RMSNorm (its sum of squares as ``numerics.sum_of_squares``), which is what
 makes the fused Q/K-norm + RoPE one read and one write of q and k instead of three of each. Q heads and K heads of one token are
 adjacent in the qkv projection, so one launch covers both: programs with a head index below ``NQ`` read the Q
 weight and write ``q_out``, the rest the K weight and ``k_out``.
@@ -17,13 +17,40 @@ import torch
 import triton
 import triton.language as tl
 
+from .numerics import squares_paired
+
+
+@triton.jit
+def _pairs_added(s):
+    """[R, N] -> [R, N / 2]: columns 2i and 2i + 1 added."""
+    return tl.sum(tl.reshape(s, (s.shape[0], s.shape[1] // 2, 2)), axis=2)
+
+
+@triton.jit
+def _head_squares(x1, x2, PAIRED: tl.constexpr, IS_NEOX: tl.constexpr):
+    """[HEADS] fp64 sums of each head's squares from its two halves, as ``numerics.sum_of_squares`` forms them over
+    the whole head: with ``PAIRED``, fp32 squares added in fixed pairs within groups of 8 consecutive elements (neox:
+    each half is whole groups; gptj: element pairs are (x1[i], x2[i]), then pairs of those), the groups in fp64."""
+    if PAIRED:
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        if IS_NEOX:
+            ga = _pairs_added(_pairs_added(_pairs_added(a * a)))
+            gb = _pairs_added(_pairs_added(_pairs_added(b * b)))
+            total = tl.sum(ga.to(tl.float64), axis=1) + tl.sum(gb.to(tl.float64), axis=1)
+        else:
+            total = tl.sum(_pairs_added(_pairs_added(a * a + b * b)).to(tl.float64), axis=1)
+    else:
+        a, b = x1.to(tl.float64), x2.to(tl.float64)
+        total = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)
+    return total
+
 
 @triton.jit
 def _head_kernel(
     src_ptr, src_stride, q_out_ptr, k_out_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, cs_stride, eps, NQ, NK,
     k_cache_ptr, v_cache_ptr, slot_ptr, NV,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, NORM: tl.constexpr,
-    IS_NEOX: tl.constexpr, CACHE: tl.constexpr,
+    IS_NEOX: tl.constexpr, CACHE: tl.constexpr, PAIRED: tl.constexpr,
 ):
     # Program (token, block of HEADS heads): a [HEADS, half] tile of each rotated half. A program of one head
     # moves 256 bytes, too little to amortise itself (measured on the H100: 19% of copy at large num_tokens).
@@ -48,8 +75,8 @@ def _head_kernel(
         wk1, wk2 = tl.load(wk_ptr + first, mask=col_mask), tl.load(wk_ptr + second, mask=col_mask)
         w1 = tl.where(is_q, wq1[None, :], wk1[None, :])
         w2 = tl.where(is_q, wq2[None, :], wk2[None, :])
-        a, b = x1.to(tl.float64), x2.to(tl.float64)
-        variance = ((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / D).to(tl.float32)
+        squares = _head_squares(x1, x2, PAIRED, IS_NEOX)
+        variance = (squares * (tl.full((), 1.0, tl.float64) / D)).to(tl.float32)
         inv = tl.rsqrt(variance + eps)[:, None]
         x1 = ((x1.to(tl.float32) * inv).to(dtype).to(tl.float32) * w1.to(tl.float32)).to(dtype)
         x2 = ((x2.to(tl.float32) * inv).to(dtype).to(tl.float32) * w2.to(tl.float32)).to(dtype)
@@ -90,7 +117,7 @@ def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_
         src, src_stride, q_out, k_out, wq if wq is not None else src, wk if wk is not None else src,
         cos, sin, cos.stride(0), eps, num_q, num_k, k_cache, v_cache, slots, num_v,
         D=head_dim, HALF=half, BLOCK=block, HEADS=heads, NORM=wq is not None, IS_NEOX=is_neox,
-        CACHE=cache is not None,
+        CACHE=cache is not None, PAIRED=squares_paired(head_dim, src.dtype),
         num_warps=4 if heads * block * 2 <= 2048 else 8, enable_fp_fusion=False,
     )
 

@@ -11,7 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import flashinfer_allreduce, implementations, symm_mem, triton_attention, triton_heads
 from .act_quant import ACT_QUANT_SCHEMES, act_quant_name
-from .attention import OUR_KERNEL, SDPA_KERNEL, causal_attention, unfused_attention_kernel
+from .attention import (OUR_KERNEL, SDPA_KERNEL, SDPA_THEN_QUANT, causal_attention, fused_quant_attention_kernel,
+                        unfused_attention_kernel)
 from .allreduce_rms import ALLREDUCE_RMS_QUANTS, allreduce_rms_name
 from .collectives import all_reduced, all_reduced_cuda, group_size
 from .library import NAMESPACE
@@ -62,6 +63,17 @@ def _attention(q, k, v, scale):
     return triton_attention.attention(q, k, v, scale)
 
 
+def _attention_quant(q, k, v, scale, quant_scale):
+    """The fused attention + FP8 quant: our fused kernel where it is the faster, else cuDNN's attention and then
+    the quant kernel (``attention.fused_quant_attention_kernel``), recorded."""
+    kernel = fused_quant_attention_kernel(q.shape[0])
+    implementations.record(implementations.ATTENTION, kernel)
+    if kernel == SDPA_THEN_QUANT:
+        with sdpa_kernel(SDPA_ORDER, set_priority=True):
+            return run_rows(causal_attention(q, k, v, scale), quant="fp8-static", scale=quant_scale)
+    return triton_attention.attention_quant_fp8_static(q, k, v, scale, quant_scale)
+
+
 def _recorded(kernel, implementation: str):
     def run(*args):
         implementations.record(implementations.ATTENTION, implementation)
@@ -93,8 +105,7 @@ def _register_all() -> None:
     _register("reshape_and_cache", triton_heads.reshape_and_cache)
     _register("rotary_embedding_and_cache", triton_heads.rotary_embedding_and_cache)
     _register("attention", _attention)
-    _register("attention_quant_fp8_static", _recorded(triton_attention.attention_quant_fp8_static,
-                                                      f"{OUR_KERNEL} (fused with the quant)"))
+    _register("attention_quant_fp8_static", _attention_quant)
     _register("paged_attention", _recorded(triton_attention.paged_attention, f"{OUR_KERNEL} (paged decode)"))
     _register("paged_attention_quant_fp8_static", _recorded(triton_attention.paged_attention_quant_fp8_static,
                                                             f"{OUR_KERNEL} (paged decode, fused with the quant)"))

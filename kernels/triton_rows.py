@@ -6,8 +6,9 @@ are the same code with different stages switched on, which keeps their numerics 
 ``numerics.py``. One program handles one row, whole in registers (hidden sizes up to 32768): one read of each
 input, one write of each output, nothing in between, which is what makes the fused forms worth having.
 
-Rounding points follow ``numerics.py``: mean of squares accumulated in fp64 and rounded to fp32 once (so it does not
-depend on the reduction order, which differs between specialisations), residual sum and normalised value rounded to
+Rounding points follow ``numerics.py``: squares added in fixed pairs within groups of 8, the groups in fp64, the
+mean (times the width's fp64 reciprocal) rounded to fp32 once (so it does not depend on the reduction order, which
+differs between specialisations), residual sum and normalised value rounded to
 the input dtype, product with the weight rounded once, SiLU rounded before the multiply, quantisation by
 multiplying with the scale's reciprocal (one IEEE division per scale, ``div_rn``: Triton's default fp32 ``/`` is
 approximate) and round-to-nearest-even to e4m3. What can still differ from torch is the last bit of rsqrt / sigmoid,
@@ -16,11 +17,13 @@ which can move a value across a rounding boundary: tests count those differences
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
-from .numerics import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
+from .numerics import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, squares_paired
 from .quant import QUANT_SCHEMES
 
 INPUT_PLAIN, INPUT_ADD_RESIDUAL, INPUT_SILU_MUL = 0, 1, 2
@@ -41,26 +44,47 @@ def fp8_codes(values, inv_scale, FP8_MAX_C: tl.constexpr):
 
 
 @triton.jit
-def rms_normalized(v, H, eps):
-    """A row's values over their root mean square, in the row's dtype (before the weight multiply). Squares are
-    summed in fp64 and the mean rounded to fp32 once: the result does not depend on the summation order, which
-    Triton derives from each specialisation's layout (see numerics.rms_norm). Masked columns must be zeros."""
-    return normalized_by(v, sum_of_squares(v), H, eps)
+def rms_normalized(v, inv_width, eps, PAIRED: tl.constexpr):
+    """A row's values over their root mean square, in the row's dtype (before the weight multiply), as
+    ``numerics.rms_norm`` forms it: the result does not depend on the summation order, which Triton derives from
+    each specialisation's layout. ``inv_width``: 1 / the row's width in fp64 (``inverse_width_bits``). Masked
+    columns must be zeros."""
+    return normalized_by(v, sum_of_squares(v, PAIRED), inv_width, eps)
+
+
+def inverse_width_bits(width: int) -> int:
+    """The bits of 1 / width in fp64, as an int64 kernel argument that a kernel bitcasts back: it then has no fp64
+    division of its own (measured on an H200: one at the kernel's start cost add + norm up to 0.5 us at 64 tokens).
+    The same IEEE value as ``numerics``' ``1.0 / width``."""
+    return struct.unpack("<q", struct.pack("<d", 1.0 / width))[0]
 
 
 @triton.jit
-def sum_of_squares(v):
-    """A row's (or a row part's) squares summed in fp64, as ``rms_normalized`` forms them (masked columns must be
-    zeros)."""
-    vd = v.to(tl.float64)
-    return tl.sum(vd * vd, axis=0)
+def _pairs_added(s):
+    """[N] -> [N / 2]: elements 2i and 2i + 1 added (one IEEE addition, the same whichever thread holds which)."""
+    return tl.sum(tl.reshape(s, (s.shape[0] // 2, 2)), axis=1)
 
 
 @triton.jit
-def normalized_by(v, squares, H, eps):
+def sum_of_squares(v, PAIRED: tl.constexpr):
+    """A row's (or an aligned row part's) sum of squares in fp64, as ``numerics.sum_of_squares`` forms it: with
+    ``PAIRED`` (``numerics.squares_paired``), the fp32 squares added pairwise within groups of 8, then the groups in
+    fp64; else every square in fp64. Masked columns must be zeros."""
+    if PAIRED:
+        vf = v.to(tl.float32)
+        groups = _pairs_added(_pairs_added(_pairs_added(vf * vf)))  # numerics.SQUARE_GROUP = 8
+        total = tl.sum(groups.to(tl.float64), axis=0)
+    else:
+        vd = v.to(tl.float64)
+        total = tl.sum(vd * vd, axis=0)
+    return total
+
+
+@triton.jit
+def normalized_by(v, squares, inv_width, eps):
     """``rms_normalized`` given the row's fp64 sum of squares (a kernel that splits a row over several programs
     adds their parts)."""
-    variance = (squares / H).to(tl.float32)
+    variance = (squares * inv_width).to(tl.float32)
     return (v.to(tl.float32) * tl.rsqrt(variance + eps)).to(v.dtype)
 
 
@@ -68,9 +92,9 @@ def normalized_by(v, squares, H, eps):
 def _row_kernel(
     x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
     scales_ptr, scales_row_stride, scales_group_stride,
-    H, OUT_W, eps,
+    H, OUT_W, eps, inv_width_bits,
     INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    PREFETCH: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
     # Program (tile, row) on grid axes (0, 1): tiles are the fastest axis, so programs running at once read
     # adjacent memory (row-fastest was 2-4% slower for SiLU at large num_tokens, H100). A tile is the whole row
@@ -100,7 +124,7 @@ def _row_kernel(
             tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
     dtype = v.dtype
     if NORM:
-        normed = rms_normalized(v, H, eps)
+        normed = rms_normalized(v, inv_width_bits.to(tl.float64, bitcast=True), eps, PAIRED)
         if not PREFETCH:  # many rows: holding the weight through the reduction costs occupancy (up to 20%)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
@@ -189,9 +213,10 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
             chunk_res.stride(0) if chunk_res is not None else 0,
             weight if weight is not None else rows, out[start:end], out.stride(0),
             scale if scale is not None else out, scales[start:end], scales.stride(0), scales.stride(1),
-            width, out_width, eps,
+            width, out_width, eps, inverse_width_bits(width),
             INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
-            BLOCK=block, PREFETCH=prefetch, FP8_MAX_C=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
+            BLOCK=block, PREFETCH=prefetch, PAIRED=squares_paired(width, x.dtype), FP8_MAX_C=FP8_MAX,
+            MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
         )
     if residual is not None and not residual.is_contiguous():
         residual.copy_(res_rows.view_as(residual))

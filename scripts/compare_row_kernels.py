@@ -1,16 +1,20 @@
 """A/B of versions of the row kernel in one process, on the GPU: the only fair way to judge a change of a few
 percent (runs of different calls differ by that much).
 
-    python3 scripts/compare_row_kernels.py OLD.py NEW.py ...   (each a copy of kernels/triton_rows.py)
+    python3 scripts/compare_row_kernels.py OLD.py NEW.py ... [--hidden 4096 --tokens 16384 --form rms_norm ...]
 
-Times each version's ``run_rows`` on the same inputs (CUDA-graph replays, inputs rotated past 4x the L2, as
-bench-kernels does), interleaving versions per shape, and prints us and % of copy per version.
+Each version is a copy of kernels/triton_rows.py. Times each version's ``run_rows`` on the same inputs (CUDA-graph
+replays, inputs rotated past 4x the L2, as bench-kernels does), interleaving versions per shape, and prints median us
+and % of copy per version. Beside them, the same traffic with no reduction: torch casting the input to the output's
+dtype (a bf16 copy for rms_norm, bf16 -> FP8 for the quantising forms; none for the forms that read two inputs),
+which shows what a kernel of this size reaches when it has nothing to compute (launch and DRAM ramp included,
+which the copy ceiling at 4 GiB is not).
 """
 
+import argparse
 import importlib.util
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -30,32 +34,59 @@ def load(path: str):
     return module
 
 
-versions = {Path(p).stem: load(p) for p in sys.argv[1:]}
-copy_gbs, _ = copy_bandwidth_gbs()
-l2 = torch.cuda.get_device_properties(0).L2_cache_size
-FORMS = {  # name: (kwargs of run_rows, bytes moved per element of the output row, input width factor)
-    "rms_norm": (lambda m, i: {"weight": i["w"]}, 4, 1),
+FP8 = torch.float8_e4m3fn
+# name: (kwargs of run_rows, bytes moved per element of the output row, input width factor, output dtype)
+FORMS = {
+    "rms_norm": (lambda m, i: {"weight": i["w"]}, 4, 1, torch.bfloat16),
+    "add+rms_norm": (lambda m, i: {"input_mode": m.INPUT_ADD_RESIDUAL, "residual": i["r"], "weight": i["w"]}, 8, 1,
+                     torch.bfloat16),
+    "rms_norm->static": (lambda m, i: {"weight": i["w"], "quant": "fp8-static", "scale": i["s"]}, 3, 1, FP8),
     "add+rms_norm->static": (lambda m, i: {"input_mode": m.INPUT_ADD_RESIDUAL, "residual": i["r"], "weight": i["w"],
-                                           "quant": "fp8-static", "scale": i["s"]}, 7, 1),
-    "rms_norm->per-token": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-token"}, 3, 1),
-    "rms_norm->per-group": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-group", "group_size": 128}, 3, 1),
-    "silu->static": (lambda m, i: {"input_mode": m.INPUT_SILU_MUL, "quant": "fp8-static", "scale": i["s"]}, 5, 2),
+                                           "quant": "fp8-static", "scale": i["s"]}, 7, 1, FP8),
+    "rms_norm->per-token": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-token"}, 3, 1, FP8),
+    "rms_norm->per-group": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-group", "group_size": 128}, 3, 1, FP8),
+    "silu->static": (lambda m, i: {"input_mode": m.INPUT_SILU_MUL, "quant": "fp8-static", "scale": i["s"]}, 5, 2,
+                     FP8),
 }
-print(f"copy {copy_gbs:.0f} GB/s; cells: median us (% of copy) of 30 graph replays")
-print(f"{'form':<22} {'hidden':>6} {'tokens':>6} " + " ".join(f"{v:>18}" for v in versions))
-for name, (kwargs_of, bytes_per_element, width) in FORMS.items():
-    for hidden in (2880, 4096, 8192, 14336):
-        for tokens in (1, 16, 64, 512, 4096, 16384):
-            moved = tokens * hidden * bytes_per_element
-            sets = [{"x": torch.randn(tokens, width * hidden, device="cuda", dtype=torch.bfloat16),
-                     "r": torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16),
-                     "w": torch.ones(hidden, device="cuda", dtype=torch.bfloat16),
-                     "s": torch.tensor([0.02], device="cuda")}
-                    for _ in range(max(2, min(64, math.ceil(4 * l2 / moved))))]
-            cells = []
-            for module in versions.values():
-                us = statistics.median(time_per_call(
-                    lambda i, m=module: m.run_rows(i["x"], eps=1e-6, **kwargs_of(m, i)), sets))
-                cells.append(f"{us:>9.2f} ({100 * moved / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)")
-            print(f"{name:<22} {hidden:>6} {tokens:>6} " + " ".join(f"{c:>18}" for c in cells), flush=True)
-            del sets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("versions", nargs="+", help="copies of kernels/triton_rows.py")
+    parser.add_argument("--hidden", type=int, action="append", help="default 2880 4096 8192 14336")
+    parser.add_argument("--tokens", type=int, action="append", help="default 1 16 64 512 4096 16384")
+    parser.add_argument("--form", action="append", choices=list(FORMS), help="default: every form")
+    args = parser.parse_args()
+    versions = {Path(p).stem: load(p) for p in args.versions}
+    copy_gbs, _ = copy_bandwidth_gbs()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s; cells: median us (% of copy) of 30 graph "
+          f"replays; 'cast' is the same bytes moved by torch with nothing to compute")
+    print(f"{'form':<22} {'hidden':>6} {'tokens':>6} " + " ".join(f"{v:>16}" for v in [*versions, "cast"]))
+    for name in args.form or list(FORMS):
+        kwargs_of, bytes_per_element, width, out_dtype = FORMS[name]
+        for hidden in args.hidden or (2880, 4096, 8192, 14336):
+            for tokens in args.tokens or (1, 16, 64, 512, 4096, 16384):
+                moved = tokens * hidden * bytes_per_element
+                sets = [{"x": torch.randn(tokens, width * hidden, device="cuda", dtype=torch.bfloat16),
+                         "r": torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16),
+                         "w": torch.ones(hidden, device="cuda", dtype=torch.bfloat16),
+                         "s": torch.tensor([0.02], device="cuda"),
+                         "o": torch.empty(tokens, hidden, device="cuda", dtype=out_dtype)}
+                        for _ in range(max(2, min(64, math.ceil(4 * l2 / moved))))]
+                runs = {v: (lambda i, m=m: m.run_rows(i["x"], eps=1e-6, **kwargs_of(m, i)))
+                        for v, m in versions.items()}
+                if width == 1 and "add" not in name:  # the peer moves the bytes the form moves
+                    runs["cast"] = lambda i: i["o"].copy_(i["x"])
+                cells = []
+                for run in runs.values():
+                    us = statistics.median(time_per_call(run, sets))
+                    cells.append(f"{us:>8.2f} ({100 * moved / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)")
+                if "cast" not in runs:
+                    cells.append("-")
+                print(f"{name:<22} {hidden:>6} {tokens:>6} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+                del sets
+
+
+if __name__ == "__main__":
+    main()

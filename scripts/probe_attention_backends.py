@@ -1,12 +1,19 @@
 """Issue 22: which causal prefill attention is fastest here, at the Llama-3.1-8B head layout (32 Q heads, 8 KV heads,
-head size 128, bf16)? Ours (the Triton kernel behind ``fusiontune::attention`` on CUDA) against torch's
-scaled_dot_product_attention with each backend it has (flash, cuDNN, memory-efficient), each timed as bench-kernels
-times a kernel (a CUDA graph over input sets that together exceed the L2, replayed), and checked against the fp32
-reference. Prints one table: median us, p10-p90, TFLOP/s (causal: half the 4 T^2 H D of full attention)."""
+head size 128, bf16)? Ours (the Triton kernel in kernels/triton_attention.py, called directly: the
+``fusiontune::attention`` op dispatches by size) against torch's scaled_dot_product_attention with each backend it
+has (flash, cuDNN, memory-efficient), and the fused attention + FP8 static quant (ours) against cuDNN's attention then
+our quant kernel, the unfused pair it competes with. Each is timed as bench-kernels times a kernel (a CUDA graph over
+input sets that together exceed the L2, replayed) and checked against the fp32 reference. Prints one table: median
+us, p10-p90, TFLOP/s (causal: half the 4 T^2 H D of full attention).
+
+    python3 scripts/probe_attention_backends.py [OLD_triton_attention.py]   (a copy of the kernel file, for an A/B)"""
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fusiontune.kernels  # noqa: F401
 from fusiontune.harness.timing import time_per_call
+from fusiontune.kernels import triton_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ops = torch.ops.fusiontune
@@ -28,13 +36,33 @@ def sdpa(backend):
     return run
 
 
+def load_old(path: str):
+    """Another version of kernels/triton_attention.py, importable beside the current one (Triton reads a kernel's
+    source from its file, so the copy is written out with absolute imports)."""
+    source = Path(path).read_text().replace("from .", "from fusiontune.kernels.")
+    file = Path("/tmp/triton_attention_old.py")
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
-    ways = {"ours (Triton)": lambda q, k, v: ops.attention(q, k, v, HEAD_DIM ** -0.5),
-            "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-            "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+    scale = torch.tensor([0.02], device="cuda")
+    cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
+    ways = {"ours (Triton)": lambda q, k, v: triton_attention.attention(q, k, v, HEAD_DIM ** -0.5),
+            "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn": cudnn,
+            "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+            "ours +fp8 fused": lambda q, k, v: triton_attention.attention(q, k, v, HEAD_DIM ** -0.5, scale),
+            "cudnn, then quant": lambda q, k, v: ops.quant_fp8_static(cudnn(q, k, v), scale)}
+    if len(sys.argv) > 1:
+        old = load_old(sys.argv[1])
+        ways["old (Triton)"] = lambda q, k, v: old.attention(q, k, v, HEAD_DIM ** -0.5)
+        ways["old +fp8 fused"] = lambda q, k, v: old.attention(q, k, v, HEAD_DIM ** -0.5, scale)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'tokens':>6} {'way':16} {'median us':>10} {'p10-p90':>17} {'TFLOP/s':>8} {'max err':>8}")
-    for tokens in (128, 512, 2048, 4096, 8192, 16384):
+    for tokens in (128, 512, 1024, 2048, 4096, 8192, 16384):
         sets = max(1, min(8, (200 << 20) // (tokens * (HEADS + 2 * KV_HEADS) * HEAD_DIM * 2)))
         inputs = [{name: torch.randn(tokens, h, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
                    for name, h in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS))} for _ in range(sets)]
@@ -45,7 +73,8 @@ def main() -> None:
         flops = 2 * tokens * tokens * HEADS * HEAD_DIM  # causal: half of 4 T^2 Hq D
         for name, way in ways.items():
             try:
-                err = (way(i["q"], i["k"], i["v"]).float() - ref).abs().max().item()
+                out = way(i["q"], i["k"], i["v"])
+                err = ((out.float() * (scale if out.dtype == torch.float8_e4m3fn else 1)) - ref).abs().max().item()
                 times = time_per_call(lambda d, w=way: w(d["q"], d["k"], d["v"]), inputs, replays=20)
             except Exception as exc:  # noqa: BLE001 - a backend this build or GPU lacks is said, not fatal
                 print(f"{tokens:>6} {name:16} unavailable: {type(exc).__name__}: {str(exc)[:90]}")

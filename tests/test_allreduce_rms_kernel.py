@@ -511,13 +511,15 @@ for world in (2, 4):
             signature = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16",
                          "out_ptr": "*fp8e4nv" if quant else "*bf16", "scale_ptr": "*fp32", "buffers": "i64",
                          "pads": "i64", "rank": "i32", "M": "constexpr", "H": "i32", "eps": "fp32",
+                         "inv_width_bits": "i64",
                          "HALF_BYTES": "i64", "COUNTER": "i32"}
             split = 1 if quant else 4  # a whole row, and a row in parts
             constants = {"M": 1, "WORLD": world, "QUANT": quant, "BLOCK": 4096 // split, "SPLIT": split,
                          "ALIGNED": True, "PHASE_FIRST": 0, "PHASE_LAST": 3, "SYNC": True, "FP8_MAX_C": FP8_MAX,
                          "BITS": tl.int16, "MARK": -32768, "PARTIAL_MARK": -9223231297218904064,
                          "PEERS": triton.next_power_of_2(world - 1),
-                         "TAKE_AT_ONCE": TAKE_AT_ONCE if kernel is _one_shot_kernel and world > 2 else 0}
+                         "TAKE_AT_ONCE": TAKE_AT_ONCE if kernel is _one_shot_kernel and world > 2 else 0,
+                         "PAIRED": True}
             signature.update(SLOTS="i64")
             if kernel is _two_shot_kernel:
                 signature.update(GATHER="i64")

@@ -96,12 +96,42 @@ def test_unfused_attention_runs_the_faster_kernel_for_its_size_and_says_which():
         assert implementations.take(implementations.ATTENTION) == which
 
 
+def test_the_fused_attention_quant_op_runs_the_faster_way_for_the_size_and_records_it(monkeypatch):
+    """Our fused kernel below SDPA_QUANT_MIN_TOKENS; from there cuDNN's attention (through SDPA: its math backend
+    on CPU) and then the quant kernel. Each equals the attention it ran quantised by the quant op, code for code (in
+    the interpreter up to its e4m3 dropped carry), and is recorded, the second as not fused."""
+    from fusiontune.kernels import implementations
+    from fusiontune.kernels.triton_ops import SDPA_ORDER, _attention_quant, sdpa_kernel
+
+    if not ON_GPU:  # the interpreter takes a program at a time: the rule at a smaller size
+        monkeypatch.setattr(attention, "SDPA_QUANT_MIN_TOKENS", 300)
+    quant_scale = torch.tensor([0.05], device=DEVICE)
+    for tokens, which in ((7, attention.OUR_FUSED_KERNEL),
+                          (attention.SDPA_QUANT_MIN_TOKENS, attention.SDPA_THEN_QUANT)):
+        q, k, v = qkv(tokens, *HEADS[0], DTYPES[0], seed=tokens)
+        scale = HEADS[0][2] ** -0.5
+        implementations.forget()
+        got = _attention_quant(q, k, v, scale, quant_scale)
+        assert implementations.take(implementations.ATTENTION) == which
+        if which == attention.OUR_FUSED_KERNEL:
+            ran = triton_attention.attention(q, k, v, scale)
+        else:
+            with sdpa_kernel(SDPA_ORDER, set_priority=True):
+                ran = attention.causal_attention(q, k, v, scale)
+        counts = assert_codes(got, numerics.quant_fp8_static(ran, quant_scale))
+        if ON_GPU:
+            assert counts["differ"] == 0, (tokens, counts)
+    assert "(not fused)" in attention.SDPA_THEN_QUANT
+
+
 def test_a_config_whose_attention_sums_in_another_order_than_all_offs_is_said_to():
     """The correctness check widens its allowance only where the fused attention + quant (ours) meets cuDNN's
-    attention in all-off, not below SDPA_MIN_TOKENS (both ours: bit for bit) and not for paged decode."""
+    attention in all-off, not below SDPA_MIN_TOKENS (both ours: bit for bit), not where the fused op runs cuDNN's
+    attention then the quant (all-off's attention, then the same quant) and not for paged decode."""
     big, small = attention.SDPA_MIN_TOKENS, attention.SDPA_MIN_TOKENS - 1
-    fused = f"{attention.OUR_KERNEL} (fused with the quant)"
+    fused = attention.OUR_FUSED_KERNEL
     assert attention.rounds_otherwise({fused}, big) and not attention.rounds_otherwise({fused}, small)
+    assert not attention.rounds_otherwise({attention.SDPA_THEN_QUANT}, attention.SDPA_QUANT_MIN_TOKENS)
     assert not attention.rounds_otherwise({attention.SDPA_KERNEL}, big)
     assert attention.rounds_otherwise({attention.SDPA_KERNEL}, small)
     assert not attention.rounds_otherwise({f"{attention.OUR_KERNEL} (paged decode, fused with the quant)"}, big)

@@ -4,6 +4,7 @@ and every fake kernel against its real one (torch.library.opcheck). Fresh random
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
@@ -149,6 +150,32 @@ def test_norms_and_activation_against_float64(device, num_tokens):
     gate_up = rand(num_tokens, 2 * hidden, device=device)
     g, u = gate_up[:, :hidden].double(), gate_up[:, hidden:].double()
     torch.testing.assert_close(ops.silu_and_mul(gate_up).double(), g * torch.sigmoid(g) * u, rtol=2 * ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("hidden", [2880, 4096, 200, 7])
+def test_sum_of_squares_is_fixed_pairs_in_fp32_then_fp64_or_all_fp64(dtype, hidden):
+    """numerics.sum_of_squares, the order every norm kernel follows: a 16-bit row whose width is a multiple of 16
+    adds its fp32 squares (exact) in fixed pairs within aligned groups of 8, then the groups in fp64; other rows sum
+    every square in fp64. The grouped sum is not an order-free sum: rows with squares far apart in magnitude show
+    it; the fp64 sum of the same groups in reversed order rounds to the same fp32 mean."""
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(16, hidden, generator=g) * torch.logspace(-4, 4, hidden)).to(dtype)
+    got = numerics.sum_of_squares(x)
+    if numerics.squares_paired(hidden, dtype):
+        assert dtype != torch.float32 and hidden % 16 == 0
+        squares = x.float().pow(2).view(16, hidden // 8, 8)
+        pairs = squares[..., 0::2] + squares[..., 1::2]
+        quads = pairs[..., 0::2] + pairs[..., 1::2]
+        groups = (quads[..., 0] + quads[..., 1]).double()
+        torch.testing.assert_close(got, groups.sum(-1, keepdim=True), rtol=0, atol=0)
+        backwards = groups.flip(-1).cumsum(-1)[..., -1:]
+        assert torch.equal((got / hidden).float(), (backwards / hidden).float())
+    else:
+        torch.testing.assert_close(got, x.double().pow(2).sum(-1, keepdim=True), rtol=0, atol=0)
+    from fusiontune.kernels.triton_rows import inverse_width_bits  # what the kernels read: the same fp64 as 1 / H
+
+    assert struct.unpack("<d", struct.pack("<q", inverse_width_bits(hidden)))[0] == 1.0 / hidden
 
 
 # (512, 256): cuBLASLt's block-scaled GEMM on CUDA; (256, 208): K = 256 and a partial weight tile, which it gets

@@ -52,6 +52,28 @@ def test_a_fusion_outside_its_num_tokens_range_is_named_not_counted_as_unfired()
     assert table.loc["low only", "note"] == "outside the num_tokens range of fuse_act_quant"
 
 
+def test_a_fusion_whose_op_ran_no_fused_kernel_at_a_size_gets_no_speedup_for_it():
+    """fuse_attn_quant fired, but from attention.SDPA_QUANT_MIN_TOKENS its op runs cuDNN's attention and then the
+    quant kernel (faster there than our fused kernel): alone it has no speedup at that size, and beside another
+    fusion the speedup stands with a note that it is the other fusion's."""
+    from fusiontune.kernels.attention import OUR_FUSED_KERNEL, SDPA_THEN_QUANT
+
+    def attn(label, num_tokens, used, **extra):
+        return {**row(label, num_tokens, 3.0, **extra), "fuse_attn_quant": True, "matches_fuse_attn_quant": 4,
+                "attention_used": used}
+
+    rows = [row("base", 64, 4.0, baseline=True), row("base", 4096, 4.0, baseline=True),
+            attn("attn", 64, OUR_FUSED_KERNEL), attn("attn", 4096, SDPA_THEN_QUANT),
+            attn("attn+norm", 4096, SDPA_THEN_QUANT, norm=True, matches=4)]
+    table = speedups(pd.DataFrame(rows)).set_index(["label", "num_tokens"])
+    assert table.loc[("attn", 64), "speedup"] == 4.0 / 3.0 and table.loc[("attn", 64), "note"] == ""
+    assert pd.isna(table.loc[("attn", 4096), "speedup"])
+    assert table.loc[("attn", 4096), "note"] == (
+        "ran no fused kernel (unfused kernels are faster at this size): fuse_attn_quant")
+    assert table.loc[("attn+norm", 4096), "speedup"] == 4.0 / 3.0
+    assert table.loc[("attn+norm", 4096), "note"].startswith("ran no fused kernel at this size: fuse_attn_quant")
+
+
 def test_sp_off_at_a_size_that_does_not_split_over_tp_says_why():
     base = {**row("base", 4097, 4.0, baseline=True), "tp": 2}
     sp = {**row("sp", 4097, 4.1), "tp": 2, "enable_sp": True, "matches_enable_sp": 0,
