@@ -99,15 +99,23 @@ def run(
         console.print(f"{moved} (use --resume to continue a run instead)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("configs", total=len([c for c in plan.configs if not c.reference_only]))
+        measured = [c for c in plan.configs if not c.reference_only]
+        task = progress.add_task("configs", total=len(measured))
+        # (config, size) pairs: a paired batch's configs finish together after their last size, so this is what
+        # moves while they are measured
+        sizes = progress.add_task("sizes", total=sum(len(c.num_tokens or spec.num_tokens) for c in measured))
 
         def done(config, rows):
             statuses = sorted({r["status"] for r in rows})
             progress.console.print(f"TP={config.tp} {config.label}: {', '.join(statuses)}")
             progress.advance(task)
 
+        def measured_rows(config, rows):
+            progress.advance(sizes, len({(r["tp"], r["num_tokens"]) for r in rows}))
+
         try:
-            run_plan(plan, folder, address=address, config_timeout_s=config_timeout, on_config=done)
+            run_plan(plan, folder, address=address, config_timeout_s=config_timeout, on_config=done,
+                     on_rows=measured_rows)
         except ConnectionError as exc:
             _bad(f"--address / cluster.address: {exc}".splitlines()[0])
         except KeyboardInterrupt:

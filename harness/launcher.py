@@ -138,10 +138,11 @@ class Left(NamedTuple):
 class Recorder:
     """Writes what a config's job produced into the run folder: its log, rows, per-kernel times and traces. A
     config measured in parts (a batch's sizes as they stream, then a rerun of the rest) is reported done
-    (``on_config``) once, with all its rows, when its last part is in."""
+    (``on_config``) once, with all its rows, when its last part is in; every part's rows go to ``on_rows`` as they
+    are written (the CLI's progress by size: a paired batch's config is done only after its last size)."""
 
-    def __init__(self, plan: Plan, folder: RunFolder, on_config=None):
-        self.plan, self.folder, self.on_config = plan, folder, on_config
+    def __init__(self, plan: Plan, folder: RunFolder, on_config=None, on_rows=None):
+        self.plan, self.folder, self.on_config, self.on_rows = plan, folder, on_config, on_rows
         self.parts: dict[tuple[str, int], list[dict[str, Any]]] = {}  # rows of configs not yet done
 
     def record(self, outcome: Outcome, config: PlannedConfig | None = None, log: bool = True, done: bool = True,
@@ -160,6 +161,8 @@ class Recorder:
                 if result.trace:
                     self.folder.write_trace(f"{config.config_id}-tp{config.tp}-n{result.num_tokens}", result.trace)
         self.folder.append(rows)
+        if self.on_rows and rows:
+            self.on_rows(config, rows)
         self.parts.setdefault((config.config_id, config.tp), []).extend(rows)
         return self.finish(config) if done else rows
 
@@ -253,8 +256,10 @@ def batches(configs: list[PlannedConfig], groups: int, size: int | None = None) 
 def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
              config_timeout_s: float | None = 3600,
              on_config: Callable[[PlannedConfig, list[dict]], None] | None = None,
-             worker_cls: type = TPWorker) -> None:
-    """Run every planned config, TP size by TP size, baseline first; rows go to ``folder`` as they come."""
+             worker_cls: type = TPWorker,
+             on_rows: Callable[[PlannedConfig, list[dict]], None] | None = None) -> None:
+    """Run every planned config, TP size by TP size, baseline first; rows go to ``folder`` as they come (and to
+    ``on_rows``, size by size where a config is measured in parts; ``on_config`` once a config is done)."""
     folder.append(skipped_rows(plan))
     if not plan.configs:
         return
@@ -272,13 +277,15 @@ def run_plan(plan: Plan, folder: RunFolder, address: str | None = None,
                     continue
                 rows = [{**row, "status": "skipped", "error": unrunnable} for row in rows_for(plan, config, None)]
                 folder.append(rows)
+                if on_rows:
+                    on_rows(config, rows)
                 if on_config:
                     on_config(config, rows)
             continue
         groups = groups_to_use(tp, use_gpu, plan.spec.cluster.groups, len(configs))
         pool = GroupPool(tp, use_gpu, groups, config_timeout_s, worker_cls)
         try:
-            run_configs(plan, pool, Recorder(plan, folder, on_config), configs)
+            run_configs(plan, pool, Recorder(plan, folder, on_config, on_rows), configs)
         finally:
             pool.shutdown()
         devices_seen[str(tp)] = sorted(pool.devices)

@@ -67,10 +67,13 @@ def batched_run(tmp_path_factory):
     plan = expand(parse_sweep(SWEEP))
     folder = RunFolder(tmp_path_factory.mktemp("batches"))
     folder.write_manifest(SWEEP, "batches.yaml", {})
+    reported = []  # (config, num_tokens) as on_rows hears of them: the CLI's progress by size
     try:
-        run_plan(plan, folder, config_timeout_s=120, worker_cls=DiesTogether)
+        run_plan(plan, folder, config_timeout_s=120, worker_cls=DiesTogether,
+                 on_rows=lambda config, rows: reported.extend((config.config_id, r["num_tokens"]) for r in rows))
     finally:
         ray.shutdown()
+    folder.reported = reported
     return plan, folder
 
 
@@ -88,6 +91,9 @@ def test_a_dead_batch_runs_again_one_by_one_and_only_its_faulty_config_fails(bat
     assert timed["paired_speedup"].notna().all() and (timed["paired_rounds"] >= 3).all()
     journal = [row for row in folder.rows() if row["label"] == BOTH]
     assert [row["num_tokens"] for row in journal] == [8, 1]  # each size once: nothing measured twice
+    # every (config, size) reported once as its row was written, the batch's first size before the batch died
+    assert sorted(folder.reported) == sorted((row["config_id"], row["num_tokens"]) for row in folder.rows())
+    assert len(set(folder.reported)) == len(folder.reported) == 10
     # all-off again, paired with all-off: the same graph, bit-identical outputs
     assert (table.loc["all fusions off (baseline), again", "max_abs_err"] == 0).all()
     logs = {p.name: p.read_text() for p in (folder.path / "logs").iterdir()}
