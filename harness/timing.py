@@ -1,9 +1,9 @@
 """Latency of one forward: repeated until its median is pinned down, summarised as median, p10, p90, CV.
 
 On CUDA the forward is captured in a CUDA graph, as a serving engine runs a decode step: one graph calls it once on
-each of a few copies of the input (so no copy is still in L2 from the call before), and events around each replay
-give the device's own time per forward, free of Python and launch overhead. Before each replay the GPU spins for
-a while, so the start event, the graph launch and the end event are all queued before the start event fires: a
+each of a few copies of the input (so no copy is still in L2 from the call before; one where the input alone is
+twice the L2), and events around each replay give the device's own time per forward, free of Python and launch
+overhead. Before each replay the GPU spins for a while, so the start event, the graph launch and the end event are all queued before the start event fires: a
 late host thread then cannot leave the GPU idle inside the timed span. Replays run for ``WARM_MS`` before any is
 kept, so clocks and caches settle at each size. Where capture fails the forward is timed eagerly between events,
 and the row says so. On CPU, ``perf_counter`` around each call.
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 
-INPUT_COPIES = 4  # inputs a captured graph rotates through
+INPUT_COPIES = 4  # the most inputs a captured graph rotates through (``input_copies``)
 WARM_MS = 200.0  # untimed replays first, at least this long
 RECAPTURE_WARM_MS = 5.0  # untimed replays of a fresh capture in paired rounds (the GPU is warm by then)
 MAX_WARM_REPLAYS = 20_000
@@ -168,13 +168,24 @@ def interval_settled(value: float, low: float, high: float, settle: float) -> bo
     return (high - low) / 2 <= settle * value
 
 
+def input_copies(x: torch.Tensor) -> int:
+    """How many copies of the input a captured graph rotates through: enough that together they hold twice the
+    GPU's L2, so that the copy a call reads is no longer there from its previous call, and at most
+    ``INPUT_COPIES``. An input that large alone needs no other: 16384 tokens of hidden 4096 in bf16 are 128 MB
+    against an H200's 50 MB of L2, and every replay of four copies there cost four forwards of about 90 ms (a
+    paired round of six configs at 16384 tokens, about 11 s: the fifteenth session's sweep did not finish that
+    size in six minutes)."""
+    l2 = torch.cuda.get_device_properties(x.device).L2_cache_size
+    return max(1, min(INPUT_COPIES, math.ceil(2 * l2 / max(1, x.numel() * x.element_size()))))
+
+
 def _samplers(forwards, x: torch.Tensor, device: torch.device, group=None,
               recapture: bool = False) -> tuple[list[Callable], str]:
     """A sampler per forward (``n`` -> n times in ms), and how they time: on CUDA each forward captured in a CUDA
-    graph over ``INPUT_COPIES`` copies of ``x`` and warmed (eager events where capture fails), else wall clock.
+    graph over ``input_copies`` copies of ``x`` and warmed (eager events where capture fails), else wall clock.
     ``recapture``: every call after the first times a fresh capture (``_Recapturing``)."""
     if device.type == "cuda":
-        copies = [x] + [x.clone() for _ in range(INPUT_COPIES - 1)]
+        copies = [x] + [x.clone() for _ in range(input_copies(x) - 1)]
         try:
             if group is not None:
                 dist.barrier(group=group)
@@ -187,9 +198,9 @@ def _samplers(forwards, x: torch.Tensor, device: torch.device, group=None,
         else:
             if recapture:
                 return ([_Recapturing(forward, copies, timer, group) for forward, timer in zip(forwards, timers)],
-                        f"cuda-graph ({INPUT_COPIES} input copies, captured afresh each round)")
+                        f"cuda-graph ({len(copies)} input copies, captured afresh each round)")
             return ([lambda n, t=timer: [v / 1e3 for v in t.sample(n, group)] for timer in timers],
-                    f"cuda-graph ({INPUT_COPIES} input copies)")
+                    f"cuda-graph ({len(copies)} input copies)")
     else:
         how = "wall clock"
     return [lambda n, f=forward: _time_eagerly(lambda: f(x), n, device, group) for forward in forwards], how

@@ -9,8 +9,8 @@ import statistics
 
 import torch
 
-from fusiontune.harness.timing import (ROUND_REPEATS, Repeats, combine_ranks, median_ci, paired_speedup, round_ratios,
-                                       summarize, time_rounds, until_settled)
+from fusiontune.harness.timing import (ROUND_REPEATS, Repeats, combine_ranks, input_copies, median_ci, paired_speedup,
+                                       round_ratios, summarize, time_rounds, until_settled)
 
 
 def test_the_median_interval_is_a_pair_of_order_statistics():
@@ -135,3 +135,15 @@ def test_configs_timed_together_share_all_offs_rounds_and_each_leaves_once_settl
     later = calls[6 * 4 * ROUND_REPEATS:]
     assert set(later) == {"scattered", "base"}
 
+
+
+def test_a_graph_rotates_through_input_copies_until_they_hold_twice_the_l2(monkeypatch):
+    """Four copies of a small input, fewer as it grows, one where it alone is twice the L2 (an H200's 50 MB: 16384
+    tokens of hidden 4096 in bf16), so that a replay at a large size costs one forward, not four."""
+    class Props:
+        L2_cache_size = 50 << 20
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    hidden = torch.empty(0, 4096, dtype=torch.bfloat16)
+    copies = {t: input_copies(hidden.new_empty(t, 4096)) for t in (1, 4096, 8192, 12800, 16384)}
+    assert copies == {1: 4, 4096: 4, 8192: 2, 12800: 1, 16384: 1}
