@@ -88,7 +88,7 @@ def run(
     _print_plan(plan)
     if dry_run:
         return
-    from fusiontune.harness.launcher import run_plan
+    from fusiontune.harness.launcher import OtherMachine, run_plan
 
     folder = RunFolder(run_dir)
     moved = folder.begin(text, str(sweep_file), "sweep", resume,  # never overwrites results: an old run is kept
@@ -118,6 +118,8 @@ def run(
                      on_rows=measured_rows)
         except ConnectionError as exc:
             _bad(f"--address / cluster.address: {exc}".splitlines()[0])
+        except OtherMachine as exc:
+            _bad(f"--resume: {exc}")
         except KeyboardInterrupt:
             console.print(f"interrupted: every config measured so far is in {folder.path}; "
                           f"`fusiontune run {sweep_file} --out {folder.path} --resume` continues")
@@ -239,6 +241,8 @@ def tune(
             summary = tuner.run()
         except ConnectionError as exc:
             _bad(f"--address / cluster.address: {exc}".splitlines()[0])
+        except OtherMachine as exc:
+            _bad(f"--resume: {exc}")
         except SweepError as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1)

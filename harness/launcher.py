@@ -198,6 +198,28 @@ class Recorder:
         self.folder.write_log(f"tp{config.tp}-{name}-{config.config_id}", text)
 
 
+class OtherMachine(RuntimeError):
+    """A resumed run whose TP groups run on another kind of device than the rows already in its folder."""
+
+
+def machine_kind(device: str) -> str:
+    """A device name without what varies between runs on one machine (a CPU's core and thread counts)."""
+    return device.split(" (")[0]
+
+
+def check_same_machine(folder: RunFolder, tp: int, devices) -> None:
+    """Refuse to add rows measured on ``devices`` to a folder whose rows at this TP size came from another kind of
+    device: timings compare only within one machine kind, and a resume on whatever machine a call lands on (an
+    H100's run folder resumed on an H200) would mix them in one table. Raises ``OtherMachine``."""
+    earlier = {machine_kind(r["device"]) for r in folder.rows()
+               if r.get("tp") == tp and r.get("status") == "ok" and r.get("device")}
+    now = {machine_kind(d) for d in devices if d}
+    if earlier and now and not earlier & now:
+        raise OtherMachine(f"{folder.path} holds TP={tp} rows measured on {', '.join(sorted(earlier))}, and this "
+                           f"run's TP={tp} group is on {', '.join(sorted(now))}: timings compare only within one "
+                           "kind of machine, so resume there, or give this machine its own --out")
+
+
 def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[PlannedConfig]) -> None:
     """The first config (the baseline, or a resumed run's reference-only baseline) alone, then the rest on
     whichever group is free: one at a time, or with ``measure.paired`` in batches timed together (``batches``). A
@@ -205,7 +227,9 @@ def run_configs(plan: Plan, pool: GroupPool, recorder: Recorder, configs: list[P
     the one recorded as failed."""
     queue = list(configs)
     first = queue.pop(0)
-    recorder.record(pool.run_first(job_for(plan, first), first))
+    outcome = pool.run_first(job_for(plan, first), first)
+    check_same_machine(recorder.folder, first.tp, pool.devices)  # before this run records anything
+    recorder.record(outcome)
     measure = plan.spec.measure
     work = batches(queue, pool.size, measure.batch_size) if measure.paired else [[c] for c in queue]
 

@@ -8,11 +8,13 @@
 # TUNE_ARGS: more options for every tune (--grid: measure every point of the search). RUN_ARGS: more options for
 # every sweep (--unpaired: time each config alone; a paired batch's rows are written size by size as it
 # measures them, so a budget that cuts a batch keeps the sizes it finished, and --resume measures the rest).
+# SUFFIX: appended to every folder's name (results/<name><SUFFIX>), for a machine of another kind than the one a
+# folder was measured on (SUFFIX=-h200: a resume refuses rows of another kind of GPU).
 # Usage there:  BUDGET=540 bash scripts/device_sweeps.sh sweeps/A.yaml sweeps/tune-B.yaml ...
 source "$(dirname "$0")/device_setup.sh"
 budget=${BUDGET:-540}
 for file in "$@"; do
-  name=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$file")
+  name=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$file")${SUFFIX:-}
   left=$((budget - SECONDS))
   if [ "$left" -lt 45 ]; then echo "== $name: not started, ${left}s of the budget left"; continue; fi
   echo "== $name: ${left}s left"

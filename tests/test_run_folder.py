@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from fusiontune.cli import app
+from fusiontune.harness.launcher import OtherMachine, check_same_machine
 from fusiontune.harness.results import RESUMABLE_SKIP, RunFolder, completed_configs, measured_sizes, torn_tail
 
 
@@ -65,6 +67,21 @@ measure: {paired: true}
     for batch in batches([left[c.config_id] for c in variants], 1):
         assert len({c.num_tokens for c in batch}) == 1
     assert len(batches([left[c.config_id] for c in variants], 1)) == 3
+
+
+def test_a_resume_on_another_kind_of_device_is_refused_before_it_records_anything(tmp_path):
+    """An H100's rows are not resumed on an H200 (a call may land on either); the same kind of GPU, a CPU with
+    other thread counts, another TP size or a folder without measured rows go on."""
+
+    folder = RunFolder(tmp_path)
+    folder.append([{**row, "device": "NVIDIA H100 80GB HBM3"} for row in rows("base", (1, 8))]
+                  + [{**row, "device": "cpu (2 cores, 1 threads)"} for row in rows("base", (1,), tp=2)])
+    with pytest.raises(OtherMachine, match="TP=1 rows measured on NVIDIA H100 80GB HBM3.*NVIDIA H200"):
+        check_same_machine(folder, 1, {"NVIDIA H200"})
+    check_same_machine(folder, 1, {"NVIDIA H100 80GB HBM3"})
+    check_same_machine(folder, 2, {"cpu (16 cores, 4 threads)"})
+    check_same_machine(folder, 4, {"NVIDIA H200"})
+    check_same_machine(RunFolder(tmp_path / "new"), 1, {"NVIDIA H200"})
 
 
 def test_a_new_run_sets_aside_everything_the_earlier_one_wrote(tmp_path):
