@@ -241,8 +241,6 @@ def tune(
             summary = tuner.run()
         except ConnectionError as exc:
             _bad(f"--address / cluster.address: {exc}".splitlines()[0])
-        except OtherMachine as exc:
-            _bad(f"--resume: {exc}")
         except SweepError as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1)

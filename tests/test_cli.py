@@ -173,6 +173,23 @@ def test_a_tune_that_cannot_be_planned_says_so_before_any_cluster_is_asked(tmp_p
     assert "cannot join" not in result.output and not (tmp_path / "run").exists()
 
 
+def test_a_tune_whose_search_fails_says_why_and_exits_1(tmp_path, monkeypatch):
+    """An error the search raises (``SweepError``) is said in one line with exit 1, not a traceback."""
+    from fusiontune.harness import tuner
+    from fusiontune.harness.sweep import SweepError
+    from fusiontune.passes.platform import Platform
+
+    def fails(self):
+        raise SweepError("the search could not go on")
+
+    monkeypatch.setattr("fusiontune.cli._workers_platform", lambda cluster, address: Platform.detect(1, 256, 2))
+    monkeypatch.setattr(tuner.Tuner, "run", fails)
+    result = runner.invoke(app, ["tune", "sweeps/tune-cpu.yaml", "--out", str(tmp_path / "run")],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "the search could not go on" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_summarize_names_the_folder_without_a_study(tmp_path):
     """``tune --summarize`` measures nothing; where the folder holds no study it says so in one line, exit 2, and
     makes nothing."""
