@@ -440,7 +440,7 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
                     row.update({f"{peer}_us": round(median, 3), f"{peer}_p10_us": round(p10, 3),
                                 f"{peer}_p90_us": round(p90, 3)})
                 ours = row["ours_us"]
-                row["ours_gbs"] = round(moved / (ours * 1e-6) / 1e9, 1) if ours else None
+                row["ours_gbs"] = round(_gbs(moved, ours), 1) if ours else None
                 row["ours_pct_copy"] = round(100 * row["ours_gbs"] / copy_gbs, 1) if ours else None
                 row["ours_pct_limit"] = round(memory.percent(read, written, ours), 1) if ours else None
                 rows.append(row)

@@ -51,15 +51,20 @@ def _allreduce_rms(x, residual, weight, eps, *rest, quant: str | None):
 SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def cudnn_attention(q, k, v, scale):
+    """The causal attention through SDPA, cuDNN's backend first (then flash, memory-efficient, math)."""
+    with sdpa_kernel(SDPA_ORDER, set_priority=True):
+        return causal_attention(q, k, v, scale)
+
+
 def _attention(q, k, v, scale):
     """The unfused causal attention a serving engine would run here: the faster of cuDNN's and ours for the size
-    (``attention.unfused_attention_kernel``; the fused attention + FP8 quant stays ours at every size and is
-    measured against this), recorded (``implementations.ATTENTION``) so that every row says which ran."""
+    (``attention.unfused_attention_kernel``), recorded (``implementations.ATTENTION``) so that every row says which
+    ran."""
     kernel = unfused_attention_kernel(q.shape[0])
     implementations.record(implementations.ATTENTION, kernel)
     if kernel == SDPA_KERNEL:
-        with sdpa_kernel(SDPA_ORDER, set_priority=True):
-            return causal_attention(q, k, v, scale)
+        return cudnn_attention(q, k, v, scale)
     return triton_attention.attention(q, k, v, scale)
 
 
@@ -69,8 +74,7 @@ def _attention_quant(q, k, v, scale, quant_scale):
     kernel = fused_quant_attention_kernel(q.shape[0])
     implementations.record(implementations.ATTENTION, kernel)
     if kernel == SDPA_THEN_QUANT:
-        with sdpa_kernel(SDPA_ORDER, set_priority=True):
-            return run_rows(causal_attention(q, k, v, scale), quant="fp8-static", scale=quant_scale)
+        return run_rows(cudnn_attention(q, k, v, scale), quant="fp8-static", scale=quant_scale)
     return triton_attention.attention_quant_fp8_static(q, k, v, scale, quant_scale)
 
 

@@ -101,7 +101,7 @@ def test_the_fused_attention_quant_op_runs_the_faster_way_for_the_size_and_recor
     on CPU) and then the quant kernel. Each equals the attention it ran quantised by the quant op, code for code (in
     the interpreter up to its e4m3 dropped carry), and is recorded, the second as not fused."""
     from fusiontune.kernels import implementations
-    from fusiontune.kernels.triton_ops import SDPA_ORDER, _attention_quant, sdpa_kernel
+    from fusiontune.kernels.triton_ops import _attention_quant, cudnn_attention
 
     if not ON_GPU:  # the interpreter takes a program at a time: the rule at a smaller size
         monkeypatch.setattr(attention, "SDPA_QUANT_MIN_TOKENS", 300)
@@ -116,8 +116,7 @@ def test_the_fused_attention_quant_op_runs_the_faster_way_for_the_size_and_recor
         if which == attention.OUR_FUSED_KERNEL:
             ran = triton_attention.attention(q, k, v, scale)
         else:
-            with sdpa_kernel(SDPA_ORDER, set_priority=True):
-                ran = attention.causal_attention(q, k, v, scale)
+            ran = cudnn_attention(q, k, v, scale)
         counts = assert_codes(got, numerics.quant_fp8_static(ran, quant_scale))
         if ON_GPU:
             assert counts["differ"] == 0, (tokens, counts)
