@@ -173,8 +173,8 @@ def input_copies(x: torch.Tensor) -> int:
     GPU's L2, so that the copy a call reads is no longer there from its previous call, and at most
     ``INPUT_COPIES``. An input that large alone needs no other: 16384 tokens of hidden 4096 in bf16 are 128 MB
     against an H200's 50 MB of L2, and every replay of four copies there cost four forwards of about 90 ms (a
-    paired round of six configs at 16384 tokens, about 11 s: the fifteenth session's sweep did not finish that
-    size in six minutes)."""
+    paired round of six configs at 16384 tokens, by that count about 11 s: the fifteenth session's sweep did not
+    finish that size in six minutes)."""
     l2 = torch.cuda.get_device_properties(x.device).L2_cache_size
     return max(1, min(INPUT_COPIES, math.ceil(2 * l2 / max(1, x.numel() * x.element_size()))))
 
