@@ -237,10 +237,14 @@ def tune(
             progress.advance(task)
 
         tuner.on_trial = told
+        from fusiontune.harness.launcher import OtherMachine
+
         try:
             summary = tuner.run()
         except ConnectionError as exc:
             _bad(f"--address / cluster.address: {exc}".splitlines()[0])
+        except OtherMachine as exc:
+            _bad(f"the study in {folder.path}: {exc}")
         except SweepError as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1)

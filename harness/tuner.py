@@ -44,7 +44,7 @@ from fusiontune.passes.platform import Platform
 
 from .groups import GroupPool, groups_to_use
 from .jobs import Job
-from .launcher import Recorder, device_for, init_ray, job_for
+from .launcher import Recorder, check_same_machine, device_for, init_ray, job_for
 from .per_range import for_tune_run
 from .results import RunFolder
 from .sweep import (Plan, PlannedConfig, Skipped, SweepError, _show, built_model, expand, plan_config,
@@ -195,7 +195,9 @@ class Tuner:
         pool = GroupPool(self.spec.tp, use_gpu, groups_to_use(self.spec.tp, use_gpu, self.spec.cluster.groups,
                                                               max(1, to_run)), self.timeout_s, self.worker_cls)
         try:
-            rows = self.recorder.record(pool.run_first(job_for(self.plan, baseline), baseline))
+            outcome = pool.run_first(job_for(self.plan, baseline), baseline)
+            check_same_machine(self.folder, self.spec.tp, pool.devices)  # a resumed study measured elsewhere
+            rows = self.recorder.record(outcome)
             self.baseline_ms = {r["num_tokens"]: r["latency_ms"] for r in rows if r["status"] == "ok"}
             if set(self.baseline_ms) != set(self.spec.num_tokens):
                 raise SweepError("the all-off baseline failed at some num_tokens; see its log in "

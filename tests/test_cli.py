@@ -190,6 +190,24 @@ def test_a_tune_whose_search_fails_says_why_and_exits_1(tmp_path, monkeypatch):
     assert "Traceback" not in result.output
 
 
+def test_a_tune_resumed_on_another_kind_of_machine_says_so_and_exits_2(tmp_path, monkeypatch):
+    """The tuner's refusal to add another machine kind's values to a study (``OtherMachine``) is one line, exit 2."""
+    from fusiontune.harness import tuner
+    from fusiontune.harness.launcher import OtherMachine
+    from fusiontune.passes.platform import Platform
+
+    def elsewhere(self):
+        raise OtherMachine("results/t holds TP=1 rows measured on NVIDIA H100 80GB HBM3, and this run's TP=1 group "
+                           "is on NVIDIA H200")
+
+    monkeypatch.setattr("fusiontune.cli._workers_platform", lambda cluster, address: Platform.detect(1, 256, 2))
+    monkeypatch.setattr(tuner.Tuner, "run", elsewhere)
+    result = runner.invoke(app, ["tune", "sweeps/tune-cpu.yaml", "--out", str(tmp_path / "run")],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "measured on NVIDIA H100 80GB HBM3" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_summarize_names_the_folder_without_a_study(tmp_path):
     """``tune --summarize`` measures nothing; where the folder holds no study it says so in one line, exit 2, and
     makes nothing."""

@@ -257,3 +257,27 @@ def test_a_stopped_tune_is_summarised_from_its_study_measuring_nothing(tuned, tm
     assert summary["unconfirmed"] and "confirmed" not in summary and not resumed["unconfirmed"]
     assert json.loads((copy.path / "tune.json").read_text())["best"] == summary["best"]
     assert len(copy.rows()) == rows
+
+
+@pytest.mark.slow
+def test_a_study_measured_on_another_kind_of_machine_is_not_resumed_here(tuned, tmp_path):
+    """A study's values compare only within one kind of machine: a tune resumed where its folder's rows came from
+    another kind of device (an H100's study resumed on an H200) stops before recording anything or running a
+    trial, as ``run --resume`` does."""
+    import shutil
+
+    from fusiontune.harness.launcher import OtherMachine
+
+    spec, folder, _, resumed, _, _ = tuned
+    copy = RunFolder(shutil.copytree(folder.path, tmp_path / "run"))
+    journal = copy.path / "rows.jsonl"
+    journal.write_text("".join(json.dumps({**json.loads(line), "device": "NVIDIA H200"}) + "\n"
+                               for line in journal.read_text().splitlines()))
+    rows = len(copy.rows())
+    try:
+        with pytest.raises(OtherMachine, match="TP=1 rows measured on NVIDIA H200"):
+            Tuner(spec, copy, trials=12).run()
+    finally:
+        ray.shutdown()
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{copy.path / 'study.db'}")
+    assert len(copy.rows()) == rows and len(study.trials) == resumed["trials"]
