@@ -69,6 +69,7 @@ class RankResult:
     host_other_cpus: float = float("nan")  # CPUs busy beyond the TP group's during the timed repeats (host_load)
     allreduce_used: str = ""  # the collective implementations that ran at this size (symm_mem.take_used)
     attention_used: str = ""  # the attention implementations that ran at this size (implementations.ATTENTION)
+    gemm_used: str = ""  # the FP8 GEMM implementations that ran at this size (implementations.GEMM)
     kernels: list[dict] = field(default_factory=list)  # profile.kernel_times of this size
     trace: bytes = b""  # its gzipped Chrome trace (rank 0 only)
     paired_base_ms: list[float] = field(default_factory=list)  # all-off's times, round by round beside times_ms

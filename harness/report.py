@@ -41,7 +41,7 @@ def _baseline_lines(by_tp: pd.DataFrame) -> list[str]:
     """Which kernels all-off ran, size by size (rows record them): a speedup is only as strong as its baseline."""
     base = by_tp[by_tp["is_baseline"].astype(bool) & ~flag(by_tp, "baseline_repeat")].sort_values("num_tokens")
     parts = []
-    for column, what in (("attention_used", "attention"), ("allreduce_used", "all-reduce")):
+    for column, what in (("attention_used", "attention"), ("gemm_used", "FP8 GEMM"), ("allreduce_used", "all-reduce")):
         spans: list[list] = []  # [what ran, first num_tokens, last num_tokens]
         for num_tokens, used in zip(base["num_tokens"], base.get(column, pd.Series(dtype=str))):
             if not isinstance(used, str) or not used:

@@ -7,8 +7,10 @@ has, checked as each row is made: a wrong type is a bug here, found before it re
 follow the sweep (each PassConfig field, ``model_*``, ``matches_<flag>``, ``collectives``' keys and the GPU's
 clock, temperature and power) come on top, named by what they hold.
 
-Version 5 (2026-11-29): ``attention_used``, the attention implementations a size ran (cuDNN's through SDPA or
-our Triton kernel: the unfused one is the faster for the size). Version 4 (2026-11-28): ``host_other_cpus``, the
+Version 6 (2026-12-06): ``gemm_used``, the FP8 GEMM implementations a size ran (cuBLASLt's row-wise or
+block-scaled GEMM, or the fp32 reference where cuBLASLt cannot take the shape). Version 5 (2026-11-29):
+``attention_used``, the attention implementations a size ran (cuDNN's through SDPA or our Triton kernel: the
+unfused one is the faster for the size). Version 4 (2026-11-28): ``host_other_cpus``, the
 host's CPUs busy with other work while a size was timed (``host_load``). Version 3: ``paired_*``, a config timed
 in rounds with all-off (``measure.paired``). Version 2: ``schema_version`` itself. Version 1: everything before.
 """
@@ -30,7 +32,7 @@ from .timing import combine_ranks, interval_settled, paired_speedup, round_ratio
 if TYPE_CHECKING:  # the plan; imported where used, so that reading rows needs no planner
     from .sweep import Plan, PlannedConfig
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 STATUSES = ("ok", "failed", "incorrect", "skipped")
 PASS_COLUMNS = [spec.flag for spec in PASSES] + list(THRESHOLDS)
 MATCH_COLUMNS = [f"matches_{spec.flag}" for spec in PASSES]
@@ -79,6 +81,7 @@ class _FixedColumns(BaseModel):
     host_other_cpus: Optional[float] = None
     allreduce_used: Optional[str] = None
     attention_used: Optional[str] = None
+    gemm_used: Optional[str] = None
     # measure.paired: all-off's median / the config's, per round, its median over rounds and 95% interval, the
     # rounds, and all-off's median latency beside the config's
     paired_speedup: Optional[float] = None
@@ -130,6 +133,7 @@ def rows_for(plan: Plan, config: PlannedConfig, per_rank: list[list[RankResult]]
             "timing": first.timing,
             "allreduce_used": first.allreduce_used,
             "attention_used": first.attention_used,
+            "gemm_used": first.gemm_used,
             "host_other_cpus": max((r.host_other_cpus for r in ranks if not math.isnan(r.host_other_cpus)),
                                    default=None),  # the busiest host that could say
             **{column: (min if "clock" in column or "limit" in column else max)(r.gpu.get(column, float("nan"))

@@ -269,6 +269,7 @@ class TPWorker:
             self._check(job, config.cfg, out, result)
             result.allreduce_used = symm_mem.take_used()  # what its timed replays run too
             result.attention_used = implementations.take(implementations.ATTENTION)
+            result.gemm_used = implementations.take(implementations.GEMM)
             del out
             config.now = fn, x
             return True

@@ -15,8 +15,13 @@ import warnings
 
 import torch
 
-from . import numerics
+from . import implementations, numerics
 from .library import define_op
+
+# What implementations.GEMM records for each way
+CUBLASLT_ROWWISE = "cublaslt fp8 (row-wise scales)"
+CUBLASLT_BLOCKWISE = "cublaslt fp8 (1x128 x 128x128 block scales)"
+REFERENCE_GEMM = "fp32 reference (dequantise, then matmul)"
 
 
 def _scaled_mm(
@@ -27,6 +32,7 @@ def _scaled_mm(
     group_size: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
+    implementations.record(implementations.GEMM, REFERENCE_GEMM)
     a_values = numerics.dequantize(a, a_scale, group_size if group_size > 0 else None)
     b_values = numerics.dequantize_weight(b, b_scale, group_size)
     return (a_values @ b_values.t()).to(out_dtype)
@@ -80,6 +86,7 @@ def _scaled_mm_cuda(a, a_scale, b, b_scale, group_size, out_dtype):
         padded_a, padded_scale = _pad_rows(a, a_scale)
         try:  # a_scale is token-major [M, K/128]; cuBLASLt reads the weight tiles as [K/128, N/128]
             out = torch._scaled_mm(padded_a, b.t(), scale_a=padded_scale, scale_b=b_scale.t(), out_dtype=out_dtype)
+            implementations.record(implementations.GEMM, CUBLASLT_BLOCKWISE)
             return out[: a.shape[0]]
         except (RuntimeError, NotImplementedError) as exc:
             _BLOCKWISE_REFUSED[shape] = f"{type(exc).__name__}: {exc}"
@@ -87,6 +94,7 @@ def _scaled_mm_cuda(a, a_scale, b, b_scale, group_size, out_dtype):
                           f"({_BLOCKWISE_REFUSED[shape][:200]}); it runs the fp32 reference GEMM", stacklevel=2)
             return _scaled_mm(a, a_scale, b, b_scale, group_size, out_dtype)
     scale_a, scale_b = rowwise_scales(a_scale, a.shape[0], b_scale)
+    implementations.record(implementations.GEMM, CUBLASLT_ROWWISE)
     return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 

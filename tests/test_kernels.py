@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusiontune.kernels import ACT_QUANT_SCHEMES, QUANT_SCHEMES, act_quant_name, rms_norm_quant_name
-from fusiontune.kernels import numerics
+from fusiontune.kernels import implementations, numerics
 from fusiontune.kernels.numerics import FP8_MAX, FP8_MIN_SCALE
 
 ops = torch.ops.fusiontune
@@ -203,8 +203,13 @@ def test_scaled_mm_against_float64(device, group_size, m, k, n):
         per_element = w_scale[:, None]
     w_codes = (w / per_element).to(torch.float8_e4m3fn)
     want = a64 @ (w_codes.double() * per_element.double()).t()
+    implementations.forget()
     got = ops.scaled_mm(a_codes, a_scale, w_codes, w_scale, group_size, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # and it says which GEMM ran (rows record it): cuBLASLt's where it takes the shape, else the reference
+    ran = (linear.REFERENCE_GEMM if device.type == "cpu" or (group_size and k < linear.MIN_BLOCKWISE_K)
+           else linear.CUBLASLT_BLOCKWISE if group_size else linear.CUBLASLT_ROWWISE)
+    assert implementations.take(implementations.GEMM) == ran
     # Exact products of FP8 values summed in fp32, then one bf16 rounding: within 1 bf16 ulp of the magnitude.
     tol = torch.finfo(torch.bfloat16).eps * want.abs().max().item()
     assert (got.double() - want).abs().max().item() <= tol

@@ -377,13 +377,14 @@ def test_the_report_says_which_kernels_all_off_ran_size_by_size(tmp_path):
     """A speedup is only as strong as its baseline: the report names the attention and all-reduce that all-off
     ran (rows record them), sizes with the same kernel spanned."""
     used = {1: "fusiontune triton", 8: "fusiontune triton", 256: "sdpa (cudnn first)", 4096: "sdpa (cudnn first)"}
-    rows = [{**row("base", n, 2.0, baseline=True), "attention_used": kernel, "allreduce_used": ""}
-            for n, kernel in used.items()]
+    rows = [{**row("base", n, 2.0, baseline=True), "attention_used": kernel, "allreduce_used": "",
+             "gemm_used": "cublaslt fp8 (row-wise scales)"} for n, kernel in used.items()]
     rows += [{**row("fused", n, 1.9, norm=True, matches=4), "attention_used": "other"} for n in used]
     RunFolder(tmp_path).append(rows)
     md, _ = write_report(tmp_path)
     assert ("All-off ran (what every speedup here is against): attention: fusiontune triton at 1-8 tokens, "
-            "sdpa (cudnn first) at 256-4096 tokens.") in md.read_text()
+            "sdpa (cudnn first) at 256-4096 tokens; FP8 GEMM: cublaslt fp8 (row-wise scales) at 1-4096 tokens."
+            ) in md.read_text()
 
 
 def test_the_report_names_the_power_limit_the_gpus_ran_under(tmp_path):

@@ -9,6 +9,7 @@ from fusiontune.harness.presets import build_model_config
 from fusiontune.harness.roles import Role
 from fusiontune.harness.jobs import Job
 from fusiontune.harness.worker import TPWorker
+from fusiontune.kernels.linear import REFERENCE_GEMM
 
 ON = {"fuse_norm_quant": True, "fuse_act_quant": True}
 OFF = {"fuse_norm_quant": False, "fuse_act_quant": False}
@@ -47,6 +48,8 @@ def test_compiled_model_fuses_per_layer_and_agrees_with_all_off(worker, model, n
         assert f.matches["fuse_act_quant"] == act_per_layer * layers
         assert f.max_abs_err <= f.tolerance
         assert len(f.times_ms) == 3 and all(t > 0 for t in f.times_ms) and f.timing == "wall clock"
+        # each size says which FP8 GEMM its linear layers ran: on a CPU, the fp32 reference
+        assert b.gemm_used == f.gemm_used == REFERENCE_GEMM
 
 
 @pytest.mark.slow
