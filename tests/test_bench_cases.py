@@ -1,5 +1,7 @@
 """The benchmark's cases compute what they claim: on CPU (reference kernels), each case's op, its unfused chain and
-the eager expression Inductor is given agree, so a GPU table compares like with like."""
+the eager expression Inductor is given agree, so a GPU table compares like with like. The unfused chain gives our
+op's bits; the expression of a norm case sums its squares in Inductor's order (``native_rms_norm``, as a serving
+engine writes it), so it may land one rounding step of the output's dtype away."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import pytest
 import torch
 
 from fusiontune.harness.bench_kernels import cases
+
+# one rounding step of each output dtype, relative: what another summation order of the norm can move a value by
+ONE_STEP = {torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3, torch.float32: 2.0 ** -20}
 
 
 def flat(result):
@@ -32,7 +37,11 @@ def test_case_peers_agree(case):
         assert len(got) == len(reference), name
         for a, b in zip(got, reference):
             assert a.shape == b.shape and a.dtype == b.dtype, name
-            assert torch.equal(a.float(), b.float()), f"{case.name}: {name} differs from ours"
+            if name == "expression" and "norm" in case.name:
+                assert torch.allclose(a.float(), b.float(), rtol=ONE_STEP[a.dtype], atol=0), \
+                    f"{case.name}: the expression differs from ours by more than one rounding"
+            else:
+                assert torch.equal(a.float(), b.float()), f"{case.name}: {name} differs from ours"
     read, written = case.traffic(7, hidden, torch.bfloat16)
     assert read > 0 and written > 0 and case.bytes_moved(7, hidden, torch.bfloat16) == read + written
 
