@@ -173,37 +173,35 @@ def test_a_tune_that_cannot_be_planned_says_so_before_any_cluster_is_asked(tmp_p
     assert "cannot join" not in result.output and not (tmp_path / "run").exists()
 
 
-def test_a_tune_whose_search_fails_says_why_and_exits_1(tmp_path, monkeypatch):
-    """An error the search raises (``SweepError``) is said in one line with exit 1, not a traceback."""
+def _tune_whose_run_raises(error: Exception, tmp_path, monkeypatch):
+    """``fusiontune tune`` with a tuner whose run raises ``error`` (its planning and cluster as on a CPU)."""
     from fusiontune.harness import tuner
-    from fusiontune.harness.sweep import SweepError
     from fusiontune.passes.platform import Platform
 
-    def fails(self):
-        raise SweepError("the search could not go on")
+    def raises(self):
+        raise error
 
     monkeypatch.setattr("fusiontune.cli._workers_platform", lambda cluster, address: Platform.detect(1, 256, 2))
-    monkeypatch.setattr(tuner.Tuner, "run", fails)
-    result = runner.invoke(app, ["tune", "sweeps/tune-cpu.yaml", "--out", str(tmp_path / "run")],
-                           env={"COLUMNS": "300"})
+    monkeypatch.setattr(tuner.Tuner, "run", raises)
+    return runner.invoke(app, ["tune", "sweeps/tune-cpu.yaml", "--out", str(tmp_path / "run")],
+                         env={"COLUMNS": "300"})
+
+
+def test_a_tune_whose_search_fails_says_why_and_exits_1(tmp_path, monkeypatch):
+    """An error the search raises (``SweepError``) is said in one line with exit 1, not a traceback."""
+    from fusiontune.harness.sweep import SweepError
+
+    result = _tune_whose_run_raises(SweepError("the search could not go on"), tmp_path, monkeypatch)
     assert result.exit_code == 1 and "the search could not go on" in result.output, result.output
     assert "Traceback" not in result.output
 
 
 def test_a_tune_resumed_on_another_kind_of_machine_says_so_and_exits_2(tmp_path, monkeypatch):
     """The tuner's refusal to add another machine kind's values to a study (``OtherMachine``) is one line, exit 2."""
-    from fusiontune.harness import tuner
     from fusiontune.harness.launcher import OtherMachine
-    from fusiontune.passes.platform import Platform
 
-    def elsewhere(self):
-        raise OtherMachine("results/t holds TP=1 rows measured on NVIDIA H100 80GB HBM3, and this run's TP=1 group "
-                           "is on NVIDIA H200")
-
-    monkeypatch.setattr("fusiontune.cli._workers_platform", lambda cluster, address: Platform.detect(1, 256, 2))
-    monkeypatch.setattr(tuner.Tuner, "run", elsewhere)
-    result = runner.invoke(app, ["tune", "sweeps/tune-cpu.yaml", "--out", str(tmp_path / "run")],
-                           env={"COLUMNS": "300"})
+    result = _tune_whose_run_raises(OtherMachine("results/t holds TP=1 rows measured on NVIDIA H100 80GB HBM3, and "
+                                                 "this run's TP=1 group is on NVIDIA H200"), tmp_path, monkeypatch)
     assert result.exit_code == 2 and "measured on NVIDIA H100 80GB HBM3" in result.output, result.output
     assert "Traceback" not in result.output
 
