@@ -24,6 +24,7 @@ if [ -d .whl ]; then
       *) cp "$so" "/tmp/site/flashinfer/data/aot/$name/" ;;
     esac
     export FLASHINFER_DISABLE_JIT=1  # a module that does not load fails at once instead of compiling for minutes
+    export FLASHINFER_USE_CUDA_NORM=1  # its norms from the built norm module (the CuTe DSL they prefer is not carried)
   done
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
