@@ -55,7 +55,7 @@ def targets(table: pd.DataFrame) -> None:
     small = rows[rows.num_tokens <= FLOOR_UP_TO_TOKENS]
     gap = small.ours_us - small.empty_kernel_us
     far = small[gap > FLOOR_GAP_US]
-    print(f"- **Within {FLOOR_GAP_US} us of the empty kernel ({small.empty_kernel_us.iloc[0]:.2f} us) at "
+    print(f"- **Within {FLOOR_GAP_US} us of the empty kernel ({table.empty_kernel_us.iloc[0]:.2f} us) at "
           f"{FLOOR_UP_TO_TOKENS} tokens and fewer**: {len(small) - len(far)} of {len(small)} rows; beyond: "
           + (", ".join(f"{r.op} H={r.hidden} T={r.num_tokens} +{r.ours_us - r.empty_kernel_us:.2f}"
                        for r in far.itertuples()) or "none"))
@@ -64,4 +64,5 @@ def targets(table: pd.DataFrame) -> None:
 if __name__ == "__main__":
     table = pd.read_csv(sys.argv[1])
     tables(table)
-    targets(table)
+    if not table.empty:  # a run cut before its first row has its header alone
+        targets(table)
