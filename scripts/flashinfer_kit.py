@@ -23,7 +23,8 @@ all-reduce). FlashInfer compiles at first use on the GPU machine otherwise: 235-
 sm_90a (``FLASHINFER_CUDA_ARCH_LIST``); the cuBLAS and cuRAND headers FlashInfer's common headers include come
 from the nvidia-cublas and nvidia-curand wheels (their include/ only), and the link's ``-lcuda`` from a stub (the
 driver's library is there at run time). Run it in a virtual environment that has the flashinfer-python wheel and
-torch (the CPU build does): about 1 minute for ``norm``, 9 for ``prefill`` and ``comm`` each on 2 cores.
+torch (the CPU build does): on 2 cores about 1 minute for ``norm``, 9 for ``prefill`` (both backends), 6 for
+``comm``.
 
 Usage here:  python scripts/flashinfer_kit.py [--python 3.12] [--build norm prefill comm] [--prebuilt]
 (downloads with pip; writes .whl/)
