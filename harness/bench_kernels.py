@@ -9,7 +9,8 @@ installed. Every implementation is timed the same way: a CUDA graph
 that calls it once on each of R input sets (R chosen so the sets together are 4x the L2, so the cache does not
 flatter small sizes), replayed; time per call = replay time / R, median and p10/p90 over replays. What the memory
 can do (the best copy's and the best read-only stream's rates: ``MemoryLimit``, the limit a row's bytes are held
-to) and an empty Triton kernel (the launch floor under CUDA graphs) are measured in the same run.
+to) and an empty Triton kernel (the launch floor under CUDA graphs) are measured in the same run, and beside each
+row a copy of its bytes at its size (``same_bytes_copy_us``): the launch, ramp and tail any kernel of that size pays.
 """
 
 from __future__ import annotations
@@ -310,13 +311,8 @@ def copy_bandwidth_gbs() -> tuple[float, dict[str, float]]:
     a Triton copy 4.14). One way at one size read 4064 GB/s on an H200 that copies at about 4.3 TB/s, and rows then
     reached 106% "of copy"."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _copy(src, dst, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
-
+    _copy = _copy_kernel()
     ways: dict[str, float] = {}
     for size in COPY_SIZES:
         n = size // 2
@@ -329,6 +325,41 @@ def copy_bandwidth_gbs() -> tuple[float, dict[str, float]]:
                 lambda _, b=block, w=warps: _copy[(triton.cdiv(n, b),)](src, dst, n, BLOCK=b, num_warps=w)))
         del src, dst
     return max(ways.values()), ways
+
+
+@functools.cache
+def _copy_kernel():
+    """A plain Triton copy of n elements, BLOCK per program (the copy ceiling's and the same-bytes copy's)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+    return _copy
+
+
+SAME_BYTES_COPIES = ((4096, 4), (8192, 8))  # (elements per program, warps): the Triton copies timed per row
+
+
+def same_bytes_copy_us(moved: int, sets: int) -> tuple[float, float, float]:
+    """(median, p10, p90) us of a copy that moves ``moved`` bytes (half read, half written) at this size, timed
+    as the rows are (``sets`` buffers rotated, CUDA graphs): the best of ``copy_`` and a few Triton copies. The
+    copy ceiling is a rate at 1-4 GiB; at a row's size a copy also pays the launch, the first round trip to
+    memory and the last wave's tail, and this is what any kernel moving these bytes pays. Rows show it beside
+    ours (``copy_same_us``)."""
+    import triton
+
+    n = max(1, moved // 4)  # bf16 elements each way
+    buffers = [{"src": torch.randn(n, dtype=torch.bfloat16, device="cuda"),
+                "dst": torch.empty(n, dtype=torch.bfloat16, device="cuda")} for _ in range(sets)]
+    _copy = _copy_kernel()
+    ways = [lambda i: i["dst"].copy_(i["src"])] + [
+        lambda i, b=block, w=warps: _copy[(triton.cdiv(n, b),)](i["src"], i["dst"], n, BLOCK=b, num_warps=w)
+        for block, warps in SAME_BYTES_COPIES]
+    return min((_stats(time_per_call(way, buffers)) for way in ways), key=lambda stats: stats[0])
 
 
 def read_bandwidth_gbs() -> tuple[float, dict[str, float]]:
@@ -399,7 +430,8 @@ def _stats(times: list[float]) -> tuple[float, float, float]:
 
 PEERS = ("ours", "unfused", "inductor", "flashinfer")
 FIELDS = ["device", "op", "hidden", "num_tokens", "dtype", "bytes", "bytes_read", "input_sets", "copy_gbs", "read_gbs",
-          "empty_kernel_us", "limit_us", "ours_gbs", "ours_pct_copy", "ours_pct_limit"] + [
+          "empty_kernel_us", "limit_us", "copy_same_us", "copy_same_p10_us", "copy_same_p90_us", "ours_gbs",
+          "ours_pct_copy", "ours_pct_limit"] + [
     f"{p}_{k}" for p in PEERS for k in ("us", "p10_us", "p90_us", "error")]
 
 
@@ -436,6 +468,8 @@ def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bflo
                        "dtype": str(dtype).removeprefix("torch."), "bytes": moved, "bytes_read": read,
                        "input_sets": sets, "copy_gbs": round(copy_gbs, 1), "read_gbs": round(memory.read_gbs, 1),
                        "empty_kernel_us": round(floor_us, 3), "limit_us": round(memory.limit_us(read, written), 3)}
+                row.update(zip(("copy_same_us", "copy_same_p10_us", "copy_same_p90_us"),
+                               (round(t, 3) for t in same_bytes_copy_us(moved, sets))))
                 peers = {"ours": case.fused, "unfused": case.unfused,
                          "inductor": compiled,
                          "flashinfer": case.flashinfer}
@@ -481,4 +515,5 @@ def _line(row: dict) -> str:
     return (f"{row['op']:<32} H={row['hidden']:<6} T={row['num_tokens']:<6} ours {us('ours_us')} us "
             f"{spread} {row['ours_gbs']} GB/s = {row['ours_pct_copy']}% copy, {row['ours_pct_limit']}% of the "
             "read/write limit"
-            f" | unfused {us('unfused_us')} | inductor {us('inductor_us')} | flashinfer {us('flashinfer_us')}")
+            f" | copy of the same bytes {us('copy_same_us')} | unfused {us('unfused_us')} | inductor "
+            f"{us('inductor_us')} | flashinfer {us('flashinfer_us')}")

@@ -89,39 +89,12 @@ def normalized_by(v, squares, inv_width, eps):
 
 
 @triton.jit
-def _row_kernel(
-    x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
-    scales_ptr, scales_row_stride, scales_group_stride,
-    H, OUT_W, eps, inv_width_bits,
-    INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
-):
-    # Program (tile, row) on grid axes (0, 1): tiles are the fastest axis, so programs running at once read
-    # adjacent memory (row-fastest was 2-4% slower for SiLU at large num_tokens, H100). A tile is the whole row
-    # when a stage reduces over it (norm, per-token scale), else BLOCK columns (a multiple of GROUP), so
-    # elementwise forms spread one token over many programs.
-    tile = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H
-    x_row = x_ptr + row * x_stride
-    if PREFETCH:  # few rows: the time is a chain of DRAM round trips, so ask for the weight and scale up front
-        if NORM:
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        if QUANT == 1:
-            scale = tl.load(scale_ptr)
-    if INPUT == 2:  # SiLU(gate) * up, gate = x[:H], up = x[H:2H]
-        gate = tl.load(x_row + offs, mask=mask, other=0.0)
-        up = tl.load(x_row + H + offs, mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        act = (g * tl.sigmoid(g)).to(gate.dtype)
-        v = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-    else:
-        v = tl.load(x_row + offs, mask=mask, other=0.0)
-        if INPUT == 1:  # residual <- x + residual, then work on the sum
-            r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
-            v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
-            tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
+def _row_out(v, row, tile, offs, mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
+             scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
+             NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+             PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """Everything after the input stage for one row (or tile) ``v``: the norm, the quantisation, the stores.
+    ``w`` and ``scale`` are the values loaded up front when ``PREFETCH``, else unused (loaded here)."""
     dtype = v.dtype
     if NORM:
         normed = rms_normalized(v, inv_width_bits.to(tl.float64, bitcast=True), eps, PAIRED)
@@ -154,6 +127,73 @@ def _row_kernel(
         tl.store(out_row + offs, q, mask=mask)
 
 
+@triton.jit
+def _row_kernel(
+    x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
+    scales_ptr, scales_row_stride, scales_group_stride,
+    H, OUT_W, eps, inv_width_bits, num_rows,
+    INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+    LOOP: tl.constexpr,
+):
+    # Program (tile, row) on grid axes (0, 1): tiles are the fastest axis, so programs running at once read
+    # adjacent memory (row-fastest was 2-4% slower for SiLU at large num_tokens, H100). A tile is the whole row
+    # when a stage reduces over it (norm, per-token scale), else BLOCK columns (a multiple of GROUP), so
+    # elementwise forms spread one token over many programs.
+    # LOOP (whole rows, no SiLU input): a fixed grid of programs, each taking rows program, program + grid, ...,
+    # and asking for its next row's input before it works on the current one, so a row's loads are in flight
+    # while the one before it is reduced and stored.
+    tile = tl.program_id(0)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < H
+    w = 0.0
+    scale = 0.0
+    if PREFETCH:  # few rows: the time is a chain of DRAM round trips, so ask for the weight and scale up front
+        if NORM:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        if QUANT == 1:
+            scale = tl.load(scale_ptr)
+    if LOOP:
+        first = tl.program_id(1)
+        step = tl.num_programs(1)
+        x_next = tl.load(x_ptr + first.to(tl.int64) * x_stride + offs, mask=mask, other=0.0)  # first < num_rows
+        r_next = x_next
+        if INPUT == 1:
+            r_next = tl.load(res_ptr + first.to(tl.int64) * res_stride + offs, mask=mask, other=0.0)
+        for i in range(tl.cdiv(num_rows - first, step)):
+            row = first.to(tl.int64) + i * step
+            v = x_next
+            r = r_next
+            nxt = row + step
+            next_mask = mask & (tl.zeros_like(offs) + nxt < num_rows)  # (a scalar & a block: not in the interpreter)
+            x_next = tl.load(x_ptr + nxt * x_stride + offs, mask=next_mask, other=0.0)
+            if INPUT == 1:  # residual <- x + residual, then work on the sum
+                r_next = tl.load(res_ptr + nxt * res_stride + offs, mask=next_mask, other=0.0)
+                v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+                tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
+            _row_out(v, row, tile, offs, mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
+                     scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
+                     NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)
+    else:
+        row = tl.program_id(1).to(tl.int64)
+        x_row = x_ptr + row * x_stride
+        if INPUT == 2:  # SiLU(gate) * up, gate = x[:H], up = x[H:2H]
+            gate = tl.load(x_row + offs, mask=mask, other=0.0)
+            up = tl.load(x_row + H + offs, mask=mask, other=0.0)
+            g = gate.to(tl.float32)
+            act = (g * tl.sigmoid(g)).to(gate.dtype)
+            v = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+        else:
+            v = tl.load(x_row + offs, mask=mask, other=0.0)
+            if INPUT == 1:  # residual <- x + residual, then work on the sum
+                r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
+                v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+                tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
+        _row_out(v, row, tile, offs, mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
+                 scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
+                 NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)
+
+
 ELEMENTWISE_TILE = 1024  # columns per program when no stage needs the whole row
 
 
@@ -173,14 +213,18 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
              weight: torch.Tensor | None = None, eps: float = 0.0, quant: str | None = None,
              scale: torch.Tensor | None = None, group_size: int = 0,
              out: torch.Tensor | None = None, scales_out: torch.Tensor | None = None,
-             prefetch: bool | None = None, pad_to: int = 0, max_registers: int | None = None):
+             prefetch: bool | None = None, pad_to: int = 0, max_registers: int | None = None,
+             loop_programs: int = 0):
     """Launch the row kernel; returns what the matching op returns (a tensor, or (codes, scales)).
     ``out`` (contiguous) and ``scales_out`` (any strides; the layout of ``quant.scales_like`` by default) are
     written instead of new buffers: tests poison them. ``prefetch`` overrides the choice by row count (tests).
     ``max_registers`` caps the registers per thread (the compiler's ``maxnreg``; by default the compiler chooses),
     for scripts/probe_row_warps.py: compiled for sm_90, the quantising forms take 70-79 registers at 8 warps where
     the plain norm takes 48, which fits 3 programs of 256 threads on an SM instead of 5.
-    ``pad_to`` (> width, no quant) makes the output that wide, zeros after the row's own columns."""
+    ``pad_to`` (> width, no quant) makes the output that wide, zeros after the row's own columns.
+    ``loop_programs`` (> 0; whole-row forms without SiLU input) launches that many programs (at most one per row),
+    each looping over rows and loading its next row while it works on the current one, instead of one program per
+    row: what ``scripts/probe_row_warps.py --loop`` times."""
     width = x.shape[-1] // 2 if input_mode == INPUT_SILU_MUL else x.shape[-1]
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
@@ -208,18 +252,23 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     if prefetch is None:
         prefetch = num_rows <= PREFETCH_MAX_ROWS
     tiles = triton.cdiv(out_width, block)
-    for start in range(0, num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
-        end = min(start + MAX_GRID_ROWS, num_rows)
+    if loop_programs and not (whole_row and input_mode != INPUT_SILU_MUL):
+        raise ValueError("loop_programs needs a whole-row form (a norm or per-token quant) without SiLU input")
+    loop = loop_programs > 0 and num_rows > 0
+    chunks = [(0, num_rows)] if loop else [(start, min(start + MAX_GRID_ROWS, num_rows))
+                                           for start in range(0, num_rows, MAX_GRID_ROWS)]
+    for start, end in chunks:  # grid axis 1 holds at most 65535 programs  # grid axis 1 holds at most 65535 programs
         chunk_res = res_rows[start:end] if res_rows is not None else None
-        _row_kernel[(tiles, end - start)](
+        programs = min(loop_programs, end - start) if loop else end - start
+        _row_kernel[(tiles, programs)](
             rows[start:end], rows.stride(0), chunk_res if chunk_res is not None else rows,
             chunk_res.stride(0) if chunk_res is not None else 0,
             weight if weight is not None else rows, out[start:end], out.stride(0),
             scale if scale is not None else out, scales[start:end], scales.stride(0), scales.stride(1),
-            width, out_width, eps, inverse_width_bits(width),
+            width, out_width, eps, inverse_width_bits(width), end - start,
             INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
             BLOCK=block, PREFETCH=prefetch, PAIRED=squares_paired(width, x.dtype), FP8_MAX_C=FP8_MAX,
-            MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
+            MIN_SCALE=FP8_MIN_SCALE, LOOP=loop, num_warps=_warps(block),
             **({"maxnreg": max_registers} if max_registers else {}),
         )
     if residual is not None and not residual.is_contiguous():

@@ -3,6 +3,11 @@ norms at each hidden size with 4, 8, 16 and 32 warps, then (``--registers``) at 
 registers per thread capped (the compiler's ``maxnreg``), a diagnostic for the GPU:
 
     python3 scripts/probe_row_warps.py [--registers 56 64 72] [--hidden 4096 8192] [--tokens 4096 16384]
+                                       [--forms norm add+norm norm->static ...] [--warps 4 8]
+                                       [--loop 2 4 8 [--loop-warps 4 8]]
+
+``--loop K ...`` times the row loop (``run_rows(loop_programs=K x SMs)``): a fixed grid of programs, each loading
+its next row while it reduces and stores the current one, against one program per row.
 
 Why the cap: compiled for sm_90, ``rms_norm -> static FP8`` takes 79 registers per thread at 8 warps and H=4096
 where ``rms_norm`` takes 48, which fits 3 programs of 256 threads on an SM instead of 5 (Triton 3.9 here; capped
@@ -18,10 +23,15 @@ from fusiontune.harness.bench_kernels import time_per_call
 from fusiontune.kernels import triton_rows
 
 FORMS = {
+    "norm": lambda i, **kw: triton_rows.run_rows(i["x"], weight=i["w"], eps=1e-6, **kw),
+    "add+norm": lambda i, **kw: triton_rows.run_rows(i["x"], input_mode=triton_rows.INPUT_ADD_RESIDUAL,
+                                                      residual=i["r"], weight=i["w"], eps=1e-6, **kw),
     "norm->static": lambda i, **kw: triton_rows.run_rows(i["x"], weight=i["w"], eps=1e-6, quant="fp8-static",
                                                           scale=i["s"], **kw),
     "norm->per-token": lambda i, **kw: triton_rows.run_rows(i["x"], weight=i["w"], eps=1e-6, quant="fp8-per-token",
                                                              **kw),
+    "norm->per-group": lambda i, **kw: triton_rows.run_rows(i["x"], weight=i["w"], eps=1e-6, quant="fp8-per-group",
+                                                             group_size=128, **kw),
     "add+norm->per-token": lambda i, **kw: triton_rows.run_rows(i["x"], input_mode=triton_rows.INPUT_ADD_RESIDUAL,
                                                                  residual=i["r"], weight=i["w"], eps=1e-6,
                                                                  quant="fp8-per-token", **kw),
@@ -29,18 +39,47 @@ FORMS = {
 WARPS = (4, 8, 16, 32)
 
 
+def compiled_row_kernels() -> list:
+    """Every compiled specialisation of the row kernel so far (Triton keeps them per device)."""
+    kernels = []
+    for entry in getattr(triton_rows._row_kernel, "device_caches", {}).values():
+        kernels.extend((entry[0] if isinstance(entry, tuple) else entry).values())
+    return kernels
+
+
+def registers_of_new(seen: set) -> str:
+    """'registers/spilled' of the kernels compiled since ``seen`` (which is updated), as the GPU's compiler
+    made them: Triton versions differ in what they allocate."""
+    new = [k for k in compiled_row_kernels() if id(k) not in seen]
+    seen.update(id(k) for k in new)
+    counts = sorted({(getattr(k, "n_regs", None), getattr(k, "n_spills", None)) for k in new}, key=str)
+    return ",".join(f"{r}/{s}" for r, s in counts) or "cached"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--registers", type=int, nargs="*", default=[], help="register caps to time")
     parser.add_argument("--hidden", type=int, nargs="+", default=[2880, 4096, 8192, 14336])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
+    parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
+    parser.add_argument("--warps", type=int, nargs="+", default=list(WARPS), help="warps per program to time")
+    parser.add_argument("--loop", type=int, nargs="*", default=[],
+                        help="programs per SM to time in the row loop (run_rows' loop_programs = this x SMs)")
+    parser.add_argument("--loop-warps", type=int, nargs="*", default=[],
+                        help="warps of the row loop's programs (default: the heuristic's)")
     args = parser.parse_args()
     default = triton_rows._warps
-    columns = [f"{w}w" for w in WARPS] + [f"<={r} regs" for r in args.registers]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    loops = [(k, w) for k in args.loop for w in (args.loop_warps or [None])]
+    columns = ([f"{w}w" for w in args.warps] + [f"<={r} regs" for r in args.registers]
+               + [f"loop{k}x{'/' + str(w) + 'w' if w else ''}" for k, w in loops])
     print(f"{'form':<20} {'hidden':>6} {'tokens':>6} " + " ".join(f"{c:>10}" for c in columns)
-          + "   (us, median of 30 graph replays; the heuristic's warps marked *, the caps at its warps)")
+          + "   (us, median of 30 graph replays; the heuristic's warps marked *, the caps at its warps; then "
+          "registers/spilled per thread of each column's kernel, as compiled here)")
+    seen = set()
     try:
-        for form, run in FORMS.items():
+        for form in args.forms:
+            run = FORMS[form]
             for hidden in args.hidden:
                 for tokens in args.tokens:
                     sets = [{"x": torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16),
@@ -48,16 +87,26 @@ def main() -> None:
                              "w": torch.ones(hidden, device="cuda", dtype=torch.bfloat16),
                              "s": torch.tensor([0.02], device="cuda")} for _ in range(8)]
                     chosen = default(triton_rows.triton.next_power_of_2(hidden))
-                    cells = []
-                    for warps in WARPS:
+                    cells, registers = [], []
+                    for warps in args.warps:
                         triton_rows._warps = lambda block, w=warps: w
                         us = statistics.median(time_per_call(run, sets))
                         cells.append(f"{us:>9.2f}{'*' if warps == chosen else ' '}")
+                        registers.append(registers_of_new(seen))
                     triton_rows._warps = default
                     for cap in args.registers:
                         us = statistics.median(time_per_call(lambda i, c=cap: run(i, max_registers=c), sets))
                         cells.append(f"{us:>9.2f} ")
-                    print(f"{form:<20} {hidden:>6} {tokens:>6} " + " ".join(cells), flush=True)
+                        registers.append(registers_of_new(seen))
+                    for per_sm, warps in loops:
+                        triton_rows._warps = (lambda block, w=warps: w) if warps else default
+                        us = statistics.median(time_per_call(
+                            lambda i, n=per_sm * sms: run(i, loop_programs=n), sets))
+                        cells.append(f"{us:>9.2f} ")
+                        registers.append(registers_of_new(seen))
+                    triton_rows._warps = default
+                    print(f"{form:<20} {hidden:>6} {tokens:>6} " + " ".join(cells) + "   " + " ".join(registers),
+                          flush=True)
     finally:
         triton_rows._warps = default
 
