@@ -95,3 +95,32 @@ def test_fused_equals_the_unfused_chain_of_kernels():
     chain = triton_heads.rotary_embedding(qn, kn, cos, sin, True)
     fused = triton_heads.qk_norm_rope(qkv, wq, wk, cos, sin, EPS, num_heads, num_kv_heads, head_dim, True)
     assert torch.equal(fused[0], chain[0]) and torch.equal(fused[1], chain[1])
+
+
+def test_q_and_k_apart_are_rotated_each_by_its_own_launch():
+    """q and k that are not one buffer's adjacent heads (here: separate tensors, k before q in memory or not)."""
+    num_heads, num_kv_heads, head_dim = HEADS[0]
+    qkv, _, _ = qkv_inputs(3, HEADS[0], DTYPES[0], seed=9)
+    cos, sin = rotary_cache(3, head_dim)
+    from fusiontune.kernels.rope import split_heads
+
+    q, k = (t.contiguous() for t in split_heads(qkv, num_heads, num_kv_heads, head_dim))
+    assert not triton_heads._heads_of_one_row(q, k)
+    out = (poisoned(q.shape, DTYPES[0]), poisoned(k.shape, DTYPES[0]))
+    triton_heads.rotary_embedding(q, k, cos, sin, True, out=out)
+    assert_values(out[0], numerics.rope(q, cos, sin, True))
+    assert_values(out[1], numerics.rope(k, cos, sin, True))
+
+
+@pytest.mark.parametrize("heads, block, want", [
+    (40, 64, 8),    # Llama-3.1-8B at TP 1: 32 Q + 8 K heads of 128 in programs of 8 (1024 elements), none part empty
+    (80, 64, 16),   # 70B's 64 + 16
+    (48, 64, 16),   # 32 + 8 + 8 with the V heads (the cache write)
+    (20, 64, 32),   # TP 2's 16 + 4: programs of 4 heads of 128 (512 elements) are too small; 32 slots, 20 used
+    (5, 64, 8),     # an odd count: as many as fit
+    (96, 64, 32),   # a power of two times 3: programs of the most that fit
+])
+def test_heads_per_program(heads, block, want):
+    got = triton_heads.heads_per_program(heads, block)
+    assert got == want
+    assert got * 2 * block <= triton_heads.MAX_PROGRAM_ELEMENTS
