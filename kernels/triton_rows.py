@@ -89,7 +89,7 @@ def normalized_by(v, squares, inv_width, eps):
 
 
 @triton.jit
-def _row_out(v, row, tile, offs, mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
+def _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
              scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
              NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
              PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr):
@@ -103,7 +103,7 @@ def _row_out(v, row, tile, offs, mask, w, w_ptr, out_ptr, out_stride, scale, sca
         v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
     out_row = out_ptr + row * out_stride
     if QUANT == 0:  # OUT_W >= H: columns past H are written as zeros (v is 0 there), the padded form
-        tl.store(out_row + offs, v, mask=offs < OUT_W)
+        tl.store(out_row + offs, v, mask=out_mask)
     elif QUANT == 1 or QUANT == 2:
         vf = v.to(tl.float32)
         if QUANT == 1:
@@ -134,7 +134,7 @@ def _row_kernel(
     H, OUT_W, eps, inv_width_bits, num_rows,
     INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
-    LOOP: tl.constexpr,
+    LOOP: tl.constexpr, EVEN: tl.constexpr,
 ):
     # Program (tile, row) on grid axes (0, 1): tiles are the fastest axis, so programs running at once read
     # adjacent memory (row-fastest was 2-4% slower for SiLU at large num_tokens, H100). A tile is the whole row
@@ -143,9 +143,15 @@ def _row_kernel(
     # LOOP (whole rows, no SiLU input): a fixed grid of programs, each taking rows program, program + grid, ...,
     # and asking for its next row's input before it works on the current one, so a row's loads are in flight
     # while the one before it is reduced and stored.
+    # EVEN: BLOCK divides the row and the output is as wide: no column masks (a mask the compiler sees is all true).
     tile = tl.program_id(0)
     offs = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H
+    if EVEN:
+        mask = tl.full([BLOCK], 1, tl.int1)
+        out_mask = mask
+    else:
+        mask = offs < H
+        out_mask = offs < OUT_W
     w = 0.0
     scale = 0.0
     if PREFETCH:  # few rows: the time is a chain of DRAM round trips, so ask for the weight and scale up front
@@ -171,7 +177,7 @@ def _row_kernel(
                 r_next = tl.load(res_ptr + nxt * res_stride + offs, mask=next_mask, other=0.0)
                 v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
                 tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
-            _row_out(v, row, tile, offs, mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
+            _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
                      scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
                      NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)
     else:
@@ -189,7 +195,7 @@ def _row_kernel(
                 r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
                 v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
                 tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
-        _row_out(v, row, tile, offs, mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
+        _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
                  scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
                  NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)
 
@@ -214,7 +220,7 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
              scale: torch.Tensor | None = None, group_size: int = 0,
              out: torch.Tensor | None = None, scales_out: torch.Tensor | None = None,
              prefetch: bool | None = None, pad_to: int = 0, max_registers: int | None = None,
-             loop_programs: int = 0):
+             loop_programs: int = 0, unmasked: bool = False):
     """Launch the row kernel; returns what the matching op returns (a tensor, or (codes, scales)).
     ``out`` (contiguous) and ``scales_out`` (any strides; the layout of ``quant.scales_like`` by default) are
     written instead of new buffers: tests poison them. ``prefetch`` overrides the choice by row count (tests).
@@ -224,7 +230,8 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     ``pad_to`` (> width, no quant) makes the output that wide, zeros after the row's own columns.
     ``loop_programs`` (> 0; whole-row forms without SiLU input) launches that many programs (at most one per row),
     each looping over rows and loading its next row while it works on the current one, instead of one program per
-    row: what ``scripts/probe_row_warps.py --loop`` times."""
+    row: what ``scripts/probe_row_warps.py --loop`` times. ``unmasked`` drops the column masks where the program's
+    block divides the row and the output is as wide (``--unmasked`` times it)."""
     width = x.shape[-1] // 2 if input_mode == INPUT_SILU_MUL else x.shape[-1]
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
@@ -268,7 +275,8 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
             width, out_width, eps, inverse_width_bits(width), end - start,
             INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
             BLOCK=block, PREFETCH=prefetch, PAIRED=squares_paired(width, x.dtype), FP8_MAX_C=FP8_MAX,
-            MIN_SCALE=FP8_MIN_SCALE, LOOP=loop, num_warps=_warps(block),
+            MIN_SCALE=FP8_MIN_SCALE, LOOP=loop, EVEN=unmasked and width % block == 0 and out_width == width,
+            num_warps=_warps(block),
             **({"maxnreg": max_registers} if max_registers else {}),
         )
     if residual is not None and not residual.is_contiguous():

@@ -32,6 +32,9 @@ FORMS = {
                                                              **kw),
     "norm->per-group": lambda i, **kw: triton_rows.run_rows(i["x"], weight=i["w"], eps=1e-6, quant="fp8-per-group",
                                                              group_size=128, **kw),
+    "silu": lambda i, **kw: triton_rows.run_rows(i["xx"], input_mode=triton_rows.INPUT_SILU_MUL, **kw),
+    "silu->static": lambda i, **kw: triton_rows.run_rows(i["xx"], input_mode=triton_rows.INPUT_SILU_MUL,
+                                                          quant="fp8-static", scale=i["s"], **kw),
     "add+norm->per-token": lambda i, **kw: triton_rows.run_rows(i["x"], input_mode=triton_rows.INPUT_ADD_RESIDUAL,
                                                                  residual=i["r"], weight=i["w"], eps=1e-6,
                                                                  quant="fp8-per-token", **kw),
@@ -65,6 +68,8 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=list(WARPS), help="warps per program to time")
     parser.add_argument("--loop", type=int, nargs="*", default=[],
                         help="programs per SM to time in the row loop (run_rows' loop_programs = this x SMs)")
+    parser.add_argument("--unmasked", action="store_true",
+                        help="also time the kernel without column masks (run_rows(unmasked=True))")
     parser.add_argument("--loop-warps", type=int, nargs="*", default=[],
                         help="warps of the row loop's programs (default: the heuristic's)")
     args = parser.parse_args()
@@ -72,6 +77,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     loops = [(k, w) for k in args.loop for w in (args.loop_warps or [None])]
     columns = ([f"{w}w" for w in args.warps] + [f"<={r} regs" for r in args.registers]
+               + (["unmasked"] if args.unmasked else [])
                + [f"loop{k}x{'/' + str(w) + 'w' if w else ''}" for k, w in loops])
     print(f"{'form':<20} {'hidden':>6} {'tokens':>6} " + " ".join(f"{c:>10}" for c in columns)
           + "   (us, median of 30 graph replays; the heuristic's warps marked *, the caps at its warps; then "
@@ -84,9 +90,12 @@ def main() -> None:
                 for tokens in args.tokens:
                     sets = [{"x": torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16),
                              "r": torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16),
+                             "xx": torch.randn(tokens, 2 * hidden, device="cuda", dtype=torch.bfloat16)
+                             if form.startswith("silu") else None,
                              "w": torch.ones(hidden, device="cuda", dtype=torch.bfloat16),
                              "s": torch.tensor([0.02], device="cuda")} for _ in range(8)]
-                    chosen = default(triton_rows.triton.next_power_of_2(hidden))
+                    block = triton_rows.triton.next_power_of_2(hidden)
+                    chosen = default(min(block, triton_rows.ELEMENTWISE_TILE) if form.startswith("silu") else block)
                     cells, registers = [], []
                     for warps in args.warps:
                         triton_rows._warps = lambda block, w=warps: w
@@ -98,7 +107,14 @@ def main() -> None:
                         us = statistics.median(time_per_call(lambda i, c=cap: run(i, max_registers=c), sets))
                         cells.append(f"{us:>9.2f} ")
                         registers.append(registers_of_new(seen))
+                    if args.unmasked:
+                        us = statistics.median(time_per_call(lambda i: run(i, unmasked=True), sets))
+                        cells.append(f"{us:>9.2f} ")
+                        registers.append(registers_of_new(seen))
                     for per_sm, warps in loops:
+                        if form.startswith("silu"):  # no row loop for the elementwise forms
+                            cells.append(f"{'-':>9} ")
+                            continue
                         triton_rows._warps = (lambda block, w=warps: w) if warps else default
                         us = statistics.median(time_per_call(
                             lambda i, n=per_sm * sms: run(i, loop_programs=n), sets))
