@@ -103,15 +103,20 @@ def _head_kernel(
 
 MAX_PROGRAM_ELEMENTS = 4096  # a program's heads hold at most this many elements
 MIN_EVEN_ELEMENTS = 1024  # an even split of the heads is taken when its programs hold at least this many
+# Candidates of 2026-12-07, off until a GPU has timed them (scripts/probe_head_blocks.py turns them on and off):
+EVEN_HEAD_SPLIT = False  # heads_per_program's even split
+ONE_LAUNCH_QK = False  # rotary_embedding's one launch for Q and K of one buffer
 
 
 def heads_per_program(total_heads: int, block: int) -> int:
-    """How many heads one program takes (a power of two; ``block`` = the padded half head): the largest power of two
-    that divides the head count, so that no program is part empty, where such programs hold at least
-    ``MIN_EVEN_ELEMENTS``; else as many as fit ``MAX_PROGRAM_ELEMENTS``. Llama-3.1-8B's 32 Q + 8 K heads went in
-    programs of 32 before: every token's second program had 8 heads in 32 slots, and the kernel ran at 68-86% of
-    copy at 4096 tokens on the H100 (2026-12-07). In programs of 8 heads every slot is used."""
+    """How many heads one program takes (a power of two; ``block`` = the padded half head): as many as fit
+    ``MAX_PROGRAM_ELEMENTS``. With ``EVEN_HEAD_SPLIT``, the largest power of two that divides the head count instead,
+    so that no program is part empty, where such programs hold at least ``MIN_EVEN_ELEMENTS``: Llama-3.1-8B's 32 Q +
+    8 K heads go in programs of 32, so every token's second program has 8 heads in 32 slots (the kernel ran at
+    68-86% of copy at 4096 tokens on the H100, 2026-12-07); in programs of 8 every slot is used."""
     fit = min(triton.next_power_of_2(total_heads), max(1, MAX_PROGRAM_ELEMENTS // (2 * block)))
+    if not EVEN_HEAD_SPLIT:
+        return fit
     even = min(total_heads & -total_heads, fit)
     return even if even * 2 * block >= MIN_EVEN_ELEMENTS else fit
 
@@ -138,13 +143,13 @@ def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_
 
 
 def rotary_embedding(q, k, cos, sin, is_neox, out=None):
-    """Both tensors [T, heads, head_dim]: one launch where they are adjacent head ranges of one buffer (the qkv
-    projection's split, the model's case: at one token two launches cost 0.1-0.2 us more than Inductor's one on the
-    H100), else one launch each. ``out`` (q_out, k_out), contiguous, is written instead of new buffers: tests
-    poison it."""
+    """Both tensors [T, heads, head_dim], one launch each; with ``ONE_LAUNCH_QK``, one launch for both where they
+    are adjacent head ranges of one buffer (the qkv projection's split, the model's case: at one token and 64 the
+    two launches were 0.05-0.2 us slower than Inductor's code on the H100). ``out`` (q_out, k_out), contiguous, is
+    written instead of new buffers: tests poison it."""
     q_out, k_out = out if out is not None else (torch.empty_like(q, memory_format=torch.contiguous_format),
                                                 torch.empty_like(k, memory_format=torch.contiguous_format))
-    if _heads_of_one_row(q, k):
+    if ONE_LAUNCH_QK and _heads_of_one_row(q, k):
         _launch(q, q.stride(0), q_out, k_out, q.shape[1], k.shape[1], q.shape[2], cos, sin, is_neox)
         return q_out, k_out
     for x, out in ((q, q_out), (k, k_out)):

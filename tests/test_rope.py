@@ -52,11 +52,19 @@ def qkv_inputs(tokens, heads, dtype, seed):
     return qkv, wq, wk
 
 
+@pytest.fixture(params=[False, True], ids=["launches-as-default", "even-split-one-launch"])
+def head_split(request, monkeypatch):
+    """The per-head kernel's launch choices: as they are, and with the candidates turned on."""
+    monkeypatch.setattr(triton_heads, "EVEN_HEAD_SPLIT", request.param)
+    monkeypatch.setattr(triton_heads, "ONE_LAUNCH_QK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", TOKENS)
-def test_kernels_match_the_reference(tokens, dtype, heads, is_neox):
+def test_kernels_match_the_reference(tokens, dtype, heads, is_neox, head_split):
     num_heads, num_kv_heads, head_dim = heads
     qkv, wq, wk = qkv_inputs(tokens, heads, dtype, seed=tokens + head_dim)
     cos, sin = rotary_cache(tokens + 5, head_dim)  # positions from 5: at position 0 the rotation is the identity
@@ -97,8 +105,10 @@ def test_fused_equals_the_unfused_chain_of_kernels():
     assert torch.equal(fused[0], chain[0]) and torch.equal(fused[1], chain[1])
 
 
-def test_q_and_k_apart_are_rotated_each_by_its_own_launch():
-    """q and k that are not one buffer's adjacent heads (here: separate tensors, k before q in memory or not)."""
+def test_q_and_k_apart_are_rotated_each_by_its_own_launch(monkeypatch):
+    """q and k that are not one buffer's adjacent heads (separate tensors) take a launch each, also where one
+    launch is chosen for adjacent ones."""
+    monkeypatch.setattr(triton_heads, "ONE_LAUNCH_QK", True)
     num_heads, num_kv_heads, head_dim = HEADS[0]
     qkv, _, _ = qkv_inputs(3, HEADS[0], DTYPES[0], seed=9)
     cos, sin = rotary_cache(3, head_dim)
@@ -120,7 +130,8 @@ def test_q_and_k_apart_are_rotated_each_by_its_own_launch():
     (5, 64, 8),     # an odd count: as many as fit
     (96, 64, 32),   # a power of two times 3: programs of the most that fit
 ])
-def test_heads_per_program(heads, block, want):
+def test_heads_per_program(heads, block, want, monkeypatch):
+    monkeypatch.setattr(triton_heads, "EVEN_HEAD_SPLIT", True)
     got = triton_heads.heads_per_program(heads, block)
     assert got == want
     assert got * 2 * block <= triton_heads.MAX_PROGRAM_ELEMENTS
