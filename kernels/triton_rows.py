@@ -219,14 +219,11 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
              weight: torch.Tensor | None = None, eps: float = 0.0, quant: str | None = None,
              scale: torch.Tensor | None = None, group_size: int = 0,
              out: torch.Tensor | None = None, scales_out: torch.Tensor | None = None,
-             prefetch: bool | None = None, pad_to: int = 0, max_registers: int | None = None,
+             prefetch: bool | None = None, pad_to: int = 0,
              loop_programs: int = 0, unmasked: bool = False):
     """Launch the row kernel; returns what the matching op returns (a tensor, or (codes, scales)).
     ``out`` (contiguous) and ``scales_out`` (any strides; the layout of ``quant.scales_like`` by default) are
     written instead of new buffers: tests poison them. ``prefetch`` overrides the choice by row count (tests).
-    ``max_registers`` caps the registers per thread (the compiler's ``maxnreg``; by default the compiler chooses),
-    for scripts/probe_row_warps.py: compiled for sm_90, the quantising forms take 70-79 registers at 8 warps where
-    the plain norm takes 48, which fits 3 programs of 256 threads on an SM instead of 5.
     ``pad_to`` (> width, no quant) makes the output that wide, zeros after the row's own columns.
     ``loop_programs`` (> 0; whole-row forms without SiLU input) launches that many programs (at most one per row),
     each looping over rows and loading its next row while it works on the current one, instead of one program per
@@ -277,7 +274,6 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
             BLOCK=block, PREFETCH=prefetch, PAIRED=squares_paired(width, x.dtype), FP8_MAX_C=FP8_MAX,
             MIN_SCALE=FP8_MIN_SCALE, LOOP=loop, EVEN=unmasked and width % block == 0 and out_width == width,
             num_warps=_warps(block),
-            **({"maxnreg": max_registers} if max_registers else {}),
         )
     if residual is not None and not residual.is_contiguous():
         residual.copy_(res_rows.view_as(residual))

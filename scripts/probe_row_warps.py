@@ -1,17 +1,15 @@
-"""How many warps a whole-row program should have, and whether a cap on its registers pays: times the quantising
-norms at each hidden size with 4, 8, 16 and 32 warps, then (``--registers``) at the heuristic's warps with the
-registers per thread capped (the compiler's ``maxnreg``), a diagnostic for the GPU:
+"""How a whole-row program of the row kernel should be launched, timed on the GPU: the norm forms (and SiLU) at each
+hidden size with 4, 8, 16 and 32 warps, without column masks (``--unmasked``), and in the row loop (``--loop K``:
+``run_rows(loop_programs=K x SMs)``, a fixed grid of programs, each loading its next row while it reduces and
+stores the current one), with each column's registers and spills per thread as the GPU's Triton compiled them:
 
-    python3 scripts/probe_row_warps.py [--registers 56 64 72] [--hidden 4096 8192] [--tokens 4096 16384]
-                                       [--forms norm add+norm norm->static ...] [--warps 4 8]
+    python3 scripts/probe_row_warps.py [--hidden 4096 8192] [--tokens 4096 16384] [--warps 4 8]
+                                       [--forms norm add+norm norm->static ...] [--unmasked]
                                        [--loop 2 4 8 [--loop-warps 4 8]]
 
-``--loop K ...`` times the row loop (``run_rows(loop_programs=K x SMs)``): a fixed grid of programs, each loading
-its next row while it reduces and stores the current one, against one program per row.
-
-Why the cap: compiled for sm_90, ``rms_norm -> static FP8`` takes 79 registers per thread at 8 warps and H=4096
-where ``rms_norm`` takes 48, which fits 3 programs of 256 threads on an SM instead of 5 (Triton 3.9 here; capped
-at 56 or 64 it spills nothing). The quantising norms are the rows under 90% of copy at 4096 tokens (issue 22).
+A cap on registers (the compiler's ``maxnreg``) was timed here on an H100 on 2026-12-07 and removed: Triton 3.6
+gives these kernels 32-59 registers (Triton 3.9 on the CPU machine had shown 70-79), and capped they were no
+faster, up to 7% slower.
 """
 
 import argparse
@@ -61,7 +59,6 @@ def registers_of_new(seen: set) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--registers", type=int, nargs="*", default=[], help="register caps to time")
     parser.add_argument("--hidden", type=int, nargs="+", default=[2880, 4096, 8192, 14336])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
     parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
@@ -76,11 +73,11 @@ def main() -> None:
     default = triton_rows._warps
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     loops = [(k, w) for k in args.loop for w in (args.loop_warps or [None])]
-    columns = ([f"{w}w" for w in args.warps] + [f"<={r} regs" for r in args.registers]
+    columns = ([f"{w}w" for w in args.warps]
                + (["unmasked"] if args.unmasked else [])
                + [f"loop{k}x{'/' + str(w) + 'w' if w else ''}" for k, w in loops])
     print(f"{'form':<20} {'hidden':>6} {'tokens':>6} " + " ".join(f"{c:>10}" for c in columns)
-          + "   (us, median of 30 graph replays; the heuristic's warps marked *, the caps at its warps; then "
+          + "   (us, median of 30 graph replays; the heuristic's warps marked *; then "
           "registers/spilled per thread of each column's kernel, as compiled here)")
     seen = set()
     try:
@@ -103,10 +100,6 @@ def main() -> None:
                         cells.append(f"{us:>9.2f}{'*' if warps == chosen else ' '}")
                         registers.append(registers_of_new(seen))
                     triton_rows._warps = default
-                    for cap in args.registers:
-                        us = statistics.median(time_per_call(lambda i, c=cap: run(i, max_registers=c), sets))
-                        cells.append(f"{us:>9.2f} ")
-                        registers.append(registers_of_new(seen))
                     if args.unmasked:
                         us = statistics.median(time_per_call(lambda i: run(i, unmasked=True), sets))
                         cells.append(f"{us:>9.2f} ")

@@ -142,13 +142,6 @@ def test_quantising_forms_with_and_without_prefetch(stage, quant, extra):
         check_quantising_form(7, DTYPES[0], stage, quant, extra, prefetch=prefetch)
 
 
-@pytest.mark.parametrize("quant, extra", SCHEMES, ids=lambda v: str(v) if isinstance(v, str) else str(v or ""))
-def test_quantising_norms_under_a_register_cap(quant, extra):
-    """A cap on registers per thread (``max_registers``, the compiler's maxnreg: scripts/probe_row_warps.py times
-    it) gives the same codes and scales (on the GPU: the interpreter runs no compiler)."""
-    check_quantising_form(64, DTYPES[0], "norm", quant, extra, max_registers=56)
-
-
 @pytest.mark.parametrize("stage", ["norm", "add_norm"])
 @pytest.mark.parametrize("quant, extra", SCHEMES, ids=lambda v: str(v) if isinstance(v, str) else str(v or ""))
 def test_quantising_norms_in_a_row_loop(stage, quant, extra):
@@ -188,8 +181,8 @@ def test_row_loop_refuses_forms_without_whole_rows():
         run_rows(torch.cat([x, x], dim=-1), input_mode=INPUT_SILU_MUL, loop_programs=2)
 
 
-def check_quantising_form(rows, dtype, stage, quant, extra, prefetch=None, max_registers=None, loop_programs=0,
-                          hidden=None, unmasked=False):
+def check_quantising_form(rows, dtype, stage, quant, extra, prefetch=None, loop_programs=0, hidden=None,
+                          unmasked=False):
     hidden = hidden or (2880 if extra.get("group_size") != 128 else 4096)
     if stage == "silu" and quant == "fp8-per-token":
         pytest.skip("silu_and_mul -> per-token quant has no fused op")
@@ -215,8 +208,8 @@ def check_quantising_form(rows, dtype, stage, quant, extra, prefetch=None, max_r
     scales_out = None
     if want_scales is not None:  # poisoned, in the layout the reference returns (token-major)
         scales_out = numerics.token_major_scales(poisoned(want_scales.shape, torch.float32))
-    result = run_rows(x, out=out, scales_out=scales_out, prefetch=prefetch, max_registers=max_registers,
-                      loop_programs=loop_programs, unmasked=unmasked, **kwargs)
+    result = run_rows(x, out=out, scales_out=scales_out, prefetch=prefetch, loop_programs=loop_programs,
+                      unmasked=unmasked, **kwargs)
     assert_codes(out, want_codes)
     if want_scales is not None:
         assert result[1].shape == want_scales.shape and result[1].stride() == want_scales.stride()
