@@ -128,6 +128,14 @@ def _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, 
 
 
 @triton.jit
+def _residual_added(v, r, res_ptr, row, res_stride, offs, mask):
+    """residual <- x + residual (rounded to the residual's dtype), stored, and returned to work on."""
+    total = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+    tl.store(res_ptr + row * res_stride + offs, total, mask=mask)
+    return total
+
+
+@triton.jit
 def _row_kernel(
     x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
     scales_ptr, scales_row_stride, scales_group_stride,
@@ -173,10 +181,9 @@ def _row_kernel(
             nxt = row + step
             next_mask = mask & (tl.zeros_like(offs) + nxt < num_rows)  # (a scalar & a block: not in the interpreter)
             x_next = tl.load(x_ptr + nxt * x_stride + offs, mask=next_mask, other=0.0)
-            if INPUT == 1:  # residual <- x + residual, then work on the sum
+            if INPUT == 1:
                 r_next = tl.load(res_ptr + nxt * res_stride + offs, mask=next_mask, other=0.0)
-                v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
-                tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
+                v = _residual_added(v, r, res_ptr, row, res_stride, offs, mask)
             _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
                      scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
                      NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)
@@ -191,10 +198,9 @@ def _row_kernel(
             v = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
         else:
             v = tl.load(x_row + offs, mask=mask, other=0.0)
-            if INPUT == 1:  # residual <- x + residual, then work on the sum
+            if INPUT == 1:
                 r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
-                v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
-                tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
+                v = _residual_added(v, r, res_ptr, row, res_stride, offs, mask)
         _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
                  scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
                  NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)

@@ -63,8 +63,6 @@ def main() -> None:
                             saved["heads_per_program"] if setting["heads"] is None
                             else (lambda total, block, n=setting["heads"]: n))
                         cells.append(f"{statistics.median(time_per_call(run, sets)):>9.2f}")
-                    for name, value in saved.items():
-                        setattr(triton_heads, name, value)
                     print(f"{form:<14} {hidden:>6} {tokens:>6} " + " ".join(cells), flush=True)
     finally:
         for name, value in saved.items():
