@@ -267,7 +267,7 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     loop = loop_programs > 0 and num_rows > 0
     chunks = [(0, num_rows)] if loop else [(start, min(start + MAX_GRID_ROWS, num_rows))
                                            for start in range(0, num_rows, MAX_GRID_ROWS)]
-    for start, end in chunks:  # grid axis 1 holds at most 65535 programs  # grid axis 1 holds at most 65535 programs
+    for start, end in chunks:  # grid axis 1 holds at most 65535 programs
         chunk_res = res_rows[start:end] if res_rows is not None else None
         programs = min(loop_programs, end - start) if loop else end - start
         _row_kernel[(tiles, programs)](

@@ -44,12 +44,13 @@ def tables(table: pd.DataFrame) -> None:
         print()
 
 
-def same_bytes(r) -> str:
-    """'; a copy of its bytes here: X us (ours Y x)' where the row has the same-bytes copy, else ''."""
+def same_bytes(r, before: str = "", after: str = "") -> str:
+    """'a copy of its bytes here X us, ours Y x that' between ``before`` and ``after`` where the row has the
+    same-bytes copy, else ''."""
     copy = getattr(r, "copy_same_us", None)
     if copy is None or pd.isna(copy):
         return ""
-    return f"; a copy of its bytes here {copy:.2f} us, ours {r.ours_us / copy:.2f}x that"
+    return f"{before}a copy of its bytes here {copy:.2f} us, ours {r.ours_us / copy:.2f}x that{after}"
 
 
 def targets(table: pd.DataFrame) -> None:
@@ -59,7 +60,7 @@ def targets(table: pd.DataFrame) -> None:
     print(f"- **{COPY_TARGET_PCT}% of copy from {COPY_TARGET_FROM_TOKENS} tokens**: {len(large) - len(missed)} of "
           f"{len(large)} rows" + ("; under it: " + ", ".join(
               f"{r.op} H={r.hidden} T={r.num_tokens} {r.ours_pct_copy:.0f}% ({r.ours_pct_limit:.0f}% of the "
-              f"read/write limit{same_bytes(r)})" for r in missed.itertuples()) if len(missed) else ""))
+              f"read/write limit{same_bytes(r, '; ')})" for r in missed.itertuples()) if len(missed) else ""))
     both = rows[rows.inductor_us.notna()]
     slower = both[both.inductor_p90_us < both.ours_p10_us]
     print(f"- **Never slower than Inductor**: {len(both) - len(slower)} of {len(both)} rows; slower (spreads apart): "
@@ -71,7 +72,7 @@ def targets(table: pd.DataFrame) -> None:
     print(f"- **Within {FLOOR_GAP_US} us of the empty kernel ({table.empty_kernel_us.iloc[0]:.2f} us) at "
           f"{FLOOR_UP_TO_TOKENS} tokens and fewer**: {len(small) - len(far)} of {len(small)} rows; beyond: "
           + (", ".join(f"{r.op} H={r.hidden} T={r.num_tokens} +{r.ours_us - r.empty_kernel_us:.2f}"
-                       + (f" ({same_bytes(r).removeprefix('; ')})" if same_bytes(r) else "")
+                       + same_bytes(r, " (", ")")
                        for r in far.itertuples()) or "none"))
 
 
