@@ -69,7 +69,7 @@ import triton.language as tl
 from . import symm_mem
 from .collectives import group_size
 from .numerics import FP8_DTYPE, FP8_MAX, SQUARE_GROUP, squares_paired
-from .triton_rows import _warps, fp8_codes, inverse_width_bits, normalized_by, reciprocal, sum_of_squares
+from .triton_rows import fp8_codes, inverse_width_bits, normalized_by, reciprocal, sum_of_squares
 
 PHASE_COPY, PHASE_REDUCE, PHASE_NORMALISE, PHASE_CLEAR = 0, 1, 2, 3
 # The most programs a one-shot row is split over; its partials area keeps this many sums of squares per row.
@@ -82,6 +82,12 @@ MIN_PART = 1024
 TAKE_AT_ONCE = 8192
 # The empty mark of a one-shot slot element, by element size: the bits of -0.0 read as a signed integer.
 _MARK_DTYPES = {2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}
+
+
+def _part_warps(part: int) -> int:
+    """Warps for a program's part of a row: 4 up to 1024 columns, 8 up to 4096, else 16 (the row kernel's rule
+    until 2026-12-07; this kernel waits on its peers' rows, and it has not been timed at other warps)."""
+    return 4 if part <= 1024 else 8 if part <= 4096 else 16
 
 
 def _empty_mark(dtype: torch.dtype) -> tuple[torch.dtype, object, int]:
@@ -465,7 +471,7 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
                          f"{SQUARE_GROUP} squares")
     common = dict(WORLD=world, QUANT=quant, ALIGNED=hidden % 8 == 0 and half_bytes % 16 == 0, BLOCK=block // split,
                   SPLIT=split, PHASE_FIRST=phases[0], PHASE_LAST=phases[1], SYNC=sync, FP8_MAX_C=FP8_MAX, BITS=bits,
-                  MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype), num_warps=_warps(block // split),
+                  MARK=mark, PARTIAL_MARK=_partial_mark(x.dtype), num_warps=_part_warps(block // split),
                   PEERS=triton.next_power_of_2(max(1, world - 1)),
                   TAKE_AT_ONCE=TAKE_AT_ONCE if world > 2 and not two_shot else 0, PAIRED=paired)
     args = (x, residual, weight, out, scale if quant else x, buffers, pads, rank, num_rows, hidden, eps,

@@ -101,24 +101,19 @@ def _head_kernel(
         tl.store(vc_at + second[None, :], x2, mask=mask & is_v)
 
 
-MAX_PROGRAM_ELEMENTS = 4096  # a program's heads hold at most this many elements
-MIN_EVEN_ELEMENTS = 1024  # an even split of the heads is taken when its programs hold at least this many
-# Candidates of 2026-12-07, off until a GPU has timed them (scripts/probe_head_blocks.py turns them on and off):
-EVEN_HEAD_SPLIT = False  # heads_per_program's even split
-ONE_LAUNCH_QK = False  # rotary_embedding's one launch for Q and K of one buffer
+# A program's heads hold at most this many elements: 16 heads of 128. Timed 2026-12-07 on an H200
+# (scripts/probe_head_blocks.py, docs/benchmarks.md, eighteenth session), Llama-shaped Q + K heads: programs of 16
+# heads instead of 32 made Q/K norm + RoPE 20-25% faster from 4096 tokens and level below; with Q and K in one
+# launch (``rotary_embedding``), RoPE went from 3.0-3.4 to 1.9-2.1 us at 64 tokens, 2-7% faster at 4096, level
+# at one token and 16384 tokens at hidden 8192, 1.5% slower at 16384 tokens at 4096. Programs of 8 heads (the
+# largest power of two dividing 40, so that no slot is empty) were no better than 16 with a part-empty program.
+MAX_PROGRAM_ELEMENTS = 2048
 
 
 def heads_per_program(total_heads: int, block: int) -> int:
     """How many heads one program takes (a power of two; ``block`` = the padded half head): as many as fit
-    ``MAX_PROGRAM_ELEMENTS``. With ``EVEN_HEAD_SPLIT``, the largest power of two that divides the head count instead,
-    so that no program is part empty, where such programs hold at least ``MIN_EVEN_ELEMENTS``: Llama-3.1-8B's 32 Q +
-    8 K heads go in programs of 32, so every token's second program has 8 heads in 32 slots (the kernel ran at
-    68-86% of copy at 4096 tokens on the H100, 2026-12-07); in programs of 8 every slot is used."""
-    fit = min(triton.next_power_of_2(total_heads), max(1, MAX_PROGRAM_ELEMENTS // (2 * block)))
-    if not EVEN_HEAD_SPLIT:
-        return fit
-    even = min(total_heads & -total_heads, fit)
-    return even if even * 2 * block >= MIN_EVEN_ELEMENTS else fit
+    ``MAX_PROGRAM_ELEMENTS``, fewer where there are fewer heads."""
+    return min(triton.next_power_of_2(total_heads), max(1, MAX_PROGRAM_ELEMENTS // (2 * block)))
 
 
 def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_neox, wq=None, wk=None, eps=0.0,
@@ -143,13 +138,13 @@ def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_
 
 
 def rotary_embedding(q, k, cos, sin, is_neox, out=None):
-    """Both tensors [T, heads, head_dim], one launch each; with ``ONE_LAUNCH_QK``, one launch for both where they
-    are adjacent head ranges of one buffer (the qkv projection's split, the model's case: at one token and 64 the
-    two launches were 0.05-0.2 us slower than Inductor's code on the H100). ``out`` (q_out, k_out), contiguous, is
-    written instead of new buffers: tests poison it."""
+    """Both tensors [T, heads, head_dim]: one launch for both where they are adjacent head ranges of one buffer (the
+    qkv projection's split, the model's case: at one token and 64 a launch each was 0.05-0.2 us slower than
+    Inductor's code on the H100, and 1.2-1.3 us slower than one launch at 64 tokens on an H200), else one launch
+    each. ``out`` (q_out, k_out), contiguous, is written instead of new buffers: tests poison it."""
     q_out, k_out = out if out is not None else (torch.empty_like(q, memory_format=torch.contiguous_format),
                                                 torch.empty_like(k, memory_format=torch.contiguous_format))
-    if ONE_LAUNCH_QK and _heads_of_one_row(q, k):
+    if _heads_of_one_row(q, k):
         _launch(q, q.stride(0), q_out, k_out, q.shape[1], k.shape[1], q.shape[2], cos, sin, is_neox)
         return q_out, k_out
     for x, out in ((q, q_out), (k, k_out)):

@@ -89,12 +89,39 @@ def normalized_by(v, squares, inv_width, eps):
 
 
 @triton.jit
-def _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
-             scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
-             NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-             PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr):
-    """Everything after the input stage for one row (or tile) ``v``: the norm, the quantisation, the stores.
-    ``w`` and ``scale`` are the values loaded up front when ``PREFETCH``, else unused (loaded here)."""
+def _row_kernel(
+    x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
+    scales_ptr, scales_row_stride, scales_group_stride,
+    H, OUT_W, eps, inv_width_bits,
+    INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+):
+    # Program (tile, row) on grid axes (0, 1): tiles are the fastest axis, so programs running at once read
+    # adjacent memory (row-fastest was 2-4% slower for SiLU at large num_tokens, H100). A tile is the whole row
+    # when a stage reduces over it (norm, per-token scale), else BLOCK columns (a multiple of GROUP), so
+    # elementwise forms spread one token over many programs.
+    tile = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < H
+    x_row = x_ptr + row * x_stride
+    if PREFETCH:  # few rows: the time is a chain of DRAM round trips, so ask for the weight and scale up front
+        if NORM:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        if QUANT == 1:
+            scale = tl.load(scale_ptr)
+    if INPUT == 2:  # SiLU(gate) * up, gate = x[:H], up = x[H:2H]
+        gate = tl.load(x_row + offs, mask=mask, other=0.0)
+        up = tl.load(x_row + H + offs, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g * tl.sigmoid(g)).to(gate.dtype)
+        v = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    else:
+        v = tl.load(x_row + offs, mask=mask, other=0.0)
+        if INPUT == 1:  # residual <- x + residual, then work on the sum
+            r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
+            v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+            tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
     dtype = v.dtype
     if NORM:
         normed = rms_normalized(v, inv_width_bits.to(tl.float64, bitcast=True), eps, PAIRED)
@@ -103,7 +130,7 @@ def _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, 
         v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
     out_row = out_ptr + row * out_stride
     if QUANT == 0:  # OUT_W >= H: columns past H are written as zeros (v is 0 there), the padded form
-        tl.store(out_row + offs, v, mask=out_mask)
+        tl.store(out_row + offs, v, mask=offs < OUT_W)
     elif QUANT == 1 or QUANT == 2:
         vf = v.to(tl.float32)
         if QUANT == 1:
@@ -127,90 +154,17 @@ def _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, 
         tl.store(out_row + offs, q, mask=mask)
 
 
-@triton.jit
-def _residual_added(v, r, res_ptr, row, res_stride, offs, mask):
-    """residual <- x + residual (rounded to the residual's dtype), stored, and returned to work on."""
-    total = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
-    tl.store(res_ptr + row * res_stride + offs, total, mask=mask)
-    return total
-
-
-@triton.jit
-def _row_kernel(
-    x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
-    scales_ptr, scales_row_stride, scales_group_stride,
-    H, OUT_W, eps, inv_width_bits, num_rows,
-    INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
-    LOOP: tl.constexpr, EVEN: tl.constexpr,
-):
-    # Program (tile, row) on grid axes (0, 1): tiles are the fastest axis, so programs running at once read
-    # adjacent memory (row-fastest was 2-4% slower for SiLU at large num_tokens, H100). A tile is the whole row
-    # when a stage reduces over it (norm, per-token scale), else BLOCK columns (a multiple of GROUP), so
-    # elementwise forms spread one token over many programs.
-    # LOOP (whole rows, no SiLU input): a fixed grid of programs, each taking rows program, program + grid, ...,
-    # and asking for its next row's input before it works on the current one, so a row's loads are in flight
-    # while the one before it is reduced and stored.
-    # EVEN: BLOCK divides the row and the output is as wide: no column masks (a mask the compiler sees is all true).
-    tile = tl.program_id(0)
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    if EVEN:
-        mask = tl.full([BLOCK], 1, tl.int1)
-        out_mask = mask
-    else:
-        mask = offs < H
-        out_mask = offs < OUT_W
-    w = 0.0
-    scale = 0.0
-    if PREFETCH:  # few rows: the time is a chain of DRAM round trips, so ask for the weight and scale up front
-        if NORM:
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        if QUANT == 1:
-            scale = tl.load(scale_ptr)
-    if LOOP:
-        first = tl.program_id(1)
-        step = tl.num_programs(1)
-        x_next = tl.load(x_ptr + first.to(tl.int64) * x_stride + offs, mask=mask, other=0.0)  # first < num_rows
-        r_next = x_next
-        if INPUT == 1:
-            r_next = tl.load(res_ptr + first.to(tl.int64) * res_stride + offs, mask=mask, other=0.0)
-        for i in range(tl.cdiv(num_rows - first, step)):
-            row = first.to(tl.int64) + i * step
-            v = x_next
-            r = r_next
-            nxt = row + step
-            next_mask = mask & (tl.zeros_like(offs) + nxt < num_rows)  # (a scalar & a block: not in the interpreter)
-            x_next = tl.load(x_ptr + nxt * x_stride + offs, mask=next_mask, other=0.0)
-            if INPUT == 1:
-                r_next = tl.load(res_ptr + nxt * res_stride + offs, mask=next_mask, other=0.0)
-                v = _residual_added(v, r, res_ptr, row, res_stride, offs, mask)
-            _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
-                     scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
-                     NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)
-    else:
-        row = tl.program_id(1).to(tl.int64)
-        x_row = x_ptr + row * x_stride
-        if INPUT == 2:  # SiLU(gate) * up, gate = x[:H], up = x[H:2H]
-            gate = tl.load(x_row + offs, mask=mask, other=0.0)
-            up = tl.load(x_row + H + offs, mask=mask, other=0.0)
-            g = gate.to(tl.float32)
-            act = (g * tl.sigmoid(g)).to(gate.dtype)
-            v = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-        else:
-            v = tl.load(x_row + offs, mask=mask, other=0.0)
-            if INPUT == 1:
-                r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
-                v = _residual_added(v, r, res_ptr, row, res_stride, offs, mask)
-        _row_out(v, row, tile, offs, mask, out_mask, w, w_ptr, out_ptr, out_stride, scale, scale_ptr,
-                 scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
-                 NORM, QUANT, GROUP, BLOCK, PREFETCH, PAIRED, FP8_MAX_C, MIN_SCALE)
-
-
 ELEMENTWISE_TILE = 1024  # columns per program when no stage needs the whole row
 
 
 def _warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+    """Warps per program: 32 columns per thread (a block of 4096 on 4 warps, 8192 on 8), at least 4 and at most 16.
+    Timed 2026-12-07 with scripts/probe_row_warps.py (docs/benchmarks.md, eighteenth session): on an H200, 4 warps
+    instead of 8 at a block of 4096 were up to 10% faster at 1 token and 4-7% faster from 4096 tokens for the
+    quantising norms, and 8 instead of 16 at 8192 were 4-13% faster for them from 4096 tokens; the plain and
+    residual norms were level. On an H100 (sixteenth and seventeenth sessions) they were within 0.5% either way from
+    4096 tokens and up to 10% faster at 64. Elementwise tiles (1024) keep 4."""
+    return min(16, max(4, block // 1024))
 
 
 # Up to this many rows the loads of the weight and static scale are issued first (``PREFETCH``). Measured on the
@@ -225,16 +179,11 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
              weight: torch.Tensor | None = None, eps: float = 0.0, quant: str | None = None,
              scale: torch.Tensor | None = None, group_size: int = 0,
              out: torch.Tensor | None = None, scales_out: torch.Tensor | None = None,
-             prefetch: bool | None = None, pad_to: int = 0,
-             loop_programs: int = 0, unmasked: bool = False):
+             prefetch: bool | None = None, pad_to: int = 0):
     """Launch the row kernel; returns what the matching op returns (a tensor, or (codes, scales)).
     ``out`` (contiguous) and ``scales_out`` (any strides; the layout of ``quant.scales_like`` by default) are
     written instead of new buffers: tests poison them. ``prefetch`` overrides the choice by row count (tests).
-    ``pad_to`` (> width, no quant) makes the output that wide, zeros after the row's own columns.
-    ``loop_programs`` (> 0; whole-row forms without SiLU input) launches that many programs (at most one per row),
-    each looping over rows and loading its next row while it works on the current one, instead of one program per
-    row: what ``scripts/probe_row_warps.py --loop`` times. ``unmasked`` drops the column masks where the program's
-    block divides the row and the output is as wide (``--unmasked`` times it)."""
+    ``pad_to`` (> width, no quant) makes the output that wide, zeros after the row's own columns."""
     width = x.shape[-1] // 2 if input_mode == INPUT_SILU_MUL else x.shape[-1]
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
@@ -262,24 +211,18 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     if prefetch is None:
         prefetch = num_rows <= PREFETCH_MAX_ROWS
     tiles = triton.cdiv(out_width, block)
-    if loop_programs and not (whole_row and input_mode != INPUT_SILU_MUL):
-        raise ValueError("loop_programs needs a whole-row form (a norm or per-token quant) without SiLU input")
-    loop = loop_programs > 0 and num_rows > 0
-    chunks = [(0, num_rows)] if loop else [(start, min(start + MAX_GRID_ROWS, num_rows))
-                                           for start in range(0, num_rows, MAX_GRID_ROWS)]
-    for start, end in chunks:  # grid axis 1 holds at most 65535 programs
+    for start in range(0, num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
+        end = min(start + MAX_GRID_ROWS, num_rows)
         chunk_res = res_rows[start:end] if res_rows is not None else None
-        programs = min(loop_programs, end - start) if loop else end - start
-        _row_kernel[(tiles, programs)](
+        _row_kernel[(tiles, end - start)](
             rows[start:end], rows.stride(0), chunk_res if chunk_res is not None else rows,
             chunk_res.stride(0) if chunk_res is not None else 0,
             weight if weight is not None else rows, out[start:end], out.stride(0),
             scale if scale is not None else out, scales[start:end], scales.stride(0), scales.stride(1),
-            width, out_width, eps, inverse_width_bits(width), end - start,
+            width, out_width, eps, inverse_width_bits(width),
             INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
             BLOCK=block, PREFETCH=prefetch, PAIRED=squares_paired(width, x.dtype), FP8_MAX_C=FP8_MAX,
-            MIN_SCALE=FP8_MIN_SCALE, LOOP=loop, EVEN=unmasked and width % block == 0 and out_width == width,
-            num_warps=_warps(block),
+            MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
         )
     if residual is not None and not residual.is_contiguous():
         residual.copy_(res_rows.view_as(residual))

@@ -1,15 +1,15 @@
-"""How a whole-row program of the row kernel should be launched, timed on the GPU: the norm forms (and SiLU) at each
-hidden size with 4, 8, 16 and 32 warps, without column masks (``--unmasked``), and in the row loop (``--loop K``:
-``run_rows(loop_programs=K x SMs)``, a fixed grid of programs, each loading its next row while it reduces and
-stores the current one), with each column's registers and spills per thread as the GPU's Triton compiled them:
+"""How many warps a program of the row kernel should have, timed on the GPU: the norm forms (and SiLU) at each
+hidden size with 4, 8, 16 and 32 warps, with each column's registers and spills per thread as the GPU's Triton
+compiled them:
 
     python3 scripts/probe_row_warps.py [--hidden 4096 8192] [--tokens 4096 16384] [--warps 4 8]
-                                       [--forms norm add+norm norm->static ...] [--unmasked]
-                                       [--loop 2 4 8 [--loop-warps 4 8]]
+                                       [--forms norm add+norm norm->static ...]
 
-A cap on registers (the compiler's ``maxnreg``) was timed here on an H100 on 2026-12-07 and removed: Triton 3.6
-gives these kernels 32-59 registers (Triton 3.9 on the CPU machine had shown 70-79), and capped they were no
-faster, up to 7% slower.
+Tried here and removed, none a clear win (docs/benchmarks.md, seventeenth and eighteenth sessions): a cap on registers
+(the compiler's ``maxnreg``; H100, up to 7% slower); a persistent row loop, a fixed grid of 2-8 programs per SM,
+each loading its next row while it reduced and stored the current one (H200: the best of six loop settings was
+slower than the best plain launch in 44 of 48 cases, by a median 6% and up to 22%, and 0.2-3% faster in four); the kernel without column masks where the block divides the row (H200: level for SiLU,
+from 5% faster to 9% slower for the norms).
 """
 
 import argparse
@@ -63,19 +63,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
     parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
     parser.add_argument("--warps", type=int, nargs="+", default=list(WARPS), help="warps per program to time")
-    parser.add_argument("--loop", type=int, nargs="*", default=[],
-                        help="programs per SM to time in the row loop (run_rows' loop_programs = this x SMs)")
-    parser.add_argument("--unmasked", action="store_true",
-                        help="also time the kernel without column masks (run_rows(unmasked=True))")
-    parser.add_argument("--loop-warps", type=int, nargs="*", default=[],
-                        help="warps of the row loop's programs (default: the heuristic's)")
     args = parser.parse_args()
     default = triton_rows._warps
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    loops = [(k, w) for k in args.loop for w in (args.loop_warps or [None])]
-    columns = ([f"{w}w" for w in args.warps]
-               + (["unmasked"] if args.unmasked else [])
-               + [f"loop{k}x{'/' + str(w) + 'w' if w else ''}" for k, w in loops])
+    columns = [f"{w}w" for w in args.warps]
     print(f"{'form':<20} {'hidden':>6} {'tokens':>6} " + " ".join(f"{c:>10}" for c in columns)
           + "   (us, median of 30 graph replays; the heuristic's warps marked *; then "
           "registers/spilled per thread of each column's kernel, as compiled here)")
@@ -98,20 +88,6 @@ def main() -> None:
                         triton_rows._warps = lambda block, w=warps: w
                         us = statistics.median(time_per_call(run, sets))
                         cells.append(f"{us:>9.2f}{'*' if warps == chosen else ' '}")
-                        registers.append(registers_of_new(seen))
-                    triton_rows._warps = default
-                    if args.unmasked:
-                        us = statistics.median(time_per_call(lambda i: run(i, unmasked=True), sets))
-                        cells.append(f"{us:>9.2f} ")
-                        registers.append(registers_of_new(seen))
-                    for per_sm, warps in loops:
-                        if form.startswith("silu"):  # no row loop for the elementwise forms
-                            cells.append(f"{'-':>9} ")
-                            continue
-                        triton_rows._warps = (lambda block, w=warps: w) if warps else default
-                        us = statistics.median(time_per_call(
-                            lambda i, n=per_sm * sms: run(i, loop_programs=n), sets))
-                        cells.append(f"{us:>9.2f} ")
                         registers.append(registers_of_new(seen))
                     triton_rows._warps = default
                     print(f"{form:<20} {hidden:>6} {tokens:>6} " + " ".join(cells) + "   " + " ".join(registers),

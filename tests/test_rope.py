@@ -20,7 +20,7 @@ from test_triton_kernels import DEVICE, DTYPES, ON_GPU, assert_values, poisoned 
 
 EPS = 1e-6
 TOKENS = [1, 7, 65, 4097] if ON_GPU else [1, 7, 65]
-HEADS = [(32, 8, 128), (64, 8, 64)] if ON_GPU else [(4, 2, 128), (3, 1, 64), (36, 4, 128)]  # 40: 2 blocks
+HEADS = [(32, 8, 128), (64, 8, 64)] if ON_GPU else [(4, 2, 128), (3, 1, 64), (36, 4, 128)]  # 40: 3 programs of 16, the last half full
 
 
 def rotary_cache(tokens, head_dim):
@@ -52,19 +52,11 @@ def qkv_inputs(tokens, heads, dtype, seed):
     return qkv, wq, wk
 
 
-@pytest.fixture(params=[False, True], ids=["launches-as-default", "even-split-one-launch"])
-def head_split(request, monkeypatch):
-    """The per-head kernel's launch choices: as they are, and with the candidates turned on."""
-    monkeypatch.setattr(triton_heads, "EVEN_HEAD_SPLIT", request.param)
-    monkeypatch.setattr(triton_heads, "ONE_LAUNCH_QK", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", TOKENS)
-def test_kernels_match_the_reference(tokens, dtype, heads, is_neox, head_split):
+def test_kernels_match_the_reference(tokens, dtype, heads, is_neox):
     num_heads, num_kv_heads, head_dim = heads
     qkv, wq, wk = qkv_inputs(tokens, heads, dtype, seed=tokens + head_dim)
     cos, sin = rotary_cache(tokens + 5, head_dim)  # positions from 5: at position 0 the rotation is the identity
@@ -105,10 +97,9 @@ def test_fused_equals_the_unfused_chain_of_kernels():
     assert torch.equal(fused[0], chain[0]) and torch.equal(fused[1], chain[1])
 
 
-def test_q_and_k_apart_are_rotated_each_by_its_own_launch(monkeypatch):
-    """q and k that are not one buffer's adjacent heads (separate tensors) take a launch each, also where one
-    launch is chosen for adjacent ones."""
-    monkeypatch.setattr(triton_heads, "ONE_LAUNCH_QK", True)
+def test_q_and_k_apart_are_rotated_each_by_its_own_launch():
+    """q and k that are not one buffer's adjacent heads (separate tensors) take a launch each (adjacent ones, the
+    other tests' case, take one)."""
     num_heads, num_kv_heads, head_dim = HEADS[0]
     qkv, _, _ = qkv_inputs(3, HEADS[0], DTYPES[0], seed=9)
     cos, sin = rotary_cache(3, head_dim)
@@ -123,15 +114,15 @@ def test_q_and_k_apart_are_rotated_each_by_its_own_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("heads, block, want", [
-    (40, 64, 8),    # Llama-3.1-8B at TP 1: 32 Q + 8 K heads of 128 in programs of 8 (1024 elements), none part empty
+    (40, 64, 16),   # Llama-3.1-8B at TP 1: 32 Q + 8 K heads of 128 in programs of 16 (2048 elements), the last half full
     (80, 64, 16),   # 70B's 64 + 16
-    (48, 64, 16),   # 32 + 8 + 8 with the V heads (the cache write)
-    (20, 64, 32),   # TP 2's 16 + 4: programs of 4 heads of 128 (512 elements) are too small; 32 slots, 20 used
-    (5, 64, 8),     # an odd count: as many as fit
-    (96, 64, 32),   # a power of two times 3: programs of the most that fit
+    (20, 64, 16),   # TP 2's 16 + 4
+    (5, 64, 8),     # an odd count: the power of two above it
+    (2, 64, 2),     # few heads: no more slots than heads
+    (40, 32, 32),   # heads of 64: 32 fit
+    (3, 1024, 1),   # a head wider than a program's budget: one a program
 ])
-def test_heads_per_program(heads, block, want, monkeypatch):
-    monkeypatch.setattr(triton_heads, "EVEN_HEAD_SPLIT", True)
+def test_heads_per_program(heads, block, want):
     got = triton_heads.heads_per_program(heads, block)
     assert got == want
-    assert got * 2 * block <= triton_heads.MAX_PROGRAM_ELEMENTS
+    assert got * 2 * block <= max(triton_heads.MAX_PROGRAM_ELEMENTS, 2 * block)

@@ -142,48 +142,8 @@ def test_quantising_forms_with_and_without_prefetch(stage, quant, extra):
         check_quantising_form(7, DTYPES[0], stage, quant, extra, prefetch=prefetch)
 
 
-@pytest.mark.parametrize("stage", ["norm", "add_norm"])
-@pytest.mark.parametrize("quant, extra", SCHEMES, ids=lambda v: str(v) if isinstance(v, str) else str(v or ""))
-def test_quantising_norms_in_a_row_loop(stage, quant, extra):
-    """Programs that loop over rows, loading the next while working on the current (``loop_programs``): 3
-    programs for 7 rows (3, 2 and 2 rows each), with and without the weight held, give the same codes and scales."""
-    for prefetch in (True, False):
-        check_quantising_form(7, DTYPES[0], stage, quant, extra, prefetch=prefetch, loop_programs=3)
-
-
-def test_norms_in_a_row_loop():
-    """The unquantised norms in the row loop: more programs than rows too (as many run as there are rows)."""
-    for programs in (2, 16):
-        x, residual, weight = inputs(5, 2880, DTYPES[0], seed=programs)
-        out = poisoned((5, 2880), DTYPES[0])
-        run_rows(x, weight=weight, eps=EPS, out=out, loop_programs=programs)
-        assert_values(out, numerics.rms_norm(x, weight, EPS))
-        mine, out = residual.clone(), poisoned((5, 2880), DTYPES[0])
-        run_rows(x, input_mode=INPUT_ADD_RESIDUAL, residual=mine, weight=weight, eps=EPS, out=out,
-                 loop_programs=programs)
-        total = numerics.residual_add(x, residual)
-        assert torch.equal(mine, total)
-        assert_values(out, numerics.rms_norm(total, weight, EPS))
-
-
-@pytest.mark.parametrize("stage", ["quant", "norm", "add_norm", "silu"])
-@pytest.mark.parametrize("quant, extra", SCHEMES, ids=lambda v: str(v) if isinstance(v, str) else str(v or ""))
-def test_forms_without_column_masks(stage, quant, extra):
-    """``unmasked`` (the block divides the row: no column masks) on a row of 4096, in the row loop too."""
-    check_quantising_form(3, DTYPES[0], stage, quant, extra, hidden=4096, unmasked=True)
-    if stage in ("norm", "add_norm"):
-        check_quantising_form(3, DTYPES[0], stage, quant, extra, hidden=4096, unmasked=True, loop_programs=2)
-
-
-def test_row_loop_refuses_forms_without_whole_rows():
-    x = inputs(4, 256, DTYPES[0], seed=3)[0]
-    with pytest.raises(ValueError, match="loop_programs needs a whole-row form"):
-        run_rows(torch.cat([x, x], dim=-1), input_mode=INPUT_SILU_MUL, loop_programs=2)
-
-
-def check_quantising_form(rows, dtype, stage, quant, extra, prefetch=None, loop_programs=0, hidden=None,
-                          unmasked=False):
-    hidden = hidden or (2880 if extra.get("group_size") != 128 else 4096)
+def check_quantising_form(rows, dtype, stage, quant, extra, prefetch=None):
+    hidden = 2880 if extra.get("group_size") != 128 else 4096
     if stage == "silu" and quant == "fp8-per-token":
         pytest.skip("silu_and_mul -> per-token quant has no fused op")
     x, residual, weight = inputs(rows, hidden, dtype, seed=rows + hidden)
@@ -208,8 +168,7 @@ def check_quantising_form(rows, dtype, stage, quant, extra, prefetch=None, loop_
     scales_out = None
     if want_scales is not None:  # poisoned, in the layout the reference returns (token-major)
         scales_out = numerics.token_major_scales(poisoned(want_scales.shape, torch.float32))
-    result = run_rows(x, out=out, scales_out=scales_out, prefetch=prefetch, loop_programs=loop_programs,
-                      unmasked=unmasked, **kwargs)
+    result = run_rows(x, out=out, scales_out=scales_out, prefetch=prefetch, **kwargs)
     assert_codes(out, want_codes)
     if want_scales is not None:
         assert result[1].shape == want_scales.shape and result[1].stride() == want_scales.stride()
