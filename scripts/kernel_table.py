@@ -8,7 +8,8 @@ than Inductor's code for the same expression; within 1.5 us of the empty-kernel 
 "Slower than Inductor" needs Inductor's p90 under ours' p10 (the two spreads apart), so that the replay-to-replay
 spread of one run is not read as a loss or a win. Where the CSV has it (from 2026-12-07), each row also shows a
 copy of the same bytes at the same size, and the rows that miss a target are set beside it: how far they are from
-what any kernel moving those bytes takes there.
+what any kernel moving those bytes takes there. Two lines say what that copy makes of the targets: how many rows
+reach 90% of it from 4096 tokens, and how many of the rows beyond the floor's 1.5 us have a copy beyond it too.
 """
 
 import sys
@@ -61,6 +62,14 @@ def targets(table: pd.DataFrame) -> None:
           f"{len(large)} rows" + ("; under it: " + ", ".join(
               f"{r.op} H={r.hidden} T={r.num_tokens} {r.ours_pct_copy:.0f}% ({r.ours_pct_limit:.0f}% of the "
               f"read/write limit{same_bytes(r, '; ')})" for r in missed.itertuples()) if len(missed) else ""))
+    if "copy_same_us" in large:
+        known = large[large.copy_same_us.notna()]
+        short = known[known.ours_us * COPY_TARGET_PCT / 100 > known.copy_same_us]
+        print(f"- **{COPY_TARGET_PCT}% of a copy of the same bytes** (the copy at the row's size, not at 1-4 GiB) from "
+              f"{COPY_TARGET_FROM_TOKENS} tokens: {len(known) - len(short)} of {len(known)} rows"
+              + ("; under it: " + ", ".join(f"{r.op} H={r.hidden} T={r.num_tokens} "
+                                            f"{100 * r.copy_same_us / r.ours_us:.0f}%" for r in short.itertuples())
+                 if len(short) else ""))
     both = rows[rows.inductor_us.notna()]
     slower = both[both.inductor_p90_us < both.ours_p10_us]
     print(f"- **Never slower than Inductor**: {len(both) - len(slower)} of {len(both)} rows; slower (spreads apart): "
@@ -74,6 +83,9 @@ def targets(table: pd.DataFrame) -> None:
           + (", ".join(f"{r.op} H={r.hidden} T={r.num_tokens} +{r.ours_us - r.empty_kernel_us:.2f}"
                        + same_bytes(r, " (", ")")
                        for r in far.itertuples()) or "none"))
+    if "copy_same_us" in far and len(far):
+        copy_far = far[far.copy_same_us - far.empty_kernel_us > FLOOR_GAP_US]
+        print(f"  - of these, {len(copy_far)} are rows where a copy of the same bytes is beyond it too")
 
 
 if __name__ == "__main__":
