@@ -468,6 +468,8 @@ def bench_kernels(
     tp: int = typer.Option(1, "--tp", min=1, help="Above 1: the collective cases (fused all-reduce + norm, AsyncTP's "
                            "GEMM + collective) on this many GPUs, one process each (default: 1, the row kernels)."),
     csv_path: Path = typer.Option(Path("bench-kernels.csv"), "--csv", help="Where the table goes as CSV."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the rows --csv already has (an earlier run of this "
+                                "table on this GPU type, cut short) and measure only the rest."),
 ):
     """Time every row-wise kernel (fused and unfused) under CUDA graphs against its unfused chain, Inductor and
     FlashInfer; print achieved GB/s as a fraction of the measured copy bandwidth, and how close each kernel came to
@@ -497,11 +499,18 @@ def bench_kernels(
         if torch.cuda.device_count() < tp:
             console.print(f"[red]--tp {tp} needs {tp} GPUs; this machine shows {torch.cuda.device_count()}[/red]")
             raise typer.Exit(2)
-        bench.run(tp, tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS, list(op) or None,
-                  csv_path)
-    else:
-        bench.run(tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS, getattr(torch, dtype),
-                  list(op) or None, csv_path, progress=console.print)
+    from fusiontune.harness.bench_table import TableMismatch
+
+    try:
+        if tp > 1:
+            bench.run(tp, tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS,
+                      list(op) or None, csv_path, resume=resume)
+        else:
+            bench.run(tuple(hidden) or bench.DEFAULT_HIDDEN, tuple(tokens) or bench.DEFAULT_TOKENS,
+                      getattr(torch, dtype), list(op) or None, csv_path, progress=console.print, resume=resume)
+    except TableMismatch as exc:
+        console.print(f"[red]--resume: {exc}[/red]")
+        raise typer.Exit(2)
     console.print(f"table: {csv_path}")
 
 

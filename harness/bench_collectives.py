@@ -23,7 +23,6 @@ hand table.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ from fusiontune.passes.fusions import (FI_ALLREDUCE_FUSION_MAX_SIZE_MB, FI_ALLRE
                                        VLLM_TABLES)
 from fusiontune.kernels.collectives import all_gathered, all_reduced, reduce_scattered
 
+from . import bench_table
 from .timing import slowest_rank, time_per_call
 
 DEFAULT_TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
@@ -165,16 +165,17 @@ def join_gpu_group(rank: int, world: int, port: int) -> torch.device:
     return device
 
 
-def measure_rank(rank: int, world: int, port: int, hidden_sizes, num_tokens, names, csv_path: str | None) -> None:
-    """One rank's part of the benchmark (every rank runs every case in the same order; rank 0 writes)."""
+def measure_rank(rank: int, world: int, port: int, hidden_sizes, num_tokens, names, csv_path: str | None,
+                 earlier: list[dict] = ()) -> None:
+    """One rank's part of the benchmark (every rank runs every case in the same order; rank 0 writes). ``earlier``:
+    the rows a resumed table already has, which no rank measures again."""
     device = join_gpu_group(rank, world, port)
     group = dist.group.WORLD
+    done = {bench_table.row_key(row) for row in earlier}
 
     writer, sink = None, None
     if rank == 0 and csv_path:
-        sink = open(csv_path, "w", newline="")
-        writer = csv.DictWriter(sink, fieldnames=FIELDS)
-        writer.writeheader()
+        sink, writer = bench_table.open_table(csv_path, FIELDS, append=bool(earlier))
     try:
         selected = [case for case in cases() if not names or case.name in names]
         name = torch.cuda.get_device_name(device)
@@ -183,12 +184,12 @@ def measure_rank(rank: int, world: int, port: int, hidden_sizes, num_tokens, nam
                   f"num_tokens {list(num_tokens)}; FlashInfer: "
                   + ("a peer of the all-reduce + norm cases" if flashinfer_allreduce.available() else
                      "not installed (no peer column)"), flush=True)
-        rows = []
+        rows = list(earlier)
         for case in selected:
             peers = case.peers(group.group_name)
             for hidden in hidden_sizes:
                 for tokens in num_tokens:
-                    if not case.applies(tokens, world):
+                    if not case.applies(tokens, world) or (case.name, hidden, tokens) in done:
                         continue
                     row = _measure(case, peers, tokens, hidden, rank, world, device, group)
                     row.update({"device": name, "tp": world})
@@ -297,13 +298,18 @@ def _line(row: dict) -> str:
 
 
 def run(world: int, hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, names: list[str] | None = None,
-        csv_path: Path | None = None) -> None:
-    """Spawn one process per GPU and run the benchmark (rank 0 prints and writes the CSV)."""
+        csv_path: Path | None = None, resume: bool = False) -> None:
+    """Spawn one process per GPU and run the benchmark (rank 0 prints and writes the CSV). With ``resume``, the rows
+    ``csv_path`` already has (an earlier run at this TP size on this GPU type) are kept and not measured again."""
     import torch.multiprocessing as mp
 
     from .process_group import free_port
 
     if torch.cuda.device_count() < world:
         raise RuntimeError(f"--tp {world} needs {world} GPUs; this machine shows {torch.cuda.device_count()}")
+    earlier = (bench_table.earlier_rows(csv_path, FIELDS, {"device": torch.cuda.get_device_name(0), "tp": world})
+               if resume and csv_path else [])
+    if earlier:
+        print(f"resuming {csv_path}: {len(earlier)} rows kept, measured before", flush=True)
     mp.spawn(measure_rank, args=(world, free_port(), tuple(hidden_sizes), tuple(num_tokens), names,
-                                 str(csv_path) if csv_path else None), nprocs=world, join=True)
+                                 str(csv_path) if csv_path else None, earlier), nprocs=world, join=True)

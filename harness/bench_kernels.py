@@ -15,7 +15,6 @@ row a copy of its bytes at its size (``same_bytes_copy_us``): the launch, ramp a
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.util
 import math
@@ -31,6 +30,7 @@ from fusiontune.kernels import QUANT_SCHEMES, numerics
 from fusiontune.kernels.attention import causal_attention
 from fusiontune.kernels.rope import split_heads
 
+from . import bench_table
 from .timing import time_per_call
 
 ops = torch.ops.fusiontune
@@ -436,36 +436,44 @@ FIELDS = ["device", "op", "hidden", "num_tokens", "dtype", "bytes", "bytes_read"
 
 
 def run(hidden_sizes=DEFAULT_HIDDEN, num_tokens=DEFAULT_TOKENS, dtype=torch.bfloat16, names: list[str] | None = None,
-        csv_path: Path | None = None, progress: Callable[[str], None] = print) -> list[dict]:
+        csv_path: Path | None = None, progress: Callable[[str], None] = print, resume: bool = False) -> list[dict]:
+    """Measure every selected (op, hidden, num_tokens) row and return them; each is written to ``csv_path`` as it
+    is measured. With ``resume``, the rows ``csv_path`` already has (an earlier run on this GPU type and dtype, cut
+    short) are kept and not measured again (``bench_table``)."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench-kernels needs a CUDA GPU")
+    device = torch.cuda.get_device_name(0)
+    dtype_name = str(dtype).removeprefix("torch.")
+    earlier = (bench_table.earlier_rows(csv_path, FIELDS, {"device": device, "dtype": dtype_name})
+               if resume and csv_path else [])
+    done = {bench_table.row_key(row) for row in earlier}
     memory, floor_us = memory_limit(), empty_kernel_us()
     copy_gbs = memory.copy_gbs
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    device = torch.cuda.get_device_name(0)
     each = ", ".join(f"{way} {gbs:.0f}" for way, gbs in memory.ways.items())
     progress(f"{device}: copy {copy_gbs:.0f} GB/s, read {memory.read_gbs:.0f} GB/s (so writes at "
              f"{memory.write_gbs:.0f}), each the best of: {each}; empty Triton kernel {floor_us:.2f} us under CUDA "
              "graphs")
-    rows = []
-    sink = open(csv_path, "w", newline="") if csv_path else None
-    writer = csv.DictWriter(sink, fieldnames=FIELDS) if sink else None
-    if writer:
-        writer.writeheader()
+    rows = list(earlier)
+    sink, writer = bench_table.open_table(csv_path, FIELDS, append=resume) if csv_path else (None, None)
     selected = [case for case in cases() if not names or case.name in names]
     progress(f"FlashInfer: {flashinfer_peer()[1]}")
+    if done:
+        progress(f"resuming {csv_path}: {len(done)} rows kept, measured before")
     for case in selected:
         for hidden in hidden_sizes:
             if not case.applies_to(hidden):
                 continue
             for tokens in num_tokens:
+                if (case.name, hidden, tokens) in done:
+                    continue
                 compiled = _inductor(case.expression)
                 read, written = case.traffic(tokens, hidden, dtype)
                 moved = read + written
                 sets = max(2, min(64, math.ceil(4 * l2 / moved)))
                 inputs = [case.make_inputs(tokens, hidden, dtype, seed=s) for s in range(sets)]
                 row = {"device": device, "op": case.name, "hidden": hidden, "num_tokens": tokens,
-                       "dtype": str(dtype).removeprefix("torch."), "bytes": moved, "bytes_read": read,
+                       "dtype": dtype_name, "bytes": moved, "bytes_read": read,
                        "input_sets": sets, "copy_gbs": round(copy_gbs, 1), "read_gbs": round(memory.read_gbs, 1),
                        "empty_kernel_us": round(floor_us, 3), "limit_us": round(memory.limit_us(read, written), 3)}
                 row.update(zip(("copy_same_us", "copy_same_p10_us", "copy_same_p90_us"),
