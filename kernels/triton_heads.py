@@ -103,10 +103,11 @@ def _head_kernel(
 
 # A program's heads hold at most this many elements: 16 heads of 128. Timed 2026-12-07 on an H200
 # (scripts/probe_head_blocks.py, docs/benchmarks.md, eighteenth session), Llama-shaped Q + K heads: programs of 16
-# heads instead of 32 made Q/K norm + RoPE 20-25% faster from 4096 tokens and level below; with Q and K in one
-# launch (``rotary_embedding``), RoPE went from 3.0-3.4 to 1.9-2.1 us at 64 tokens, 2-7% faster at 4096, level
-# at one token and 16384 tokens at hidden 8192, 1.5% slower at 16384 tokens at 4096. Programs of 8 heads (the
-# largest power of two dividing 40, so that no slot is empty) were no better than 16 with a part-empty program.
+# heads instead of 32 made Q/K norm + RoPE 14-25% faster from 4096 tokens and level below; with Q and K in one
+# launch as well (``rotary_embedding``), RoPE went from 3.0-3.4 to 1.9-2.1 us at 64 tokens, 6-7% faster at 4096,
+# level at one token and at 16384 tokens at hidden 8192, 1.5% slower at 16384 tokens at hidden 4096. Programs of 8
+# heads (the largest power of two dividing 40, so that no slot is empty) were no better than 16 with a part-empty
+# program.
 MAX_PROGRAM_ELEMENTS = 2048
 
 
@@ -140,7 +141,7 @@ def _launch(src, src_stride, q_out, k_out, num_q, num_k, head_dim, cos, sin, is_
 def rotary_embedding(q, k, cos, sin, is_neox, out=None):
     """Both tensors [T, heads, head_dim]: one launch for both where they are adjacent head ranges of one buffer (the
     qkv projection's split, the model's case: at one token and 64 a launch each was 0.05-0.2 us slower than
-    Inductor's code on the H100, and 1.2-1.3 us slower than one launch at 64 tokens on an H200), else one launch
+    Inductor's code on the H100, and 1.0-1.3 us slower than one launch at 64 tokens on an H200), else one launch
     each. ``out`` (q_out, k_out), contiguous, is written instead of new buffers: tests poison it."""
     q_out, k_out = out if out is not None else (torch.empty_like(q, memory_format=torch.contiguous_format),
                                                 torch.empty_like(k, memory_format=torch.contiguous_format))

@@ -4,8 +4,8 @@ Llama-shaped qkv projections (Q heads = H / 128, K heads = Q / 4, Q and K in one
 
     python3 scripts/probe_head_blocks.py [--hidden 4096 8192] [--tokens 1 64 4096 16384] [--heads 4 8 16 32]
 
-On an H200 (2026-12-07, docs/benchmarks.md, eighteenth session) programs of 16 heads beat 32 by 20-25% for
-Q/K norm + RoPE from 4096 tokens; one launch for Q and K beat a launch each by 1.2-1.3 us at 64 tokens.
+On an H200 (2026-12-07, docs/benchmarks.md, eighteenth session) programs of 16 heads beat 32 by 14-25% for
+Q/K norm + RoPE from 4096 tokens; one launch for Q and K beat a launch each by 1.0-1.3 us at 64 tokens.
 """
 
 import argparse
