@@ -113,6 +113,24 @@ def test_q_and_k_apart_are_rotated_each_by_its_own_launch():
     assert_values(out[1], numerics.rope(k, cos, sin, True))
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_the_qkv_split_is_one_buffer_at_one_token_too(tokens):
+    """At one token torch gives each head view of the qkv projection its own row stride (Q's 4096, K's 1024 here,
+    not the buffer's): the split still counts as one buffer, so RoPE and RoPE + KV cache take one launch and no
+    gathering copy."""
+    num_heads, num_kv_heads, head_dim = 32, 8, 128
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=torch.bfloat16)
+    from fusiontune.kernels.rope import split_heads
+
+    q, k = split_heads(qkv, num_heads, num_kv_heads, head_dim)
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim:].unflatten(-1, (num_kv_heads, head_dim))
+    assert triton_heads._heads_of_one_row(q, k) and triton_heads._heads_of_one_row(q, k, v)
+    assert not triton_heads._heads_of_one_row(k, q)  # out of order
+    past_a_gap = qkv[:, (num_heads + 1) * head_dim:(num_heads + 1 + num_kv_heads) * head_dim].unflatten(-1, (
+        num_kv_heads, head_dim))
+    assert not triton_heads._heads_of_one_row(q, past_a_gap)  # a head's width between them
+
+
 @pytest.mark.parametrize("heads, block, want", [
     (40, 64, 16),   # Llama-3.1-8B at TP 1: 32 Q + 8 K heads of 128 in programs of 16 (2048 elements), the last half full
     (80, 64, 16),   # 70B's 64 + 16
