@@ -2,6 +2,11 @@
 stand against issue 22's targets:
 
     python3 scripts/kernel_table.py docs/data/<run>.csv
+    python3 scripts/kernel_table.py docs/data/<run>.csv --against docs/data/<earlier run>.csv
+
+With ``--against``, a third part compares our kernels row by row with an earlier table of the same GPU type (a
+change of launch defaults, say): ours before over ours now, and Inductor's before over now beside it as the control,
+since two runs are often two machines and Inductor's code did not change between them.
 
 The targets (every op but attention, which is compute-bound): at least 90% of copy from 4096 tokens; never slower
 than Inductor's code for the same expression; within 1.5 us of the empty-kernel floor at 64 tokens and fewer.
@@ -12,7 +17,7 @@ what any kernel moving those bytes takes there. Two lines say what that copy mak
 reach 90% of it from 4096 tokens, and how many of the rows beyond the floor's 1.5 us have a copy beyond it too.
 """
 
-import sys
+import argparse
 
 import pandas as pd
 
@@ -88,8 +93,40 @@ def targets(table: pd.DataFrame) -> None:
         print(f"  - of these, {len(copy_far)} are rows where a copy of the same bytes is beyond it too")
 
 
+def against(table: pd.DataFrame, earlier: pd.DataFrame) -> None:
+    """Ours in ``earlier`` over ours in ``table`` per row both hold (above 1: faster now), marked where the two
+    p10-p90 spreads are apart, with Inductor's ratio beside it as the machine-to-machine control."""
+    keys = ["op", "hidden", "num_tokens"]
+    cols = keys + ["ours_us", "ours_p10_us", "ours_p90_us", "inductor_us"]
+    both = earlier[cols].merge(table[cols], on=keys, suffixes=("_before", "_now"))
+    both = both[both.ours_us_before.notna() & both.ours_us_now.notna()]
+    print(f"**Ours before / ours now** ({len(both)} rows in both tables; * = the p10-p90 spreads apart; "
+          "Inductor before / now is the control)\n")
+    print("| op | H | T | before µs | now µs | before / now | Inductor before / now |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in both.itertuples():
+        apart = r.ours_p90_us_now < r.ours_p10_us_before or r.ours_p90_us_before < r.ours_p10_us_now
+        control = (f"{r.inductor_us_before / r.inductor_us_now:.3f}"
+                   if pd.notna(r.inductor_us_before) and pd.notna(r.inductor_us_now) else "-")
+        print(f"| {r.op} | {r.hidden} | {r.num_tokens} | {r.ours_us_before:.2f} | {r.ours_us_now:.2f} | "
+              f"{r.ours_us_before / r.ours_us_now:.3f}{'*' if apart else ''} | {control} |")
+    print()
+
+
 if __name__ == "__main__":
-    table = pd.read_csv(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", help="a bench-kernels CSV")
+    parser.add_argument("--against", metavar="EARLIER_CSV",
+                        help="an earlier bench-kernels CSV of the same GPU type: ours then against ours now")
+    args = parser.parse_args()
+    table = pd.read_csv(args.csv)
+    earlier = pd.read_csv(args.against) if args.against else None
+    if earlier is not None and set(earlier.device) != set(table.device):
+        parser.error(f"--against: {args.against} is from {', '.join(map(str, set(earlier.device)))}, "
+                     f"{args.csv} from {', '.join(map(str, set(table.device)))}; compare one GPU type")
     tables(table)
     if not table.empty:  # a run cut before its first row has its header alone
         targets(table)
+    if earlier is not None:
+        print()
+        against(table, earlier)
