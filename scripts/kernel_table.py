@@ -21,6 +21,8 @@ import argparse
 
 import pandas as pd
 
+from fusiontune.harness.bench_table import KEY
+
 COPY_TARGET_PCT = 90
 COPY_TARGET_FROM_TOKENS = 4096
 FLOOR_GAP_US = 1.5
@@ -96,9 +98,8 @@ def targets(table: pd.DataFrame) -> None:
 def against(table: pd.DataFrame, earlier: pd.DataFrame) -> None:
     """Ours in ``earlier`` over ours in ``table`` per row both hold (above 1: faster now), marked where the two
     p10-p90 spreads are apart, with Inductor's ratio beside it as the machine-to-machine control."""
-    keys = ["op", "hidden", "num_tokens"]
-    cols = keys + ["ours_us", "ours_p10_us", "ours_p90_us", "inductor_us"]
-    both = earlier[cols].merge(table[cols], on=keys, suffixes=("_before", "_now"))
+    cols = [*KEY, "ours_us", "ours_p10_us", "ours_p90_us", "inductor_us"]
+    both = earlier[cols].merge(table[cols], on=list(KEY), suffixes=("_before", "_now"))
     both = both[both.ours_us_before.notna() & both.ours_us_now.notna()]
     print(f"**Ours before / ours now** ({len(both)} rows in both tables; * = the p10-p90 spreads apart; "
           "Inductor before / now is the control)\n")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fusiontune.kernels import numerics
+from fusiontune.kernels.rope import split_heads
 
 triton = pytest.importorskip("triton")
 from fusiontune.kernels import triton_heads  # noqa: E402
@@ -61,8 +62,6 @@ def test_kernels_match_the_reference(tokens, dtype, heads, is_neox):
     qkv, wq, wk = qkv_inputs(tokens, heads, dtype, seed=tokens + head_dim)
     cos, sin = rotary_cache(tokens + 5, head_dim)  # positions from 5: at position 0 the rotation is the identity
     cos, sin = cos[5:], sin[5:]
-    from fusiontune.kernels.rope import split_heads
-
     q, k = split_heads(qkv, num_heads, num_kv_heads, head_dim)  # strided views, as the Llama path passes them
     want_q, want_k = numerics.rope(q, cos, sin, is_neox), numerics.rope(k, cos, sin, is_neox)
     out = (poisoned(q.shape, dtype), poisoned(k.shape, dtype))
@@ -87,8 +86,6 @@ def test_fused_equals_the_unfused_chain_of_kernels():
     qkv, wq, wk = qkv_inputs(33, HEADS[0], DTYPES[0], seed=5)
     cos, sin = rotary_cache(40, head_dim)
     cos, sin = cos[7:], sin[7:]
-    from fusiontune.kernels.rope import split_heads
-
     q, k = split_heads(qkv, num_heads, num_kv_heads, head_dim)
     qn = run_rows(q.reshape(-1, head_dim), weight=wq, eps=EPS).view(q.shape)
     kn = run_rows(k.reshape(-1, head_dim), weight=wk, eps=EPS).view(k.shape)
@@ -103,8 +100,6 @@ def test_q_and_k_apart_are_rotated_each_by_its_own_launch():
     num_heads, num_kv_heads, head_dim = HEADS[0]
     qkv, _, _ = qkv_inputs(3, HEADS[0], DTYPES[0], seed=9)
     cos, sin = rotary_cache(3, head_dim)
-    from fusiontune.kernels.rope import split_heads
-
     q, k = (t.contiguous() for t in split_heads(qkv, num_heads, num_kv_heads, head_dim))
     assert not triton_heads._heads_of_one_row(q, k)
     out = (poisoned(q.shape, DTYPES[0]), poisoned(k.shape, DTYPES[0]))
@@ -120,8 +115,6 @@ def test_the_qkv_split_is_one_buffer_at_one_token_too(tokens):
     gathering copy."""
     num_heads, num_kv_heads, head_dim = 32, 8, 128
     qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=torch.bfloat16)
-    from fusiontune.kernels.rope import split_heads
-
     q, k = split_heads(qkv, num_heads, num_kv_heads, head_dim)
     v = qkv[:, (num_heads + num_kv_heads) * head_dim:].unflatten(-1, (num_kv_heads, head_dim))
     assert triton_heads._heads_of_one_row(q, k) and triton_heads._heads_of_one_row(q, k, v)
