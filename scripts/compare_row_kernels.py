@@ -8,7 +8,9 @@ replays, inputs rotated past 4x the L2, as bench-kernels does), interleaving ver
 and % of copy per version. Beside them, the same traffic with no reduction: torch casting the input to the output's
 dtype (a bf16 copy for rms_norm, bf16 -> FP8 for the quantising forms; none for the forms that read two inputs),
 which shows what a kernel of this size reaches when it has nothing to compute (launch and DRAM ramp included,
-which the copy ceiling at 4 GiB is not).
+which the copy ceiling at 4 GiB is not). With ``--inductor``, Inductor's code for the form's bench-kernels case
+too, timed in the same process: a gap to Inductor of a few percent at one token is below what separate calls
+resolve.
 """
 
 import argparse
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fusiontune.harness import bench_kernels as bench
 from fusiontune.harness.bench_kernels import copy_bandwidth_gbs, time_per_call
 
 
@@ -35,18 +38,24 @@ def load(path: str):
 
 
 FP8 = torch.float8_e4m3fn
-# name: (kwargs of run_rows, bytes moved per element of the output row, input width factor, output dtype)
+# name: (kwargs of run_rows, bytes moved per element of the output row, input width factor, output dtype,
+#        the bench-kernels case of the same expression: Inductor's peer)
 FORMS = {
-    "rms_norm": (lambda m, i: {"weight": i["w"]}, 4, 1, torch.bfloat16),
+    "rms_norm": (lambda m, i: {"weight": i["w"]}, 4, 1, torch.bfloat16, "rms_norm"),
     "add+rms_norm": (lambda m, i: {"input_mode": m.INPUT_ADD_RESIDUAL, "residual": i["r"], "weight": i["w"]}, 8, 1,
-                     torch.bfloat16),
-    "rms_norm->static": (lambda m, i: {"weight": i["w"], "quant": "fp8-static", "scale": i["s"]}, 3, 1, FP8),
+                     torch.bfloat16, "fused_add_rms_norm"),
+    "rms_norm->static": (lambda m, i: {"weight": i["w"], "quant": "fp8-static", "scale": i["s"]}, 3, 1, FP8,
+                         "rms_norm->fp8-static"),
     "add+rms_norm->static": (lambda m, i: {"input_mode": m.INPUT_ADD_RESIDUAL, "residual": i["r"], "weight": i["w"],
-                                           "quant": "fp8-static", "scale": i["s"]}, 7, 1, FP8),
-    "rms_norm->per-token": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-token"}, 3, 1, FP8),
-    "rms_norm->per-group": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-group", "group_size": 128}, 3, 1, FP8),
+                                           "quant": "fp8-static", "scale": i["s"]}, 7, 1, FP8,
+                             "add+rms_norm->fp8-static"),
+    "rms_norm->per-token": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-token"}, 3, 1, FP8,
+                            "rms_norm->fp8-per-token"),
+    "rms_norm->per-group": (lambda m, i: {"weight": i["w"], "quant": "fp8-per-group", "group_size": 128}, 3, 1, FP8,
+                            "rms_norm->fp8-per-group-128"),
+    "silu": (lambda m, i: {"input_mode": m.INPUT_SILU_MUL}, 6, 2, torch.bfloat16, "silu_and_mul"),
     "silu->static": (lambda m, i: {"input_mode": m.INPUT_SILU_MUL, "quant": "fp8-static", "scale": i["s"]}, 5, 2,
-                     FP8),
+                     FP8, "silu_and_mul->fp8-static"),
 }
 
 
@@ -56,15 +65,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, action="append", help="default 2880 4096 8192 14336")
     parser.add_argument("--tokens", type=int, action="append", help="default 1 16 64 512 4096 16384")
     parser.add_argument("--form", action="append", choices=list(FORMS), help="default: every form")
+    parser.add_argument("--inductor", action="store_true", help="Inductor's code for each form too, same process")
     args = parser.parse_args()
     versions = {Path(p).stem: load(p) for p in args.versions}
     copy_gbs, _ = copy_bandwidth_gbs()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s; cells: median us (% of copy) of 30 graph "
           f"replays; 'cast' is the same bytes moved by torch with nothing to compute")
-    print(f"{'form':<22} {'hidden':>6} {'tokens':>6} " + " ".join(f"{v:>16}" for v in [*versions, "cast"]))
+    columns = [*versions, "cast", *(["inductor"] if args.inductor else [])]
+    print(f"{'form':<22} {'hidden':>6} {'tokens':>6} " + " ".join(f"{v:>16}" for v in columns))
     for name in args.form or list(FORMS):
-        kwargs_of, bytes_per_element, width, out_dtype = FORMS[name]
+        kwargs_of, bytes_per_element, width, out_dtype, case_name = FORMS[name]
         for hidden in args.hidden or (2880, 4096, 8192, 14336):
             for tokens in args.tokens or (1, 16, 64, 512, 4096, 16384):
                 moved = tokens * hidden * bytes_per_element
@@ -84,6 +95,13 @@ def main() -> None:
                     cells.append(f"{us:>8.2f} ({100 * moved / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)")
                 if "cast" not in runs:
                     cells.append("-")
+                if args.inductor:  # its own input sets (the case's), as many as ours, so the L2 holds as little
+                    case = next(c for c in bench.cases() if c.name == case_name)
+                    peer_sets = [case.make_inputs(tokens, hidden, torch.bfloat16, seed=k) for k in range(len(sets))]
+                    compiled = bench._inductor(case.expression)
+                    us = statistics.median(time_per_call(lambda i: compiled(i), peer_sets))
+                    cells.append(f"{us:>8.2f} ({100 * moved / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)")
+                    del peer_sets
                 print(f"{name:<22} {hidden:>6} {tokens:>6} " + " ".join(f"{c:>16}" for c in cells), flush=True)
                 del sets
 
