@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, action="append", help="default 1 16 64 512 4096 16384")
     parser.add_argument("--form", action="append", choices=list(FORMS), help="default: every form")
     parser.add_argument("--inductor", action="store_true", help="Inductor's code for each form too, same process")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # versions and options in any order (device_kernels.sh --compare)
     versions = {Path(p).stem: load(p) for p in args.versions}
     copy_gbs, _ = copy_bandwidth_gbs()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size

@@ -18,9 +18,12 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 from fusiontune.kernels import numerics  # noqa: E402
-from fusiontune.kernels.triton_rows import INPUT_ADD_RESIDUAL, INPUT_PLAIN, INPUT_SILU_MUL, run_rows  # noqa: E402
+from fusiontune.kernels.triton_rows import (  # noqa: E402
+    INPUT_ADD_RESIDUAL, INPUT_PLAIN, INPUT_SILU_MUL, reciprocal, run_rows,
+)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -233,3 +236,36 @@ def test_ops_dispatch_to_triton_on_cuda():
     codes, scales = ops.fused_add_rms_norm_quant_fp8_per_group(x, residual.clone(), weight, EPS, 128)
     want = numerics.quant_fp8_per_group(numerics.rms_norm(numerics.residual_add(x, residual), weight, EPS), 128)
     assert_codes(codes, want[0])
+
+
+@triton.jit
+def _reciprocals(scales_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, reciprocal(tl.load(scales_ptr + offs, mask=mask, other=1.0)), mask=mask)
+
+
+def reciprocal_mismatches(bits: torch.Tensor) -> int:
+    """How many of these fp32 bit patterns the kernels' ``reciprocal`` inverts differently from torch's IEEE
+    ``1 / x`` (bit for bit; NaN matches NaN)."""
+    scales = bits.view(torch.float32)
+    got = torch.empty_like(scales)
+    _reciprocals[(triton.cdiv(scales.numel(), 1024),)](scales, got, scales.numel(), BLOCK=1024)
+    want = 1.0 / scales
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    return int((~same).sum())
+
+
+def test_reciprocal_is_ieee_for_every_fp32_scale():
+    """Quantisation multiplies by ``reciprocal(scale)``, which must be IEEE's 1 / scale for the codes to be the
+    reference's. On the GPU every fp32 bit pattern is checked, in chunks: zeros, subnormals, normals, infinities and
+    NaNs of both signs. The interpreter's division is already IEEE's, so on CPU a strided sample checks only the
+    formula (the Newton step keeps an exact seed, the special values pass through)."""
+    first, last, step = (0, 0x7FFFFFFF, 1) if ON_GPU else (0, 0x7FFFFFFF, 32749)
+    chunk = 1 << 27
+    mismatches = 0
+    for start in range(first, last + 1, chunk * step):
+        stop = min(start + chunk * step, last + 1)
+        bits = torch.arange(start, stop, step, dtype=torch.int64, device=DEVICE).to(torch.int32)
+        mismatches += reciprocal_mismatches(bits) + reciprocal_mismatches(bits | torch.iinfo(torch.int32).min)
+    assert mismatches == 0
