@@ -5,24 +5,24 @@ percent (runs of different calls differ by that much).
 
 Each version is a copy of kernels/triton_rows.py. Times each version's ``run_rows`` on the same inputs (CUDA-graph
 replays, inputs rotated past 4x the L2, as bench-kernels does), interleaving versions per shape, and prints median us
-and % of copy per version. Beside them, the same traffic with no reduction: torch casting the input to the output's
-dtype (a bf16 copy for rms_norm, bf16 -> FP8 for the quantising forms; none for the forms that read two inputs),
-which shows what a kernel of this size reaches when it has nothing to compute (launch and DRAM ramp included,
-which the copy ceiling at 4 GiB is not). With ``--inductor``, Inductor's code for the form's bench-kernels case
-too, timed in the same process: a gap to Inductor of a few percent at one token is below what separate calls
-resolve.
+(p10-p90 of the replays) and % of copy per version. Beside them, the same traffic with no reduction: torch casting
+the input to the output's dtype (a bf16 copy for rms_norm, bf16 -> FP8 for the quantising forms; none for the forms
+that read two inputs), which shows what a kernel of this size reaches when it has nothing to compute (launch and
+DRAM ramp included, which the copy ceiling at 4 GiB is not). With ``--inductor``, Inductor's code for the form's
+bench-kernels case too, timed in the same process: a gap to Inductor of a few percent at one token is below what
+separate calls resolve.
 """
 
 import argparse
 import importlib.util
 import math
-import statistics
 from pathlib import Path
 
 import torch
 
 from fusiontune.harness import bench_kernels as bench
 from fusiontune.harness.bench_kernels import copy_bandwidth_gbs, time_per_call
+from fusiontune.harness.timing import summarize
 
 
 def load(path: str):
@@ -59,6 +59,18 @@ FORMS = {
 }
 
 
+CELL = 27  # characters of a table cell
+
+
+def cell(samples: list[float], moved: int, copy_gbs: float) -> str:
+    """Median us, the p10-p90 spread of the replays (two versions differ only where the spreads are apart), % of
+    copy."""
+    summary = summarize(samples)
+    median = summary["latency_ms"]  # (the summary's names say ms; these samples are us)
+    return (f"{median:.3f} ({summary['latency_ms_p10']:.3f}-{summary['latency_ms_p90']:.3f}) "
+            f"{100 * moved / (median * 1e-6) / 1e9 / copy_gbs:3.0f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("versions", nargs="+", help="copies of kernels/triton_rows.py")
@@ -70,10 +82,10 @@ def main() -> None:
     versions = {Path(p).stem: load(p) for p in args.versions}
     copy_gbs, _ = copy_bandwidth_gbs()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s; cells: median us (% of copy) of 30 graph "
-          f"replays; 'cast' is the same bytes moved by torch with nothing to compute")
+    print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s; cells: median us (p10-p90) % of copy, of 30 "
+          f"graph replays; 'cast' is the same bytes moved by torch with nothing to compute")
     columns = [*versions, "cast", *(["inductor"] if args.inductor else [])]
-    print(f"{'form':<22} {'hidden':>6} {'tokens':>6} " + " ".join(f"{v:>16}" for v in columns))
+    print(f"{'form':<22} {'hidden':>6} {'tokens':>6} " + " ".join(f"{v:>{CELL}}" for v in columns))
     for name in args.form or list(FORMS):
         kwargs_of, bytes_per_element, width, out_dtype, case_name = FORMS[name]
         for hidden in args.hidden or (2880, 4096, 8192, 14336):
@@ -91,18 +103,16 @@ def main() -> None:
                     runs["cast"] = lambda i: i["o"].copy_(i["x"])
                 cells = []
                 for run in runs.values():
-                    us = statistics.median(time_per_call(run, sets))
-                    cells.append(f"{us:>8.2f} ({100 * moved / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)")
+                    cells.append(cell(time_per_call(run, sets), moved, copy_gbs))
                 if "cast" not in runs:
                     cells.append("-")
                 if args.inductor:  # its own input sets (the case's), as many as ours, so the L2 holds as little
                     case = next(c for c in bench.cases() if c.name == case_name)
                     peer_sets = [case.make_inputs(tokens, hidden, torch.bfloat16, seed=k) for k in range(len(sets))]
                     compiled = bench._inductor(case.expression)
-                    us = statistics.median(time_per_call(lambda i: compiled(i), peer_sets))
-                    cells.append(f"{us:>8.2f} ({100 * moved / (us * 1e-6) / 1e9 / copy_gbs:3.0f}%)")
+                    cells.append(cell(time_per_call(lambda i: compiled(i), peer_sets), moved, copy_gbs))
                     del peer_sets
-                print(f"{name:<22} {hidden:>6} {tokens:>6} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+                print(f"{name:<22} {hidden:>6} {tokens:>6} " + " ".join(f"{c:>{CELL}}" for c in cells), flush=True)
                 del sets
 
 
