@@ -167,6 +167,15 @@ def _warps(block: int) -> int:
     return min(16, max(4, block // 1024))
 
 
+def row_block(out_width: int, norm: bool, quant: str | None, group_size: int = 0) -> int:
+    """Columns per program: the whole row (as a power of two) when a stage reduces over it (the norm, a per-token
+    scale), else ELEMENTWISE_TILE; at least one quant group and 16."""
+    whole_row = norm or quant == "fp8-per-token"
+    block = (triton.next_power_of_2(out_width) if whole_row
+             else min(ELEMENTWISE_TILE, triton.next_power_of_2(out_width)))
+    return max(block, group_size or 1, 16)
+
+
 # Up to this many rows the loads of the weight and static scale are issued first (``PREFETCH``). Measured on the
 # H100 (scripts/compare_row_kernels.py): 5-10% faster at num_tokens <= 64, up to 20% slower at 512 x 14336 and
 # above, where the weight held through the reduction costs occupancy. One program per row either way: programs of
@@ -204,10 +213,7 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     if scales_out is None and scheme is not None and scheme.returns_scale:
         scales_out = scheme.scales_like(x, group_size, width)
     scales = scales_out.view(num_rows, -1) if scales_out is not None else out  # out: an unused pointer
-    whole_row = weight is not None or quant == "fp8-per-token"
-    block = (triton.next_power_of_2(out_width) if whole_row
-             else min(ELEMENTWISE_TILE, triton.next_power_of_2(out_width)))
-    block = max(block, group_size or 1, 16)
+    block = row_block(out_width, weight is not None, quant, group_size)
     if prefetch is None:
         prefetch = num_rows <= PREFETCH_MAX_ROWS
     tiles = triton.cdiv(out_width, block)

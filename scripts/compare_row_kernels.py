@@ -110,7 +110,7 @@ def main() -> None:
                     case = next(c for c in bench.cases() if c.name == case_name)
                     peer_sets = [case.make_inputs(tokens, hidden, torch.bfloat16, seed=k) for k in range(len(sets))]
                     compiled = bench._inductor(case.expression)
-                    cells.append(cell(time_per_call(lambda i: compiled(i), peer_sets), moved, copy_gbs))
+                    cells.append(cell(time_per_call(compiled, peer_sets), moved, copy_gbs))
                     del peer_sets
                 print(f"{name:<22} {hidden:>6} {tokens:>6} " + " ".join(f"{c:>{CELL}}" for c in cells), flush=True)
                 del sets

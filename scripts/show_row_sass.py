@@ -12,7 +12,6 @@ The launch matches ``run_rows``' for the form (block, warps, prefetch, paired sq
 """
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -26,6 +25,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from compare_row_kernels import load  # noqa: E402  (a copy of triton_rows.py as a module)
 from fusiontune.kernels import numerics, triton_rows  # noqa: E402
 
 # form: (INPUT, NORM, QUANT, GROUP); the row kernel's stages as run_rows sets them for the op
@@ -47,24 +47,9 @@ ARGUMENTS = [  # the row kernel's runtime arguments: (name, Triton type, 16-byte
 CRITICAL = re.compile(r"\b(LDG|STG|MUFU|BRA|CALL|FCHK|EXIT)\b")
 
 
-def load(path: str):
-    """A copy of triton_rows.py as a module (as compare_row_kernels.py loads its versions)."""
-    source = Path(path).read_text().replace("from .numerics", "from fusiontune.kernels.numerics")
-    source = source.replace("from .quant", "from fusiontune.kernels.quant")
-    file = Path(tempfile.gettempdir()) / f"sass_{Path(path).stem}.py"
-    file.write_text(source)
-    spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def sass(module, form: str, hidden: int, rows: int, arch: int) -> str:
     input_mode, norm, quant, group = FORMS[form]
-    whole_row = norm or quant == "fp8-per-token"
-    block = triton.next_power_of_2(hidden) if whole_row else min(module.ELEMENTWISE_TILE,
-                                                                 triton.next_power_of_2(hidden))
-    block = max(block, group, 16)
+    block = module.row_block(hidden, norm, quant, group)
     out_type = "*fp8e4nv" if quant else "*bf16"
     signature = {name: (out_type if name == "out_ptr" else kind) for name, kind, _ in ARGUMENTS}
     constants = {"INPUT": input_mode, "NORM": norm, "QUANT": module.QUANT_CODES[quant], "GROUP": group,
