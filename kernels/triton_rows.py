@@ -95,6 +95,7 @@ def _row_kernel(
     H, OUT_W, eps, inv_width_bits,
     INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     PREFETCH: tl.constexpr, PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # Program (tile, row) on grid axes (0, 1): tiles are the fastest axis, so programs running at once read
     # adjacent memory (row-fastest was 2-4% slower for SiLU at large num_tokens, H100). A tile is the whole row
@@ -103,7 +104,10 @@ def _row_kernel(
     tile = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H
+    if EVEN:  # every tile full and no padding: a constant mask, which the compiler drops (as Inductor's code has)
+        mask = tl.full([BLOCK], True, tl.int1)
+    else:
+        mask = offs < H
     x_row = x_ptr + row * x_stride
     if PREFETCH:  # few rows: the time is a chain of DRAM round trips, so ask for the weight and scale up front
         if NORM:
@@ -130,7 +134,7 @@ def _row_kernel(
         v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
     out_row = out_ptr + row * out_stride
     if QUANT == 0:  # OUT_W >= H: columns past H are written as zeros (v is 0 there), the padded form
-        tl.store(out_row + offs, v, mask=offs < OUT_W)
+        tl.store(out_row + offs, v, mask=mask if EVEN else offs < OUT_W)
     elif QUANT == 1 or QUANT == 2:
         vf = v.to(tl.float32)
         if QUANT == 1:
@@ -154,7 +158,11 @@ def _row_kernel(
         tl.store(out_row + offs, q, mask=mask)
 
 
-ELEMENTWISE_TILE = 1024  # columns per program when no stage needs the whole row
+# Columns per program when no stage needs the whole row (SiLU * Mul, alone or into a static / per-group FP8), on 4
+# warps. Timed on an H100 with scripts/compare_row_kernels.py (docs/benchmarks.md, twenty-first session): 512
+# against 1024 was up to 5% faster at 1-64 tokens and level from 4096; 256 was up to 0.01 us faster at one token,
+# up to 6% slower at 4 tokens, and 128 or 256 up to 2x slower at 4096 tokens, where the programs are too small.
+ELEMENTWISE_TILE = 512
 
 
 def _warps(block: int) -> int:
@@ -163,15 +171,19 @@ def _warps(block: int) -> int:
     instead of 8 at a block of 4096 were up to 10% faster at 1 token and 4-7% faster from 4096 tokens for the
     quantising norms, and 8 instead of 16 at 8192 were 4-13% faster for them from 4096 tokens; the plain and
     residual norms were level. On an H100 (sixteenth and seventeenth sessions) they were within 0.5% either way from
-    4096 tokens and up to 10% faster at 64. Elementwise tiles (1024) keep 4."""
+    4096 tokens and up to 10% faster at 64. Elementwise tiles (ELEMENTWISE_TILE) keep 4."""
     return min(16, max(4, block // 1024))
+
+
+def needs_whole_row(norm: bool, quant: str | None) -> bool:
+    """Whether a stage reduces over the row (the norm, a per-token scale), so one program holds all of it."""
+    return norm or quant == "fp8-per-token"
 
 
 def row_block(out_width: int, norm: bool, quant: str | None, group_size: int = 0) -> int:
     """Columns per program: the whole row (as a power of two) when a stage reduces over it (the norm, a per-token
     scale), else ELEMENTWISE_TILE; at least one quant group and 16."""
-    whole_row = norm or quant == "fp8-per-token"
-    block = (triton.next_power_of_2(out_width) if whole_row
+    block = (triton.next_power_of_2(out_width) if needs_whole_row(norm, quant)
              else min(ELEMENTWISE_TILE, triton.next_power_of_2(out_width)))
     return max(block, group_size or 1, 16)
 
@@ -182,6 +194,17 @@ def row_block(out_width: int, norm: bool, quant: str | None, group_size: int = 0
 # 2-8 rows were slower at every measured shape (up to 4x at 8 rows).
 PREFETCH_MAX_ROWS = 128
 MAX_GRID_ROWS = 65535
+
+
+def row_shape_constants(width: int, out_width: int, norm: bool, quant: str | None, group_size: int, num_rows: int,
+                        dtype: torch.dtype) -> dict:
+    """The row kernel's constexprs that follow from the shape (``run_rows`` passes them; scripts/show_row_sass.py
+    compiles the same specialisation): the tile, prefetch by row count, the pairing of squares, and whether every
+    tile is full (no masks). Only elementwise tiles drop their masks: on an H100 that made SiLU * Mul up to 2.4%
+    faster at 1-4 tokens, and three quantising norms 2-3% slower at H=8192 and one token (twenty-first session)."""
+    block = row_block(out_width, norm, quant, group_size)
+    return {"BLOCK": block, "PREFETCH": num_rows <= PREFETCH_MAX_ROWS, "PAIRED": squares_paired(width, dtype),
+            "EVEN": not needs_whole_row(norm, quant) and out_width == width and width % block == 0}
 
 
 def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.Tensor | None = None,
@@ -213,9 +236,10 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
     if scales_out is None and scheme is not None and scheme.returns_scale:
         scales_out = scheme.scales_like(x, group_size, width)
     scales = scales_out.view(num_rows, -1) if scales_out is not None else out  # out: an unused pointer
-    block = row_block(out_width, weight is not None, quant, group_size)
-    if prefetch is None:
-        prefetch = num_rows <= PREFETCH_MAX_ROWS
+    shape = row_shape_constants(width, out_width, weight is not None, quant, group_size, num_rows, x.dtype)
+    if prefetch is not None:
+        shape["PREFETCH"] = prefetch
+    block = shape["BLOCK"]
     tiles = triton.cdiv(out_width, block)
     for start in range(0, num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
         end = min(start + MAX_GRID_ROWS, num_rows)
@@ -227,8 +251,7 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
             scale if scale is not None else out, scales[start:end], scales.stride(0), scales.stride(1),
             width, out_width, eps, inverse_width_bits(width),
             INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
-            BLOCK=block, PREFETCH=prefetch, PAIRED=squares_paired(width, x.dtype), FP8_MAX_C=FP8_MAX,
-            MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
+            FP8_MAX_C=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block), **shape,
         )
     if residual is not None and not residual.is_contiguous():
         residual.copy_(res_rows.view_as(residual))

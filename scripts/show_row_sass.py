@@ -49,13 +49,12 @@ CRITICAL = re.compile(r"\b(LDG|STG|MUFU|BRA|CALL|FCHK|EXIT)\b")
 
 def sass(module, form: str, hidden: int, rows: int, arch: int) -> str:
     input_mode, norm, quant, group = FORMS[form]
-    block = module.row_block(hidden, norm, quant, group)
+    shape = module.row_shape_constants(hidden, hidden, norm, quant, group, rows, torch.bfloat16)
+    block = shape["BLOCK"]
     out_type = "*fp8e4nv" if quant else "*bf16"
     signature = {name: (out_type if name == "out_ptr" else kind) for name, kind, _ in ARGUMENTS}
     constants = {"INPUT": input_mode, "NORM": norm, "QUANT": module.QUANT_CODES[quant], "GROUP": group,
-                 "BLOCK": block, "PREFETCH": rows <= module.PREFETCH_MAX_ROWS,
-                 "PAIRED": numerics.squares_paired(hidden, torch.bfloat16), "FP8_MAX_C": numerics.FP8_MAX,
-                 "MIN_SCALE": numerics.FP8_MIN_SCALE}
+                 "FP8_MAX_C": numerics.FP8_MAX, "MIN_SCALE": numerics.FP8_MIN_SCALE, **shape}
     signature.update({name: "constexpr" for name in constants})
     aligned = {(i,): [["tt.divisibility", 16]] for i, (_, _, is_aligned) in enumerate(ARGUMENTS) if is_aligned}
     source = triton.compiler.ASTSource(fn=module._row_kernel, signature=signature, constexprs=constants,
