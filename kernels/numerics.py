@@ -28,7 +28,7 @@ Rounding points, chosen to match vLLM's kernels:
 - FP8 quantisation multiplies by the reciprocal of the scale, as vLLM's kernels do ("inverted scale"): the
   reciprocal is one IEEE fp32 division per scale, each element one fp32 multiply, then clamp to +-448 and round to
   nearest even (``Tensor.to(float8_e4m3fn)``). A per-element IEEE division costs a GPU kernel twice the time at
-  hidden 2880 (measured on the H100, scripts/probe_quant_variants.py); this form is as cheap as a multiply and still
+  hidden 2880 (measured on the H100, 2026-11-24: docs/benchmarks.md); this form is as cheap as a multiply and still
   reproducible bit for bit. Dynamic scales are ``max(amax / 448, 1 / (448 * 512))`` in fp32.
 """
 

@@ -25,10 +25,11 @@ from fusiontune.harness.bench_kernels import copy_bandwidth_gbs, time_per_call
 from fusiontune.harness.timing import summarize
 
 
-def load(path: str):
-    source = Path(path).read_text().replace("from .numerics", "from fusiontune.kernels.numerics")
-    source = source.replace("from .quant", "from fusiontune.kernels.quant")
-    name = f"rows_{Path(path).stem}"
+def load(path: str, prefix: str = "rows"):
+    """Another version of a module of kernels/ (a copy with changes), importable beside the package's own: its
+    relative imports made absolute, and written out, since Triton's JIT reads a kernel's source from its file."""
+    source = Path(path).read_text().replace("from .", "from fusiontune.kernels.")
+    name = f"{prefix}_{Path(path).stem}"
     file = Path("/tmp") / f"{name}.py"  # Triton's JIT reads the kernel's source from its file
     file.write_text(source)
     spec = importlib.util.spec_from_file_location(name, file)

@@ -18,7 +18,6 @@ else
   python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_triton_kernels.py tests/test_kernels.py 2>&1 | grep -E "^E |FAILED|passed|failed"
 fi
 [ "${1:-}" = "--tests-only" ] && exit 0
-[ "${1:-}" = "--probe" ] && { python3 scripts/probe_quant_variants.py; shift; }
 [ "${1:-}" = "--probe-warps" ] && { python3 scripts/probe_row_warps.py; exit 0; }
 [ "${1:-}" = "--probe-gemm" ] && { python3 scripts/probe_blockwise_mm.py; exit 0; }
 [ "${1:-}" = "--compare" ] && { shift; python3 scripts/compare_row_kernels.py "$@" kernels/triton_rows.py; exit 0; }

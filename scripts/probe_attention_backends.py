@@ -10,10 +10,8 @@ us, p10-p90, TFLOP/s (causal: half the 4 T^2 H D of full attention).
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fusiontune.kernels  # noqa: F401
 from fusiontune.harness.timing import time_per_call
 from fusiontune.kernels import triton_attention
+from compare_row_kernels import load  # noqa: E402  (a copy of a kernels/ module, beside ours)
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ops = torch.ops.fusiontune
@@ -36,18 +35,6 @@ def sdpa(backend):
     return run
 
 
-def load_old(path: str):
-    """Another version of kernels/triton_attention.py, importable beside the current one (Triton reads a kernel's
-    source from its file, so the copy is written out with absolute imports)."""
-    source = Path(path).read_text().replace("from .", "from fusiontune.kernels.")
-    file = Path("/tmp/triton_attention_old.py")
-    file.write_text(source)
-    spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     scale = torch.tensor([0.02], device="cuda")
     cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
@@ -57,7 +44,7 @@ def main() -> None:
             "ours +fp8 fused": lambda q, k, v: triton_attention.attention(q, k, v, HEAD_DIM ** -0.5, scale),
             "cudnn, then quant": lambda q, k, v: ops.quant_fp8_static(cudnn(q, k, v), scale)}
     if len(sys.argv) > 1:
-        old = load_old(sys.argv[1])
+        old = load(sys.argv[1], prefix="attention")
         ways["old (Triton)"] = lambda q, k, v: old.attention(q, k, v, HEAD_DIM ** -0.5)
         ways["old +fp8 fused"] = lambda q, k, v: old.attention(q, k, v, HEAD_DIM ** -0.5, scale)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")

@@ -194,6 +194,25 @@ def test_norm_with_and_without_prefetch(prefetch):
     assert_values(out, numerics.rms_norm(total, weight, EPS))
 
 
+@pytest.mark.parametrize("hidden, full_tiles", [(1024, True), (2880, False), (200, False)])
+def test_silu_forms_with_full_tiles_and_masked(hidden, full_tiles):
+    """SiLU * Mul, alone and into static FP8, where every tile is full (no masks: ``EVEN``) and where the last is
+    not (1024 is two full tiles; 2880 leaves a part tile; 200 is one part tile)."""
+    from fusiontune.kernels.triton_rows import row_shape_constants
+
+    dtype = DTYPES[0]
+    assert row_shape_constants(hidden, hidden, False, None, 0, 3, dtype)["EVEN"] is full_tiles
+    x, up, _ = inputs(3, hidden, dtype, seed=hidden)
+    gate_up = torch.cat([x, up], dim=-1)
+    out = poisoned((3, hidden), dtype)
+    run_rows(gate_up, input_mode=INPUT_SILU_MUL, out=out)
+    assert_values(out, numerics.silu_and_mul(gate_up))
+    scale = torch.tensor([0.02], device=DEVICE)
+    codes = poisoned((3, hidden), numerics.FP8_DTYPE)
+    run_rows(gate_up, input_mode=INPUT_SILU_MUL, quant="fp8-static", scale=scale, out=codes)
+    assert_codes(codes, reference_quant(numerics.silu_and_mul(gate_up), "fp8-static", scale, 0)[0])
+
+
 @pytest.mark.parametrize("stage", ["add_norm", "silu"])
 def test_rows_beyond_one_grid_launch(monkeypatch, stage):
     """More rows than one launch's grid holds (65535) go in several launches; 3 per launch here, 7 rows."""
