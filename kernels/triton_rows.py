@@ -158,11 +158,13 @@ def _row_kernel(
         tl.store(out_row + offs, q, mask=mask)
 
 
-# Columns per program when no stage needs the whole row (SiLU * Mul, alone or into a static / per-group FP8), on 4
-# warps. Timed on an H100 with scripts/compare_row_kernels.py (docs/benchmarks.md, twenty-first session): 512
-# against 1024 was up to 5% faster at 1-64 tokens and level from 4096; 256 was up to 0.01 us faster at one token,
-# up to 6% slower at 4 tokens, and 128 or 256 up to 2x slower at 4096 tokens, where the programs are too small.
+# Columns per program when no stage needs the whole row (SiLU * Mul, alone or into FP8), on 4 warps. Timed on an
+# H100 with scripts/compare_row_kernels.py (docs/benchmarks.md, twenty-first session). For SiLU and SiLU -> static,
+# 512 against 1024 was up to 7% faster at 1-64 tokens and level from 4096; 256 was up to 0.01 us faster at one
+# token and up to 5.5% slower at 4, and 256 or 128 up to 2.7x slower at 4096 tokens (programs too small). Into
+# per-group FP8, 512 was 3-5% slower from 4096 tokens (and 3-6% faster at 64), so that form keeps 1024.
 ELEMENTWISE_TILE = 512
+PER_GROUP_TILE = 1024
 
 
 def _warps(block: int) -> int:
@@ -184,7 +186,8 @@ def row_block(out_width: int, norm: bool, quant: str | None, group_size: int = 0
     """Columns per program: the whole row (as a power of two) when a stage reduces over it (the norm, a per-token
     scale), else ELEMENTWISE_TILE; at least one quant group and 16."""
     block = (triton.next_power_of_2(out_width) if needs_whole_row(norm, quant)
-             else min(ELEMENTWISE_TILE, triton.next_power_of_2(out_width)))
+             else min(PER_GROUP_TILE if quant == "fp8-per-group" else ELEMENTWISE_TILE,
+                      triton.next_power_of_2(out_width)))
     return max(block, group_size or 1, 16)
 
 

@@ -57,6 +57,8 @@ FORMS = {
     "silu": (lambda m, i: {"input_mode": m.INPUT_SILU_MUL}, 6, 2, torch.bfloat16, "silu_and_mul"),
     "silu->static": (lambda m, i: {"input_mode": m.INPUT_SILU_MUL, "quant": "fp8-static", "scale": i["s"]}, 5, 2,
                      FP8, "silu_and_mul->fp8-static"),
+    "silu->per-group": (lambda m, i: {"input_mode": m.INPUT_SILU_MUL, "quant": "fp8-per-group", "group_size": 128},
+                        5, 2, FP8, "silu_and_mul->fp8-per-group-128"),
 }
 
 
