@@ -112,16 +112,17 @@ def test_an_interrupted_run_resumes_without_repeating_or_duplicating(smoke_run, 
     run = tmp_path / "run"
     shutil.copytree(out, run)
     lines = (run / "rows.jsonl").read_text().splitlines()
-    # Killed after TP=1's baseline and three configs' largest size (the batch streams its rows size by size),
-    # half-way through writing the fourth config's.
-    (run / "rows.jsonl").write_text("\n".join(lines[:6]) + '\n{"config_id": "torn')
-    partial = {json.loads(line)["config_id"] for line in lines[3:6]}
-    assert {json.loads(line)["num_tokens"] for line in lines[3:6]} == {128} and len(partial) == 3
+    # Killed after TP=1 (15 rows), TP=2's baseline and three configs' largest size (the batch streams its rows
+    # size by size), half-way through writing the fourth config's. (Cut in TP=2, so only TP=2 runs again.)
+    (run / "rows.jsonl").write_text("\n".join(lines[:21]) + '\n{"config_id": "torn')
+    partial = {json.loads(line)["config_id"] for line in lines[18:21]}
+    assert {(json.loads(line)["tp"], json.loads(line)["num_tokens"]) for line in lines[18:21]} == {(2, 128)}
+    assert len(partial) == 3 and {json.loads(line)["tp"] for line in lines[:15]} == {1}
     log = " ".join(fusiontune("run", SWEEP, "--out", str(run), "--resume", "--no-report").split())
     assert "its last row was cut short (a crash mid-write); it is dropped and its config runs again" in log
-    # TP=1 recomputes its baseline's outputs to check the rest against, untimed and without rows; the three
+    # TP=2 recomputes its baseline's outputs to check the rest against, untimed and without rows; the three
     # configs measured at 128 tokens measure 1 and 16 only.
-    assert ("1 configs already measured, 9 to run (3 of them only at the sizes they lack) (and the all-off "
+    assert ("6 configs already measured, 4 to run (3 of them only at the sizes they lack) (and the all-off "
             "outputs recomputed") in log
     table = pd.read_parquet(run / "results.parquet")
     assert len(table) == 30 and not table.duplicated(["config_id", "tp", "num_tokens"]).any()
@@ -129,7 +130,7 @@ def test_an_interrupted_run_resumes_without_repeating_or_duplicating(smoke_run, 
     journal = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
     assert len(journal) == 30  # the torn line is gone; no (config, size) is measured twice
     assert len({(r["config_id"], r["tp"], r["num_tokens"]) for r in journal}) == 30
-    assert {r["num_tokens"] for r in journal[6:] if r["config_id"] in partial} == {1, 16}
+    assert {r["num_tokens"] for r in journal[21:] if r["config_id"] in partial} == {1, 16}
     nothing_left = fusiontune("run", SWEEP, "--out", str(run), "--resume", "--dry-run")
     assert "10 configs already measured, 0 to run" in nothing_left
 
