@@ -37,6 +37,7 @@ FORMS = {
     "norm->per-group": (triton_rows.INPUT_PLAIN, True, "fp8-per-group", 128),
     "silu": (triton_rows.INPUT_SILU_MUL, False, None, 1),
     "silu->static": (triton_rows.INPUT_SILU_MUL, False, "fp8-static", 1),
+    "silu->per-group": (triton_rows.INPUT_SILU_MUL, False, "fp8-per-group", 128),
 }
 ARGUMENTS = [  # the row kernel's runtime arguments: (name, Triton type, 16-byte aligned on real tensors)
     ("x_ptr", "*bf16", True), ("x_stride", "i64", True), ("res_ptr", "*bf16", True), ("res_stride", "i64", True),
