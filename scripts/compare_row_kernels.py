@@ -2,8 +2,10 @@
 percent (runs of different calls differ by that much).
 
     python3 scripts/compare_row_kernels.py OLD.py NEW.py ... [--hidden 4096 --tokens 16384 --form rms_norm ...]
+    python3 scripts/compare_row_kernels.py kernels/triton_rows.py:ELEMENTWISE_TILE=256 kernels/triton_rows.py
 
-Each version is a copy of kernels/triton_rows.py. Times each version's ``run_rows`` on the same inputs (CUDA-graph
+Each version is a copy of kernels/triton_rows.py, optionally with module constants set (``PATH:NAME=VALUE,...``:
+a tile, a row bound), which spares a copy per value. Times each version's ``run_rows`` on the same inputs (CUDA-graph
 replays, inputs rotated past 4x the L2, as bench-kernels does), interleaving versions per shape, and prints median us
 (p10-p90 of the replays) and % of copy per version. Beside them, the same traffic with no reduction: torch casting
 the input to the output's dtype (a bf16 copy for rms_norm, bf16 -> FP8 for the quantising forms; none for the forms
@@ -14,6 +16,7 @@ separate calls resolve.
 """
 
 import argparse
+import ast
 import importlib.util
 import math
 from pathlib import Path
@@ -36,6 +39,24 @@ def load(path: str, prefix: str = "rows"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_version(spec: str):
+    """(column label, module) of ``PATH[:NAME=VALUE,...]``: the copy at PATH, then each named module constant set to
+    its (Python literal) value. Raises ValueError naming what is wrong."""
+    path, _, settings = spec.partition(":")
+    module = load(path)
+    if not settings:
+        return Path(path).stem, module
+    for setting in settings.split(","):
+        name, equals, value = setting.partition("=")
+        if not equals or not hasattr(module, name) or not isinstance(getattr(module, name), (int, float)):
+            raise ValueError(f"version {spec!r}: {name!r} is not a numeric constant of {path} (NAME=VALUE)")
+        try:
+            setattr(module, name, type(getattr(module, name))(ast.literal_eval(value)))
+        except (ValueError, SyntaxError):
+            raise ValueError(f"version {spec!r}: {value!r} is not a number for {name}") from None
+    return settings, module
 
 
 FP8 = torch.float8_e4m3fn
@@ -76,13 +97,17 @@ def cell(samples: list[float], moved: int, copy_gbs: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("versions", nargs="+", help="copies of kernels/triton_rows.py")
+    parser.add_argument("versions", nargs="+",
+                        help="copies of kernels/triton_rows.py, each optionally PATH:NAME=VALUE,... (constants set)")
     parser.add_argument("--hidden", type=int, action="append", help="default 2880 4096 8192 14336")
     parser.add_argument("--tokens", type=int, action="append", help="default 1 16 64 512 4096 16384")
     parser.add_argument("--form", action="append", choices=list(FORMS), help="default: every form")
     parser.add_argument("--inductor", action="store_true", help="Inductor's code for each form too, same process")
     args = parser.parse_intermixed_args()  # versions and options in any order (device_kernels.sh --compare)
-    versions = {Path(p).stem: load(p) for p in args.versions}
+    try:
+        versions = dict(load_version(spec) for spec in args.versions)
+    except ValueError as error:
+        parser.error(str(error))
     copy_gbs, _ = copy_bandwidth_gbs()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s; cells: median us (p10-p90) % of copy, of 30 "

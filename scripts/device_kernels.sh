@@ -6,7 +6,8 @@
 #   bash scripts/device_kernels.sh --bench-only [options]      the benchmark alone
 #   bash scripts/device_kernels.sh --tests-only | --probe-warps | --probe-gemm
 #   bash scripts/device_kernels.sh --compare OLD.py... [opts]  tests, then an A/B of kernels/triton_rows.py versions
-#                                                              (compare_row_kernels.py's options: --form, --inductor...)
+#                                                              (compare_row_kernels.py's options: --form, --inductor...;
+#                                                              a version may be PATH:NAME=VALUE, constants set)
 # The whole table takes longer than one call on a cold machine (93 of 112 rows in 530 s on an H100; 201 s warm), so
 # the benchmark stops after BENCH_SECONDS (default 520) with the rows it has, and a copy stays on the machine outside
 # the working tree (which each call replaces): with --resume among the options, the next call on the same warm
