@@ -184,7 +184,8 @@ def needs_whole_row(norm: bool, quant: str | None) -> bool:
 
 def row_block(out_width: int, norm: bool, quant: str | None, group_size: int = 0) -> int:
     """Columns per program: the whole row (as a power of two) when a stage reduces over it (the norm, a per-token
-    scale), else ELEMENTWISE_TILE; at least one quant group and 16."""
+    scale), else a tile (PER_GROUP_TILE into per-group FP8, ELEMENTWISE_TILE otherwise); at least one quant group
+    and 16."""
     block = (triton.next_power_of_2(out_width) if needs_whole_row(norm, quant)
              else min(PER_GROUP_TILE if quant == "fp8-per-group" else ELEMENTWISE_TILE,
                       triton.next_power_of_2(out_width)))
