@@ -83,15 +83,14 @@ def main() -> None:
                              if form.startswith("silu") else None,
                              "w": torch.ones(hidden, device="cuda", dtype=torch.bfloat16),
                              "s": torch.tensor([0.02], device="cuda")} for _ in range(8)]
-                    block = triton_rows.triton.next_power_of_2(hidden)
-                    chosen = default(min(block, triton_rows.ELEMENTWISE_TILE) if form.startswith("silu") else block)
-                    cells, registers = [], []
+                    blocks, times, registers = [], [], []  # blocks: what run_rows asked warps for
                     for warps in args.warps:
-                        triton_rows._warps = lambda block, w=warps: w
-                        us = statistics.median(time_per_call(run, sets))
-                        cells.append(f"{us:>9.2f}{'*' if warps == chosen else ' '}")
+                        triton_rows._warps = lambda block, w=warps: blocks.append(block) or w
+                        times.append(statistics.median(time_per_call(run, sets)))
                         registers.append(registers_of_new(seen))
                     triton_rows._warps = default
+                    chosen = default(blocks[-1])
+                    cells = [f"{us:>9.2f}{'*' if warps == chosen else ' '}" for us, warps in zip(times, args.warps)]
                     print(f"{form:<20} {hidden:>6} {tokens:>6} " + " ".join(cells) + "   " + " ".join(registers),
                           flush=True)
     finally:
