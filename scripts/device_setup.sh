@@ -3,6 +3,9 @@
 # and fusiontune, and say what machine and software this run is on.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# NVLink multicast off in every process a device call starts (kernels/symm_mem.py's MULTICAST_OFF; the launcher
+# and bench-kernels --tp set it too): it can take a shared host's GPUs out of service
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/fusiontune-out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$(basename "$0" .sh).log") 2>&1

@@ -97,3 +97,20 @@ def test_ray_workers_see_every_gpu_and_never_multicast():
     assert WORKER_ENV["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
     assert WORKER_ENV["NCCL_NVLS_ENABLE"] == "0" and WORKER_ENV["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert WORKER_ENV["NVSHMEM_DISABLE_NVLS"] == "1"
+
+
+def test_every_device_call_turns_multicast_off():
+    """scripts/device_setup.sh, sourced by every device script, exports each of symm_mem.MULTICAST_OFF's settings
+    (so a single-GPU call's processes have them too, not only the launcher's workers)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from fusiontune.kernels.symm_mem import MULTICAST_OFF
+
+    setup = Path(__file__).resolve().parents[1] / "scripts" / "device_setup.sh"
+    exports = [line for line in setup.read_text().splitlines() if line.startswith("export NCCL_NVLS_ENABLE")]
+    assert len(exports) == 1
+    shown = subprocess.run(["bash", "-c", f"{exports[0]}; env"], capture_output=True, text=True,
+                           env={"PATH": os.environ["PATH"]}, check=True).stdout.splitlines()
+    assert all(f"{key}={value}" in shown for key, value in MULTICAST_OFF.items())
