@@ -4,7 +4,8 @@ Every op of kernels/ except the GEMM and the collective reads a token's row, tra
 so one kernel specialised by constexpr flags serves all of them: the unfused building blocks and the fused forms
 are the same code with different stages switched on, which keeps their numerics identical to each other and to
 ``numerics.py``. One program handles one row, whole in registers (hidden sizes up to 32768): one read of each
-input, one write of each output, nothing in between, which is what makes the fused forms worth having.
+input, one write of each output, nothing in between, which is what makes the fused forms worth having. (Where
+enabled, ``_row_walk_kernel`` gives a program several rows in turn instead, with the same per-row code.)
 
 Rounding points follow ``numerics.py``: squares added in fixed pairs within groups of 8, the groups in fp64, the
 mean (times the width's fp64 reciprocal) rounded to fp32 once (so it does not depend on the reduction order, which
@@ -89,6 +90,47 @@ def normalized_by(v, squares, inv_width, eps):
 
 
 @triton.jit
+def _finish_row(
+    v, w, scale, row, tile, offs, mask, w_ptr, out_ptr, out_stride, scale_ptr,
+    scales_ptr, scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
+    NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, PAIRED: tl.constexpr,
+    FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr, EVEN: tl.constexpr,
+):
+    """A row's (or tile's) input values ``v`` -> [RMSNorm x weight] -> [FP8 codes and scales] -> stored. ``w`` and
+    ``scale`` are the weight and static scale when loaded early, else None (loaded here, after the reduction)."""
+    dtype = v.dtype
+    if NORM:
+        normed = rms_normalized(v, inv_width_bits.to(tl.float64, bitcast=True), eps, PAIRED)
+        if w is None:  # holding the weight through the reduction costs occupancy at many rows (up to 20%)
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
+    out_row = out_ptr + row * out_stride
+    if QUANT == 0:  # OUT_W >= H: columns past H are written as zeros (v is 0 there), the padded form
+        tl.store(out_row + offs, v, mask=mask if EVEN else offs < OUT_W)
+    elif QUANT == 1 or QUANT == 2:
+        vf = v.to(tl.float32)
+        if QUANT == 1:
+            if scale is None:
+                scale = tl.load(scale_ptr)
+        else:
+            amax = tl.max(tl.where(mask, tl.abs(vf), 0.0), axis=0)
+            scale = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
+            tl.store(scales_ptr + row * scales_row_stride, scale)
+        tl.store(out_row + offs, fp8_codes(vf, reciprocal(scale), FP8_MAX_C), mask=mask)
+    else:  # per token-group of GROUP: one scale per group, stored where the scales tensor's strides say
+        NUM_GROUPS: tl.constexpr = BLOCK // GROUP
+        vg = tl.reshape(v.to(tl.float32), (NUM_GROUPS, GROUP))
+        gmask = tl.reshape(mask, (NUM_GROUPS, GROUP))
+        amax = tl.max(tl.where(gmask, tl.abs(vg), 0.0), axis=1)
+        scales = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
+        groups = tile * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
+        scales_at = scales_ptr + row * scales_row_stride + groups * scales_group_stride
+        tl.store(scales_at, scales, mask=groups < H // GROUP)
+        q = tl.reshape(fp8_codes(vg, reciprocal(scales)[:, None], FP8_MAX_C), (BLOCK,))
+        tl.store(out_row + offs, q, mask=mask)
+
+
+@triton.jit
 def _row_kernel(
     x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
     scales_ptr, scales_row_stride, scales_group_stride,
@@ -109,6 +151,8 @@ def _row_kernel(
     else:
         mask = offs < H
     x_row = x_ptr + row * x_stride
+    w = None
+    scale = None
     if PREFETCH:  # few rows: the time is a chain of DRAM round trips, so ask for the weight and scale up front
         if NORM:
             w = tl.load(w_ptr + offs, mask=mask, other=0.0)
@@ -126,36 +170,42 @@ def _row_kernel(
             r = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
             v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
             tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
-    dtype = v.dtype
-    if NORM:
-        normed = rms_normalized(v, inv_width_bits.to(tl.float64, bitcast=True), eps, PAIRED)
-        if not PREFETCH:  # many rows: holding the weight through the reduction costs occupancy (up to 20%)
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        v = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)
-    out_row = out_ptr + row * out_stride
-    if QUANT == 0:  # OUT_W >= H: columns past H are written as zeros (v is 0 there), the padded form
-        tl.store(out_row + offs, v, mask=mask if EVEN else offs < OUT_W)
-    elif QUANT == 1 or QUANT == 2:
-        vf = v.to(tl.float32)
-        if QUANT == 1:
-            if not PREFETCH:
-                scale = tl.load(scale_ptr)
-        else:
-            amax = tl.max(tl.where(mask, tl.abs(vf), 0.0), axis=0)
-            scale = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
-            tl.store(scales_ptr + row * scales_row_stride, scale)
-        tl.store(out_row + offs, fp8_codes(vf, reciprocal(scale), FP8_MAX_C), mask=mask)
-    else:  # per token-group of GROUP: one scale per group, stored where the scales tensor's strides say
-        NUM_GROUPS: tl.constexpr = BLOCK // GROUP
-        vg = tl.reshape(v.to(tl.float32), (NUM_GROUPS, GROUP))
-        gmask = tl.reshape(mask, (NUM_GROUPS, GROUP))
-        amax = tl.max(tl.where(gmask, tl.abs(vg), 0.0), axis=1)
-        scales = tl.maximum(amax / FP8_MAX_C, MIN_SCALE)
-        groups = tile * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
-        scales_at = scales_ptr + row * scales_row_stride + groups * scales_group_stride
-        tl.store(scales_at, scales, mask=groups < H // GROUP)
-        q = tl.reshape(fp8_codes(vg, reciprocal(scales)[:, None], FP8_MAX_C), (BLOCK,))
-        tl.store(out_row + offs, q, mask=mask)
+    _finish_row(v, w, scale, row, tile, offs, mask, w_ptr, out_ptr, out_stride, scale_ptr, scales_ptr,
+                scales_row_stride, scales_group_stride, H, OUT_W, eps, inv_width_bits,
+                NORM, QUANT, GROUP, BLOCK, PAIRED, FP8_MAX_C, MIN_SCALE, EVEN)
+
+
+@triton.jit
+def _row_walk_kernel(
+    x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, scale_ptr,
+    scales_ptr, scales_row_stride, scales_group_stride,
+    H, eps, inv_width_bits, num_rows,
+    INPUT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    PAIRED: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+):
+    # The whole-row forms (plain or residual input) at many rows, on a grid of a few programs per SM: a program
+    # walks rows first, first + programs, ..., and loads the next row's inputs before reducing the current one, so
+    # its loads overlap its reductions and stores (one program per row has nothing to overlap with its own chain).
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x_next = tl.load(x_ptr + first.to(tl.int64) * x_stride + offs, mask=mask, other=0.0)
+    if INPUT == 1:
+        r_next = tl.load(res_ptr + first.to(tl.int64) * res_stride + offs, mask=mask, other=0.0)
+    for i in range(0, tl.cdiv(num_rows - first, step)):
+        row = first.to(tl.int64) + i * step
+        following = tl.minimum(row + step, num_rows - 1)  # past the end: the last row again, read and unused
+        v = x_next
+        x_next = tl.load(x_ptr + following * x_stride + offs, mask=mask, other=0.0)
+        if INPUT == 1:  # residual <- x + residual (another program never touches this row)
+            r = r_next
+            r_next = tl.load(res_ptr + following * res_stride + offs, mask=mask, other=0.0)
+            v = (v.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+            tl.store(res_ptr + row * res_stride + offs, v, mask=mask)
+        _finish_row(v, None, None, row, 0, offs, mask, w_ptr, out_ptr, out_stride, scale_ptr, scales_ptr,
+                    scales_row_stride, scales_group_stride, H, H, eps, inv_width_bits,
+                    NORM, QUANT, GROUP, BLOCK, PAIRED, FP8_MAX_C, MIN_SCALE, False)
 
 
 # Columns per program when no stage needs the whole row (SiLU * Mul, alone or into FP8), on 4 warps. Timed on an
@@ -198,6 +248,27 @@ def row_block(out_width: int, norm: bool, quant: str | None, group_size: int = 0
 # 2-8 rows were slower at every measured shape (up to 4x at 8 rows).
 PREFETCH_MAX_ROWS = 128
 MAX_GRID_ROWS = 65535
+
+# The whole-row forms (norms, per-token quant; plain or residual input) may run from ROW_WALK_MIN_ROWS rows on a
+# grid of ROW_WALK_PROGRAMS_PER_SM programs per SM, each walking rows with the next row's loads in flight during the
+# current row's reductions (``_row_walk_kernel``): the lead for the quantising norms at 4096 tokens and up, which
+# reach 93-95% of a copy of their bytes (nineteenth session, H100). 0 turns it off (one program per row), the
+# default until timed: ``scripts/compare_row_kernels.py kernels/triton_rows.py:ROW_WALK_PROGRAMS_PER_SM=8
+# kernels/triton_rows.py`` (docs/benchmarks.md, twenty-second session). Its output is the per-row kernel's, bit
+# for bit (tests/test_triton_kernels.py).
+ROW_WALK_PROGRAMS_PER_SM = 0
+ROW_WALK_MIN_ROWS = 2048
+
+
+def row_walk_programs(num_rows: int, width: int, out_width: int, input_mode: int, norm: bool, quant: str | None,
+                      device: torch.device) -> int:
+    """Programs of ``_row_walk_kernel`` for a launch, or 0 where the per-row kernel runs: the walk off, too few
+    rows, an elementwise form, or a padded output."""
+    if (ROW_WALK_PROGRAMS_PER_SM <= 0 or num_rows < ROW_WALK_MIN_ROWS or out_width != width
+            or input_mode == INPUT_SILU_MUL or not needs_whole_row(norm, quant)):
+        return 0
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return min(num_rows, sms * ROW_WALK_PROGRAMS_PER_SM)
 
 
 def row_shape_constants(width: int, out_width: int, norm: bool, quant: str | None, group_size: int, num_rows: int,
@@ -245,7 +316,18 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
         shape["PREFETCH"] = prefetch
     block = shape["BLOCK"]
     tiles = triton.cdiv(out_width, block)
-    for start in range(0, num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
+    walkers = row_walk_programs(num_rows, width, out_width, input_mode, weight is not None, quant, x.device)
+    if walkers:
+        _row_walk_kernel[(walkers,)](
+            rows, rows.stride(0), res_rows if res_rows is not None else rows,
+            res_rows.stride(0) if res_rows is not None else 0,
+            weight if weight is not None else rows, out, out.stride(0),
+            scale if scale is not None else out, scales, scales.stride(0), scales.stride(1),
+            width, eps, inverse_width_bits(width), num_rows,
+            INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1, BLOCK=block,
+            PAIRED=shape["PAIRED"], FP8_MAX_C=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
+        )
+    for start in range(0, 0 if walkers else num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
         end = min(start + MAX_GRID_ROWS, num_rows)
         chunk_res = res_rows[start:end] if res_rows is not None else None
         _row_kernel[(tiles, end - start)](

@@ -47,6 +47,30 @@ def test_machine_code_of_a_form(form):
     assert lines[-1].startswith("-- ") and int(lines[-1].split()[1]) > 60
 
 
+def loads_before_first_barrier(*args) -> int:
+    result = show(*args)
+    if result.returncode and "nvdisasm" in result.stderr + result.stdout:
+        pytest.skip("this Triton build has no nvdisasm")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    first_barrier = next(i for i, line in enumerate(lines) if "BAR.SYNC" in line)
+    return sum("LDG.E.128" in line for line in lines[:first_barrier])
+
+
+def test_row_walk_loads_the_next_row_before_reducing():
+    """The row-walk kernel's point: a program's loads of the next row are issued before the current row's
+    reduction waits at its first barrier, so before it the walk has twice the per-row kernel's row loads (the
+    first row's and the next's; the weight comes after the reduction in both)."""
+    per_row = loads_before_first_barrier("norm->per-token", "--rows", "4096")
+    walk = loads_before_first_barrier("norm->per-token", "--rows", "4096", "--walk")
+    assert per_row == 4 and walk == 2 * per_row, (per_row, walk)  # 32 bf16 columns per thread: 4 x 16 bytes
+
+
+def test_walk_refuses_an_elementwise_form():
+    result = show("silu", "--walk")
+    assert result.returncode == 2 and "--walk: silu" in result.stderr
+
+
 def test_unknown_form_is_refused():
     result = show("gelu")
     assert result.returncode == 2 and "invalid choice" in result.stderr

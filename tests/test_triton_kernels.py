@@ -213,6 +213,46 @@ def test_silu_forms_with_full_tiles_and_masked(hidden, full_tiles):
     assert_codes(codes, reference_quant(numerics.silu_and_mul(gate_up), "fp8-static", scale, 0)[0])
 
 
+WALK_FORMS = {  # the whole-row forms _row_walk_kernel serves: (input mode, takes the weight, quant, group size)
+    "norm": (INPUT_PLAIN, True, None, 0),
+    "add+norm": (INPUT_ADD_RESIDUAL, True, None, 0),
+    "norm->static": (INPUT_PLAIN, True, "fp8-static", 0),
+    "add+norm->static": (INPUT_ADD_RESIDUAL, True, "fp8-static", 0),
+    "norm->per-token": (INPUT_PLAIN, True, "fp8-per-token", 0),
+    "norm->per-group": (INPUT_PLAIN, True, "fp8-per-group", 8),
+    "per-token": (INPUT_PLAIN, False, "fp8-per-token", 0),
+}
+
+
+@pytest.mark.parametrize("form", list(WALK_FORMS))
+@pytest.mark.parametrize("hidden", [2880, 4096] if ON_GPU else [200])
+def test_row_walk_matches_one_program_per_row(monkeypatch, form, hidden):
+    """A grid of a few programs walking rows (each loading the next row before finishing the current) writes the
+    per-row kernel's outputs, residual and scales bit for bit, every row (poisoned outputs); odd row counts leave
+    programs with one row fewer, and 200 columns a masked part of the block."""
+    from fusiontune.kernels import triton_rows
+
+    input_mode, norm, quant, group = WALK_FORMS[form]
+    rows = 4097 if ON_GPU else 7
+    monkeypatch.setattr(triton_rows, "ROW_WALK_MIN_ROWS", 1)
+    dtype = DTYPES[0]
+    x, residual, weight = inputs(rows, hidden, dtype, seed=hidden + rows)
+    kwargs = {"input_mode": input_mode, "weight": weight if norm else None, "eps": EPS, "quant": quant,
+              "scale": torch.tensor([0.02], device=DEVICE), "group_size": group}
+    results = {}
+    for per_sm in (0, 2):  # 0: one program per row; on CPU 2 programs walk the 7 rows
+        monkeypatch.setattr(triton_rows, "ROW_WALK_PROGRAMS_PER_SM", per_sm)
+        walkers = triton_rows.row_walk_programs(rows, hidden, hidden, input_mode, norm, quant, DEVICE)
+        assert (walkers > 0) == (per_sm > 0) and walkers < rows
+        out = poisoned((rows, hidden), numerics.FP8_DTYPE if quant else dtype)
+        res = residual.clone() if input_mode == INPUT_ADD_RESIDUAL else None
+        got = run_rows(x, residual=res, out=out, **kwargs)
+        results[per_sm] = [t.view(torch.uint8) if t.dtype == numerics.FP8_DTYPE else t
+                           for t in (got if isinstance(got, tuple) else (got,)) + ((res,) if res is not None else ())]
+    for walked, per_row in zip(results[2], results[0]):
+        assert torch.equal(walked, per_row)
+
+
 @pytest.mark.parametrize("stage", ["add_norm", "silu"])
 def test_rows_beyond_one_grid_launch(monkeypatch, stage):
     """More rows than one launch's grid holds (65535) go in several launches; 3 per launch here, 7 rows."""
