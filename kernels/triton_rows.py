@@ -316,29 +316,27 @@ def run_rows(x: torch.Tensor, *, input_mode: int = INPUT_PLAIN, residual: torch.
         shape["PREFETCH"] = prefetch
     block = shape["BLOCK"]
     tiles = triton.cdiv(out_width, block)
+
+    def row_arguments(first: int, end: int) -> tuple:
+        """Both kernels' leading arguments for rows [first, end): input, residual, weight, output, static scale and
+        scales (an unused pointer where a stage is off)."""
+        res = res_rows[first:end] if res_rows is not None else None
+        return (rows[first:end], rows.stride(0),
+                res if res is not None else rows, res.stride(0) if res is not None else 0,
+                weight if weight is not None else rows, out[first:end], out.stride(0),
+                scale if scale is not None else out, scales[first:end], scales.stride(0), scales.stride(1))
+
+    stages = {"INPUT": input_mode, "NORM": weight is not None, "QUANT": QUANT_CODES[quant], "GROUP": group_size or 1,
+              "FP8_MAX_C": FP8_MAX, "MIN_SCALE": FP8_MIN_SCALE}
     walkers = row_walk_programs(num_rows, width, out_width, input_mode, weight is not None, quant, x.device)
     if walkers:
-        _row_walk_kernel[(walkers,)](
-            rows, rows.stride(0), res_rows if res_rows is not None else rows,
-            res_rows.stride(0) if res_rows is not None else 0,
-            weight if weight is not None else rows, out, out.stride(0),
-            scale if scale is not None else out, scales, scales.stride(0), scales.stride(1),
-            width, eps, inverse_width_bits(width), num_rows,
-            INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1, BLOCK=block,
-            PAIRED=shape["PAIRED"], FP8_MAX_C=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block),
-        )
-    for start in range(0, 0 if walkers else num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
-        end = min(start + MAX_GRID_ROWS, num_rows)
-        chunk_res = res_rows[start:end] if res_rows is not None else None
-        _row_kernel[(tiles, end - start)](
-            rows[start:end], rows.stride(0), chunk_res if chunk_res is not None else rows,
-            chunk_res.stride(0) if chunk_res is not None else 0,
-            weight if weight is not None else rows, out[start:end], out.stride(0),
-            scale if scale is not None else out, scales[start:end], scales.stride(0), scales.stride(1),
-            width, out_width, eps, inverse_width_bits(width),
-            INPUT=input_mode, NORM=weight is not None, QUANT=QUANT_CODES[quant], GROUP=group_size or 1,
-            FP8_MAX_C=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=_warps(block), **shape,
-        )
+        _row_walk_kernel[(walkers,)](*row_arguments(0, num_rows), width, eps, inverse_width_bits(width), num_rows,
+                                     BLOCK=block, PAIRED=shape["PAIRED"], num_warps=_warps(block), **stages)
+    else:
+        for first in range(0, num_rows, MAX_GRID_ROWS):  # grid axis 1 holds at most 65535 programs
+            end = min(first + MAX_GRID_ROWS, num_rows)
+            _row_kernel[(tiles, end - first)](*row_arguments(first, end), width, out_width, eps,
+                                              inverse_width_bits(width), num_warps=_warps(block), **stages, **shape)
     if residual is not None and not residual.is_contiguous():
         residual.copy_(res_rows.view_as(residual))
     out = out.view(*lead, out_width)

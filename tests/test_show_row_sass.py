@@ -16,6 +16,15 @@ def show(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
 
 
+def sass_lines(*args) -> list[str]:
+    """What the script prints for these arguments, line by line (the test skipped where Triton has no nvdisasm)."""
+    result = show(*args)
+    if result.returncode and "nvdisasm" in result.stderr + result.stdout:
+        pytest.skip("this Triton build has no nvdisasm")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.splitlines()
+
+
 def access(op: str, nbytes: int) -> str:
     """The SASS spelling of a global load or store of ``nbytes`` per thread (LDG.E, LDG.E.64, LDG.E.128)."""
     return {4: f"{op}.E ", 8: f"{op}.E.64 ", 16: f"{op}.E.128 "}[nbytes]
@@ -36,23 +45,15 @@ def bytes_per_thread(form: str) -> tuple[int, int]:
 def test_machine_code_of_a_form(form):
     """At H=4096 the columns arrive in wide loads and the codes leave in wide stores (the alignment Triton's
     launcher finds on real tensors), as wide as each thread's columns allow."""
-    result = show(form, "--hidden", "4096", "--rows", "1")
-    if result.returncode and "nvdisasm" in result.stderr + result.stdout:
-        pytest.skip("this Triton build has no nvdisasm")
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    lines = sass_lines(form, "--hidden", "4096", "--rows", "1")
     load_bytes, store_bytes = bytes_per_thread(form)
     loads, store = access("LDG", load_bytes), access("STG", store_bytes)
-    assert sum(loads in line for line in lines) >= 2 and any(store in line for line in lines), result.stdout
+    assert sum(loads in line for line in lines) >= 2 and any(store in line for line in lines), "\n".join(lines)
     assert lines[-1].startswith("-- ") and int(lines[-1].split()[1]) > 60
 
 
 def loads_before_first_barrier(*args) -> int:
-    result = show(*args)
-    if result.returncode and "nvdisasm" in result.stderr + result.stdout:
-        pytest.skip("this Triton build has no nvdisasm")
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    lines = sass_lines(*args)
     first_barrier = next(i for i, line in enumerate(lines) if "BAR.SYNC" in line)
     return sum("LDG.E.128" in line for line in lines[:first_barrier])
 
