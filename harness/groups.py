@@ -8,11 +8,14 @@ a fresh one. The sweep launcher and the tuner both drive their jobs through a po
 
 Several jobs timed together (a ``measure.paired`` batch) stream: every rank yields each size's results as it
 finishes it (``TPWorker.time_together``), and the pool hands each size on as soon as every rank has it (an
-``Outcome`` with ``partial`` set), so a batch that dies or runs out of time keeps what it measured.
+``Outcome`` with ``partial`` set), so a batch that dies or runs out of time keeps what it measured. Each rank's
+stream is read on a thread of its own (``RankStream``): Ray drops a streamed item its caller has not taken yet when
+the actor dies, and the driver's loop can be busy for seconds.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -101,6 +104,46 @@ class Outcome:
     measured: list[int] = field(default_factory=list)
 
 
+class RankStream:
+    """One rank's stream of a batch (one step per size), read on a thread of its own as its items come. Ray drops a
+    streamed item its caller had not taken when the actor dies (Ray 2.60: the death's error comes in its place, as
+    Ray's generator docs allow for a system failure), and the driver's loop may be busy for seconds meanwhile
+    (forming a group, reading logs): a dying batch keeps the sizes it finished only if each is taken on arrival."""
+
+    def __init__(self, stream, arrived: threading.Event):
+        self._steps: list = []
+        self._ended = False  # the stream finished
+        self._error = ""  # what ended it otherwise: the rank raised, died or was killed
+        self._lock = threading.Lock()
+        self._arrived = arrived
+        self._thread = threading.Thread(target=self._read, args=(stream,), name="fusiontune-rank-stream",
+                                        daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        try:
+            for ref in stream:
+                step = ray.get(ref)
+                with self._lock:
+                    self._steps.append(step)
+                self._arrived.set()
+        except Exception as exc:  # noqa: BLE001 - a rank that raised or died ends the batch
+            with self._lock:
+                self._error = f"{type(exc).__name__}: {exc}"[:2000]
+        else:
+            with self._lock:
+                self._ended = True
+        self._arrived.set()
+
+    def state(self) -> tuple[list, bool, str]:
+        """(the steps so far, whether the stream finished, the error that ended it), read together."""
+        with self._lock:
+            return list(self._steps), self._ended, self._error
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+
+
 @dataclass
 class _InFlight:
     group: TPGroup
@@ -109,13 +152,10 @@ class _InFlight:
     started: float
     timeout_s: float | None
     checked: set = field(default_factory=set)  # refs seen ready without an error
-    # jobs timed together: refs are ObjectRefGenerators; per rank, the steps (one per size: each job's result)
-    # it streamed so far and whether its stream ended; the steps handed on; the error that ended a stream
-    steps: list[list] | None = None
+    # jobs timed together: refs are ObjectRefGenerators, each read by a RankStream; the steps handed on
+    streams: list[RankStream] | None = None
     jobs: int = 1
-    ended: list[bool] | None = None
     sent: int = 0
-    error: str = ""
 
 
 class GroupPool:
@@ -132,6 +172,7 @@ class GroupPool:
         self.devices: set[str] = set()
         self.baseline_job: Job | None = None
         self.baseline_ref = None  # the all-off outputs, in the driver's object store
+        self.arrived = threading.Event()  # a streamed step (or a stream's end) came in
 
     def run_first(self, job: Job, tag: Any) -> Outcome:
         """Run ``job`` alone on one group while the other groups' actors start; if it is the baseline (or a
@@ -190,7 +231,7 @@ class GroupPool:
             return
         item = _InFlight(group, tag, group.submit(job), time.monotonic(), timeout_s)
         if isinstance(job, list):
-            item.steps, item.ended, item.jobs = [[] for _ in item.refs], [False] * len(item.refs), len(job)
+            item.streams, item.jobs = [RankStream(stream, self.arrived) for stream in item.refs], len(job)
         self.busy.append(item)
 
     def _new_group(self) -> TPGroup:
@@ -216,20 +257,19 @@ class GroupPool:
         if self.ended:
             return self.ended.pop(0)
         while True:
+            self.arrived.clear()  # before looking, so that a step arriving meanwhile wakes the wait below
             for item in list(self.busy):
                 outcome = self._check(item)
                 if outcome is not None:
                     return outcome
-            # (a stream that ended would be ready forever: waiting on it would spin the driver's CPU)
-            waiting = [ref for item in self.busy for rank, ref in enumerate(item.refs)
-                       if item.ended is None or not item.ended[rank]]
-            if waiting:
-                ray.wait(waiting, num_returns=1, timeout=POLL_S)
-            else:
-                time.sleep(POLL_S)
+            plain = [ref for item in self.busy if item.streams is None for ref in item.refs]
+            if plain and len(plain) == sum(len(item.refs) for item in self.busy):
+                ray.wait(plain, num_returns=1, timeout=POLL_S)
+            else:  # a batch streams: its threads say when a step comes (plain jobs are looked at every POLL_S)
+                self.arrived.wait(POLL_S)
 
     def _check(self, item: _InFlight) -> Outcome | None:
-        if item.steps is not None:
+        if item.streams is not None:
             return self._check_stream(item)
         ready, _ = ray.wait(item.refs, num_returns=len(item.refs), timeout=0)
         done = len(ready) == len(item.refs)
@@ -264,39 +304,34 @@ class GroupPool:
     def _check_stream(self, item: _InFlight) -> Outcome | None:
         """Jobs timed together: take what every rank streamed; hand on the sizes all ranks finished (partial),
         then the end: done, or failed (a rank's error, a dead actor, the timeout) with the sizes handed on."""
-        for rank, stream in enumerate(item.refs):
-            while not (item.ended[rank] or item.error) and ray.wait([stream], timeout=0)[0]:
-                try:
-                    ref = next(stream)
-                except StopIteration:
-                    item.ended[rank] = True
-                    break
-                try:
-                    item.steps[rank].append(ray.get(ref))
-                except Exception as exc:  # noqa: BLE001 - a rank that raised or died ends the batch
-                    item.error = f"{type(exc).__name__}: {exc}"[:2000]
-        complete = min(len(steps) for steps in item.steps)
+        states = [stream.state() for stream in item.streams]
+        steps = [rank_steps for rank_steps, _, _ in states]
+        finished = all(ended for _, ended, _ in states)
+        error = next((error for _, _, error in states if error), "")
+        complete = min(len(rank_steps) for rank_steps in steps)
         if complete > item.sent:  # first what every rank finished, whatever follows
-            fresh, item.sent = _per_job(item.steps, item.sent, complete, item.jobs), complete
-            if not all(item.ended) or item.error:
+            fresh, item.sent = _per_job(steps, item.sent, complete, item.jobs), complete
+            if not finished or error:
                 return Outcome(item.tag, fresh, device=item.group.devices[0] if item.group.devices else "",
                                partial=True)
         else:
             fresh = None
         timed_out = item.timeout_s is not None and time.monotonic() - item.started > item.timeout_s
-        if all(item.ended) and not item.error:
+        if finished and not error:
             self.busy.remove(item)
-            return self._ended(item, fresh or _per_job(item.steps, item.sent, item.sent, item.jobs), "")
-        if not (item.error or timed_out):
+            return self._ended(item, fresh or _per_job(steps, item.sent, item.sent, item.jobs), "")
+        if not (error or timed_out):
             return None
         self.busy.remove(item)
-        error = item.error or f"timed out: the configs ran past {item.timeout_s:.0f} s (--config-timeout)"
-        measured = [step[0].num_tokens for step in item.steps[0][:item.sent] if step]
+        error = error or f"timed out: the configs ran past {item.timeout_s:.0f} s (--config-timeout)"
+        measured = [step[0].num_tokens for step in steps[0][:item.sent] if step]
         return self._ended(item, None, error, measured)
 
     def shutdown(self) -> None:
         for group in self.idle + self.starting + [item.group for item in self.busy]:
             group.shutdown()
+        for stream in [stream for item in self.busy for stream in item.streams or []]:
+            stream.join(timeout_s=5)  # its actor was killed: its reader ends, before Ray itself may shut down
         self.idle, self.starting, self.busy = [], [], []
 
 

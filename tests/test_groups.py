@@ -64,3 +64,52 @@ def test_drive_runs_a_finished_jobs_next_stage_first_and_asks_until_the_source_h
     pool.drive(ask, tell)
     assert pool.started == ["a", "b", "a2", "c"]  # a's next stage before c, once a group is free
     assert sorted(told) == ["a", "a2", "b", "c"] and not pool.running
+
+
+class StreamsOneSizeThenDies:
+    """A rank that streams one size (8 tokens) of a batch and then ends, as in a segfault, a second later."""
+
+    def __init__(self, rank, tp, threads, device):
+        pass
+
+    def rendezvous_address(self):
+        return ""
+
+    def init_process_group(self, init_method):
+        return "cpu (a stand-in rank)"
+
+    def time_together(self, jobs):
+        import os
+        import time
+        from types import SimpleNamespace
+
+        yield [SimpleNamespace(num_tokens=8) for _ in jobs]
+        time.sleep(1)
+        os._exit(1)
+
+
+def test_a_size_streamed_while_the_driver_was_busy_survives_the_ranks_death():
+    """Ray drops a streamed item the caller had not taken when its actor dies (2.60: the death's error comes in
+    its place), and the driver's loop can be busy elsewhere for seconds (forming a group, reading logs): the pool
+    takes each item as it arrives, so the sizes a dying batch finished are kept."""
+    import sys
+    import time
+
+    import ray
+
+    from fusiontune.harness.launcher import init_ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    init_ray(None)
+    try:
+        pool = GroupPool(1, False, 1, timeout_s=120, worker_cls=StreamsOneSizeThenDies)
+        pool.submit(["job a", "job b"], "the batch")
+        time.sleep(5)  # busy elsewhere: the rank streams its size, then dies, before the driver looks
+        first = pool.next_done()
+        assert first.partial and first.error == "", first.error
+        assert [[[r.num_tokens for r in sizes] for sizes in jobs] for jobs in first.per_rank] == [[[8], [8]]]
+        last = pool.next_done()
+        assert last.per_rank is None and "died" in last.error.lower() and last.measured == [8]
+        pool.shutdown()
+    finally:
+        ray.shutdown()
