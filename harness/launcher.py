@@ -51,6 +51,22 @@ def answers(address: str, timeout_s: float = 5.0) -> None:
                               f"({exc.strerror or exc}); is `ray start --head` running on that host and port?") from None
 
 
+# Ray takes 127.0.0.1 as "this host" and swaps in the host's reachable IP, then its servers (GCS, raylet, workers)
+# listen on every interface (seen with Ray 2.60: ``services.resolve_ip_for_localhost``). Where Ray runs no clusters
+# (macOS, Windows) it keeps the loopback address instead; a local run asks for that behaviour.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def loopback_only() -> None:
+    """Make the local Ray about to start listen on 127.0.0.1 alone: the setting for the processes it starts, and
+    Ray's constant in this process, which read the setting when Ray was imported."""
+    from ray._private import ray_constants
+
+    os.environ.update(LOOPBACK_ONLY)
+    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) -> None:
     if ray.is_initialized():
         return
@@ -64,6 +80,7 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
         except ConnectionError as exc:  # the CLI makes this one line (exit 2)
             raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
         return
+    loopback_only()
     ray.init(
         address="local",  # a Ray of its own, even where this host runs a cluster (`ray start`) it would else join
         num_cpus=max(os.cpu_count() or 1, min_cpus),

@@ -87,3 +87,22 @@ def test_two_groups_shared_the_work_and_every_config_left_a_log(faulty_run):
     ok_log = next(text for name, text in logs.items() if name.startswith("tp1-fuse_norm_quant=on_fuse_act_quant=on_"
                                                                          "fuse_rope_kvcache=off"))
     assert "num_tokens=8: range" in ok_log and "matches {" in ok_log
+
+
+def test_a_local_ray_listens_on_loopback_only(monkeypatch):
+    """A local run's Ray registers its node, and so binds its servers, at 127.0.0.1: Ray would otherwise swap in
+    the host's reachable IP and listen on every interface."""
+    from ray._private import ray_constants
+
+    from fusiontune.harness import launcher
+
+    for key in launcher.LOOPBACK_ONLY:  # put back afterwards, whatever the test sets
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    ray.shutdown()
+    launcher.init_ray(None)
+    try:
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+    finally:
+        ray.shutdown()
