@@ -13,6 +13,7 @@ the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -53,18 +54,32 @@ def answers(address: str, timeout_s: float = 5.0) -> None:
 
 # Ray takes 127.0.0.1 as "this host" and swaps in the host's reachable IP, then its servers (GCS, raylet, workers)
 # listen on every interface (seen with Ray 2.60: ``services.resolve_ip_for_localhost``). Where Ray runs no clusters
-# (macOS, Windows) it keeps the loopback address instead; a local run asks for that behaviour.
+# (macOS, Windows) it keeps the loopback address instead; a local run asks for that behaviour while it starts Ray.
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def loopback_only() -> None:
-    """Make the local Ray about to start listen on 127.0.0.1 alone: the setting for the processes it starts, and
-    Ray's constant in this process, which read the setting when Ray was imported."""
+@contextlib.contextmanager
+def loopback_only():
+    """While the local Ray starts, ask it to listen on 127.0.0.1 alone: the setting for the processes it starts
+    (its raylet's workers inherit it), and Ray's constant in this process, read when Ray was imported. Both are
+    put back afterwards, so that a later ``ray.init`` in this process (a cluster's address) is left as Ray has it."""
     from ray._private import ray_constants
 
+    saved_env = {key: os.environ.get(key) for key in LOOPBACK_ONLY}
+    saved_constant = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     os.environ.update(LOOPBACK_ONLY)
-    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+    if saved_constant is not None:
         ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if saved_constant is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_constant
 
 
 def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) -> None:
@@ -80,16 +95,16 @@ def init_ray(address: str | None, dashboard: bool = False, min_cpus: int = 1) ->
         except ConnectionError as exc:  # the CLI makes this one line (exit 2)
             raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
         return
-    loopback_only()
-    ray.init(
-        address="local",  # a Ray of its own, even where this host runs a cluster (`ray start`) it would else join
-        num_cpus=max(os.cpu_count() or 1, min_cpus),
-        include_dashboard=dashboard,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": WORKER_ENV},
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    with loopback_only():
+        ray.init(
+            address="local",  # a Ray of its own, even where this host runs a cluster (`ray start`) it would join
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            include_dashboard=dashboard,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": WORKER_ENV},
+            log_to_driver=False,
+            configure_logging=False,
+        )
 
 
 def device_for(tp: int, wanted: str) -> tuple[bool, str]:

@@ -89,20 +89,20 @@ def test_two_groups_shared_the_work_and_every_config_left_a_log(faulty_run):
     assert "num_tokens=8: range" in ok_log and "matches {" in ok_log
 
 
-def test_a_local_ray_listens_on_loopback_only(monkeypatch):
+def test_a_local_ray_listens_on_loopback_only():
     """A local run's Ray registers its node, and so binds its servers, at 127.0.0.1: Ray would otherwise swap in
-    the host's reachable IP and listen on every interface."""
+    the host's reachable IP and listen on every interface. What it sets to ask for that is put back after."""
     from ray._private import ray_constants
 
     from fusiontune.harness import launcher
 
-    for key in launcher.LOOPBACK_ONLY:  # put back afterwards, whatever the test sets
-        monkeypatch.setenv(key, os.environ.get(key, ""))
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    before = ray_constants.ENABLE_RAY_CLUSTER, {key: os.environ.get(key) for key in launcher.LOOPBACK_ONLY}
     ray.shutdown()
     launcher.init_ray(None)
     try:
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+        assert ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()) == "127.0.0.1"
     finally:
         ray.shutdown()
+    assert (ray_constants.ENABLE_RAY_CLUSTER, {key: os.environ.get(key) for key in launcher.LOOPBACK_ONLY}) == before
