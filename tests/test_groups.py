@@ -67,7 +67,8 @@ def test_drive_runs_a_finished_jobs_next_stage_first_and_asks_until_the_source_h
 
 
 class StreamsOneSizeThenDies:
-    """A rank that streams one size (8 tokens) of a batch and then ends, as in a segfault, a second later."""
+    """A rank that streams one size (8 tokens) of a batch and then ends, as in a segfault, two seconds later (time
+    for its item to reach the driver's process, even on a loaded machine)."""
 
     def __init__(self, rank, tp, threads, device):
         pass
@@ -84,7 +85,7 @@ class StreamsOneSizeThenDies:
         from types import SimpleNamespace
 
         yield [SimpleNamespace(num_tokens=8) for _ in jobs]
-        time.sleep(1)
+        time.sleep(2)
         os._exit(1)
 
 
@@ -104,7 +105,7 @@ def test_a_size_streamed_while_the_driver_was_busy_survives_the_ranks_death():
     try:
         pool = GroupPool(1, False, 1, timeout_s=120, worker_cls=StreamsOneSizeThenDies)
         pool.submit(["job a", "job b"], "the batch")
-        time.sleep(5)  # busy elsewhere: the rank streams its size, then dies, before the driver looks
+        time.sleep(6)  # busy elsewhere: the rank streams its size, then dies, before the driver looks
         first = pool.next_done()
         assert first.partial and first.error == "", first.error
         assert [[[r.num_tokens for r in sizes] for sizes in jobs] for jobs in first.per_rank] == [[[8], [8]]]
