@@ -262,11 +262,10 @@ class GroupPool:
                 outcome = self._check(item)
                 if outcome is not None:
                     return outcome
-            plain = [ref for item in self.busy if item.streams is None for ref in item.refs]
-            if plain and len(plain) == sum(len(item.refs) for item in self.busy):
-                ray.wait(plain, num_returns=1, timeout=POLL_S)
-            else:  # a batch streams: its threads say when a step comes (plain jobs are looked at every POLL_S)
-                self.arrived.wait(POLL_S)
+            if any(item.streams is not None for item in self.busy):
+                self.arrived.wait(POLL_S)  # a batch's readers say when a step comes (other jobs: every POLL_S)
+            else:
+                ray.wait([ref for item in self.busy for ref in item.refs], num_returns=1, timeout=POLL_S)
 
     def _check(self, item: _InFlight) -> Outcome | None:
         if item.streams is not None:
