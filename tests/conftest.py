@@ -1,3 +1,12 @@
+"""Shared test set-up.
+
+README's test command runs the tests in parallel (pytest-xdist, ``-n auto --dist loadgroup``): the interpreter
+kernel tests and the compile tests spread over the workers, while every test that starts a Ray is marked
+``xdist_group("ray")`` and runs in one worker, one after another. Two Rays at once on a 2-core CI host would slow
+each other's measurements past their time limits, and test_multinode ends its cluster with ``ray stop``, which stops
+every Ray on the machine. ``python3 -m pytest -q`` without ``-n`` runs everything in one process, as before.
+"""
+
 import os
 
 import pytest

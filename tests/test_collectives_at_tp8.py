@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from fusiontune.harness.process_group import free_port
 
-pytestmark = pytest.mark.slow  # every test here starts several processes
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # several processes each; one Ray at a time: tests/conftest.py
 WORLD = 8
 ROWS, HIDDEN, COLUMNS = 24, 40, 24  # rows split over 8; widths no power of two
 EPS = 1e-6

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray at a time: tests/conftest.py
 SWEEP = """
 name: crash
 model: {preset: tiny, quant: fp8-static, num_layers: 1}

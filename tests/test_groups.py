@@ -3,7 +3,11 @@ concrete, and the one scheduling loop (GroupPool.drive) that sweeps and tunes sh
 
 from __future__ import annotations
 
+import pytest
+
 from fusiontune.harness.groups import GroupPool, Outcome, group_capacity, groups_to_use
+
+pytestmark = pytest.mark.xdist_group("ray")  # starts Ray; one Ray at a time: tests/conftest.py
 
 
 def test_group_capacity_counts_whole_groups_per_node():

@@ -107,6 +107,7 @@ def test_the_model_is_a_preset_or_a_config_not_both(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray at a time: tests/conftest.py
 def test_a_sweep_runs_from_a_config_json(tmp_path):
     """A small Llama-architecture config.json (the tiny preset's shape), run on CPU through Ray."""
     path = write_config(tmp_path, "tiny-llama", {"architectures": ["LlamaForCausalLM"], "hidden_size": 256,

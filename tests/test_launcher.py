@@ -16,7 +16,7 @@ from fusiontune.harness.results import RunFolder
 from fusiontune.harness.sweep import expand, parse_sweep
 from fusiontune.harness.worker import TPWorker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray at a time: tests/conftest.py
 SWEEP = """
 name: faults
 model: {preset: tiny, quant: fp8-static, num_layers: 1}

@@ -20,7 +20,7 @@ from fusiontune.harness.results import RunFolder, completed_configs
 from fusiontune.harness.sweep import expand, parse_sweep
 from fusiontune.harness.process_group import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray at a time: tests/conftest.py
 SWEEP = """
 name: nodes
 model: {preset: tiny, quant: fp8-static, num_layers: 1, max_position: 4096}

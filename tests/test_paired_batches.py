@@ -19,6 +19,8 @@ from fusiontune.harness.roles import Role
 from fusiontune.harness.sweep import PlannedConfig, expand, parse_sweep
 from fusiontune.harness.worker import TPWorker
 
+pytestmark = pytest.mark.xdist_group("ray")  # starts Ray; one Ray at a time: tests/conftest.py
+
 SWEEP = """
 name: batches
 model: {preset: tiny, quant: fp8-static, num_layers: 1}

@@ -10,7 +10,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray at a time: tests/conftest.py
 SWEEP = "sweeps/smoke-cpu.yaml"
 
 

@@ -18,6 +18,8 @@ from fusiontune.harness.sweep import SweepError
 from fusiontune.harness.tune_spec import TuneSpec, bin_trace, expected_ratio, first_size, load_tune, workload_weights
 from fusiontune.harness.tuner import Tuner, grid_size
 
+pytestmark = pytest.mark.xdist_group("ray")  # starts Ray; one Ray at a time: tests/conftest.py
+
 BASE = {"name": "t", "model": {"preset": "tiny", "quant": "fp8-static", "num_layers": 1}, "num_tokens": [1, 16],
         "optimization_level": 0,  # every fusion off unless searched: a trial with all off is the baseline
         "workload": {"histogram": {1: 3, 16: 1}},
