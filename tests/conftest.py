@@ -12,6 +12,12 @@ import os
 import pytest
 import torch
 
+# An xdist worker starts with COLUMNS=80 and LINES=24 in its environment, which a plain run does not have. Rich would
+# fix the CLI's console at 80 columns when fusiontune.cli is imported, and the CLI tests set COLUMNS per invocation.
+for name in ("COLUMNS", "LINES"):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.pop(name, None)
+
 # Without a GPU, Triton kernels run in Triton's interpreter; the variable must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

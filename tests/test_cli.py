@@ -116,7 +116,7 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, 
     blocker.write_text("not a folder")
     for out, says in ((blocker, "a file is there; name a folder"),
                       (blocker / "run", f"{blocker} is a file, so nothing can be made under it")):
-        result = runner.invoke(app, [*command, str(out)], env={"COLUMNS": "200"})
+        result = runner.invoke(app, [*command, str(out)], env={"COLUMNS": "400"})  # tmp paths are long
         assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
     import os
 

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from fusiontune.harness.process_group import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # several processes each; one Ray at a time: tests/conftest.py
+pytestmark = pytest.mark.slow  # every test here starts several processes
 WORLD = 8
 ROWS, HIDDEN, COLUMNS = 24, 40, 24  # rows split over 8; widths no power of two
 EPS = 1e-6
@@ -110,6 +110,7 @@ def test_collective_ops_at_tp8_under_gloo():
     assert not failures, "\n".join(failures[:20])
 
 
+@pytest.mark.xdist_group("ray")  # one Ray at a time: tests/conftest.py
 def test_the_tp8_cpu_sweep_fires_each_collective_fusion_and_agrees(tmp_path):
     done = subprocess.run(["fusiontune", "run", "sweeps/tp8-cpu.yaml", "--out", str(tmp_path / "run"), "--no-report"],
                           capture_output=True, text=True, timeout=1200)
