@@ -2,14 +2,9 @@
 
 README's test command runs the tests in parallel (pytest-xdist, ``-n auto --dist loadgroup``): the interpreter
 kernel tests and the compile tests spread over the workers, while every test that starts a Ray is marked
-``xdist_group("ray")`` and runs in one worker, one after another. Two Rays at once on a 2-core CI host would slow
-each other's measurements past their time limits, and test_multinode ends its cluster with ``ray stop``, which stops
-every Ray on the machine. ``python3 -m pytest -q`` without ``-n`` runs everything in one process, as before.
-
-The Ray group is the run's longest stretch (about 16 of its minutes alone on 2 cores), so it goes first (xdist
-hands out the largest group first) and keeps its priority: a worker that runs a test outside the group lowers its
-own CPU priority for good (``os.nice``), so on 2 cores the other worker's tests fill the Ray tests' idle time
-instead of slowing them.
+``xdist_group("ray")`` and runs in one worker, one after another. test_multinode ends its cluster with ``ray stop``,
+which stops every Ray on the machine, and two sweeps timed at once would each time the other's load.
+``python3 -m pytest -q`` without ``-n`` runs everything in one process.
 """
 
 import os
@@ -34,12 +29,3 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request):
     return torch.device(request.param)
 
-
-OUTSIDE_THE_RAY_GROUP_NICENESS = 10
-
-
-def pytest_runtest_setup(item):
-    """Under xdist, a test outside the Ray group runs at lower CPU priority (this module's docstring says why)."""
-    if (os.environ.get("PYTEST_XDIST_WORKER") and item.get_closest_marker("xdist_group") is None
-            and os.nice(0) < OUTSIDE_THE_RAY_GROUP_NICENESS):
-        os.nice(OUTSIDE_THE_RAY_GROUP_NICENESS - os.nice(0))
