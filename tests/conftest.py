@@ -14,8 +14,8 @@ import torch
 
 # An xdist worker starts with COLUMNS=80 and LINES=24 in its environment, which a plain run does not have. Rich would
 # fix the CLI's console at 80 columns when fusiontune.cli is imported, and the CLI tests set COLUMNS per invocation.
-for name in ("COLUMNS", "LINES"):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("COLUMNS", "LINES"):
         os.environ.pop(name, None)
 
 # Without a GPU, Triton kernels run in Triton's interpreter; the variable must be set before triton is imported.
@@ -28,4 +28,3 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
-

@@ -28,8 +28,8 @@ def test_a_busy_process_outside_the_group_is_other_work_and_one_inside_is_not():
         alone, with_it = HostLoad(group_pids(None)), HostLoad(group_pids(None) + [spinner.pid])
         spun, began = _cpu_s(spinner.pid), time.monotonic()
         started_alone, started_with = alone.start(), with_it.start()
-        # a whole CPU on an idle host; on a busy one (the tests run in parallel, this one at low priority) it gets
-        # less, so the window lasts until it has had 0.6 CPU-seconds
+        # a whole CPU on an idle host; on a busy one (the tests run in parallel) it gets less,
+        # so the window lasts until it has had 0.6 CPU-seconds
         while _cpu_s(spinner.pid) - spun < 0.6 and time.monotonic() - began < 50:
             time.sleep(0.1)
         outside, inside = alone.other_cpus(started_alone), with_it.other_cpus(started_with)
